@@ -1,0 +1,95 @@
+"""Run a transcriber over a manifest and score it.
+
+Only the `transcribe` call is timed: audio decoding is I/O that a deployed system
+does differently, and the RTF should describe the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .manifest import Utterance
+from .results import EvalResult, UtteranceResult, summarize
+from .wer import count_errors
+
+SAMPLE_RATE = 16_000
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]evaluating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("WER {task.fields[wer]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        # stderr keeps stdout clean for results piped elsewhere.
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def evaluate(
+    transcribe: Callable[[np.ndarray], str],
+    utterances: Sequence[Utterance],
+    *,
+    model: str,
+    data: str,
+    seed: int = 0,
+    n_resamples: int = 2000,
+    progress: bool = True,
+) -> EvalResult:
+    """Transcribe every utterance, count word errors and summarise.
+
+    `transcribe` receives float32 16 kHz mono samples and returns text. Audio loading
+    errors (SfcError) and transcriber exceptions propagate.
+    """
+    # Lazy: the audio module pulls in soundfile/scipy, which plain result handling
+    # (loading, rendering) does not need.
+    from ..runtime.audio import load_audio
+
+    results: list[UtteranceResult] = []
+    errors = 0
+    ref_words = 0
+    with _progress(progress) as bar:
+        task = bar.add_task("evaluate", total=len(utterances), wer="-")
+        for utt in utterances:
+            audio = load_audio(utt.audio)
+            start = time.perf_counter()
+            hypothesis = transcribe(audio)
+            compute_s = time.perf_counter() - start
+
+            counts = count_errors(utt.text, hypothesis)
+            results.append(
+                UtteranceResult(
+                    id=utt.id,
+                    voice=utt.voice,
+                    condition=utt.condition,
+                    reference=utt.text,
+                    hypothesis=hypothesis,
+                    substitutions=counts.substitutions,
+                    deletions=counts.deletions,
+                    insertions=counts.insertions,
+                    ref_words=counts.ref_words,
+                    audio_s=len(audio) / SAMPLE_RATE,
+                    compute_s=compute_s,
+                )
+            )
+            errors += counts.errors
+            ref_words += counts.ref_words
+            running = f"{100.0 * errors / ref_words:.2f}%" if ref_words else "-"
+            bar.update(task, advance=1, wer=running)
+
+    return summarize(model, data, results, seed=seed, n_resamples=n_resamples)

@@ -1,0 +1,58 @@
+"""Any `.onnx` file as a source: checked, shapes inferred, described by a generic card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from ..atomic import staging_dir
+from ..card import ModelCard, graph_spec_from_onnx
+from ..errors import SfcError
+
+__all__ = ["MODEL_FILE", "export_onnx_file", "load_onnx_source"]
+
+MODEL_FILE = "model.onnx"
+_PROTOBUF_LIMIT = 2**31 - 1  # protobuf's 2 GB limit: larger models need external data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_onnx_source(path: str | Path) -> onnx.ModelProto:
+    """Load, check and shape-infer an ONNX model (external data and >2 GB models included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SfcError(f"ONNX file not found: {path}")
+    try:
+        # The path form of the checker reads external data and works past 2 GB.
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError, ValidationError, OSError: all user errors
+        raise SfcError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from None
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        try:
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception as exc:
+            raise SfcError(f"{path}: shape inference failed: {_first_line(exc)}") from None
+    return model
+
+
+def export_onnx_file(src: str | Path, out_dir: Path) -> ModelCard:
+    """Copy a checked, shape-inferred `src` into `out_dir` as model.onnx with a generic card."""
+    model = load_onnx_source(src)
+    with staging_dir(out_dir) as stage:
+        large = model.ByteSize() >= _PROTOBUF_LIMIT
+        onnx.save(model, str(stage / MODEL_FILE), save_as_external_data=large,
+                  location=f"{MODEL_FILE}.data" if large else None)
+        card = ModelCard(
+            name=Path(src).stem,
+            family="generic",
+            graphs={"model": graph_spec_from_onnx(model, MODEL_FILE)},
+            objective="distortion",
+            source={"onnx": str(Path(src).resolve())},
+        )
+        card.save(stage)
+    return card

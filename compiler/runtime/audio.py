@@ -1,0 +1,96 @@
+"""Audio loading for the runtime: any soundfile-readable file to float32 mono at 16 kHz.
+
+Everything a user can get wrong about an input file (missing, not audio, empty, silent)
+surfaces here as a one-line `SfcError`, so later stages can assume clean samples.
+"""
+
+from __future__ import annotations
+
+import math
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from ..errors import SfcError
+
+SAMPLE_RATE = 16000
+
+# Peaks below -70 dBFS carry no speech worth decoding; models hallucinate on them instead.
+SILENCE_DBFS = -70.0
+_SILENCE_PEAK = 10.0 ** (SILENCE_DBFS / 20.0)
+
+
+def _one_line(text: str) -> str:
+    """Collapse an exception message to a single line (libsndfile messages can span several)."""
+    return " ".join(text.split()) or "unknown error"
+
+
+def check_audio(samples: np.ndarray, name: str) -> np.ndarray:
+    """Validate already-loaded samples and return them as float32 mono.
+
+    `samples` is 1-D, or 2-D laid out as soundfile returns it, (frames, channels); channels
+    are averaged. Integer PCM is scaled to [-1, 1). `name` identifies the source in error
+    messages (usually the file path).
+
+    Raises:
+        SfcError: the array has more than 2 dimensions, no samples, non-finite samples,
+            or a peak below -70 dBFS.
+    """
+    arr = np.asarray(samples)
+    if arr.ndim not in (1, 2):
+        raise SfcError(
+            f"{name} has audio of shape {arr.shape}; expected 1-D mono or 2-D (frames, channels)"
+        )
+    if np.issubdtype(arr.dtype, np.integer):
+        # Full-scale integer PCM maps to [-1, 1) like soundfile's float output.
+        arr = arr.astype(np.float64) / float(2 ** (np.iinfo(arr.dtype).bits - 1))
+    elif not np.issubdtype(arr.dtype, np.floating):
+        raise SfcError(f"{name} has audio samples of dtype {arr.dtype}; expected float or int")
+    if arr.size == 0:
+        raise SfcError(f"{name} is empty (0 samples); nothing to transcribe")
+    if not np.all(np.isfinite(arr)):
+        raise SfcError(f"{name} contains non-finite samples (NaN or inf); the file is corrupt")
+    mono = arr.mean(axis=1) if arr.ndim == 2 else arr
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    peak = float(np.max(np.abs(mono)))
+    if peak < _SILENCE_PEAK:
+        peak_db = "-inf" if peak == 0.0 else f"{20.0 * math.log10(peak):.1f}"
+        raise SfcError(f"{name} is silent (peak {peak_db} dBFS); nothing to transcribe")
+    return mono
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample float mono samples with a polyphase filter; returns float32."""
+    if orig_rate == new_rate:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    g = gcd(orig_rate, new_rate)
+    out = resample_poly(samples.astype(np.float64), new_rate // g, orig_rate // g)
+    # The anti-aliasing filter can overshoot full scale slightly; keep the [-1, 1] contract.
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read an audio file as float32 mono samples in [-1, 1] at `sample_rate` Hz.
+
+    Multi-channel audio is averaged to mono; other sample rates are resampled.
+
+    Raises:
+        SfcError: the path is missing or a directory, soundfile cannot decode it, or the
+            audio is empty, non-finite or silent.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SfcError(f"{p} does not exist")
+    if p.is_dir():
+        raise SfcError(f"{p} is a directory, not an audio file")
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    except (RuntimeError, ValueError) as err:  # LibsndfileError is a RuntimeError
+        # libsndfile's own message repeats the path; its error_string is the short reason.
+        reason = getattr(err, "error_string", None) or str(err)
+        raise SfcError(f"{p} is not an audio file sfc can read ({_one_line(reason)})") from err
+    mono = check_audio(data, str(p))
+    return resample(mono, int(rate), sample_rate)

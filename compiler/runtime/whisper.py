@@ -1,0 +1,92 @@
+"""The edge Whisper runtime: audio -> log-mel -> encoder -> greedy KV-cached decoder -> text.
+
+Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` only.
+Audio longer than one window (30 s) is cut into consecutive windows that are decoded
+independently and joined with a space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from ..card import ModelCard, WhisperDecoding
+from ..errors import SfcError
+from .decoding import DecoderStep, greedy_decode
+from .features import LogMelSpec, batch_log_mel, chunk_audio
+from .session import open_session
+
+__all__ = ["WhisperRuntime"]
+
+
+@dataclass
+class WhisperRuntime:
+    """Loaded sessions and tokenizer for one Whisper folder."""
+
+    card: ModelCard
+    decoding: WhisperDecoding
+    mel: LogMelSpec
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+    tokenizer: Tokenizer
+    max_batch: int = 8
+
+    @classmethod
+    def open(cls, folder: str | Path, *, threads: int | None = None) -> WhisperRuntime:
+        """Open an export or build folder (its `card.json` says which file is which)."""
+        folder = Path(folder)
+        card = ModelCard.load(folder)
+        if card.family != "whisper" or card.decoding is None or card.tokenizer is None:
+            raise SfcError(f"{folder} holds a {card.family!r} model; transcription needs Whisper")
+        for key in ("encoder", "decoder"):
+            if key not in card.graphs:
+                raise SfcError(f"{folder}/card.json names no {key} graph")
+        tok_path = folder / card.tokenizer
+        if not tok_path.is_file():
+            raise SfcError(f"tokenizer file not found: {tok_path}")
+        return cls(
+            card=card,
+            decoding=card.decoding,
+            mel=LogMelSpec.from_dict(card.preprocessing or {}),
+            encoder=open_session(folder / card.graphs["encoder"].path, threads=threads),
+            decoder=open_session(folder / card.graphs["decoder"].path, threads=threads),
+            tokenizer=Tokenizer.from_file(str(tok_path)),
+        )
+
+    def encode(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the encoder on [B, n_mels, frames]; return the cross-attention K and V."""
+        _, cross_k, cross_v = self.encoder.run(None, {"input_features": features})
+        return cross_k, cross_v
+
+    def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray) -> DecoderStep:
+        """A decoder step with this utterance's cross-attention K/V bound."""
+
+        def step(tokens: np.ndarray, past_k: np.ndarray,
+                 past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            logits, k, v = self.decoder.run(None, {
+                "tokens": tokens, "past_key": past_k, "past_value": past_v,
+                "cross_key": cross_k, "cross_value": cross_v})
+            return logits, k, v
+
+        return step
+
+    def decode_windows(self, windows: Sequence[np.ndarray]) -> list[str]:
+        """Transcribe windows of at most 30 s each, batched up to `max_batch`."""
+        texts: list[str] = []
+        for start in range(0, len(windows), self.max_batch):
+            batch = windows[start : start + self.max_batch]
+            cross_k, cross_v = self.encode(batch_log_mel(batch, self.mel))
+            ids = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch))
+            texts += [self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+                      for seq in ids]
+        return texts
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """Text of 16 kHz mono float32 audio of any length."""
+        windows = chunk_audio(audio, self.mel)
+        return " ".join(t for t in self.decode_windows(windows) if t)

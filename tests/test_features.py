@@ -1,0 +1,144 @@
+"""Tests for sfc.runtime.features against transformers' WhisperFeatureExtractor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfc.errors import SfcError
+from sfc.runtime.audio import load_audio
+from sfc.runtime.features import LogMelSpec, batch_log_mel, chunk_audio, log_mel, mel_filters
+
+AUDIO_DIR = Path(__file__).parents[1] / "calibration_data" / "eval" / "audio"
+TOL = 1e-4
+SR = 16000
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def extractor() -> object:
+    return transformers.WhisperFeatureExtractor()
+
+
+def _reference(extractor: object, audio: np.ndarray) -> np.ndarray:
+    out = extractor(audio, sampling_rate=SR, return_tensors="np")  # type: ignore[operator]
+    return np.asarray(out.input_features[0])
+
+
+def _files(n: int) -> list[Path]:
+    files = sorted(AUDIO_DIR.glob("*.flac"))
+    assert len(files) >= n, f"need {n} calibration files in {AUDIO_DIR}"
+    return files[:n]
+
+
+def test_spec_defaults_and_roundtrip() -> None:
+    spec = LogMelSpec()
+    assert spec.n_samples == 480000
+    assert spec.n_frames == 3000
+    d = spec.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert LogMelSpec.from_dict(d) == spec
+    other = LogMelSpec(n_mels=128)
+    assert LogMelSpec.from_dict(json.loads(json.dumps(other.to_dict()))) == other
+
+
+def test_spec_from_dict_rejects_bad_input() -> None:
+    with pytest.raises(SfcError, match=r"card\.json") as info:
+        LogMelSpec.from_dict({"n_mels": 80, "bogus": 1}, source="card.json")
+    assert "bogus" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SfcError, match=r"card\.json"):
+        LogMelSpec.from_dict({"n_mels": "80"}, source="card.json")
+    with pytest.raises(SfcError):
+        LogMelSpec.from_dict({"hop_length": 0})
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_match_transformers(n_mels: int) -> None:
+    from transformers.audio_utils import mel_filter_bank
+
+    spec = LogMelSpec(n_mels=n_mels)
+    ref = mel_filter_bank(
+        num_frequency_bins=1 + spec.n_fft // 2,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=spec.sample_rate / 2,
+        sampling_rate=spec.sample_rate,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    ours = mel_filters(spec)
+    assert ours.shape == ref.shape == (201, n_mels)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+    assert mel_filters(spec) is ours  # cached
+
+
+def test_log_mel_matches_transformers_on_real_audio(extractor: object) -> None:
+    for path in _files(4):
+        audio = load_audio(path)
+        ours = log_mel(audio)
+        ref = _reference(extractor, audio)
+        assert ours.dtype == np.float32 and ours.shape == (80, 3000)
+        diff = float(np.abs(ours - ref).max())
+        assert diff <= TOL, f"{path.name}: max abs diff {diff}"
+
+
+def test_log_mel_long_audio_is_truncated_like_transformers(extractor: object) -> None:
+    # Concatenate real files past 30 s; both sides must truncate to the first window.
+    parts: list[np.ndarray] = []
+    for path in sorted(AUDIO_DIR.glob("*.flac")):
+        parts.append(load_audio(path))
+        if sum(p.shape[0] for p in parts) > 40 * SR:
+            break
+    long = np.concatenate(parts)
+    assert long.shape[0] > 30 * SR
+    ours = log_mel(long)
+    diff = float(np.abs(ours - _reference(extractor, long)).max())
+    assert diff <= TOL, f"max abs diff {diff}"
+    np.testing.assert_array_equal(ours, log_mel(long[: 30 * SR]))
+
+    # The second (shorter) chunk is padded and matches the reference too.
+    chunks = chunk_audio(long)
+    assert len(chunks) == 2
+    feats = batch_log_mel(chunks)
+    assert feats.shape == (2, 80, 3000) and feats.dtype == np.float32
+    for chunk, feat in zip(chunks, feats, strict=True):
+        diff = float(np.abs(feat - _reference(extractor, chunk)).max())
+        assert diff <= TOL, f"chunk max abs diff {diff}"
+
+
+def test_log_mel_tracks_content() -> None:
+    # A 1 kHz tone must light up the mel bands around 1 kHz, not the extremes.
+    t = np.arange(5 * SR) / SR
+    feats = log_mel((0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32))
+    band = int(np.argmax(feats[:, :400].mean(axis=1)))
+    centres = np.argmax(mel_filters(LogMelSpec()), axis=0) * SR / 400
+    assert abs(centres[band] - 1000) < 100
+    # After the tone ends, the padding sits at the floor (max - 8 -> lowest value).
+    assert np.allclose(feats[:, 600:], feats.min())
+
+
+def test_log_mel_rejects_multichannel() -> None:
+    with pytest.raises(ValueError):
+        log_mel(np.zeros((SR, 2), dtype=np.float32))
+
+
+def test_chunking() -> None:
+    audio = np.arange(65 * SR, dtype=np.float32)
+    chunks = chunk_audio(audio)
+    assert [c.shape[0] for c in chunks] == [30 * SR, 30 * SR, 5 * SR]
+    np.testing.assert_array_equal(np.concatenate(chunks), audio)
+    assert len(chunk_audio(np.zeros(30 * SR, np.float32))) == 1
+    assert len(chunk_audio(np.zeros(30 * SR + 1, np.float32))) == 2
+    assert len(chunk_audio(np.zeros(3 * SR, np.float32))) == 1
+
+
+def test_batch_log_mel_equals_per_chunk() -> None:
+    chunks = [load_audio(p) for p in _files(3)]
+    feats = batch_log_mel(chunks)
+    assert feats.shape == (3, 80, 3000)
+    for chunk, feat in zip(chunks, feats, strict=True):
+        np.testing.assert_array_equal(feat, log_mel(chunk))
