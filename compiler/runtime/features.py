@@ -7,7 +7,7 @@ log10, dynamic-range clamp to max - 8, then (x + 4) / 4) so the runtime needs no
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -129,41 +129,52 @@ def _fit_window(audio: np.ndarray, spec: LogMelSpec) -> np.ndarray:
     return out
 
 
+def _log_power(wave: np.ndarray, spec: LogMelSpec, n_frames: int) -> np.ndarray:
+    """log10 mel power of the first `n_frames` centred STFT frames, float64 [n_mels, n_frames]."""
+    half = spec.n_fft // 2
+    padded = np.pad(wave.astype(np.float64), half, mode="reflect")
+    # Only the frames that are kept: the centred STFT's last frame is dropped anyway.
+    frames = sliding_window_view(padded, spec.n_fft)[:: spec.hop_length][:n_frames]
+    stft = np.fft.rfft(frames * _hann(spec.n_fft), axis=-1)
+    power = stft.real**2 + stft.imag**2  # [n_frames, n_bins]
+    mel = mel_filters(spec).T @ power.T  # [n_mels, n_frames]
+    return np.log10(np.maximum(mel, 1e-10))
+
+
+def _normalise(log_spec: np.ndarray) -> np.ndarray:
+    """Whisper's dynamic-range clamp (8 decades below the peak) and scaling."""
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
 def log_mel(audio: np.ndarray, spec: LogMelSpec = LogMelSpec()) -> np.ndarray:
     """Whisper log-mel features of one window, float32 [n_mels, n_frames].
 
     `audio` is 1-D mono at spec.sample_rate; it is zero-padded at the end or truncated to
     spec.n_samples first, exactly like `WhisperFeatureExtractor`.
     """
-    half = spec.n_fft // 2
-    wave = np.pad(_fit_window(audio, spec).astype(np.float64), half, mode="reflect")
-    # Only the frames that are kept: the centred STFT's last frame is dropped anyway.
-    frames = sliding_window_view(wave, spec.n_fft)[:: spec.hop_length][: spec.n_frames]
-    stft = np.fft.rfft(frames * _hann(spec.n_fft), axis=-1)
-    power = stft.real**2 + stft.imag**2  # [n_frames, n_bins]
-    mel = mel_filters(spec).T @ power.T  # [n_mels, n_frames]
-    log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    return _normalise(_log_power(_fit_window(audio, spec), spec, spec.n_frames))
 
 
-def chunk_audio(audio: np.ndarray, spec: LogMelSpec = LogMelSpec()) -> list[np.ndarray]:
-    """Split audio into consecutive spec.n_samples windows (views); the last may be shorter.
+def whisper_windows(audio: np.ndarray, spec: LogMelSpec = LogMelSpec()) -> np.ndarray:
+    """The encoder input for audio of any length, float32 [n_windows, n_mels, n_frames].
 
-    Audio no longer than one window (including empty audio) gives a single chunk.
+    OpenAI's reference decoder (and faster-whisper) convention: log-mel of the audio followed
+    by one window of zeros, normalised over the whole, cut into windows of `n_frames` content
+    frames; the last window is padded with zeros in log-mel space. This differs from
+    `log_mel` (transformers' padding) only after the audio ends, and it is the input the
+    model's reference decoder gives it: on 60 eval clips it gave 9.96% WER in faster-whisper
+    against 11.52% for transformers' padding through sfc (benchmarks/rtf_vs_faster_whisper.py).
     """
-    n = spec.n_samples
-    if audio.shape[0] <= n:
-        return [audio]
-    return [audio[start : start + n] for start in range(0, audio.shape[0], n)]
-
-
-def batch_log_mel(chunks: Sequence[np.ndarray], spec: LogMelSpec = LogMelSpec()) -> np.ndarray:
-    """Log-mel features of several windows, float32 [B, n_mels, n_frames].
-
-    Each chunk gets its own dynamic-range clamp, as in `WhisperFeatureExtractor`.
-    """
-    out = np.empty((len(chunks), spec.n_mels, spec.n_frames), dtype=np.float32)
-    for i, chunk in enumerate(chunks):
-        out[i] = log_mel(chunk, spec)
+    arr = np.asarray(audio)
+    if arr.ndim != 1:
+        raise ValueError(f"whisper_windows expects 1-D mono audio, got shape {arr.shape}")
+    content = arr.shape[0] // spec.hop_length
+    wave = np.concatenate([arr.astype(np.float32), np.zeros(spec.n_samples, np.float32)])
+    feats = _normalise(_log_power(wave, spec, content + spec.n_frames))[:, :content]
+    n_windows = max(1, -(-content // spec.n_frames))
+    out = np.zeros((n_windows, spec.n_mels, spec.n_frames), dtype=np.float32)
+    for i in range(n_windows):
+        seg = feats[:, i * spec.n_frames : (i + 1) * spec.n_frames]
+        out[i, :, : seg.shape[1]] = seg
     return out

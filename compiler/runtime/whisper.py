@@ -2,12 +2,12 @@
 
 Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` only.
 Audio longer than one window (30 s) is cut into consecutive windows that are decoded
-independently and joined with a space.
+independently and joined with a space; windows follow OpenAI's convention (see
+`features.whisper_windows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from ..card import ModelCard, WhisperDecoding
 from ..errors import SfcError
 from .decoding import DecoderStep, greedy_decode
-from .features import LogMelSpec, batch_log_mel, chunk_audio
+from .features import LogMelSpec, whisper_windows
 from .session import open_session
 
 __all__ = ["WhisperRuntime"]
@@ -75,12 +75,12 @@ class WhisperRuntime:
 
         return step
 
-    def decode_windows(self, windows: Sequence[np.ndarray]) -> list[str]:
-        """Transcribe windows of at most 30 s each, batched up to `max_batch`."""
+    def decode_windows(self, windows: np.ndarray) -> list[str]:
+        """Transcribe encoder inputs [W, n_mels, frames], batched up to `max_batch`."""
         texts: list[str] = []
         for start in range(0, len(windows), self.max_batch):
             batch = windows[start : start + self.max_batch]
-            cross_k, cross_v = self.encode(batch_log_mel(batch, self.mel))
+            cross_k, cross_v = self.encode(batch)
             ids = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch))
             texts += [self.tokenizer.decode(seq, skip_special_tokens=True).strip()
                       for seq in ids]
@@ -88,5 +88,4 @@ class WhisperRuntime:
 
     def transcribe(self, audio: np.ndarray) -> str:
         """Text of 16 kHz mono float32 audio of any length."""
-        windows = chunk_audio(audio, self.mel)
-        return " ".join(t for t in self.decode_windows(windows) if t)
+        return " ".join(t for t in self.decode_windows(whisper_windows(audio, self.mel)) if t)
