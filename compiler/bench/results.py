@@ -1,0 +1,393 @@
+"""Benchmark results: one worker run, one variant's summary, the whole report, and a table.
+
+Everything here is plain data that round-trips through JSON in a versioned envelope
+``{"_type", "_version", "_data"}``; loading accepts only the types listed in `_KNOWN_TYPES`,
+so a stale or foreign file fails loudly. Reports are rendered from this data, never from
+live state. No heavy imports: the worker on an edge device imports this module too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ..atomic import write_json_atomic
+from ..errors import SfcError
+
+__all__ = [
+    "BenchReport",
+    "LatencyStats",
+    "VariantResult",
+    "WorkerArgs",
+    "WorkerResult",
+    "envelope",
+    "latency_stats",
+    "parse_output",
+    "render",
+    "summarize_variant",
+    "unwrap",
+]
+
+# Every type this package writes, with the one version it reads back.
+_KNOWN_TYPES: Mapping[str, int] = {
+    "WorkerResult": 1,
+    "WorkerError": 1,
+    "DeviceInfo": 1,
+    "BenchReport": 1,
+}
+
+
+def envelope(kind: str, data: Any) -> dict[str, Any]:
+    """Wrap `data` as a versioned envelope of a known type."""
+    return {"_type": kind, "_version": _KNOWN_TYPES[kind], "_data": data}
+
+
+def unwrap(obj: Any, expected: str) -> dict[str, Any]:
+    """Check an envelope's type and version and return its payload (SfcError otherwise)."""
+    if not isinstance(obj, dict) or not {"_type", "_version", "_data"} <= obj.keys():
+        raise SfcError("not an sfc bench result: expected keys _type, _version and _data")
+    kind = obj["_type"]
+    if kind not in _KNOWN_TYPES:
+        raise SfcError(f"unknown bench result type {kind!r}")
+    if kind != expected:
+        raise SfcError(f"expected a {expected}, got a {kind}")
+    if obj["_version"] != _KNOWN_TYPES[kind]:
+        raise SfcError(f"unsupported {kind} version {obj['_version']!r} "
+                       f"(expected {_KNOWN_TYPES[kind]})")
+    if not isinstance(obj["_data"], dict):
+        raise SfcError(f"malformed {kind}: _data is not an object")
+    return obj["_data"]
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """Everything a worker needs; travels as one JSON argument.
+
+    `dims` gives symbolic input dimensions a size (others become 1). `inputs` is an .npz
+    keyed by input name, used instead of random inputs. Paths are as the device sees them.
+    """
+
+    artifact: str = ""
+    mode: str = "bench"  # "bench" or "describe"
+    threads: int | None = None
+    runs: int = 20
+    warmup: int = 3
+    clips: tuple[str, ...] = ()
+    inputs: str | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bench", "describe"):
+            raise SfcError(f"unknown worker mode {self.mode!r} (bench or describe)")
+        if self.runs < 1 or self.warmup < 0:
+            raise SfcError(f"runs must be >= 1 and warmup >= 0 (got {self.runs}, {self.warmup})")
+        if self.threads is not None and self.threads < 1:
+            raise SfcError(f"threads must be >= 1 (got {self.threads})")
+
+    def to_json(self) -> str:
+        """One-line JSON for the command line."""
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerArgs:
+        """Parse `to_json` output; SfcError on anything else."""
+        try:
+            d = json.loads(text)
+            d["clips"] = tuple(d.get("clips", ()))
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise SfcError(f"bad worker arguments: {exc}") from None
+
+    def argv(self) -> list[str]:
+        """The worker's command-line arguments (after `python -m sfc.bench.worker`)."""
+        return ["--json-args", self.to_json()]
+
+
+def parse_output(stdout: str) -> dict[str, Any]:
+    """The envelope in a worker's stdout: its last line that parses as a JSON object."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    return obj
+    raise SfcError("the benchmark worker printed no result line")
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What one worker process measured for one artifact (one round of one variant).
+
+    `latency_ms`: per inference, one encoder window (Whisper) or one whole-graph run
+    (generic). `decoder_step_ms`: every step of one greedy decode of a real clip (the first
+    step runs the whole prompt). `transcribe_s` / `audio_s`: end-to-end transcription of
+    the clips (features, encoder, decoder; file reading excluded). `peak_rss_kib`: the
+    worker's peak resident memory after the run (ru_maxrss).
+    """
+
+    artifact: str
+    kind: str  # "whisper" or "generic"
+    threads: int | None
+    load_s: float
+    latency_ms: tuple[float, ...]
+    peak_rss_kib: int
+    decoder_step_ms: tuple[float, ...] = ()
+    audio_s: float = 0.0
+    transcribe_s: float = 0.0
+
+    @property
+    def rtf(self) -> float | None:
+        """Real-time factor of end-to-end transcription (below 1 is faster than real time)."""
+        return self.transcribe_s / self.audio_s if self.audio_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned envelope."""
+        return envelope("WorkerResult", asdict(self))
+
+    @classmethod
+    def from_data(cls, d: Mapping[str, Any]) -> WorkerResult:
+        """Rebuild from the payload of `to_dict`."""
+        return cls(
+            artifact=str(d["artifact"]), kind=str(d["kind"]),
+            threads=None if d["threads"] is None else int(d["threads"]),
+            load_s=float(d["load_s"]),
+            latency_ms=tuple(float(x) for x in d["latency_ms"]),
+            peak_rss_kib=int(d["peak_rss_kib"]),
+            decoder_step_ms=tuple(float(x) for x in d.get("decoder_step_ms", ())),
+            audio_s=float(d.get("audio_s", 0.0)),
+            transcribe_s=float(d.get("transcribe_s", 0.0)),
+        )
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> WorkerResult:
+        """Rebuild from the envelope of `to_dict`."""
+        data = unwrap(obj, "WorkerResult")
+        try:
+            return cls.from_data(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SfcError(f"malformed WorkerResult: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Percentiles and mean of a set of latencies, in milliseconds."""
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    n: int
+
+
+def _percentile(sorted_ms: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of sorted samples."""
+    pos = (len(sorted_ms) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def latency_stats(samples_ms: Sequence[float]) -> LatencyStats:
+    """p50/p90/p99/mean of `samples_ms`; SfcError when there are none."""
+    if not samples_ms:
+        raise SfcError("no latency samples to summarize")
+    s = sorted(samples_ms)
+    return LatencyStats(p50=_percentile(s, 50), p90=_percentile(s, 90), p99=_percentile(s, 99),
+                        mean=statistics.fmean(s), n=len(s))
+
+
+def _median_stats(per_round: Sequence[LatencyStats]) -> LatencyStats:
+    """Each statistic's median over rounds (rounds are the independent repeats)."""
+    med = statistics.median
+    return LatencyStats(p50=med(s.p50 for s in per_round), p90=med(s.p90 for s in per_round),
+                        p99=med(s.p99 for s in per_round), mean=med(s.mean for s in per_round),
+                        n=sum(s.n for s in per_round))
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One benchmarked artifact summarised over rounds.
+
+    Each statistic is the median over rounds of that round's statistic. `ratio` is the
+    median over rounds of (this p50 / baseline p50 in the same round): pairing by round
+    cancels the drift that separate medians would keep; below 1 is faster than baseline.
+    """
+
+    label: str
+    artifact: str
+    kind: str
+    bytes: int
+    latency: LatencyStats
+    throughput: float  # windows (Whisper) or inferences (generic) per second, one stream
+    peak_rss_kib: int  # the largest over rounds
+    load_s: float
+    decoder_step: LatencyStats | None = None  # steps after the prompt step
+    rtf: float | None = None
+    ratio: float | None = None
+    rtf_ratio: float | None = None
+    rounds: tuple[WorkerResult, ...] = ()
+
+    @classmethod
+    def from_data(cls, d: Mapping[str, Any]) -> VariantResult:
+        """Rebuild from `asdict` output."""
+        opt = _opt_float
+        return cls(
+            label=str(d["label"]), artifact=str(d["artifact"]), kind=str(d["kind"]),
+            bytes=int(d["bytes"]), latency=LatencyStats(**d["latency"]),
+            throughput=float(d["throughput"]), peak_rss_kib=int(d["peak_rss_kib"]),
+            load_s=float(d["load_s"]),
+            decoder_step=(None if d.get("decoder_step") is None
+                          else LatencyStats(**d["decoder_step"])),
+            rtf=opt(d.get("rtf")), ratio=opt(d.get("ratio")), rtf_ratio=opt(d.get("rtf_ratio")),
+            rounds=tuple(WorkerResult.from_data(r) for r in d.get("rounds", ())),
+        )
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _ratios(mine: Sequence[float | None], base: Sequence[float | None]) -> float | None:
+    pairs = [m / b for m, b in zip(mine, base, strict=True)
+             if m is not None and b is not None and b > 0]
+    return statistics.median(pairs) if pairs else None
+
+
+def summarize_variant(label: str, artifact: str, size: int, rounds: Sequence[WorkerResult],
+                      baseline: Sequence[WorkerResult] | None = None) -> VariantResult:
+    """Summarise one variant's rounds; `baseline` is the baseline's rounds, same order."""
+    if not rounds:
+        raise SfcError(f"no measurements for {label}")
+    per_round = [latency_stats(r.latency_ms) for r in rounds]
+    steps = [latency_stats(r.decoder_step_ms[1:]) for r in rounds if len(r.decoder_step_ms) > 1]
+    rtfs = [r.rtf for r in rounds if r.rtf is not None]
+    ratio = rtf_ratio = None
+    if baseline is not None:
+        ratio = _ratios([s.p50 for s in per_round],
+                        [latency_stats(b.latency_ms).p50 for b in baseline])
+        rtf_ratio = _ratios([r.rtf for r in rounds], [b.rtf for b in baseline])
+    return VariantResult(
+        label=label, artifact=artifact, kind=rounds[0].kind, bytes=size,
+        latency=_median_stats(per_round),
+        throughput=statistics.median(1000.0 / s.mean for s in per_round),
+        peak_rss_kib=max(r.peak_rss_kib for r in rounds),
+        load_s=statistics.median(r.load_s for r in rounds),
+        decoder_step=_median_stats(steps) if steps else None,
+        rtf=statistics.median(rtfs) if rtfs else None,
+        ratio=ratio, rtf_ratio=rtf_ratio, rounds=tuple(rounds),
+    )
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """A benchmark of one or more artifacts on one device, with the settings that made it."""
+
+    device: str
+    device_info: dict[str, Any]
+    threads: int | None
+    runs: int
+    warmup: int
+    rounds: int
+    clips: tuple[str, ...]
+    baseline: str | None  # label of the baseline variant
+    variants: tuple[VariantResult, ...]
+    order: str = "alternating"  # A B, B A, A B, ...: each variant its own process per round
+    created: str = ""
+    warnings: tuple[str, ...] = field(default=())
+
+    def variant(self, label: str) -> VariantResult:
+        """The variant named `label`."""
+        for v in self.variants:
+            if v.label == label:
+                return v
+        raise SfcError(f"no variant {label!r} in this report "
+                       f"({', '.join(v.label for v in self.variants)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON-ready envelope."""
+        return envelope("BenchReport", asdict(self))
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> BenchReport:
+        """Rebuild a report from its envelope; SfcError on unknown or malformed input."""
+        d = unwrap(obj, "BenchReport")
+        try:
+            return cls(
+                device=str(d["device"]), device_info=dict(d["device_info"]),
+                threads=None if d["threads"] is None else int(d["threads"]),
+                runs=int(d["runs"]), warmup=int(d["warmup"]), rounds=int(d["rounds"]),
+                clips=tuple(str(c) for c in d["clips"]),
+                baseline=None if d["baseline"] is None else str(d["baseline"]),
+                variants=tuple(VariantResult.from_data(v) for v in d["variants"]),
+                order=str(d.get("order", "alternating")), created=str(d.get("created", "")),
+                warnings=tuple(str(w) for w in d.get("warnings", ())),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SfcError(f"malformed BenchReport: {exc!r}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchReport:
+        """Parse a report written by `to_json`."""
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise SfcError(f"invalid bench report JSON: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the report to `path` atomically."""
+        write_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchReport:
+        """Read a report written by `save`."""
+        p = Path(path)
+        try:
+            return cls.from_json(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SfcError(f"bench report not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SfcError(f"cannot read bench report {p}: {exc}") from None
+
+
+def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def render(report: BenchReport) -> Table:
+    """A rich table: size, latency percentiles, throughput, decoder step, RTF, memory, ratio."""
+    info = report.device_info
+    threads = "ORT default" if report.threads is None else str(report.threads)
+    table = Table(
+        title=(f"{report.device}: {info.get('cpu', '?')} ({info.get('cores', '?')} cores), "
+               f"ORT {info.get('onnxruntime', '?')}, threads {threads}"),
+        caption=(f"{report.rounds} rounds x {report.runs} runs (warm-up {report.warmup}), "
+                 f"{report.order} order, one process per variant per round; statistics are "
+                 f"medians over rounds; ratio = median per-round p50 / baseline p50"
+                 + "".join(f"\n[yellow]warning:[/] {w}" for w in report.warnings)),
+    )
+    for col in ("variant", "MB", "p50 ms", "p90 ms", "p99 ms", "mean ms", "win/s",
+                "dec step ms", "RTF", "RSS MiB", "x baseline"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in report.variants:
+        label = f"{v.label} (baseline)" if v.label == report.baseline else v.label
+        step = v.decoder_step.p50 if v.decoder_step else None
+        table.add_row(
+            label, f"{v.bytes / 1e6:.1f}", _fmt(v.latency.p50), _fmt(v.latency.p90),
+            _fmt(v.latency.p99), _fmt(v.latency.mean), _fmt(v.throughput, ".2f"),
+            _fmt(step, ".2f"), _fmt(v.rtf, ".3f"), f"{v.peak_rss_kib / 1024:.0f}",
+            _fmt(v.ratio, ".2f"),
+        )
+    return table

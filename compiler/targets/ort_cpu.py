@@ -1,0 +1,145 @@
+"""The `ort-cpu` target: ONNX Runtime's CPU graph optimizer lowers QDQ ONNX to integer kernels.
+
+Numeric contract: the lowering only rewrites patterns whose results ORT defines as equal to
+the QDQ graph's (DQ(x) -> MatMul <- DQ(w) -> Q becomes QLinearMatMul computing
+`y_q = saturate(round((x_q - zx) * (w_q - zw) * sx * sw / sy) + zy)`; without the output Q,
+MatMulIntegerToFloat returns the float product; DQ(block weights) -> MatMul becomes
+MatMulNBits). Everything ORT cannot fuse stays as it was, and the census reports it.
+
+Artifacts (in `out_dir`, named after `stem`):
+- `<stem>.ort.onnx`: the optimized graph as ONNX (opens in any ORT build; inspectable).
+- `<stem>.ort`: the same graph in ORT format (flatbuffers), for minimal/mobile ORT builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..atomic import staging_dir
+from ..errors import SfcError
+from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
+
+__all__ = ["OrtCpuTarget"]
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a model of 2 GB or more; ORT format (flatbuffers) has the same
+# limit. Leave headroom for the graph itself.
+_PROTOBUF_LIMIT = 2**31 - 1
+_EXTERNAL_MIN_BYTES = 1024  # initializers at least this big go to the external data file
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _ort_session(src: Path, options: Any) -> Any:
+    """Open `src` on the CPU provider; ORT's opaque errors become one-line SfcErrors."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(src), sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own classes (Fail, InvalidGraph, ...)
+        raise SfcError(f"ONNX Runtime cannot load {src}: {_first_line(exc)}") from None
+
+
+def _options(saved_to: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # EXTENDED, not ALL: level 3 adds NCHWc layout transforms chosen for the *build* machine's
+    # CPU (AVX-512 block sizes), so a saved ALL graph can be slower or unloadable elsewhere.
+    # EXTENDED holds the QDQ fusions (QLinear*, MatMulIntegerToFloat, MatMulNBits, QGemm) and
+    # the float fusions (Gelu, LayerNorm); layout work is left to ORT at load on the device.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(saved_to)
+    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    options.intra_op_num_threads = 1  # lowering runs nothing; no thread pool needed
+    return options
+
+
+@dataclass(frozen=True)
+class OrtCpuTarget:
+    """ONNX Runtime on CPU: QDQ INT8 (per-tensor / per-channel) and 2/4/8-bit block weights.
+
+    `ort_format`: also write the ORT-format file. `verify`: load it back in an
+    InferenceSession, so a file ORT cannot open never ships.
+
+    Note: on x86-64 ORT rewrites s8 activations to u8 (its faster u8s8 kernels), so the saved
+    graph carries u8 activations; it still runs on ARM, where ORT handles both.
+    """
+
+    ort_format: bool = True
+    verify: bool = True
+
+    @property
+    def name(self) -> str:
+        """Registry name."""
+        return "ort-cpu"
+
+    @property
+    def caps_name(self) -> str:
+        """Name of the capabilities entry placement reads."""
+        return "ort-cpu"
+
+    def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:
+        """Optimize `qdq_path` with ORT and write `<stem>.ort.onnx` (and `<stem>.ort`).
+
+        Both files are written under temporary names and renamed into `out_dir` only when
+        both succeed. Models with external data or of 2 GB or more keep their weights in
+        `<stem>.ort.onnx.data`; ORT format is skipped at 2 GB or more (flatbuffers limit).
+        """
+        qdq_path = Path(qdq_path)
+        if not qdq_path.is_file():
+            raise SfcError(f"QDQ model not found: {qdq_path}")
+        try:
+            external = external_data_files(qdq_path)
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise SfcError(f"{qdq_path} is not an ONNX model: {_first_line(exc)}") from None
+        source_bytes = artifact_bytes(qdq_path)
+        large = source_bytes >= _PROTOBUF_LIMIT
+
+        artifact = f"{stem}.ort.onnx"
+        ort_name = f"{stem}.ort"
+        notes: list[str] = []
+        with staging_dir(out_dir) as stage:
+            opts = _options(stage / artifact)
+            if external or large:
+                # The optimized graph is saved by name; the data file name is what it records,
+                # so it must be the final name (the staging folder keeps names unchanged).
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", f"{artifact}.data")
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes",
+                    str(_EXTERNAL_MIN_BYTES))
+            _ort_session(qdq_path, opts)
+            census = fusion_census(onnx.load(str(stage / artifact), load_external_data=False))
+            size = artifact_bytes(stage / artifact)
+
+            ort_written: str | None = None
+            ort_size: int | None = None
+            if self.ort_format and large:
+                notes.append("no ORT-format file: the model is 2 GB or more (flatbuffers limit)")
+            elif self.ort_format:
+                ort_opts = _options(stage / ort_name)
+                ort_opts.add_session_config_entry("session.save_model_format", "ORT")
+                _ort_session(stage / artifact, ort_opts)
+                if self.verify:
+                    import onnxruntime as ort
+
+                    check = ort.SessionOptions()
+                    check.log_severity_level = 3
+                    _ort_session(stage / ort_name, check)
+                ort_written, ort_size = ort_name, (stage / ort_name).stat().st_size
+            logger.info("lowered %s: fused %s, %d float weighted, %d DQ left", qdq_path,
+                        census.fused, len(census.float_weighted), census.dq_remaining)
+        return LoweringResult.from_census(
+            census, target=self.name, artifact=artifact, ort_format=ort_written, bytes=size,
+            ort_format_bytes=ort_size, notes=tuple(notes))
