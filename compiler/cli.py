@@ -102,6 +102,79 @@ def eval_cmd(
     console.print(f"per-utterance results: {target}")
 
 
+@app.command("build")
+def build_cmd(
+    src: Annotated[str, typer.Argument(help="Zoo name, export folder or .onnx")] = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Build folder")] = Path("build"),
+    target: Annotated[str, typer.Option(help="Lowering target")] = "ort-cpu",
+    weights: Annotated[int, typer.Option(help="Weight bits: 8, 4 or 2")] = 8,
+    activations: Annotated[str, typer.Option(help="Activations: int8 or none")] = "int8",
+    calibrator: Annotated[str, typer.Option(help="max, percentile, entropy or mse")] = "max",
+    calib: Annotated[Path, typer.Option(help="Calibration manifest folder (or .npz folder)")]
+    = BUNDLED_DATA / "calib",
+    calib_limit: Annotated[int | None, typer.Option(help="Only the first N calibration items")]
+    = None,
+    recipe: Annotated[Path | None, typer.Option(help="Replay a build folder's recipes")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Keep matching nodes float (glob)")]
+    = None,
+    block_size: Annotated[int, typer.Option(help="Block size for 4/2-bit weights")] = 32,
+    quantize_attention: Annotated[bool, typer.Option(help="Also quantize QK^T and AV")] = False,
+    seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="WER check against FP32")]
+    = BUNDLED_DATA / "eval",
+    eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
+    = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the WER check")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
+    from .build import BuildConfig
+    from .pipeline import compile_model
+
+    acts = {"int8": 8, "none": None}
+    if activations not in acts:
+        raise SfcError(f"--activations must be int8 or none, not {activations!r}")
+    config = BuildConfig(target=target, weights=weights, activations=acts[activations],
+                         calibrator=calibrator, calib=calib, calib_limit=calib_limit,
+                         recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,
+                         quantize_attention=quantize_attention, seed=seed)
+    report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
+                           eval_limit=eval_limit, threads=threads)
+    console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)
+    console.print(f"build folder: {out} (report.md, report.json); "
+                  f"{report.compression:.2f}x smaller than FP32")
+
+
+@app.command()
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="Build/export folders or .onnx files")],
+    device: Annotated[str, typer.Option(help="cpu (cuda, jetson: planned)")] = "cpu",
+    baseline: Annotated[str | None, typer.Option(
+        help="Baseline folder or zoo name (default: the FP32 zoo export for Whisper)")] = None,
+    threads: ThreadsOpt = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per round")] = 20,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (one process each)")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")]
+    = None,
+) -> None:
+    """Latency percentiles, throughput, peak RSS, bytes and RTF, side by side with FP32."""
+    from .bench import bench as run_bench
+    from .bench.results import render as render_bench
+    from .card import CARD_NAME, ModelCard
+    from .models import ZOO, model_folder
+
+    base = model_folder(baseline) if baseline else None
+    names = {ModelCard.load(a).name for a in artifacts if (a / CARD_NAME).is_file()}
+    if base is None and len(names) == 1 and (name := names.pop()) in ZOO:
+        base = model_folder(name)  # builds of a zoo model are compared with its FP32 export
+    report = run_bench(artifacts, device=device, threads=threads, runs=runs, rounds=rounds,
+                       baseline=base, console=err_console)
+    console.print(render_bench(report))
+    if json_out is not None:
+        report.save(json_out)
+        console.print(f"bench report: {json_out}")
+
+
 @app.command()
 def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """What is installed: ONNX Runtime providers, TensorRT/CUDA, CPU features, zoo packages."""

@@ -1,0 +1,47 @@
+"""Quantization core: placement plan, weight quantization, recipe, and the Q/DQ writer.
+
+Flow: `make_plan(fp32_model, PlanConfig(...), caps)` -> calibrate `plan.activations`
+(sfc.calib) -> `recipe_from_plan(plan, scales, model_sha256(fp32_model), seed, config)`
+-> `write_qdq(fp32_model, recipe)`. No torch.
+"""
+
+from .plan import Plan, PlanConfig, Quantizer, Skipped, make_plan, name_nodes
+from .qdq import QdqNames, qdq_names, qdq_versions, write_qdq
+from .recipe import Recipe, TensorRecipe, model_sha256, recipe_from_plan
+from .spec import INT_RANGES, ORT_CPU_CAPS, QuantSpec, TargetCaps, min_opset
+from .weights import (
+    broadcast_scales,
+    default_method,
+    dequantize_weight,
+    quantize_weight,
+    scale_shape,
+    weight_scales,
+)
+
+__all__ = [
+    "INT_RANGES",
+    "ORT_CPU_CAPS",
+    "Plan",
+    "PlanConfig",
+    "QdqNames",
+    "QuantSpec",
+    "Quantizer",
+    "Recipe",
+    "Skipped",
+    "TargetCaps",
+    "TensorRecipe",
+    "broadcast_scales",
+    "default_method",
+    "dequantize_weight",
+    "make_plan",
+    "min_opset",
+    "model_sha256",
+    "name_nodes",
+    "qdq_names",
+    "qdq_versions",
+    "quantize_weight",
+    "recipe_from_plan",
+    "scale_shape",
+    "weight_scales",
+    "write_qdq",
+]

@@ -1,0 +1,537 @@
+"""Placement: which tensors of an FP32 graph get a quantizer, and why the rest stay float.
+
+`make_plan` walks the graph once, in order, and asks a short list of rules about each
+node (the first rule with an opinion wins, as in onnxscript's rewriter):
+
+1. `ExcludeRule`: node names matching a user pattern stay float.
+2. `WeightedOpRule`: MatMul with a constant 2-D B, Gemm with a constant B, Conv with a
+   constant weight -> a weight quantizer (INT8 per-channel on the output-channel axis,
+   or sub-8-bit blocks along K where the target's caps allow) and a per-tensor INT8
+   quantizer on the data input.
+3. `AttentionRule`: activation x activation MatMuls (QK^T, AV) -> both inputs
+   quantized only when `PlanConfig.quantize_attention`.
+4. `FloatRule`: everything else stays float, with a reason.
+
+Rules read `TargetCaps`, never a target's name. Quantizers are then merged per tensor:
+one quantizer per weight (shared by every weighted op reading it; consumers that would
+need different layouts fall back to a common one or leave it float) and one per
+activation tensor (shared by all its quantized consumers).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import onnx
+
+from ..errors import SfcError
+from .spec import QuantSpec, TargetCaps, min_opset
+
+__all__ = [
+    "AttentionRule",
+    "ExcludeRule",
+    "FloatRule",
+    "PlacementRule",
+    "Plan",
+    "PlanConfig",
+    "Quantizer",
+    "Skipped",
+    "WeightedOpRule",
+    "make_plan",
+    "name_nodes",
+    "subgraph_reads",
+]
+
+QuantKind = Literal["weight", "activation"]
+
+# Ops that run in float on every target sfc knows (TensorRT: Softmax and LayerNorm are
+# float only; ORT has no quantized kernels for them either).
+_FLOAT_ONLY = frozenset(
+    {"LayerNormalization", "Softmax", "ReduceMean", "Sqrt", "Erf", "Pow", "Div", "Exp"}
+)
+
+
+def _is_pow2(value: int) -> bool:
+    return value > 0 and not value & (value - 1)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """The user's quantization request.
+
+    `exclude`: fnmatch patterns on node names; matching nodes stay float (and a weight
+    shared with an excluded node stays float for all its consumers).
+    """
+
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    block_size: int = 32
+    quantize_attention: bool = False
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (8, 4, 2) or isinstance(self.weight_bits, bool):
+            raise SfcError(f"weight_bits must be 8, 4 or 2, not {self.weight_bits!r}")
+        if self.activation_bits is not None and (
+            self.activation_bits != 8 or isinstance(self.activation_bits, bool)
+        ):
+            raise SfcError(f"activation_bits must be 8 or None, not {self.activation_bits!r}")
+        if not isinstance(self.block_size, int) or not (
+            self.block_size >= 16 and _is_pow2(self.block_size)
+        ):
+            raise SfcError(f"block_size must be a power of two >= 16, not {self.block_size!r}")
+        if not isinstance(self.quantize_attention, bool):
+            raise SfcError("quantize_attention must be a bool")
+        # A bare string would silently become one pattern per character.
+        if not isinstance(self.exclude, tuple) or not all(
+            isinstance(p, str) and p for p in self.exclude
+        ):
+            raise SfcError("exclude must be a tuple of non-empty fnmatch patterns")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (for the recipe's `config`)."""
+        return {
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "block_size": self.block_size,
+            "quantize_attention": self.quantize_attention,
+            "exclude": list(self.exclude),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:
+        """Inverse of `to_dict`; unknown keys raise SfcError."""
+        known = {"weight_bits", "activation_bits", "block_size", "quantize_attention", "exclude"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SfcError(f"unknown plan settings: {', '.join(unknown)}")
+        values = dict(data)
+        if "exclude" in values:
+            values["exclude"] = tuple(values["exclude"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One tensor to quantize: its spec, and the nodes that read the quantized form.
+
+    For a weight, every reader of the initializer reads its dequantized form (so no
+    float copy remains); `consumers` lists the weighted ops that asked for it.
+    """
+
+    tensor: str
+    kind: QuantKind
+    spec: QuantSpec
+    consumers: tuple[str, ...]
+    op_types: tuple[str, ...]
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("weight", "activation"):
+            raise SfcError(f"quantizer kind must be weight or activation, not {self.kind!r}")
+        if not self.consumers or len(self.consumers) != len(self.op_types):
+            raise SfcError(f"quantizer for '{self.tensor}' needs one op type per consumer")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A node left in float, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"node": self.node, "op_type": self.op_type, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Skipped:
+        if not isinstance(data, dict) or set(data) != {"node", "op_type", "reason"}:
+            raise SfcError(f"malformed skipped entry: {data!r}")
+        return cls(str(data["node"]), str(data["op_type"]), str(data["reason"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Quantizers and float nodes, both in graph order."""
+
+    quantizers: tuple[Quantizer, ...]
+    skipped: tuple[Skipped, ...]
+
+    def __post_init__(self) -> None:
+        tensors = [q.tensor for q in self.quantizers]
+        if len(set(tensors)) != len(tensors):
+            raise SfcError("a plan holds at most one quantizer per tensor")
+
+    @property
+    def weights(self) -> tuple[Quantizer, ...]:
+        return tuple(q for q in self.quantizers if q.kind == "weight")
+
+    @property
+    def activations(self) -> tuple[Quantizer, ...]:
+        """The tensors calibration must observe."""
+        return tuple(q for q in self.quantizers if q.kind == "activation")
+
+    def get(self, tensor: str) -> Quantizer | None:
+        """The quantizer of `tensor`, if any."""
+        return next((q for q in self.quantizers if q.tensor == tensor), None)
+
+
+# --- graph facts and rules -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the rules may ask about the graph (top-level graph only)."""
+
+    initializers: Mapping[str, onnx.TensorProto]  # constants: initializers that are not inputs
+    outputs: frozenset[str]
+    readers: Mapping[str, tuple[int, ...]]  # tensor -> indices of top-level nodes reading it
+    in_subgraphs: frozenset[str]  # names read inside If/Loop/Scan bodies
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> GraphFacts:
+        inputs = {i.name for i in graph.input}
+        readers: dict[str, list[int]] = {}
+        for index, node in enumerate(graph.node):
+            for name in dict.fromkeys(node.input):  # a node reading a tensor twice counts once
+                if name:
+                    readers.setdefault(name, []).append(index)
+        return cls(
+            initializers={t.name: t for t in graph.initializer if t.name not in inputs},
+            outputs=frozenset(o.name for o in graph.output),
+            readers={k: tuple(v) for k, v in readers.items()},
+            in_subgraphs=frozenset(subgraph_reads(graph)),
+        )
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes inside If / Loop / Scan bodies (recursively)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+            for body in bodies:
+                for inner in body.node:
+                    names.update(inner.input)
+                names |= subgraph_reads(body)
+    return names
+
+
+@dataclass(frozen=True)
+class _Context:
+    facts: GraphFacts
+    config: PlanConfig
+    caps: TargetCaps
+
+
+@dataclass(frozen=True)
+class _Match:
+    """A node a rule wants quantized."""
+
+    node: str
+    op_type: str
+    activations: tuple[str, ...]  # candidate activation tensors at this node
+    weight: str | None = None  # None for activation x activation MatMuls
+    spec: QuantSpec | None = None
+    fallback: QuantSpec | None = None  # INT8 per-channel spec, when weights must agree
+    note: str = ""
+
+
+class PlacementRule(Protocol):
+    """A rule: `apply` returns a match, a skip with its reason, or None (no opinion)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None: ...
+
+
+@dataclass(frozen=True)
+class ExcludeRule:
+    """Nodes whose name matches one of the user's patterns stay float."""
+
+    patterns: tuple[str, ...]
+    name: str = "exclude"
+
+    def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None:
+        for pattern in self.patterns:
+            if fnmatch.fnmatchcase(node.name, pattern):
+                return Skipped(node.name, node.op_type, f"excluded by pattern '{pattern}'")
+        return None
+
+
+def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return default
+
+
+@dataclass(frozen=True)
+class WeightedOpRule:
+    """MatMul / Gemm / Conv with a constant float weight."""
+
+    name: str = "weighted-op"
+
+    def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or op not in ("MatMul", "Gemm", "Conv"):
+            return None
+        facts = ctx.facts
+        if len(node.input) < 2:
+            return None
+        data, weight = node.input[0], node.input[1]
+
+        def skip(reason: str) -> Skipped:
+            return Skipped(node.name, op, reason)
+
+        if not facts.is_constant(weight):
+            if op != "MatMul":
+                return skip(f"weight input '{weight}' is not a constant initializer")
+            if facts.is_constant(data):
+                return skip(f"constant input A '{data}': only B[K, N] MatMul weights are quantized")
+            return None  # activation x activation: the attention rule decides
+        if facts.is_constant(data):
+            return skip("both inputs are constants (constant-fold the graph first)")
+        tensor = facts.initializers[weight]
+        rank = len(tensor.dims)
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+            return skip(f"weight '{weight}' is {dtype}, not float32")
+        if op == "MatMul" and rank != 2:
+            return skip(f"weight '{weight}' has rank {rank}; MatMul weights must be 2-D [K, N]")
+        if op == "Conv" and rank < 3:
+            return skip(f"weight '{weight}' has rank {rank}; Conv weights are [M, C/g, k...]")
+        if weight in facts.outputs:
+            return skip(f"weight '{weight}' is also a graph output")
+        if weight in facts.in_subgraphs:
+            return skip(f"weight '{weight}' is also read inside a subgraph")
+
+        # (output-channel axis, reduction axis K) of the weight.
+        if op == "MatMul":
+            out_axis, k_axis = 1, 0
+        elif op == "Gemm":
+            out_axis, k_axis = (0, 1) if _int_attr(node, "transB", 0) else (1, 0)
+        else:
+            out_axis, k_axis = 0, 1
+        per_channel = QuantSpec(8, "channel", axis=out_axis)
+        bits, caps = ctx.config.weight_bits, ctx.caps
+        if bits == 8:
+            return _Match(node.name, op, (data,), weight, per_channel, per_channel)
+        block = QuantSpec(bits, "block", axis=k_axis, block_size=ctx.config.block_size)
+        multiple, last = caps.last_dim_multiple(bits), int(tensor.dims[-1])
+        if op not in caps.block_weight_ops:
+            why = f"{caps.name} has no block-quantized {op}"
+        elif min_opset(block) > caps.max_opset:
+            why = f"INT{bits} needs opset {min_opset(block)} > {caps.name}'s {caps.max_opset}"
+        elif last % multiple:
+            why = f"{caps.name} needs INT{bits} weights' last dim ({last}) a multiple of {multiple}"
+        else:
+            note = ""
+            if caps.block_weight_only:
+                note = f"weight-only: {caps.name} runs block-quantized {op} on float activations"
+            return _Match(node.name, op, (data,), weight, block, per_channel, note)
+        if 8 not in caps.weight_bits:
+            return skip(f"{why}, and no INT8 weights either")
+        note = f"INT{bits} fell back to INT8 per-channel: {why}"
+        return _Match(node.name, op, (data,), weight, per_channel, per_channel, note)
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """MatMul of two activations (attention QK^T and AV)."""
+
+    name: str = "attention"
+
+    def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            return None
+        if not ctx.config.quantize_attention:
+            reason = "activation x activation MatMul (attention): set quantize_attention"
+            return Skipped(node.name, node.op_type, reason)
+        if ctx.config.activation_bits is None:
+            reason = "activation x activation MatMul: activation_bits is None"
+            return Skipped(node.name, node.op_type, reason)
+        inputs = tuple(dict.fromkeys(node.input[:2]))
+        return _Match(node.name, node.op_type, inputs)
+
+
+@dataclass(frozen=True)
+class FloatRule:
+    """Everything else stays float."""
+
+    name: str = "float"
+
+    def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None:
+        if node.op_type in _FLOAT_ONLY:
+            reason = f"{node.op_type} runs in float on every target"
+        else:
+            reason = f"no quantized placement for {node.op_type}: stays float"
+        return Skipped(node.name, node.op_type, reason)
+
+
+# --- the planner -----------------------------------------------------------------------
+
+
+def _check_names(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            hint = "name nodes first (sfc.quant.name_nodes)"
+            raise SfcError(f"node {index} ({node.op_type}) has no name; {hint}")
+        if node.name in seen:
+            raise SfcError(f"node name '{node.name}' is used twice; node names must be unique")
+        seen.add(node.name)
+
+
+def _check_caps(config: PlanConfig, caps: TargetCaps) -> None:
+    if config.weight_bits not in caps.weight_bits:
+        supported = ", ".join(str(b) for b in sorted(caps.weight_bits)) or "none"
+        raise SfcError(
+            f"target {caps.name} does not run {config.weight_bits}-bit weights (runs: {supported})"
+        )
+    if config.activation_bits is not None and config.activation_bits not in caps.activation_bits:
+        raise SfcError(f"target {caps.name} does not run {config.activation_bits}-bit activations")
+
+
+def _resolve_weights(
+    matches: list[_Match], facts: GraphFacts, excluded: Mapping[str, str], graph: onnx.GraphProto
+) -> tuple[dict[str, tuple[QuantSpec, str]], dict[str, str]]:
+    """One spec per weight tensor. Returns (weight -> (spec, note), dropped node -> reason)."""
+    by_weight: dict[str, list[_Match]] = {}
+    for m in matches:
+        if m.weight is not None:
+            by_weight.setdefault(m.weight, []).append(m)
+    chosen: dict[str, tuple[QuantSpec, str]] = {}
+    dropped: dict[str, str] = {}
+    for weight, group in by_weight.items():
+        readers = [graph.node[i].name for i in facts.readers.get(weight, ())]
+        blocked = next((r for r in readers if r in excluded), None)
+        if blocked is not None:
+            for m in group:
+                dropped[m.node] = f"weight '{weight}' is shared with excluded node '{blocked}'"
+            continue
+        specs = {m.spec for m in group}
+        notes = [m.note for m in group if m.note]
+        if len(specs) == 1:
+            spec = group[0].spec
+            assert spec is not None
+            chosen[weight] = (spec, notes[0] if notes else "")
+            continue
+        fallbacks = {m.fallback for m in group}
+        if len(fallbacks) == 1 and group[0].fallback is not None:
+            note = "consumers need different layouts: INT8 per-channel for all"
+            chosen[weight] = (group[0].fallback, note)
+            continue
+        for m in group:
+            dropped[m.node] = f"weight '{weight}' is shared by ops needing different axes"
+    return chosen, dropped
+
+
+def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> Plan:
+    """Decide which tensors of `model` (FP32) get quantizers, under `caps`.
+
+    Pure: reads the model, returns a `Plan`. Raises SfcError when the config asks for
+    bit-widths the target does not run, or when node names are missing or repeated.
+    """
+    _check_caps(config, caps)
+    graph = model.graph
+    _check_names(graph)
+    ctx = _Context(GraphFacts.of(graph), config, caps)
+    rules: tuple[PlacementRule, ...] = (
+        ExcludeRule(config.exclude),
+        WeightedOpRule(),
+        AttentionRule(),
+        FloatRule(),
+    )
+
+    decisions: list[_Match | Skipped] = []
+    excluded: dict[str, str] = {}
+    for node in graph.node:
+        for rule in rules:
+            outcome = rule.apply(node, ctx)
+            if outcome is not None:
+                decisions.append(outcome)
+                if isinstance(rule, ExcludeRule) and isinstance(outcome, Skipped):
+                    excluded[node.name] = outcome.reason
+                break
+    matches = [d for d in decisions if isinstance(d, _Match)]
+    weights, dropped = _resolve_weights(matches, ctx.facts, excluded, graph)
+
+    skipped: list[Skipped] = []
+    weight_q: dict[str, _Acc] = {}
+    act_q: dict[str, _Acc] = {}
+    order: list[tuple[QuantKind, str]] = []  # first appearance, graph order
+    act_spec = QuantSpec(config.activation_bits, "tensor") if config.activation_bits else None
+    for d in decisions:
+        if isinstance(d, Skipped):
+            skipped.append(d)
+            continue
+        if d.node in dropped:
+            skipped.append(Skipped(d.node, d.op_type, dropped[d.node]))
+            continue
+        activations = d.activations
+        if d.weight is not None:
+            spec, note = weights[d.weight]
+            if act_spec is None or (spec.granularity == "block" and caps.block_weight_only):
+                activations = ()
+        for tensor in activations:
+            if act_spec is None:
+                break
+            if tensor not in act_q:
+                act_q[tensor] = _Acc(act_spec, "")
+                order.append(("activation", tensor))
+            act_q[tensor].add(d.node, d.op_type)
+        if d.weight is not None:
+            if d.weight not in weight_q:
+                weight_q[d.weight] = _Acc(spec, note)
+                order.append(("weight", d.weight))
+            weight_q[d.weight].add(d.node, d.op_type)
+
+    quantizers = []
+    for kind, tensor in order:
+        acc = (weight_q if kind == "weight" else act_q)[tensor]
+        quantizers.append(
+            Quantizer(tensor, kind, acc.spec, tuple(acc.consumers), tuple(acc.op_types), acc.note)
+        )
+    return Plan(tuple(quantizers), tuple(skipped))
+
+
+@dataclass
+class _Acc:
+    """Consumers gathered for one quantizer while walking the graph."""
+
+    spec: QuantSpec
+    note: str
+    consumers: list[str] = field(default_factory=list)
+    op_types: list[str] = field(default_factory=list)
+
+    def add(self, node: str, op_type: str) -> None:
+        self.consumers.append(node)
+        self.op_types.append(op_type)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose top-level nodes all have unique names.
+
+    Unnamed nodes become f"{op_type}_{index}"; a repeated name gets f"__{index}" appended.
+    Deterministic, so a recipe made on the named model replays on a re-named copy.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {n.name for n in out.graph.node if n.name}
+    seen: set[str] = set()
+    for index, node in enumerate(out.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in seen or (not node.name and name in taken):
+            name = f"{name}__{index}"
+        node.name = name
+        seen.add(name)
+    return out

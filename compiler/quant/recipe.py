@@ -1,0 +1,253 @@
+"""The recipe: every quantization decision, as byte-deterministic JSON.
+
+`recipe.json` is the single source of truth `write_qdq` replays. Activation scales are
+stored; weight scales are not, because `method` recomputes them deterministically from
+the FP32 weights, whose bytes `model_sha256` pins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..atomic import write_text_atomic
+from ..errors import SfcError
+from .plan import Plan, QuantKind, Skipped
+from .spec import QuantSpec
+from .weights import METHODS, default_method
+
+__all__ = ["Recipe", "TensorRecipe", "model_sha256", "recipe_from_plan"]
+
+_TYPE = "Recipe"
+_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    """sha256 of the model's deterministic serialization (what a recipe pins)."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How one tensor is quantized, and why.
+
+    `scale`: the activation's per-tensor scale; None for weights, whose scales `method`
+    recomputes from the weights. `consumers`: the nodes that read the quantized form
+    (for a weight, every reader of the initializer reads it anyway). `stats`: a summary
+    of what produced the scale (absmax, chosen threshold, n_values, ...).
+    """
+
+    tensor: str
+    kind: QuantKind
+    spec: QuantSpec
+    method: str
+    consumers: tuple[str, ...]
+    scale: float | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        name = self.tensor
+        if not name:
+            raise SfcError("a tensor recipe needs a tensor name")
+        if self.kind not in ("weight", "activation"):
+            raise SfcError(f"'{name}': kind must be weight or activation, not {self.kind!r}")
+        if not self.method:
+            raise SfcError(f"'{name}': no scale method")
+        if not self.consumers or not all(isinstance(c, str) and c for c in self.consumers):
+            raise SfcError(f"'{name}': needs at least one consumer node name")
+        if self.kind == "weight":
+            if self.scale is not None:
+                raise SfcError(f"weight '{name}' stores no scale (its method recomputes it)")
+            if self.method not in METHODS:
+                raise SfcError(f"weight '{name}': unknown method {self.method!r}")
+        else:
+            if self.spec.granularity != "tensor":
+                raise SfcError(f"activation '{name}' must be quantized per tensor")
+            if not _finite_number(self.scale) or self.scale <= 0:  # type: ignore[operator]
+                raise SfcError(
+                    f"activation scale for '{name}' is {self.scale!r}: must be finite and > 0"
+                )
+        bad = [k for k, v in self.stats.items() if not isinstance(k, str) or not _finite_number(v)]
+        if bad:
+            raise SfcError(f"'{name}': stats {bad} are not finite numbers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tensor": self.tensor,
+            "kind": self.kind,
+            "spec": self.spec.to_dict(),
+            "method": self.method,
+            "consumers": list(self.consumers),
+            "scale": self.scale,
+            "stats": dict(self.stats),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TensorRecipe:
+        keys = {"tensor", "kind", "spec", "method", "consumers", "scale", "stats", "note"}
+        if not isinstance(data, dict) or set(data) != keys:
+            shown = sorted(data) if isinstance(data, dict) else data
+            raise SfcError(f"malformed tensor recipe: {shown!r}")
+        return cls(
+            tensor=data["tensor"],
+            kind=data["kind"],
+            spec=QuantSpec.from_dict(data["spec"]),
+            method=data["method"],
+            consumers=tuple(data["consumers"]),
+            scale=data["scale"],
+            stats=dict(data["stats"]),
+            note=data["note"],
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """All quantization decisions for one FP32 model.
+
+    `config`: the PlanConfig and calibrator settings that produced it (JSON types).
+    """
+
+    model_sha256: str
+    seed: int
+    config: dict[str, Any]
+    tensors: tuple[TensorRecipe, ...]
+    skipped: tuple[Skipped, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_sha256, str) or not _SHA256.fullmatch(self.model_sha256):
+            raise SfcError("recipe model_sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SfcError(f"recipe seed must be an int, not {self.seed!r}")
+        names = [t.tensor for t in self.tensors]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise SfcError(f"recipe lists tensor '{dup}' twice")
+        try:
+            json.dumps(self.config, allow_nan=False, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise SfcError(f"recipe config is not plain JSON: {exc}") from None
+
+    def get(self, tensor: str) -> TensorRecipe | None:
+        """The entry for `tensor`, if any."""
+        return next((t for t in self.tensors if t.tensor == tensor), None)
+
+    def to_json(self) -> str:
+        """Byte-deterministic JSON: sorted keys, repr floats, indent 2, trailing newline."""
+        data = {
+            "model_sha256": self.model_sha256,
+            "seed": self.seed,
+            "config": self.config,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+        envelope = {"_type": _TYPE, "_version": _VERSION, "_data": data}
+        # json writes floats with float.__repr__ (shortest round-trip form).
+        return json.dumps(envelope, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        """Inverse of `to_json`; a foreign or newer document raises SfcError."""
+        try:
+            envelope = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SfcError(f"recipe is not valid JSON: {exc}") from None
+        if not isinstance(envelope, dict) or envelope.get("_type") != _TYPE:
+            got = envelope.get("_type") if isinstance(envelope, dict) else None
+            raise SfcError(f"not a recipe (_type {got!r}, expected {_TYPE!r})")
+        if envelope.get("_version") != _VERSION:
+            raise SfcError(
+                f"recipe version {envelope.get('_version')!r} is not supported (this sfc reads "
+                f"{_VERSION})"
+            )
+        data = envelope.get("_data")
+        keys = {"model_sha256", "seed", "config", "tensors", "skipped"}
+        if not isinstance(data, dict) or set(data) != keys:
+            raise SfcError("malformed recipe: _data must hold " + ", ".join(sorted(keys)))
+        if not isinstance(data["config"], dict):
+            raise SfcError("malformed recipe: config must be an object")
+        return cls(
+            model_sha256=data["model_sha256"],
+            seed=data["seed"],
+            config=data["config"],
+            tensors=tuple(TensorRecipe.from_dict(t) for t in data["tensors"]),
+            skipped=tuple(Skipped.from_dict(s) for s in data["skipped"]),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write `to_json()` to `path` atomically."""
+        write_text_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe written by `save`."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SfcError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+        return cls.from_json(text)
+
+
+def _plain(value: Any, tensor: str) -> Any:
+    """numpy scalars -> Python int / float (JSON types); anything else is left to validation."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if _finite_number(value) or isinstance(value, int | float):
+        return value
+    raise SfcError(f"activation scale or stat for '{tensor}' is not a number: {value!r}")
+
+
+def recipe_from_plan(
+    plan: Plan,
+    activation_scales: Mapping[str, tuple[float, str, Mapping[str, float]]],
+    model_sha256: str,
+    seed: int,
+    config: Mapping[str, Any],
+    weight_methods: Mapping[str, str] | None = None,
+) -> Recipe:
+    """Turn a plan plus calibrated activation scales into a recipe.
+
+    `activation_scales`: tensor -> (scale, method, stats) for every activation quantizer
+    of the plan. `weight_methods`: per-weight overrides of `default_method`. A missing,
+    NaN, infinite or non-positive activation scale raises SfcError naming the tensor.
+    """
+    overrides = dict(weight_methods or {})
+    unknown = sorted(set(overrides) - {q.tensor for q in plan.weights})
+    if unknown:
+        raise SfcError(f"weight method given for '{unknown[0]}', which the plan does not quantize")
+    tensors = []
+    for q in plan.quantizers:
+        if q.kind == "weight":
+            method = overrides.get(q.tensor, default_method(q.spec))
+            tensors.append(
+                TensorRecipe(q.tensor, "weight", q.spec, method, q.consumers, note=q.note)
+            )
+            continue
+        if q.tensor not in activation_scales:
+            raise SfcError(f"no activation scale for '{q.tensor}' (calibrate it first)")
+        scale, method, stats = activation_scales[q.tensor]
+        entry = TensorRecipe(
+            q.tensor, "activation", q.spec, method, q.consumers,
+            scale=_plain(scale, q.tensor), stats={k: _plain(v, q.tensor) for k, v in stats.items()},
+            note=q.note,
+        )  # fmt: skip
+        tensors.append(entry)
+    return Recipe(model_sha256, seed, dict(config), tuple(tensors), plan.skipped)

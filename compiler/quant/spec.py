@@ -1,0 +1,179 @@
+"""What one quantizer is (`QuantSpec`) and what a target runs natively (`TargetCaps`).
+
+Every sfc quantizer is symmetric and signed with a zero point of 0: TensorRT rejects any
+other zero point ("TensorRT only supports symmetric quantization"), and ORT's fused
+kernels lose nothing by it. So a spec is only bits, granularity, axis and block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import SfcError
+
+__all__ = [
+    "INT_RANGES",
+    "ORT_CPU_CAPS",
+    "Granularity",
+    "QuantSpec",
+    "TargetCaps",
+    "min_opset",
+]
+
+Granularity = Literal["tensor", "channel", "block"]
+
+# Signed two's-complement ranges; the DQ input types are INT8 / INT4 / INT2.
+INT_RANGES: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7), 2: (-2, 1)}
+
+_GRANULARITIES = ("tensor", "channel", "block")
+_MIN_BLOCK = 16  # ORT's MatMulNBits and DQ fusion need a power of two >= 16
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A symmetric, signed, zero-point-free quantizer.
+
+    `granularity`: "tensor" (one scale), "channel" (one scale per index of `axis`) or
+    "block" (one scale per `block_size` consecutive elements along `axis`, per index of
+    every other axis: the ONNX DequantizeLinear `block_size` layout).
+    """
+
+    bits: int
+    granularity: Granularity
+    axis: int | None = None
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits) or self.bits not in INT_RANGES:
+            raise SfcError(f"quantizer bits must be one of 2, 4, 8, not {self.bits!r}")
+        if self.granularity not in _GRANULARITIES:
+            raise SfcError(
+                f"quantizer granularity must be tensor, channel or block, not {self.granularity!r}"
+            )
+        if self.axis is not None and (not _is_int(self.axis) or self.axis < 0):
+            raise SfcError(f"quantizer axis must be a non-negative int, not {self.axis!r}")
+        if self.granularity == "tensor" and (self.axis is not None or self.block_size is not None):
+            raise SfcError("a per-tensor quantizer takes neither axis nor block_size")
+        if self.granularity == "channel":
+            if self.axis is None:
+                raise SfcError("a per-channel quantizer needs an axis")
+            if self.block_size is not None:
+                raise SfcError("a per-channel quantizer takes no block_size")
+        if self.granularity == "block":
+            if self.axis is None:
+                raise SfcError("a block quantizer needs an axis")
+            bs = self.block_size
+            if bs is None or not _is_int(bs) or bs < _MIN_BLOCK or bs & (bs - 1):
+                raise SfcError(
+                    f"a block quantizer needs block_size a power of two >= {_MIN_BLOCK}, not {bs!r}"
+                )
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer value (-2^(bits-1))."""
+        return INT_RANGES[self.bits][0]
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer value (2^(bits-1) - 1); absmax scales map |x|max onto it."""
+        return INT_RANGES[self.bits][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (all four keys, None where unused)."""
+        return {
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "axis": self.axis,
+            "block_size": self.block_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> QuantSpec:
+        """Inverse of `to_dict`; malformed input raises SfcError."""
+        if not isinstance(data, dict) or set(data) != {"bits", "granularity", "axis", "block_size"}:
+            raise SfcError(f"malformed quantizer spec: {data!r}")
+        return cls(data["bits"], data["granularity"], data["axis"], data["block_size"])
+
+    def describe(self) -> str:
+        """Short human form, e.g. 'INT4 block(axis 0, 32)'."""
+        if self.granularity == "tensor":
+            return f"INT{self.bits} per-tensor"
+        if self.granularity == "channel":
+            return f"INT{self.bits} per-channel(axis {self.axis})"
+        return f"INT{self.bits} block(axis {self.axis}, {self.block_size})"
+
+
+def min_opset(spec: QuantSpec) -> int:
+    """The lowest default-domain opset whose DequantizeLinear can express `spec`.
+
+    13: per-axis INT8. 21: INT4 types and the `block_size` attribute. 25: INT2 types.
+    """
+    if spec.bits == 2:
+        return 25
+    if spec.bits == 4 or spec.granularity == "block":
+        return 21
+    return 13
+
+
+@dataclass(frozen=True)
+class TargetCaps:
+    """What a target runs natively; placement rules read these, never the target's name.
+
+    `block_weight_ops`: op types whose weight may be block-quantized (sub-8-bit).
+    `block_weight_only`: block-quantized weight ops take float activations (no
+    activation Q/DQ in front of them). True for ORT CPU, whose DQ->MatMulNBits fusion
+    requires the MatMul's only DQ input to be the weight (MatMulNBits quantizes
+    activations itself at accuracy_level 4), and for TensorRT, whose INT4 is W4A16.
+    `max_opset`: the highest default-domain opset the runtime loads.
+    `block_last_dim_multiple`: (bits, m) pairs: block-quantized weights of `bits` bits
+    need their last dimension (MatMul's N) to be a multiple of m.
+    """
+
+    name: str
+    weight_bits: frozenset[int]
+    activation_bits: frozenset[int]
+    block_weight_ops: frozenset[str]
+    max_opset: int
+    block_weight_only: bool = True
+    block_last_dim_multiple: tuple[tuple[int, int], ...] = ()
+
+    def last_dim_multiple(self, bits: int) -> int:
+        """What the last dimension of a `bits`-bit block-quantized weight must divide by."""
+        return dict(self.block_last_dim_multiple).get(bits, 1)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise SfcError("target capabilities need a name")
+        for label, bits in (("weight", self.weight_bits), ("activation", self.activation_bits)):
+            if not isinstance(bits, frozenset) or not bits <= set(INT_RANGES):
+                raise SfcError(f"{self.name}: {label}_bits must be a frozenset of 2, 4, 8")
+        if not isinstance(self.block_weight_ops, frozenset):
+            raise SfcError(f"{self.name}: block_weight_ops must be a frozenset of op types")
+        if not _is_int(self.max_opset) or self.max_opset < 13:
+            raise SfcError(f"{self.name}: max_opset must be an int >= 13 (per-axis Q/DQ)")
+        if not all(
+            isinstance(p, tuple) and len(p) == 2 and all(_is_int(v) and v > 0 for v in p)
+            for p in self.block_last_dim_multiple
+        ):
+            raise SfcError(f"{self.name}: block_last_dim_multiple must hold (bits, m) int pairs")
+
+
+# onnxruntime 1.31 CPU: DQ of INT8/INT4/INT2, per-channel and block-wise, all run; block
+# DQ + MatMul fuses into com.microsoft.MatMulNBits (bits 2/4/8); activations INT8 only
+# (INT16 activations are not fused). Gemm and Conv have no block-weight kernel.
+# INT2 needs N % 4 == 0: onnxruntime 1.31's DQ -> MatMulNBits fusion of INT2 weights
+# computes wrong results otherwise (measured for K 32..64, N 29..41; the unfused DQ and
+# INT4 are right), so placement falls back to INT8 there.
+ORT_CPU_CAPS = TargetCaps(
+    name="ort-cpu",
+    weight_bits=frozenset({2, 4, 8}),
+    activation_bits=frozenset({8}),
+    block_weight_ops=frozenset({"MatMul"}),
+    max_opset=25,
+    block_last_dim_multiple=((2, 4),),
+)

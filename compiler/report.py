@@ -1,0 +1,201 @@
+"""The build report: one structure saved as report.json, rendered to report.md from it.
+
+Per graph: quantizer counts, which quantized layers fused into integer kernels (per
+layer), what stayed float and why, real bytes; for the model: WER against FP32 with the
+paired bootstrap interval (Whisper) or output distortion (other models), build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .atomic import write_json_atomic, write_text_atomic
+from .build import BuildConfig, GraphBuild
+from .eval.results import EvalResult
+from .eval.wer import paired_bootstrap_delta
+from .quant.recipe import Recipe
+from .targets.base import is_fused_op
+
+__all__ = ["BuildReport", "LayerRow", "WerComparison", "fp32_eval", "layer_rows", "make_report"]
+
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One quantized tensor: what it is, how it is quantized, which kernel runs it."""
+
+    graph: str
+    tensor: str
+    kind: str
+    ops: str
+    spec: str
+    scale: str
+    kernel: str
+
+
+@dataclass(frozen=True)
+class WerComparison:
+    """WER of the build against FP32 on the same utterances (paired)."""
+
+    data: str
+    n: int
+    fp32_wer: float
+    wer: float
+    delta: float
+    delta_lo: float
+    delta_hi: float
+    p_value: float
+    lossless: bool  # 0 inside the paired 95% interval
+    rtf_fp32: float
+    rtf: float
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """Everything a build measured."""
+
+    src: str
+    config: dict[str, Any]
+    graphs: tuple[dict[str, Any], ...]
+    layers: tuple[LayerRow, ...]
+    fp32_bytes: int
+    artifact_bytes: int
+    wer: WerComparison | None
+    build_s: float
+
+    @property
+    def compression(self) -> float:
+        """FP32 bytes over artifact bytes (real files on disk)."""
+        return self.fp32_bytes / self.artifact_bytes if self.artifact_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON envelope."""
+        data = asdict(self)
+        data["compression"] = self.compression
+        return {"_type": "BuildReport", "_version": _VERSION, "_data": data}
+
+    def save(self, folder: Path) -> None:
+        """Write report.json and report.md atomically."""
+        write_json_atomic(Path(folder) / "report.json", self.to_dict())
+        write_text_atomic(Path(folder) / "report.md", render_markdown(self))
+
+
+def layer_rows(graph: str, recipe: Recipe, optimized: onnx.ModelProto) -> list[LayerRow]:
+    """Per quantized tensor: its spec, scale, and the kernels of the nodes that read it.
+
+    ORT keeps a fused node's name (a QDQ MatMul becomes a MatMulIntegerToFloat named like
+    the MatMul), so a consumer still of a float type after lowering ran in float.
+    """
+    op_of = {n.name: n.op_type for n in optimized.graph.node}
+    rows = []
+    for t in recipe.tensors:
+        kernels = sorted({op_of.get(c, "absorbed") for c in t.consumers})
+        kernel = ", ".join(k if is_fused_op(k) or k == "absorbed" else f"{k} (float)"
+                           for k in kernels)
+        scale = f"{t.scale:.4g}" if t.scale is not None else t.method
+        ops = sorted({c.rsplit("/", 1)[-1].split("_")[0] for c in t.consumers})
+        rows.append(LayerRow(graph, t.tensor, t.kind, ",".join(ops), t.spec.describe(), scale,
+                             kernel))
+    return rows
+
+
+def fp32_eval(folder: Path, data: Path, limit: int | None,
+              run: Any) -> EvalResult:
+    """The FP32 folder's evaluation on `data`, cached beside it (same manifest, same limit)."""
+    manifest = data / "manifest.jsonl" if data.is_dir() else data
+    key = hashlib.sha256(manifest.read_bytes() + str(limit).encode()).hexdigest()[:16]
+    cache = folder / f"eval-{key}.json"
+    if cache.is_file():
+        return EvalResult.load(cache)
+    result: EvalResult = run()
+    result.save(cache)
+    return result
+
+
+def compare_wer(fp32: EvalResult, built: EvalResult, seed: int = 0) -> WerComparison:
+    """Paired comparison of two evaluations of the same utterances."""
+    ids_a = [u.id for u in fp32.utterances]
+    if ids_a != [u.id for u in built.utterances]:
+        raise ValueError("the two evaluations cover different utterances")
+    ea = np.array([u.errors for u in fp32.utterances])
+    eb = np.array([u.errors for u in built.utterances])
+    ref = np.array([u.ref_words for u in fp32.utterances])
+    d = paired_bootstrap_delta(ea, eb, ref, seed=seed)
+    return WerComparison(data=built.data, n=built.n, fp32_wer=fp32.wer, wer=built.wer,
+                         delta=d.delta, delta_lo=d.lo, delta_hi=d.hi, p_value=d.p_value,
+                         lossless=d.includes_zero, rtf_fp32=fp32.rtf, rtf=built.rtf)
+
+
+def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[GraphBuild],
+                wer: WerComparison | None, build_s: float) -> BuildReport:
+    """Assemble the report from what the build saved in `out`."""
+    layers: list[LayerRow] = []
+    for g in graphs:
+        recipe = Recipe.load(out / g.recipe)
+        optimized = onnx.load(str(out / g.name / g.lowering.artifact), load_external_data=False)
+        layers += layer_rows(g.name, recipe, optimized)
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    return BuildReport(
+        src=src,
+        config=cfg,
+        graphs=tuple(asdict(g) | {"lowering": g.lowering.to_dict()["_data"]} for g in graphs),
+        layers=tuple(layers),
+        fp32_bytes=sum(g.fp32_bytes for g in graphs),
+        artifact_bytes=sum(g.lowering.bytes for g in graphs),
+        wer=wer,
+        build_s=build_s,
+    )
+
+
+def render_markdown(report: BuildReport) -> str:
+    """report.md, rendered from the report structure only."""
+    c = report.config
+    acts = f"A{c['activations']}" if c.get("activations") else "A-float"
+    lines = [
+        f"# sfc build: {report.src} (W{c['weights']}{acts}, {c['calibrator']}, "
+        f"target {c['target']})",
+        "",
+        f"- build time: {report.build_s:.1f} s",
+        f"- size: {report.fp32_bytes / 1e6:.1f} MB FP32 -> {report.artifact_bytes / 1e6:.1f} MB "
+        f"artifact ({report.compression:.2f}x, real bytes on disk)",
+    ]
+    w = report.wer
+    if w is not None:
+        verdict = "lossless (0 inside the paired 95% CI)" if w.lossless else "NOT lossless"
+        lines += [
+            f"- WER on {w.data} ({w.n} utterances): FP32 {100 * w.fp32_wer:.2f}% -> "
+            f"{100 * w.wer:.2f}%, delta {100 * w.delta:+.2f} points, paired 95% CI "
+            f"[{100 * w.delta_lo:+.2f}, {100 * w.delta_hi:+.2f}], p = {w.p_value:.3f}: {verdict}",
+            f"- real-time factor: FP32 {w.rtf_fp32:.3f} -> {w.rtf:.3f}",
+        ]
+    for g in report.graphs:
+        low = g["lowering"]
+        fused = ", ".join(f"{k} x{v}" for k, v in sorted(low["fused"].items())) or "none"
+        lines += ["", f"## {g['name']}", "",
+                  f"- quantizers: {g['n_weight_quantizers']} weights, "
+                  f"{g['n_activation_quantizers']} activations; {g['seconds']:.1f} s",
+                  f"- fused integer kernels: {fused}",
+                  f"- float weighted ops left: {len(low['float_weighted'])}"
+                  + (f" ({', '.join(low['float_weighted'][:8])}"
+                     f"{', ...' if len(low['float_weighted']) > 8 else ''})"
+                     if low["float_weighted"] else ""),
+                  f"- artifact: {g['name']}/{low['artifact']} ({low['bytes'] / 1e6:.1f} MB)"]
+        reasons: dict[str, int] = {}
+        for s in g["skipped"]:
+            key = f"{s.get('op_type', '?')}: {s.get('reason', '')}"
+            reasons[key] = reasons.get(key, 0) + 1
+        if reasons:
+            lines += ["- left float:"] + [f"  - {k} (x{n})" for k, n in sorted(reasons.items())]
+    lines += ["", "## Layers", "", "| graph | tensor | kind | op | spec | scale | kernel |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.graph} | `{r.tensor}` | {r.kind} | {r.ops} | {r.spec} | {r.scale} | "
+              f"{r.kernel} |" for r in report.layers]
+    return "\n".join(lines) + "\n"
