@@ -23,6 +23,7 @@ import onnx
 from ..atomic import staging_dir
 from ..errors import SfcError
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
+from .ort_rewrites import apply_rewrites
 
 __all__ = ["OrtCpuTarget"]
 
@@ -119,7 +120,17 @@ class OrtCpuTarget:
                 opts.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes",
                     str(_EXTERNAL_MIN_BYTES))
-            _ort_session(qdq_path, opts)
+            source = qdq_path
+            model = onnx.load(str(qdq_path))
+            fired = {k: v for k, v in apply_rewrites(model).items() if v}
+            if fired:
+                notes.append("rewrites: " + ", ".join(f"{k} x{v}" for k, v in fired.items()))
+                source = stage / f"{stem}.rewritten.onnx"
+                onnx.save(model, str(source), save_as_external_data=bool(external or large),
+                          location=f"{stem}.rewritten.onnx.data")
+            _ort_session(source, opts)
+            for leftover in stage.glob(f"{stem}.rewritten.onnx*"):
+                leftover.unlink()
             census = fusion_census(onnx.load(str(stage / artifact), load_external_data=False))
             size = artifact_bytes(stage / artifact)
 
