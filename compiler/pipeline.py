@@ -9,7 +9,14 @@ from .build import BuildConfig, build
 from .card import ModelCard
 from .eval import evaluate, read_manifest
 from .eval.results import EvalResult
-from .report import BuildReport, WerComparison, compare_wer, fp32_eval, make_report
+from .report import (
+    BuildReport,
+    Distortion,
+    WerComparison,
+    compare_wer,
+    fp32_eval,
+    make_report,
+)
 
 __all__ = ["compile_model"]
 
@@ -21,6 +28,31 @@ def _evaluate_folder(folder: Path, data: Path, limit: int | None, threads: int |
     runtime = WhisperRuntime.open(folder, threads=threads)
     utterances = read_manifest(data)[:limit]
     return evaluate(runtime.transcribe, utterances, model=label, data=str(data))
+
+
+def measure_distortion(fp32_model: Path, artifact: Path, feeds_dir: Path,
+                       input_names: list[str]) -> Distortion:
+    """Run FP32 and the built artifact on every .npz feed; compare their outputs."""
+    import numpy as np
+
+    from .calib.feeds import npz_feeds
+    from .runtime.session import open_session
+
+    ref, built = open_session(fp32_model), open_session(artifact)
+    names = [o.name for o in ref.get_outputs()]
+    rel: dict[str, list[float]] = {n: [] for n in names}
+    cos: dict[str, list[float]] = {n: [] for n in names}
+    for feed in npz_feeds(feeds_dir, input_names):
+        for name, a, b in zip(names, ref.run(None, feed), built.run(None, feed), strict=True):
+            a64 = np.asarray(a, np.float64).ravel()
+            b64 = np.asarray(b, np.float64).ravel()
+            norm = float(np.linalg.norm(a64))
+            rel[name].append(float(np.linalg.norm(a64 - b64)) / norm if norm else 0.0)
+            denom = norm * float(np.linalg.norm(b64))
+            cos[name].append(float(a64 @ b64) / denom if denom else 1.0)
+    n = len(next(iter(rel.values())))
+    return Distortion(feeds=n, rel_l2={k: float(np.mean(v)) for k, v in rel.items()},
+                      cosine={k: float(np.mean(v)) for k, v in cos.items()})
 
 
 def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path | None,
@@ -40,7 +72,15 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
         built = _evaluate_folder(out, eval_data, eval_limit, threads, f"{card.name} build")
         built.save(out / "eval.json")
         wer = compare_wer(fp32, built)
-    report = make_report(src, config, out, graphs, wer, build_s)
+    distortion = None
+    if card.family != "whisper":
+        graph = graphs[0]
+        feeds_dir = eval_data if eval_data is not None and eval_data.is_dir() and any(
+            eval_data.glob("*.npz")) else config.calib
+        distortion = measure_distortion(out / graph.fp32, out / graph.name /
+                                        graph.lowering.artifact, feeds_dir,
+                                        [t.name for t in card.graphs[graph.name].inputs])
+    report = make_report(src, config, out, graphs, wer, build_s, distortion)
     report.save(out)
     ModelCard.load(out)  # the folder must stay loadable as a deployable
     return report

@@ -23,7 +23,15 @@ from .eval.wer import paired_bootstrap_delta
 from .quant.recipe import Recipe
 from .targets.base import is_fused_op
 
-__all__ = ["BuildReport", "LayerRow", "WerComparison", "fp32_eval", "layer_rows", "make_report"]
+__all__ = [
+    "BuildReport",
+    "Distortion",
+    "LayerRow",
+    "WerComparison",
+    "fp32_eval",
+    "layer_rows",
+    "make_report",
+]
 
 _VERSION = 1
 
@@ -59,6 +67,16 @@ class WerComparison:
 
 
 @dataclass(frozen=True)
+class Distortion:
+    """Output distortion of the build against FP32 on the same feeds (models without a
+    task metric): relative L2 error and cosine similarity per output, mean over feeds."""
+
+    feeds: int
+    rel_l2: dict[str, float]
+    cosine: dict[str, float]
+
+
+@dataclass(frozen=True)
 class BuildReport:
     """Everything a build measured."""
 
@@ -70,6 +88,7 @@ class BuildReport:
     artifact_bytes: int
     wer: WerComparison | None
     build_s: float
+    distortion: Distortion | None = None
 
     @property
     def compression(self) -> float:
@@ -135,7 +154,8 @@ def compare_wer(fp32: EvalResult, built: EvalResult, seed: int = 0) -> WerCompar
 
 
 def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[GraphBuild],
-                wer: WerComparison | None, build_s: float) -> BuildReport:
+                wer: WerComparison | None, build_s: float,
+                distortion: Distortion | None = None) -> BuildReport:
     """Assemble the report from what the build saved in `out`."""
     layers: list[LayerRow] = []
     for g in graphs:
@@ -152,6 +172,7 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         artifact_bytes=sum(g.lowering.bytes for g in graphs),
         wer=wer,
         build_s=build_s,
+        distortion=distortion,
     )
 
 
@@ -176,6 +197,11 @@ def render_markdown(report: BuildReport) -> str:
             f"[{100 * w.delta_lo:+.2f}, {100 * w.delta_hi:+.2f}], p = {w.p_value:.3f}: {verdict}",
             f"- real-time factor: FP32 {w.rtf_fp32:.3f} -> {w.rtf:.3f}",
         ]
+    d = report.distortion
+    if d is not None:
+        for name in sorted(d.rel_l2):
+            lines.append(f"- output `{name}` vs FP32 over {d.feeds} feeds: relative L2 "
+                         f"{d.rel_l2[name]:.4f}, cosine {d.cosine[name]:.5f}")
     for g in report.graphs:
         low = g["lowering"]
         fused = ", ".join(f"{k} x{v}" for k, v in sorted(low["fused"].items())) or "none"
