@@ -57,6 +57,12 @@ class BuildConfig:
     quantize_attention: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Fail on a bad option before minutes of calibration, not after.
+        self.plan_config()
+        if self.activations is not None:
+            method_from_name(self.calibrator)
+
     def plan_config(self) -> PlanConfig:
         """The placement request this build makes."""
         return PlanConfig(weight_bits=self.weights, activation_bits=self.activations,

@@ -75,11 +75,12 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
     distortion = None
     if card.family != "whisper":
         graph = graphs[0]
-        feeds_dir = eval_data if eval_data is not None and eval_data.is_dir() and any(
-            eval_data.glob("*.npz")) else config.calib
-        distortion = measure_distortion(out / graph.fp32, out / graph.name /
-                                        graph.lowering.artifact, feeds_dir,
-                                        [t.name for t in card.graphs[graph.name].inputs])
+        candidates = [d for d in (eval_data, config.calib) if d is not None and Path(d).is_dir()]
+        feeds_dir = next((d for d in candidates if any(Path(d).glob("*.npz"))), None)
+        if feeds_dir is not None:
+            distortion = measure_distortion(
+                out / graph.fp32, out / graph.name / graph.lowering.artifact, feeds_dir,
+                [t.name for t in card.graphs[graph.name].inputs])
     report = make_report(src, config, out, graphs, wer, build_s, distortion)
     report.save(out)
     ModelCard.load(out)  # the folder must stay loadable as a deployable

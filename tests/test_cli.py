@@ -106,3 +106,12 @@ def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
     assert card.family == "generic" and card.objective == "distortion"
     # Shape inference filled in the output shape the source left empty.
     assert card.graphs["model"].outputs[0].shape == ("n", 3)
+
+
+def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
+    out = str(tmp_path / "b")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "3"), "weight_bits must be")
+    _assert_user_error(_sfc("build", "-o", out, "--target", "tensorrt"), "tensorrt")
+    _assert_user_error(_sfc("build", "-o", out, "--activations", "int4"), "--activations")
+    _assert_user_error(_sfc("build", "-o", out, "--calibrator", "magic"), "magic")
+    _assert_user_error(_sfc("build", str(tmp_path / "missing.onnx"), "-o", out), "not found")

@@ -1,0 +1,117 @@
+"""`sfc build` end to end on small graphs (fast) and on whisper-tiny.en (weights-only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sfc.build import BuildConfig
+from sfc.errors import SfcError
+from sfc.pipeline import compile_model
+from tests.conftest import EVAL_DATA
+
+
+def _mlp(path: Path, *, log: bool = False, external: bool = False) -> Path:
+    """x[n, 64] -> MatMul -> Relu -> (Log) -> MatMul -> y, with one unsupported-op branch."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((128, 32)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu")]
+    last = "r"
+    if log:
+        nodes.append(helper.make_node("Log", ["r"], ["l"], name="log"))
+        last = "l"
+    nodes += [helper.make_node("MatMul", [last, "w2"], ["y"], name="fc2"),
+              helper.make_node("Erf", ["y"], ["z"], name="erf")]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 32])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path), save_as_external_data=external, size_threshold=0,
+              location=f"{path.name}.data" if external else None)
+    return path
+
+
+def _feeds(folder: Path, n: int = 6, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        np.savez(folder / f"{i:02d}.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    return folder
+
+
+def test_same_inputs_and_seed_give_identical_bytes(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    config = BuildConfig(calibrator="entropy", calib=feeds, seed=7)
+    outs = []
+    for name in ("a", "b"):
+        compile_model(str(src), tmp_path / name, config, eval_data=None)
+        outs.append(tmp_path / name / "model")
+    for file in ("recipe.json", "model.qdq.onnx"):
+        assert (outs[0] / file).read_bytes() == (outs[1] / file).read_bytes(), file
+    recipe = json.loads((outs[0] / "recipe.json").read_text())["_data"]
+    assert recipe["seed"] == 7 and recipe["config"]["calibration"]["method"] == "entropy"
+    # Other calibration data gives other scales: the test above could fail.
+    compile_model(str(src), tmp_path / "c", BuildConfig(calibrator="entropy", seed=7,
+                  calib=_feeds(tmp_path / "feeds2", seed=1)), eval_data=None)
+    assert (tmp_path / "c/model/recipe.json").read_bytes() != (outs[0] / "recipe.json").read_bytes()
+
+
+def test_generic_build_reports_fusion_unsupported_ops_and_distortion(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx", external=True), _feeds(tmp_path / "feeds")
+    report = compile_model(str(src), tmp_path / "out", BuildConfig(calib=feeds), eval_data=None)
+    graph = report.graphs[0]
+    # The census accounts for both MatMuls: fused into an integer kernel or named as float
+    # (ORT 1.31 leaves a MatMul whose quantized input is a graph input unfused).
+    fused = sum(graph["lowering"]["fused"].values())
+    assert fused >= 1 and fused + len(graph["lowering"]["float_weighted"]) == 2
+    assert any(s["op_type"] == "Erf" for s in graph["skipped"])  # listed, stays float
+    assert report.distortion is not None
+    assert 0 < report.distortion.rel_l2["z"] < 0.15 and report.distortion.cosine["z"] > 0.99
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "relative L2" in md and "| model | `w1` | weight |" in md
+
+
+def test_nan_statistics_stop_the_build_naming_the_tensor(tmp_path: Path) -> None:
+    # Log of zeros after Relu gives -inf: the statistics of 'l' are not finite.
+    src, feeds = _mlp(tmp_path / "mlp.onnx", log=True), _feeds(tmp_path / "feeds")
+    out = tmp_path / "out"
+    with pytest.raises(SfcError, match="'l'"):
+        compile_model(str(src), out, BuildConfig(calib=feeds), eval_data=None)
+    assert not out.exists() or not any(p.suffix == ".onnx" for p in out.rglob("*"))
+
+
+def test_recipe_replay_reproduces_the_qdq_model(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    compile_model(str(src), tmp_path / "a", BuildConfig(calib=feeds), eval_data=None)
+    replay = BuildConfig(calib=tmp_path / "nowhere", recipe=tmp_path / "a")
+    compile_model(str(src), tmp_path / "b", replay, eval_data=None)
+    assert (tmp_path / "a/model/model.qdq.onnx").read_bytes() == \
+        (tmp_path / "b/model/model.qdq.onnx").read_bytes()
+
+
+def test_whisper_w4_build_folder_is_a_deployable(tmp_path: Path) -> None:
+    from sfc.eval import count_errors, read_manifest
+    from sfc.runtime.audio import load_audio
+    from sfc.runtime.whisper import WhisperRuntime
+
+    report = compile_model("whisper-tiny.en", tmp_path / "w4",
+                           BuildConfig(weights=4, activations=None), eval_data=None)
+    assert {g["name"] for g in report.graphs} == {"encoder", "decoder"}
+    assert report.compression > 3.0
+    for g in report.graphs:
+        assert g["lowering"]["fused"].get("MatMulNBits", 0) >= 30
+    runtime = WhisperRuntime.open(tmp_path / "w4")
+    assert runtime.card.graphs["encoder"].path == "encoder/model.ort.onnx"
+    errors = words = 0
+    for utt in read_manifest(EVAL_DATA)[:5]:
+        counts = count_errors(utt.text, runtime.transcribe(load_audio(utt.audio)))
+        errors, words = errors + counts.errors, words + counts.ref_words
+    assert errors / words < 0.25
