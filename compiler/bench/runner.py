@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..card import CARD_NAME, ModelCard
 from ..errors import SfcError
 from ..paths import BUNDLED_DATA
+from ..progress import progress_bar
 from ..targets.base import artifact_bytes
 from .devices import Device, call_worker, get_device
 from .results import BenchReport, WorkerArgs, WorkerResult, summarize_variant
@@ -157,9 +157,7 @@ def bench(
         for label, path, kind in zip(labels, paths, kinds, strict=True)
     }
     measured: dict[str, list[WorkerResult]] = {label: [] for label in labels}
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
-                  disable=not progress, console=console) as bar:
+    with progress_bar(enabled=progress, transient=True, console=console) as bar:
         task = bar.add_task("benchmarking", total=rounds * len(labels))
         for r in range(rounds):
             order = labels if r % 2 == 0 else labels[::-1]

@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import SfcError
+from ..progress import progress_bar
 
 __all__ = ["DEFAULT_BINS", "StatsSnapshot", "TensorStats", "collect_stats"]
 
@@ -265,23 +266,9 @@ def _session(model: onnx.ModelProto, threads: int | None, large: bool,
                        f"{_first_line(exc)}") from None
 
 
-def _progress(label: str | None, total: int | None) -> Any:
-    """A rich progress bar on stderr, or None when `label` is None."""
-    if label is None:
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    return Progress(*columns, console=Console(stderr=True), transient=False)
+def _progress(label: str | None) -> Any:
+    """A progress bar, or None when `label` is None."""
+    return None if label is None else progress_bar()
 
 
 def collect_stats(
@@ -335,7 +322,7 @@ def collect_stats(
         session = _session(_with_outputs(proto, from_run, large) if from_run else proto,
                            threads, large, Path(tmp))
         session_inputs = {i.name for i in session.get_inputs()}
-        bar = _progress(progress, total)
+        bar = _progress(progress)
         task = bar.add_task(progress, total=total) if bar is not None else None
         if bar is not None:
             bar.start()

@@ -10,35 +10,14 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import TextColumn
 
+from ..progress import progress_bar
 from .manifest import Utterance
 from .results import EvalResult, UtteranceResult, summarize
 from .wer import count_errors
 
 SAMPLE_RATE = 16_000
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]evaluating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("WER {task.fields[wer]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        # stderr keeps stdout clean for results piped elsewhere.
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def evaluate(
@@ -63,8 +42,8 @@ def evaluate(
     results: list[UtteranceResult] = []
     errors = 0
     ref_words = 0
-    with _progress(progress) as bar:
-        task = bar.add_task("evaluate", total=len(utterances), wer="-")
+    with progress_bar(TextColumn("WER {task.fields[wer]}"), enabled=progress) as bar:
+        task = bar.add_task("evaluating", total=len(utterances), wer="-")
         for utt in utterances:
             audio = load_audio(utt.audio)
             start = time.perf_counter()

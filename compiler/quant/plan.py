@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 import onnx
 
 from ..errors import SfcError
+from ..onnx_utils import int_attr
 from .spec import QuantSpec, TargetCaps, min_opset
 
 __all__ = [
@@ -267,13 +268,6 @@ class ExcludeRule:
         return None
 
 
-def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(attr.i)
-    return default
-
-
 @dataclass(frozen=True)
 class WeightedOpRule:
     """MatMul / Gemm / Conv with a constant float weight."""
@@ -318,7 +312,7 @@ class WeightedOpRule:
         if op == "MatMul":
             out_axis, k_axis = 1, 0
         elif op == "Gemm":
-            out_axis, k_axis = (0, 1) if _int_attr(node, "transB", 0) else (1, 0)
+            out_axis, k_axis = (0, 1) if int_attr(node, "transB", 0) else (1, 0)
         else:
             out_axis, k_axis = 0, 1
         per_channel = QuantSpec(8, "channel", axis=out_axis)

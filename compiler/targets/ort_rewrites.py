@@ -20,14 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..onnx_utils import int_attr
+
 __all__ = ["GatherOfDequantized", "apply_rewrites"]
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int | None) -> int | None:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
 
 
 @dataclass(frozen=True)
@@ -64,10 +59,10 @@ class GatherOfDequantized:
 
     def _rewrite(self, graph: onnx.GraphProto, dq: onnx.NodeProto, gather: onnx.NodeProto,
                  table: np.ndarray, scale: np.ndarray) -> None:
-        axis = (_attr(gather, "axis", 0) or 0) % 2
-        dq_axis = (_attr(dq, "axis", 1) or 0) % 2
+        axis = int_attr(gather, "axis", 0) % 2
+        dq_axis = int_attr(dq, "axis", 1) % 2
         per_gather_channel = (table.dtype == np.int8 and scale.ndim == 1
-                              and dq_axis == axis and _attr(dq, "block_size", 0) == 0)
+                              and dq_axis == axis and int_attr(dq, "block_size", 0) == 0)
         base = gather.name or gather.output[0]
         names = {k: f"{base}_{k}" for k in ("table_i8", "scales", "rows_i8", "row_scales",
                                               "rows_f32", "row_scales_b", "axes")}
@@ -75,7 +70,7 @@ class GatherOfDequantized:
             # The table and its scales are used as they are (often shared with a MatMul).
             names["table_i8"], names["scales"] = dq.input[0], dq.input[1]
         else:
-            floats = _dequantize(table, scale, dq_axis, _attr(dq, "block_size", 0) or 0)
+            floats = _dequantize(table, scale, dq_axis, int_attr(dq, "block_size", 0))
             absmax = np.abs(floats).max(axis=1 - axis)
             scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
             shaped = scales[None, :] if axis == 1 else scales[:, None]
