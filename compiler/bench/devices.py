@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import SfcError
-from .results import WorkerArgs, parse_output, unwrap
+from .results import WorkerArgs, bench_payload, parse_output
 
 __all__ = [
     "WORKER_MODULE",
@@ -116,8 +116,8 @@ def call_worker(device: Device, args: WorkerArgs, *, expect: str,
         raise SfcError(f"benchmark worker on {device.name} exited {done.returncode}: "
                        f"{_last_line(done.stderr)}") from None
     if obj.get("_type") == "WorkerError":
-        raise SfcError(str(unwrap(obj, "WorkerError").get("message", "worker failed")))
-    return unwrap(obj, expect)
+        raise SfcError(str(bench_payload(obj, "WorkerError").get("message", "worker failed")))
+    return bench_payload(obj, expect)
 
 
 def available_devices() -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
+from ..serial import unwrap
 
 __all__ = [
     "BenchReport",
@@ -28,12 +29,12 @@ __all__ = [
     "VariantResult",
     "WorkerArgs",
     "WorkerResult",
+    "bench_payload",
     "envelope",
     "latency_stats",
     "parse_output",
     "render",
     "summarize_variant",
-    "unwrap",
 ]
 
 # Every type this package writes, with the one version it reads back.
@@ -50,21 +51,9 @@ def envelope(kind: str, data: Any) -> dict[str, Any]:
     return {"_type": kind, "_version": _KNOWN_TYPES[kind], "_data": data}
 
 
-def unwrap(obj: Any, expected: str) -> dict[str, Any]:
-    """Check an envelope's type and version and return its payload (SfcError otherwise)."""
-    if not isinstance(obj, dict) or not {"_type", "_version", "_data"} <= obj.keys():
-        raise SfcError("not an sfc bench result: expected keys _type, _version and _data")
-    kind = obj["_type"]
-    if kind not in _KNOWN_TYPES:
-        raise SfcError(f"unknown bench result type {kind!r}")
-    if kind != expected:
-        raise SfcError(f"expected a {expected}, got a {kind}")
-    if obj["_version"] != _KNOWN_TYPES[kind]:
-        raise SfcError(f"unsupported {kind} version {obj['_version']!r} "
-                       f"(expected {_KNOWN_TYPES[kind]})")
-    if not isinstance(obj["_data"], dict):
-        raise SfcError(f"malformed {kind}: _data is not an object")
-    return obj["_data"]
+def bench_payload(obj: Any, expected: str) -> dict[str, Any]:
+    """The payload of a bench envelope of type `expected` (SfcError otherwise)."""
+    return unwrap(obj, expected, _KNOWN_TYPES, "bench result")
 
 
 @dataclass(frozen=True)
@@ -171,7 +160,7 @@ class WorkerResult:
     @classmethod
     def from_dict(cls, obj: Any) -> WorkerResult:
         """Rebuild from the envelope of `to_dict`."""
-        data = unwrap(obj, "WorkerResult")
+        data = bench_payload(obj, "WorkerResult")
         try:
             return cls.from_data(data)
         except (KeyError, TypeError, ValueError) as exc:
@@ -323,7 +312,7 @@ class BenchReport:
     @classmethod
     def from_dict(cls, obj: Any) -> BenchReport:
         """Rebuild a report from its envelope; SfcError on unknown or malformed input."""
-        d = unwrap(obj, "BenchReport")
+        d = bench_payload(obj, "BenchReport")
         try:
             return cls(
                 device=str(d["device"]), device_info=dict(d["device_info"]),

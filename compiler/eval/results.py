@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
+from ..serial import unwrap
 from .wer import bootstrap_ci, corpus_wer
 
 RESULT_TYPE = "EvalResult"
@@ -88,7 +89,7 @@ class EvalResult:
     @classmethod
     def from_dict(cls, envelope: Any) -> EvalResult:
         """Rebuild a result from its envelope; SfcError on unknown or malformed input."""
-        data = _unwrap(envelope, RESULT_TYPE)
+        data = unwrap(envelope, RESULT_TYPE, _KNOWN_TYPES, "result")
         try:
             return cls(
                 model=str(data["model"]),
@@ -133,24 +134,6 @@ class EvalResult:
         except (OSError, UnicodeDecodeError) as exc:
             raise SfcError(f"cannot read result file {p}: {exc}") from exc
         return cls.from_json(text)
-
-
-def _unwrap(envelope: Any, expected: str) -> dict[str, Any]:
-    """Check an envelope's type and version and return its payload."""
-    if not isinstance(envelope, dict) or not {"_type", "_version", "_data"} <= envelope.keys():
-        raise SfcError("not a sfc result: expected keys _type, _version and _data")
-    kind = envelope["_type"]
-    if kind not in _KNOWN_TYPES:
-        raise SfcError(f"unknown result type {kind!r}")
-    if kind != expected:
-        raise SfcError(f"expected a {expected} result, got {kind}")
-    version = envelope["_version"]
-    if version != _KNOWN_TYPES[kind]:
-        raise SfcError(f"unsupported {kind} version {version!r} (expected {_KNOWN_TYPES[kind]})")
-    data = envelope["_data"]
-    if not isinstance(data, dict):
-        raise SfcError(f"malformed {kind}: _data is not an object")
-    return data
 
 
 def _groups(raw: Mapping[str, Any]) -> dict[str, GroupStats]:
