@@ -32,6 +32,7 @@ from ..onnx_utils import int_attr
 from .spec import QuantSpec, TargetCaps, min_opset
 
 __all__ = [
+    "STRUCTURAL_OPS",
     "AttentionRule",
     "ExcludeRule",
     "FloatRule",
@@ -47,6 +48,13 @@ __all__ = [
 ]
 
 QuantKind = Literal["weight", "activation"]
+
+# Shape and data-movement ops: nothing to quantize, so the report does not list them.
+STRUCTURAL_OPS = frozenset({
+    "Constant", "ConstantOfShape", "Shape", "Size", "Reshape", "Unsqueeze", "Squeeze",
+    "Flatten", "Transpose", "Concat", "Split", "Slice", "Expand", "Range", "Cast",
+    "Identity", "Where", "Equal", "Less", "Greater", "Not", "And", "Or", "Tile", "Pad",
+})
 
 # Ops that run in float on every target sfc knows (TensorRT: Softmax and LayerNorm are
 # float only; ORT has no quantized kernels for them either).
@@ -359,11 +367,14 @@ class AttentionRule:
 
 @dataclass(frozen=True)
 class FloatRule:
-    """Everything else stays float."""
+    """Everything else stays float; arithmetic is listed with a reason, while shape and
+    data-movement ops (no arithmetic to quantize) are not listed at all."""
 
     name: str = "float"
 
     def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None:
+        if node.op_type in STRUCTURAL_OPS:
+            return None
         if node.op_type in _FLOAT_ONLY:
             reason = f"{node.op_type} runs in float on every target"
         else:
