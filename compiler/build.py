@@ -4,6 +4,12 @@ A build folder is a deployable: `card.json` points at the target artifacts, so
 `sfc transcribe` / `sfc eval` run it exactly like an export folder. Per graph it holds
 `<graph>/model.fp32.onnx`, `recipe.json`, `model.qdq.onnx` and the artifact; the
 report (`report.json`, `report.md`) is rendered from the saved structure.
+
+ESC (`calibrator="esc"`) is a global pass: statistics are collected for every graph first,
+the scales of all graphs are searched jointly (`calib.esc`), and only then are the
+recipes written; the search is saved as `esc.json` and `plots/esc_trace.png`. Ctrl-C
+during the search saves the best-so-far recipes under `esc-interrupted/` (replayable
+with `--recipe`) and raises `Interrupted`.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from typing import Any
 import onnx
 
 from .atomic import staging_dir
+from .calib.esc import EscCalib, EscResult, esc_search, plot_trace, quantizer_key, start_scales
 from .calib.feeds import Feed, npz_feeds, whisper_feeds
 from .calib.methods import compute_scale, method_from_name
-from .calib.stats import collect_stats
+from .calib.stats import StatsSnapshot, collect_stats
 from .card import GraphSpec, ModelCard
-from .errors import SfcError
+from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
 from .paths import BUNDLED_DATA
 from .quant.plan import Plan, PlanConfig, make_plan
@@ -33,12 +40,17 @@ from .quant.spec import ORT_CPU_CAPS, TargetCaps
 from .targets import get_target
 from .targets.base import LoweringResult
 
-__all__ = ["BuildConfig", "GraphBuild", "build"]
+__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBuild", "build"]
 
 logger = logging.getLogger(__name__)
 
 # Quantization capabilities per target; placement reads these, never the target's name.
 _CAPS: dict[str, TargetCaps] = {"ort-cpu": ORT_CPU_CAPS}
+
+# Where an ESC build saves its search (relative to the build folder).
+ESC_RESULT = "esc.json"
+ESC_PLOT = "plots/esc_trace.png"
+ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
 
 
 @dataclass(frozen=True)
@@ -56,12 +68,35 @@ class BuildConfig:
     block_size: int = 32
     quantize_attention: bool = False
     seed: int = 0
+    # ESC only (calibrator "esc"): see sfc.calib.esc.EscCalib.
+    esc_budget: int = 100
+    esc_popsize: int | None = None
+    esc_samples: int = 16
+    esc_objective: str = "auto"
 
     def __post_init__(self) -> None:
         # Fail on a bad option before minutes of calibration, not after.
         self.plan_config()
         if self.activations is not None:
-            method_from_name(self.calibrator)
+            self.calibration_method()
+        esc_fields = ("esc_budget", "esc_popsize", "esc_samples", "esc_objective")
+        changed = [f for f in esc_fields
+                   if getattr(self, f) != self.__dataclass_fields__[f].default]
+        if changed and not self.uses_esc:
+            raise SfcError(f"--{changed[0].replace('_', '-')} applies to --calibrator esc only")
+
+    @property
+    def uses_esc(self) -> bool:
+        """Whether the calibrator is ESC (a global pass over all graphs)."""
+        return self.calibrator.strip().lower() == EscCalib.name
+
+    def calibration_method(self) -> Any:
+        """The calibrator's config object (MaxCalib, ..., EscCalib)."""
+        if self.uses_esc:
+            return method_from_name(self.calibrator, budget=self.esc_budget,
+                                    popsize=self.esc_popsize, samples=self.esc_samples,
+                                    objective=self.esc_objective)
+        return method_from_name(self.calibrator)
 
     def plan_config(self) -> PlanConfig:
         """The placement request this build makes."""
@@ -73,7 +108,7 @@ class BuildConfig:
         """What goes into recipe.json: machine-independent settings only."""
         calib: dict[str, Any] = {"limit": self.calib_limit, "data": self.calib.name}
         if self.activations is not None:
-            calib.update(method_from_name(self.calibrator).to_dict())
+            calib.update(self.calibration_method().to_dict())
         return {"plan": self.plan_config().to_dict(), "target": self.target,
                 "calibration": calib}
 
@@ -108,13 +143,20 @@ def _recipe_path(config: BuildConfig, graph: str, single: bool) -> Path | None:
     return path
 
 
-def _calibrate(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed], total: int,
-               config: BuildConfig, graph: str) -> dict[str, tuple[float, str, dict[str, float]]]:
+def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int,
+           graph: str) -> dict[str, StatsSnapshot]:
     tensors = [q.tensor for q in plan.activations]
     if not tensors:
         return {}
-    stats = collect_stats(model, tensors, feeds, total=total, progress=f"calibrating {graph}")
-    method = method_from_name(config.calibrator)
+    if feeds is None:
+        raise SfcError(f"graph {graph!r} needs calibration data for its activations "
+                       "(--calib) or --activations none")
+    return collect_stats(model, tensors, feeds, total=total, progress=f"calibrating {graph}")
+
+
+def _calibrate(stats: dict[str, StatsSnapshot],
+               config: BuildConfig) -> dict[str, tuple[float, str, dict[str, float]]]:
+    method = config.calibration_method()
     out = {}
     for tensor, snap in stats.items():
         result = compute_scale(snap, method, bits=config.activations or 8)
@@ -122,45 +164,118 @@ def _calibrate(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed], total:
     return out
 
 
-def _build_graph(name: str, model: onnx.ModelProto, feeds: Iterator[Feed] | None, total: int,
-                 config: BuildConfig, caps: TargetCaps, stage: Path,
-                 single: bool) -> GraphBuild:
+@dataclass
+class _Graph:
+    """One graph on its way through the build."""
+
+    name: str
+    model: onnx.ModelProto
+    sha: str
+    plan: Plan
+    replay: Recipe | None
+    seconds: float = 0.0
+    stats: dict[str, StatsSnapshot] | None = None
+
+
+def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: TargetCaps,
+             single: bool) -> _Graph:
     start = time.perf_counter()
-    folder = stage / name
-    folder.mkdir(parents=True, exist_ok=True)
     sha = model_sha256(model)
     replay = _recipe_path(config, name, single)
     plan = make_plan(model, config.plan_config(), caps)
+    recipe = None
     if replay is not None:
         recipe = Recipe.load(replay)
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "
                            f"{recipe.model_sha256[:12]}, this one {sha[:12]})")
-    else:
-        scales = {}
-        if plan.activations:
-            if feeds is None:
-                raise SfcError(f"graph {name!r} needs calibration data for its activations "
-                               "(--calib) or --activations none")
-            scales = _calibrate(model, plan, feeds, total, config, name)
-        recipe = recipe_from_plan(plan, scales, sha, config.seed, config.recipe_config())
-    qdq = write_qdq(model, recipe)
-    onnx.save(model, str(folder / "model.fp32.onnx"))
+    return _Graph(name, model, sha, plan, recipe, time.perf_counter() - start)
+
+
+def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path) -> GraphBuild:
+    start = time.perf_counter()
+    folder = stage / g.name
+    folder.mkdir(parents=True, exist_ok=True)
+    qdq = write_qdq(g.model, recipe)
+    onnx.save(g.model, str(folder / "model.fp32.onnx"))
     recipe.save(folder / "recipe.json")
     onnx.save(qdq, str(folder / "model.qdq.onnx"))
     lowering = get_target(config.target).lower(folder / "model.qdq.onnx", folder)
     return GraphBuild(
-        name=name,
-        fp32=f"{name}/model.fp32.onnx",
-        recipe=f"{name}/recipe.json",
-        qdq=f"{name}/model.qdq.onnx",
+        name=g.name,
+        fp32=f"{g.name}/model.fp32.onnx",
+        recipe=f"{g.name}/recipe.json",
+        qdq=f"{g.name}/model.qdq.onnx",
         lowering=lowering,
         fp32_bytes=(folder / "model.fp32.onnx").stat().st_size,
         n_weight_quantizers=sum(t.kind == "weight" for t in recipe.tensors),
         n_activation_quantizers=sum(t.kind == "activation" for t in recipe.tensors),
         skipped=tuple(s.to_dict() for s in recipe.skipped),
-        seconds=time.perf_counter() - start,
+        seconds=g.seconds + time.perf_counter() - start,
     )
+
+
+def _build_graph(name: str, model: onnx.ModelProto, feeds: Iterator[Feed] | None, total: int,
+                 config: BuildConfig, caps: TargetCaps, stage: Path,
+                 single: bool) -> GraphBuild:
+    g = _prepare(name, model, config, caps, single)
+    recipe = g.replay
+    if recipe is None:
+        start = time.perf_counter()
+        scales = _calibrate(_stats(model, g.plan, feeds, total, name), config)
+        recipe = recipe_from_plan(g.plan, scales, g.sha, config.seed, config.recipe_config())
+        g.seconds += time.perf_counter() - start
+    return _emit(g, recipe, config, stage)
+
+
+def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: Any,
+         utterances: list[Any]) -> tuple[dict[str, Recipe], EscResult]:
+    """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph."""
+    from .calib.objectives import GraphSetup, make_objective
+
+    method: EscCalib = config.calibration_method()
+    bits = config.activations or 8
+    recipe_config = config.recipe_config()
+    starts, setups, start = {}, {}, {}
+    for g in graphs:
+        assert g.stats is not None
+        op_types = {q.tensor: q.op_types for q in g.plan.activations}
+        starts[g.name] = start_scales(g.stats, op_types, method, bits)
+        scales = {t: (r.scale, r.method, r.stats_summary) for t, (r, _) in starts[g.name].items()}
+        tuned = tuple(t for t, (_, on) in starts[g.name].items() if on)
+        setups[g.name] = GraphSetup(
+            g.model, recipe_from_plan(g.plan, scales, g.sha, config.seed, recipe_config), tuned)
+        start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
+    objective = make_objective(method.objective, card, setups, samples=method.samples,
+                               runtime=runtime, utterances=utterances, feeds_dir=config.calib)
+    try:
+        result = esc_search(start, objective, method, config.seed, objective_name=objective.name)
+    finally:
+        objective.close()
+    recipes = {}
+    for g in graphs:
+        final = {}
+        for tensor, (r, on) in starts[g.name].items():
+            summary = dict(r.stats_summary)
+            if on:
+                key = quantizer_key(g.name, tensor)
+                summary |= {"mse_scale": r.scale, "esc_ratio": result.scales[key] / r.scale}
+                final[tensor] = (result.scales[key], method.name, summary)
+            else:
+                final[tensor] = (r.scale, r.method, summary)
+        recipes[g.name] = recipe_from_plan(g.plan, final, g.sha, config.seed, recipe_config)
+    return recipes, result
+
+
+def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) -> str:
+    """Write the best-so-far recipes and the search under out/esc-interrupted; the message."""
+    folder = out / ESC_INTERRUPTED
+    for name, recipe in recipes.items():
+        recipe.save(folder / name / "recipe.json")
+    result.save(folder / ESC_RESULT)
+    return (f"interrupted: ESC stopped after {result.evaluations} evaluations; best-so-far "
+            f"recipes (objective {result.final_objective:.5g}, MSE start "
+            f"{result.start_objective:.5g}) saved in {folder} (finish with --recipe {folder})")
 
 
 def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[GraphBuild]]:
@@ -189,6 +304,8 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
 
             runtime = WhisperRuntime.open(fp32_folder)
             utterances = read_manifest(config.calib)[: config.calib_limit]
+        esc = config.uses_esc and config.activations is not None and config.recipe is None
+        pending: list[_Graph] = []
         for name, spec in card.graphs.items():
             model = onnx.load(str(fp32_folder / spec.path))
             feeds: Iterator[Feed] | None = None
@@ -199,7 +316,22 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
                 names = [t.name for t in spec.inputs]
                 feeds = npz_feeds(config.calib, names)
                 total = len(list(Path(config.calib).glob("*.npz")))
-            graphs.append(_build_graph(name, model, feeds, total, config, caps, stage, single))
+            if not esc:
+                graphs.append(_build_graph(name, model, feeds, total, config, caps, stage,
+                                           single))
+                continue
+            g = _prepare(name, model, config, caps, single)
+            started = time.perf_counter()
+            g.stats = _stats(model, g.plan, feeds, total, name)
+            g.seconds += time.perf_counter() - started
+            pending.append(g)
+        if esc:
+            recipes, result = _esc(pending, card, config, runtime, utterances)
+            if result.interrupted:
+                raise Interrupted(_save_interrupted(out, recipes, result))
+            result.save(stage / ESC_RESULT)
+            plot_trace(result, stage / ESC_PLOT)
+            graphs += [_emit(g, recipes[g.name], config, stage) for g in pending]
         built = replace(card, graphs={
             g.name: GraphSpec(path=f"{g.name}/{g.lowering.artifact}",
                               inputs=card.graphs[g.name].inputs,

@@ -1,22 +1,25 @@
 """The `sfc` command line: a thin typer layer over the Python API.
 
-User errors (`SfcError`) print one line and exit 2; Ctrl-C exits 130 without a traceback.
+User errors (`SfcError`) print one line and exit 2; Ctrl-C exits 130 without a traceback
+(with one line saying what was saved, when a long pass saved partial results).
 Heavy modules (torch, onnxruntime) are imported inside commands, so `sfc transcribe`
 never loads torch and `sfc --help` is fast.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SfcError
+from .errors import Interrupted, SfcError
 from .paths import BUNDLED_DATA
 
 app = typer.Typer(
@@ -28,6 +31,31 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _CtrlC(Exception):
+    """Ctrl-C inside a command, carried to `main` as an ordinary exception: typer turns a
+    KeyboardInterrupt into a bare return code when not standalone, losing the message."""
+
+
+def command(name: str | None = None) -> Callable[[_F], _F]:
+    """`app.command`, with Ctrl-C (and `Interrupted`'s message) passed on to `main`."""
+
+    def register(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Interrupted as exc:
+                raise _CtrlC(str(exc)) from None
+            except KeyboardInterrupt:
+                raise _CtrlC("interrupted; no partial outputs were written") from None
+
+        app.command(name)(run)
+        return fn
+
+    return register
 
 DEFAULT_MODEL = "whisper-tiny.en"
 ModelArg = Annotated[str, typer.Argument(
@@ -36,7 +64,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", help="ONNX Runtime intra-op threads (default: ORT's choice).")]
 
 
-@app.command()
+@command()
 def export(
     src: Annotated[str, typer.Argument(help="Zoo name (whisper-tiny.en, whisper-base) or .onnx")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder")] = Path("out"),
@@ -56,7 +84,7 @@ def export(
     console.print(table)
 
 
-@app.command()
+@command()
 def transcribe(
     model: ModelArg,
     audio: Annotated[list[Path], typer.Argument(help="Audio files (any rate; resampled)")],
@@ -73,7 +101,7 @@ def transcribe(
         console.print(f"{path}: {text}" if len(audio) > 1 else text, highlight=False)
 
 
-@app.command("eval")
+@command("eval")
 def eval_cmd(
     model: ModelArg = DEFAULT_MODEL,
     data: Annotated[Path, typer.Option(help="Manifest folder or .jsonl")] = BUNDLED_DATA / "eval",
@@ -102,14 +130,16 @@ def eval_cmd(
     console.print(f"per-utterance results: {target}")
 
 
-@app.command("build")
+@command("build")
 def build_cmd(
     src: Annotated[str, typer.Argument(help="Zoo name, export folder or .onnx")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option("-o", "--out", help="Build folder")] = Path("build"),
     target: Annotated[str, typer.Option(help="Lowering target")] = "ort-cpu",
     weights: Annotated[int, typer.Option(help="Weight bits: 8, 4 or 2")] = 8,
     activations: Annotated[str, typer.Option(help="Activations: int8 or none")] = "int8",
-    calibrator: Annotated[str, typer.Option(help="max, percentile, entropy or mse")] = "max",
+    calibrator: Annotated[str, typer.Option(
+        help="max, percentile, entropy, mse, or esc (MSE start refined by CMA-ES against the "
+        "task objective)")] = "max",
     calib: Annotated[Path, typer.Option(help="Calibration manifest folder (or .npz folder)")]
     = BUNDLED_DATA / "calib",
     calib_limit: Annotated[int | None, typer.Option(help="Only the first N calibration items")]
@@ -120,6 +150,13 @@ def build_cmd(
     block_size: Annotated[int, typer.Option(help="Block size for 4/2-bit weights")] = 32,
     quantize_attention: Annotated[bool, typer.Option(help="Also quantize QK^T and AV")] = False,
     seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
+    esc_budget: Annotated[int, typer.Option(help="ESC: candidate evaluations")] = 100,
+    esc_popsize: Annotated[int | None, typer.Option(
+        help="ESC: CMA-ES population (default 4 + 3 ln n)")] = None,
+    esc_samples: Annotated[int, typer.Option(
+        help="ESC: calibration items the objective runs on")] = 16,
+    esc_objective: Annotated[str, typer.Option(
+        help="ESC: auto (the model card's), teacher-forced, kl or distortion")] = "auto",
     eval_data: Annotated[Path | None, typer.Option("--eval", help="WER check against FP32")]
     = BUNDLED_DATA / "eval",
     eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
@@ -137,7 +174,9 @@ def build_cmd(
     config = BuildConfig(target=target, weights=weights, activations=acts[activations],
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,
-                         quantize_attention=quantize_attention, seed=seed)
+                         quantize_attention=quantize_attention, seed=seed,
+                         esc_budget=esc_budget, esc_popsize=esc_popsize,
+                         esc_samples=esc_samples, esc_objective=esc_objective)
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
     console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)
@@ -145,7 +184,7 @@ def build_cmd(
                   f"{report.compression:.2f}x smaller than FP32")
 
 
-@app.command()
+@command()
 def bench(
     artifacts: Annotated[list[Path], typer.Argument(help="Build/export folders or .onnx files")],
     device: Annotated[str, typer.Option(help="cpu (cuda, jetson: planned)")] = "cpu",
@@ -175,7 +214,7 @@ def bench(
         console.print(f"bench report: {json_out}")
 
 
-@app.command()
+@command()
 def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """What is installed: ONNX Runtime providers, TensorRT/CUDA, CPU features, zoo packages."""
     from .info import machine_info
@@ -205,7 +244,10 @@ def main() -> None:
     except SfcError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except _CtrlC as exc:
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (while parsing options)
         err_console.print("interrupted; no partial outputs were written")
         sys.exit(130)
     except (typer.Abort, typer.Exit) as exc:

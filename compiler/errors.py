@@ -1,9 +1,14 @@
-"""The one exception type for user errors.
+"""The exception types users see.
 
-The CLI prints an `SfcError` as a single line and exits non-zero; anything else is a
+The CLI prints an `SfcError` as a single line and exits non-zero; an `Interrupted` (Ctrl-C
+after partial results were saved) prints its message and exits 130; anything else is a
 bug and keeps its traceback.
 """
 
 
 class SfcError(Exception):
     """A user-facing error: bad input, a missing package, an unsupported model."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a long pass after it saved what it had; `str()` says what and where."""

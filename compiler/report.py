@@ -2,7 +2,9 @@
 
 Per graph: quantizer counts, which quantized layers fused into integer kernels (per
 layer), what stayed float and why, real bytes; for the model: WER against FP32 with the
-paired bootstrap interval (Whisper) or output distortion (other models), build time.
+paired bootstrap interval (Whisper) or output distortion (other models), build time;
+for ESC builds, the search (objective start -> final, evaluations, per-quantizer scale
+change against the MSE start, the trace plot).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import onnx
 
 from .atomic import write_json_atomic, write_text_atomic
-from .build import BuildConfig, GraphBuild
+from .build import ESC_PLOT, ESC_RESULT, BuildConfig, GraphBuild
+from .calib.esc import EscResult, split_key
 from .eval.results import EvalResult
 from .eval.wer import paired_bootstrap_delta
 from .quant.recipe import Recipe
@@ -26,6 +29,7 @@ from .targets.base import is_fused_op
 __all__ = [
     "BuildReport",
     "Distortion",
+    "EscSummary",
     "LayerRow",
     "WerComparison",
     "fp32_eval",
@@ -77,6 +81,45 @@ class Distortion:
 
 
 @dataclass(frozen=True)
+class EscScale:
+    """One ESC-tuned quantizer: MSE start scale, final scale, and their ratio."""
+
+    graph: str
+    tensor: str
+    mse: float
+    final: float
+    ratio: float
+
+
+@dataclass(frozen=True)
+class EscSummary:
+    """What the ESC search did (from esc.json)."""
+
+    objective: str
+    start_objective: float
+    final_objective: float
+    best_objective: float
+    final_point: str
+    evaluations: int
+    budget: int
+    seconds: float
+    interrupted: bool
+    plot: str
+    scales: tuple[EscScale, ...]
+
+    @classmethod
+    def of(cls, result: EscResult, plot: str) -> EscSummary:
+        scales = []
+        for key, ratio in result.ratios().items():
+            graph, tensor = split_key(key)
+            scales.append(EscScale(graph, tensor, result.start[key], result.scales[key], ratio))
+        return cls(result.objective, result.start_objective, result.final_objective,
+                   result.best_objective, result.final_point, result.evaluations,
+                   int(result.config.get("budget", result.evaluations)), result.seconds,
+                   result.interrupted, plot, tuple(scales))
+
+
+@dataclass(frozen=True)
 class BuildReport:
     """Everything a build measured."""
 
@@ -89,6 +132,7 @@ class BuildReport:
     wer: WerComparison | None
     build_s: float
     distortion: Distortion | None = None
+    esc: EscSummary | None = None
 
     @property
     def compression(self) -> float:
@@ -163,6 +207,9 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         optimized = onnx.load(str(out / g.name / g.lowering.artifact), load_external_data=False)
         layers += layer_rows(g.name, recipe, optimized)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    esc = None
+    if config.uses_esc and config.recipe is None and (out / ESC_RESULT).is_file():
+        esc = EscSummary.of(EscResult.load(out / ESC_RESULT), ESC_PLOT)
     return BuildReport(
         src=src,
         config=cfg,
@@ -173,6 +220,7 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         wer=wer,
         build_s=build_s,
         distortion=distortion,
+        esc=esc,
     )
 
 
@@ -202,6 +250,7 @@ def render_markdown(report: BuildReport) -> str:
         for name in sorted(d.rel_l2):
             lines.append(f"- output `{name}` vs FP32 over {d.feeds} feeds: relative L2 "
                          f"{d.rel_l2[name]:.4f}, cosine {d.cosine[name]:.5f}")
+    lines += _esc_summary(report.esc)
     for g in report.graphs:
         low = g["lowering"]
         fused = ", ".join(f"{k} x{v}" for k, v in sorted(low["fused"].items())) or "none"
@@ -224,4 +273,36 @@ def render_markdown(report: BuildReport) -> str:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.graph} | `{r.tensor}` | {r.kind} | {r.ops} | {r.spec} | {r.scale} | "
               f"{r.kernel} |" for r in report.layers]
+    lines += _esc_table(report.esc)
     return "\n".join(lines) + "\n"
+
+
+def _esc_summary(e: EscSummary | None) -> list[str]:
+    if e is None:
+        return []
+    change = (e.final_objective - e.start_objective) / e.start_objective \
+        if e.start_objective else 0.0
+    how = {"mean": "mean of the final distribution",
+           "best": "best candidate: the final mean scored worse than the start",
+           "interrupted": "best so far: interrupted"}.get(e.final_point, e.final_point)
+    moved = sorted(e.scales, key=lambda s: -abs(np.log(s.ratio)))[:3]
+    return [
+        "", "## ESC", "",
+        f"- objective {e.objective}: {e.start_objective:.5g} (MSE start) -> "
+        f"{e.final_objective:.5g} ({how}), {100 * change:+.1f}%; best candidate "
+        f"{e.best_objective:.5g}",
+        f"- {e.evaluations} evaluations (budget {e.budget}) in {e.seconds:.1f} s; "
+        f"{len(e.scales)} scales tuned; plot: {e.plot}",
+        "- largest scale changes vs MSE: "
+        + ", ".join(f"{s.graph} `{s.tensor}` x{s.ratio:.3g}" for s in moved),
+    ]
+
+
+def _esc_table(e: EscSummary | None) -> list[str]:
+    if e is None:
+        return []
+    lines = ["", "## ESC scales", "", "| graph | tensor | MSE scale | ESC scale | ratio |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {s.graph} | `{s.tensor}` | {s.mse:.4g} | {s.final:.4g} | {s.ratio:.4f} |"
+              for s in e.scales]
+    return lines

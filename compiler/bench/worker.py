@@ -43,7 +43,17 @@ _ORT_DTYPES: Mapping[str, type[np.generic]] = {
 
 
 def _peak_rss_kib() -> int:
-    """This process's peak resident set size in KiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size in KiB.
+
+    Linux: VmHWM from /proc/self/status, which starts afresh at exec; ru_maxrss does not
+    (a worker forked from a large parent reported the parent's peak). Elsewhere ru_maxrss
+    (KiB on Linux, bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak // 1024) if sys.platform == "darwin" else int(peak)
 

@@ -5,8 +5,12 @@ and keeps, per requested tensor, only bounded statistics (`StatsSnapshot`: count
 absmax and a fixed-size |x| histogram). `compute_scale(stats, method, bits)` then applies a
 calibration method (`MaxCalib`, `PercentileCalib`, `EntropyCalib`, `MseCalib`) to give a
 signed symmetric `CalibResult`.
+
+ESC (`EscCalib`, `esc_search`) is the global method: MSE start scales refined jointly over
+all graphs of a model by CMA-ES against a task objective (`calib.objectives`).
 """
 
+from .esc import EscCalib, EscResult, esc_search, quantizer_key, start_scales
 from .methods import (
     MIN_SCALE,
     CalibMethod,
@@ -30,6 +34,8 @@ __all__ = [
     "CalibMethod",
     "CalibResult",
     "EntropyCalib",
+    "EscCalib",
+    "EscResult",
     "MaxCalib",
     "MseCalib",
     "PercentileCalib",
@@ -38,8 +44,11 @@ __all__ = [
     "collect_stats",
     "compute_scale",
     "compute_scales",
+    "esc_search",
     "method_from_dict",
     "method_from_name",
     "method_names",
+    "quantizer_key",
     "register",
+    "start_scales",
 ]

@@ -6,7 +6,7 @@ Flow: `make_plan(fp32_model, PlanConfig(...), caps)` -> calibrate `plan.activati
 """
 
 from .plan import Plan, PlanConfig, Quantizer, Skipped, make_plan, name_nodes
-from .qdq import QdqNames, qdq_names, qdq_versions, write_qdq
+from .qdq import QdqNames, qdq_names, qdq_versions, scale_input_name, write_qdq
 from .recipe import Recipe, TensorRecipe, model_sha256, recipe_from_plan
 from .spec import INT_RANGES, ORT_CPU_CAPS, QuantSpec, TargetCaps, min_opset
 from .weights import (
@@ -41,6 +41,7 @@ __all__ = [
     "qdq_versions",
     "quantize_weight",
     "recipe_from_plan",
+    "scale_input_name",
     "scale_shape",
     "weight_scales",
     "write_qdq",

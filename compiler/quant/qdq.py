@@ -23,6 +23,12 @@ between quantization and lowering. What it writes:
   several DQs) therefore stays float, and pairs that share initializers are merged
   back into one by ORT's common-subexpression elimination. Same scale either way, so
   TensorRT sees the same numerics.
+- Scales as inputs (`scales_as_inputs`, for calibration searches, never for a
+  deployable): the activations named there take their scale from a float32 scalar
+  graph input named `scale_input_name(tensor)`, one per tensor and shared by all its
+  Q/DQ pairs, instead of scale initializers, so one prepared session evaluates any
+  candidate scales by feeding them. ORT's QDQ fusions need constant scales, so such a
+  session runs those quantizers as float fake-quantization (same rounding and clipping).
 - Versions: the default-domain opset becomes max(model's, what the specs need): 13
   for per-axis INT8, 21 for INT4 / `block_size`, 25 for INT2. The FP32 graph is
   upgraded with onnx's version converter *before* any Q/DQ is inserted (it adapts ops
@@ -36,6 +42,7 @@ Pure and deterministic: same model + recipe -> byte-identical `SerializeToString
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +57,7 @@ from .recipe import Recipe, TensorRecipe, model_sha256
 from .spec import QuantSpec, min_opset
 from .weights import quantize_weight, weight_scales
 
-__all__ = ["QdqNames", "qdq_names", "qdq_versions", "write_qdq"]
+__all__ = ["QdqNames", "qdq_names", "qdq_versions", "scale_input_name", "write_qdq"]
 
 # numpy dtypes whose onnx.numpy_helper.from_array gives INT8 / INT4 / INT2 tensors.
 _STORAGE: dict[int, Any] = {8: np.int8, 4: ml_dtypes.int4, 2: ml_dtypes.int2}
@@ -84,6 +91,11 @@ def qdq_names(tensor: str, reader: int | None = None) -> QdqNames:
         q_node=f"{tensor}_QuantizeLinear{suffix}",
         dq_node=f"{tensor}_DequantizeLinear{suffix}",
     )
+
+
+def scale_input_name(tensor: str) -> str:
+    """The graph input that carries `tensor`'s activation scale (`scales_as_inputs` mode)."""
+    return f"{tensor}_scale_input"
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -139,8 +151,11 @@ def _float_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:
 class _Writer:
     """Collects the edits for one graph, then applies them in one ordered pass."""
 
-    def __init__(self, graph: onnx.GraphProto, recipe: Recipe) -> None:
+    def __init__(self, graph: onnx.GraphProto, recipe: Recipe,
+                 scales_as_inputs: Collection[str] = ()) -> None:
         self.graph = graph
+        self.scales_as_inputs = set(scales_as_inputs)
+        self.new_inputs: list[onnx.ValueInfoProto] = []
         # node name -> the activation inputs the recipe quantizes there
         self.quantized_inputs: dict[str, set[str]] = defaultdict(set)
         for entry in recipe.tensors:
@@ -247,17 +262,24 @@ class _Writer:
             raise SfcError(f"activation '{name}' is not a tensor of the model")
         consumers = self.consumer_indices(entry)
         assert entry.scale is not None  # TensorRecipe guarantees it for activations
+        scale_input = None
+        if name in self.scales_as_inputs:
+            scale_input = scale_input_name(name)
+            self.claim(scale_input)
+            self.new_inputs.append(
+                helper.make_tensor_value_info(scale_input, onnx.TensorProto.FLOAT, []))
         for k, i in enumerate(consumers):
             # One Q -> DQ pair per consumer, each with its own scale and zero-point
             # initializers (same values): see the module docstring.
             names = qdq_names(name, k if len(consumers) > 1 else None)
-            self.claim(names.scale, names.zero_point, names.quantized, names.dequantized)
+            self.claim(names.zero_point, names.quantized, names.dequantized)
             self.claim(names.q_node, names.dq_node)
-            self.new_inits += [
-                _float_tensor(np.array(entry.scale), names.scale),
-                _int_tensor(np.zeros((), dtype=np.int8), spec.bits, names.zero_point),
-            ]
-            params = [names.scale, names.zero_point]
+            if scale_input is None:
+                self.claim(names.scale)
+                self.new_inits.append(_float_tensor(np.array(entry.scale), names.scale))
+            self.new_inits.append(
+                _int_tensor(np.zeros((), dtype=np.int8), spec.bits, names.zero_point))
+            params = [scale_input or names.scale, names.zero_point]
             q = helper.make_node(
                 "QuantizeLinear", [name, *params], [names.quantized], name=names.q_node
             )
@@ -286,6 +308,7 @@ class _Writer:
         graph.node.extend(nodes)
         del graph.initializer[:]
         graph.initializer.extend(inits)
+        graph.input.extend(self.new_inputs)
         # The version converter records shapes of every tensor; replaced weights are gone.
         kept = [v for v in graph.value_info if v.name not in self.replaced]
         del graph.value_info[:]
@@ -293,13 +316,24 @@ class _Writer:
 
 
 def write_qdq(
-    model: onnx.ModelProto, recipe: Recipe, *, verify_model: bool = True
+    model: onnx.ModelProto, recipe: Recipe, *, verify_model: bool = True,
+    scales_as_inputs: Collection[str] = (),
 ) -> onnx.ModelProto:
     """The QDQ model for `recipe` applied to the FP32 `model` (which is left untouched).
 
     `verify_model`: refuse a model whose sha256 differs from the recipe's (a recipe
-    replays exactly only on the model it was made for).
+    replays exactly only on the model it was made for). `scales_as_inputs`: activation
+    tensors of the recipe whose scale becomes a float32 scalar graph input named
+    `scale_input_name(tensor)` (see the module docstring); the recipe's scale for them is
+    then unused.
     """
+    if isinstance(scales_as_inputs, str):
+        raise SfcError("scales_as_inputs must be a collection of tensor names, not one string")
+    activations = {t.tensor for t in recipe.tensors if t.kind == "activation"}
+    unknown = sorted(set(scales_as_inputs) - activations)
+    if unknown:
+        raise SfcError(f"scales_as_inputs names '{unknown[0]}', which the recipe does not "
+                       "quantize as an activation")
     if verify_model:
         actual = model_sha256(model)
         if actual != recipe.model_sha256:
@@ -307,7 +341,7 @@ def write_qdq(
             raise SfcError(f"recipe was made for model {expected}, not this one ({actual[:12]})")
     opset, ir_version = qdq_versions(model, recipe)
     out = _upgrade(model, opset, ir_version)
-    writer = _Writer(out.graph, recipe)
+    writer = _Writer(out.graph, recipe, scales_as_inputs)
     in_subgraphs = subgraph_reads(out.graph)
     for entry in recipe.tensors:
         if entry.kind == "weight":

@@ -1,0 +1,360 @@
+"""Task objectives for ESC: how wrong is the fake-quantized model, given candidate scales.
+
+Every objective is a callable `scales -> float` (lower is better; scales keyed by
+`esc.quantizer_key(graph, tensor)`). It holds one ONNX Runtime session per graph, written
+once with the tuned scales as graph inputs (`write_qdq(..., scales_as_inputs=...)`), so a
+candidate costs one forward pass and never a graph rebuild. Everything FP32 (features,
+transcripts, reference logits or outputs) is computed once, up front.
+
+- Whisper (`WhisperObjective`), on the first `samples` calibration utterances (first 30 s
+  window each), against the FP32 model's own greedy transcripts (prompt + tokens + eot; no
+  labels needed), teacher-forced through the quantized encoder and decoder in batches of
+  `BATCH` (decoder: one call per batch with the whole padded sequence and an empty cache,
+  as `calib.feeds` does; padding positions are masked out):
+  - "teacher-forced": mean token cross-entropy of the transcript tokens;
+  - "kl": mean KL(FP32 next-token distribution || quantized one) on the same positions;
+  - "distortion": relative L2 distance of the logits to FP32's on those positions.
+- Any model (`DistortionObjective`, "distortion"): mean relative L2 distance of every output
+  of every graph to FP32's, on the first `samples` `.npz` feeds of each graph.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..card import ModelCard
+from ..errors import SfcError
+from ..quant.qdq import scale_input_name, write_qdq
+from ..quant.recipe import Recipe
+from .esc import quantizer_key
+
+__all__ = [
+    "BATCH",
+    "DistortionObjective",
+    "GraphSetup",
+    "ScaledSession",
+    "WhisperObjective",
+    "WhisperReference",
+    "make_objective",
+    "resolve_objective",
+    "score",
+    "teacher_forcing",
+    "whisper_reference",
+]
+
+BATCH = 8  # utterances per encoder/decoder call
+_MAX_INLINE_BYTES = 2**31 - 1 - 2**20  # protobuf's limit, with a margin
+_CARD_OBJECTIVES = {"whisper-teacher-forced": "teacher-forced", "distortion": "distortion"}
+_WHISPER_METRICS = ("teacher-forced", "kl", "distortion")
+
+
+@dataclass(frozen=True)
+class GraphSetup:
+    """One graph as ESC sees it: FP32 model, start recipe, and the tensors it tunes."""
+
+    model: onnx.ModelProto
+    recipe: Recipe
+    tuned: tuple[str, ...]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ScaledSession:
+    """One graph's QDQ model with its tuned activation scales as inputs, prepared once."""
+
+    def __init__(self, graph: str, setup: GraphSetup, *, threads: int | None = None) -> None:
+        self.graph = graph
+        self.inputs = {t: scale_input_name(t) for t in setup.tuned}
+        qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        source: str | bytes
+        if qdq.ByteSize() > _MAX_INLINE_BYTES:
+            self._tmp = tempfile.TemporaryDirectory(prefix="sfc-esc-")
+            path = Path(self._tmp.name) / "model.onnx"
+            onnx.save_model(qdq, str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
+            source = str(path)
+        else:
+            source = qdq.SerializeToString()
+        del qdq
+        try:
+            self.session = ort.InferenceSession(source, sess_options=options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT's opaque classes
+            raise SfcError(f"ONNX Runtime cannot load the ESC model of graph {graph!r}: "
+                           f"{_first_line(exc)}") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def scale_feed(self, scales: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """The scale inputs for `scales` (keyed by quantizer key)."""
+        return {name: np.asarray(scales[quantizer_key(self.graph, t)], dtype=np.float32)
+                for t, name in self.inputs.items()}
+
+    def run(self, outputs: Sequence[str] | None, feed: Mapping[str, np.ndarray],
+            scales: Mapping[str, float]) -> list[np.ndarray]:
+        """Run with `feed` plus the scale inputs for `scales`."""
+        try:
+            result: list[np.ndarray] = self.session.run(
+                None if outputs is None else list(outputs), {**feed, **self.scale_feed(scales)})
+        except Exception as exc:  # ORT's opaque classes
+            raise SfcError(f"ONNX Runtime failed on ESC graph {self.graph!r}: "
+                           f"{_first_line(exc)}") from None
+        return result
+
+    def close(self) -> None:
+        """Release the session (and its temporary files, for >2 GB models)."""
+        self.__dict__.pop("session", None)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _rel_l2(ref: np.ndarray, out: np.ndarray) -> float:
+    a = np.asarray(ref, np.float64).ravel()
+    b = np.asarray(out, np.float64).ravel()
+    norm = float(np.linalg.norm(a))
+    diff = float(np.linalg.norm(a - b))
+    return diff / norm if norm else diff
+
+
+# ---------------------------------------------------------------- generic: distortion
+
+
+class DistortionObjective:
+    """Mean relative L2 distance of all outputs of all graphs to FP32, on `.npz` feeds."""
+
+    name = "distortion"
+
+    def __init__(self, sessions: Sequence[ScaledSession],
+                 feeds: Sequence[Sequence[dict[str, np.ndarray]]],
+                 references: Sequence[Sequence[list[np.ndarray]]]) -> None:
+        if not sessions or any(not f for f in feeds):
+            raise SfcError("the distortion objective needs at least one feed per graph")
+        self.sessions, self.feeds, self.references = list(sessions), feeds, references
+
+    def __call__(self, scales: Mapping[str, float]) -> float:
+        errors = []
+        for session, feeds, refs in zip(self.sessions, self.feeds, self.references,
+                                        strict=True):
+            for feed, ref in zip(feeds, refs, strict=True):
+                outs = session.run(None, feed, scales)
+                errors += [_rel_l2(r, o) for r, o in zip(ref, outs, strict=True)]
+        return float(np.mean(errors))
+
+    def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+
+
+# ---------------------------------------------------------------- Whisper
+
+
+@dataclass(frozen=True)
+class _Batch:
+    features: np.ndarray  # [b, n_mels, frames]
+    tokens: np.ndarray  # [b, T] prompt + transcript + eot, padded with eot
+    mask: np.ndarray  # [b, T - 1] bool: position t predicts tokens[:, t + 1]
+    reference: np.ndarray | None  # [n_valid, V] FP32 log-probs (kl) or logits (distortion)
+
+
+@dataclass(frozen=True)
+class WhisperReference:
+    """What the FP32 model does on the ESC samples, computed once."""
+
+    batches: tuple[_Batch, ...]
+    transcripts: tuple[tuple[int, ...], ...]
+
+    @property
+    def tokens(self) -> int:
+        """Scored token positions in all."""
+        return int(sum(b.mask.sum() for b in self.batches))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def teacher_forcing(sequences: Sequence[Sequence[int]], prompt_length: int,
+                    pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token sequences (prompt + transcript + eot) into one batch.
+
+    Returns tokens [B, T] (padded with `pad`) and a mask [B, T - 1]: mask[b, t] when the
+    logits at position t are scored, i.e. predict a transcript token or eot
+    (tokens[b, t + 1], t + 1 >= prompt_length); padding and the prompt are not scored.
+    """
+    width = max(len(s) for s in sequences)
+    tokens = np.full((len(sequences), width), pad, dtype=np.int64)
+    mask = np.zeros((len(sequences), max(width - 1, 0)), dtype=bool)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)] = s
+        mask[i, prompt_length - 1 : len(s) - 1] = True
+    return tokens, mask
+
+
+def score(metric: str, logits: np.ndarray, targets: np.ndarray,
+          reference: np.ndarray | None) -> tuple[float, int]:
+    """(sum, count) of `metric` over scored positions.
+
+    `logits` [N, V] of the quantized model at the N scored positions, `targets` [N] the
+    tokens they should predict, `reference` [N, V] FP32 log-probs ("kl") or logits
+    ("distortion"). "distortion" counts one relative L2 distance for the whole block.
+    """
+    if metric == "teacher-forced":
+        logp = _log_softmax(logits)
+        return -float(logp[np.arange(len(targets)), targets].astype(np.float64).sum()), \
+            len(targets)
+    assert reference is not None
+    if metric == "kl":
+        kl = (np.exp(reference) * (reference - _log_softmax(logits))).sum(axis=-1)
+        return float(kl.astype(np.float64).sum()), len(kl)
+    return _rel_l2(reference, logits), 1
+
+
+def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
+                      *, batch: int = BATCH, progress: bool = True) -> WhisperReference:
+    """FP32 features, greedy transcripts and (for kl / distortion) reference logits.
+
+    `runtime`: an FP32 `WhisperRuntime`; `utterances`: manifest entries (first window of
+    each is used).
+    """
+    from ..progress import progress_bar
+    from ..runtime.audio import load_audio
+    from ..runtime.decoding import greedy_decode
+    from ..runtime.features import whisper_windows
+
+    if metric not in _WHISPER_METRICS:
+        raise SfcError(f"unknown Whisper objective {metric!r}")
+    if not utterances:
+        raise SfcError("ESC needs at least one calibration utterance")
+    spec = runtime.decoding
+    batches, transcripts = [], []
+    bar = progress_bar(enabled=progress, transient=True)
+    task = bar.add_task("ESC: FP32 reference transcripts", total=len(utterances))
+    with bar:
+        for first in range(0, len(utterances), batch):
+            chunk = utterances[first:first + batch]
+            features = np.concatenate(
+                [whisper_windows(load_audio(u.audio), runtime.mel)[:1] for u in chunk])
+            cross_k, cross_v = runtime.encode(features)
+            ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, len(chunk))
+            seqs = [[*spec.prompt, *s, spec.eot][: spec.max_target_positions] for s in ids]
+            tokens, mask = teacher_forcing(seqs, len(spec.prompt), spec.eot)
+            reference = None
+            if metric != "teacher-forced":
+                empty = np.zeros((spec.n_layers, len(seqs), spec.n_heads, 0, spec.head_dim),
+                                 np.float32)
+                logits = runtime.decoder.run(["logits"], {
+                    "tokens": tokens, "past_key": empty, "past_value": empty,
+                    "cross_key": cross_k, "cross_value": cross_v})[0][:, :-1][mask]
+                reference = _log_softmax(logits) if metric == "kl" else logits.astype(np.float32)
+            batches.append(_Batch(features, tokens, mask, reference))
+            transcripts += [tuple(s) for s in ids]
+            bar.advance(task, len(chunk))
+    return WhisperReference(tuple(batches), tuple(transcripts))
+
+
+class WhisperObjective:
+    """Teacher-forced error of the fake-quantized encoder + decoder (see the module doc)."""
+
+    def __init__(self, metric: str, encoder: ScaledSession, decoder: ScaledSession,
+                 reference: WhisperReference, spec: Any) -> None:
+        if metric not in _WHISPER_METRICS:
+            raise SfcError(f"unknown Whisper objective {metric!r}")
+        self.name = metric
+        self.encoder, self.decoder, self.reference, self.spec = encoder, decoder, reference, spec
+
+    def __call__(self, scales: Mapping[str, float]) -> float:
+        spec = self.spec
+        total, count = 0.0, 0
+        for b in self.reference.batches:
+            cross_k, cross_v = self.encoder.run(
+                ["cross_key", "cross_value"], {"input_features": b.features}, scales)
+            n = len(b.tokens)
+            empty = np.zeros((spec.n_layers, n, spec.n_heads, 0, spec.head_dim), np.float32)
+            logits = self.decoder.run(["logits"], {
+                "tokens": b.tokens, "past_key": empty, "past_value": empty,
+                "cross_key": cross_k, "cross_value": cross_v}, scales)[0][:, :-1][b.mask]
+            part, n_scored = score(self.name, logits, b.tokens[:, 1:][b.mask], b.reference)
+            total, count = total + part, count + n_scored
+        return total / count if count else 0.0
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.decoder.close()
+
+
+# ---------------------------------------------------------------- factory
+
+
+def resolve_objective(kind: str, card: ModelCard) -> str:
+    """The objective ESC uses: `kind`, or the card's objective for "auto"."""
+    if kind == "auto":
+        if card.objective not in _CARD_OBJECTIVES:
+            raise SfcError(f"model card objective {card.objective!r} has no ESC objective; "
+                           "give --esc-objective")
+        kind = _CARD_OBJECTIVES[card.objective]
+    if kind in ("teacher-forced", "kl") and card.family != "whisper":
+        raise SfcError(f"ESC objective {kind!r} needs a Whisper model; {card.name} is "
+                       f"{card.family!r} (use distortion)")
+    if kind not in _WHISPER_METRICS:
+        raise SfcError(f"unknown ESC objective {kind!r} (teacher-forced, kl, distortion)")
+    return kind
+
+
+def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
+                   samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
+                   feeds_dir: Path | None = None, progress: bool = True) -> Any:
+    """The objective `kind` ("auto" reads the card) for ESC over `graphs`.
+
+    Whisper needs the FP32 `runtime` and calibration `utterances`; other models read the
+    `.npz` feeds in `feeds_dir`. The result has `name`, `__call__(scales)` and `close()`.
+    """
+    from .feeds import npz_feeds
+
+    kind = resolve_objective(kind, card)
+    if card.family == "whisper":
+        if runtime is None:
+            raise SfcError("ESC on Whisper needs the FP32 runtime")
+        missing = {"encoder", "decoder"} - set(graphs)
+        if missing:
+            raise SfcError(f"ESC on Whisper needs both graphs; missing {sorted(missing)}")
+        reference = whisper_reference(runtime, list(utterances)[:samples], kind,
+                                      progress=progress)
+        return WhisperObjective(kind, ScaledSession("encoder", graphs["encoder"]),
+                                ScaledSession("decoder", graphs["decoder"]), reference,
+                                runtime.decoding)
+    if feeds_dir is None:
+        raise SfcError("the distortion objective needs a folder of .npz feeds")
+    sessions, feeds, references = [], [], []
+    for name, setup in graphs.items():
+        initializers = {t.name for t in setup.model.graph.initializer}
+        names = [i.name for i in setup.model.graph.input if i.name not in initializers]
+        chosen = []
+        for feed in npz_feeds(feeds_dir, names):
+            chosen.append(feed)
+            if len(chosen) == samples:
+                break
+        fp32 = ort.InferenceSession(setup.model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        references.append([fp32.run(None, f) for f in chosen])
+        del fp32
+        sessions.append(ScaledSession(name, setup))
+        feeds.append(chosen)
+    return DistortionObjective(sessions, feeds, references)
