@@ -1,0 +1,51 @@
+"""An ONNX speech model sfc did not export: Silero VAD (PyPI `silero-vad`, MIT) builds,
+runs, and gets its output distortion reported."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfc.build import BuildConfig
+from sfc.eval import read_manifest
+from sfc.pipeline import compile_model
+from sfc.runtime.audio import load_audio
+from sfc.runtime.session import open_session
+from tests.conftest import REPO
+
+CHUNK = 512  # Silero VAD's 16 kHz window
+
+
+def _feeds(split: str, folder: Path, n: int) -> Path:
+    """One .npz per utterance: a 512-sample window from its middle, a fresh state."""
+    folder.mkdir(parents=True)
+    for i, utt in enumerate(read_manifest(REPO / "calibration_data" / split)[:n]):
+        audio = load_audio(utt.audio)
+        mid = len(audio) // 2
+        np.savez(folder / f"{i:03d}.npz", input=audio[None, mid : mid + CHUNK],
+                 state=np.zeros((2, 1, 128), np.float32), sr=np.array(16000, np.int64))
+    return folder
+
+
+def test_silero_vad_builds_runs_and_reports_distortion(tmp_path: Path) -> None:
+    pytest.importorskip("silero_vad", reason="dev extra silero-vad not installed")
+    src = Path(str(resources.files("silero_vad") / "data" / "silero_vad_16k_op15.onnx"))
+    calib = _feeds("calib", tmp_path / "calib", 40)
+    evals = _feeds("eval", tmp_path / "eval", 40)
+    report = compile_model(str(src), tmp_path / "out", BuildConfig(calib=calib, calibrator="mse"),
+                           eval_data=evals)
+    d = report.distortion
+    assert d is not None and d.feeds == 40
+    print(f"\nsilero-vad W8A8 mse: rel L2 {d.rel_l2}, cosine {d.cosine}; "
+          f"{report.fp32_bytes} -> {report.artifact_bytes} bytes; "
+          f"fused {report.graphs[0]['lowering']['fused']}, "
+          f"float {report.graphs[0]['lowering']['float_weighted']}")
+    assert d.cosine["output"] > 0.99 and d.rel_l2["output"] < 0.2
+    # The artifact is an ordinary ORT model: it runs on a feed.
+    session = open_session(tmp_path / "out" / "model" / "model.ort.onnx")
+    with np.load(evals / "000.npz") as feed:
+        prob = session.run(None, {k: feed[k] for k in ("input", "state", "sr")})[0]
+    assert prob.shape == (1, 1) and 0.0 <= float(prob.squeeze()) <= 1.0
