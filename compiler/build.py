@@ -60,7 +60,7 @@ class BuildConfig:
     target: str = "ort-cpu"
     weights: int = 8
     activations: int | None = 8
-    calibrator: str = "max"
+    calibrator: str = "esc"  # the only calibrator lossless at W8A8 on tiny.en (BENCHMARKS.md)
     calib: Path = BUNDLED_DATA / "calib"
     calib_limit: int | None = None
     recipe: Path | None = None  # a build folder or recipe.json to replay
