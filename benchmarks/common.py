@@ -10,7 +10,9 @@ import numpy as np
 
 from sfc.info import machine_info as sfc_machine_info
 
-__all__ = ["faster_whisper_model", "faster_whisper_transcriber", "machine_info"]
+__all__ = [
+    "faster_whisper_model", "faster_whisper_transcriber", "machine_info", "machine_line",
+]
 
 
 def _version(dist: str) -> str:
@@ -34,6 +36,13 @@ def machine_info(threads: int) -> dict[str, Any]:
         "sfc": _version("sfc"),
         "python": info.python,
     }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One line naming the machine and engines, printed above every benchmark table."""
+    return (f"machine: {machine['cpu']} | {machine['cores']} cores | "
+            f"threads={machine['threads']} | onnxruntime {machine['onnxruntime']} | "
+            f"ctranslate2 {machine['ctranslate2']} | faster-whisper {machine['faster_whisper']}")
 
 
 def faster_whisper_model(compute_type: str, threads: int) -> Any:

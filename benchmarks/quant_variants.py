@@ -74,7 +74,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import faster_whisper_model, faster_whisper_transcriber, machine_info
+from common import (
+    faster_whisper_model,
+    faster_whisper_transcriber,
+    machine_info,
+    machine_line,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "calibration_data" / "eval"
@@ -545,12 +550,8 @@ def run_parent(args: argparse.Namespace) -> int:
 
     command = shlex.join(["python", *sys.argv])
     machine = machine_info(args.threads)
-    machine_line = (
-        f"machine: {machine['cpu']} | {machine['cores']} cores | threads={args.threads} | "
-        f"onnxruntime {machine['onnxruntime']} | ctranslate2 {machine['ctranslate2']} | "
-        f"faster-whisper {machine['faster_whisper']}"
-    )
-    print(machine_line)
+    line = machine_line(machine)
+    print(line)
     print(f"command: {command}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -679,7 +680,7 @@ def run_parent(args: argparse.Namespace) -> int:
     for v, msg in failures.items():
         print(f"FAILED {v}: {msg}")
     print(f"total {report['total_s'] / 60:.1f} min")
-    print(machine_line)
+    print(line)
     print(f"command: {command}")
     _write(args.json, report)
     print(f"wrote {args.json}")

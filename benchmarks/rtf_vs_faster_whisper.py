@@ -47,7 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import faster_whisper_model, faster_whisper_transcriber, machine_info
+from common import (
+    faster_whisper_model,
+    faster_whisper_transcriber,
+    machine_info,
+    machine_line,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "calibration_data" / "eval"
@@ -256,12 +261,8 @@ def run_parent(args: argparse.Namespace) -> int:
 
     command = shlex.join(["python", *sys.argv])
     machine = machine_info(args.threads)
-    machine_line = (
-        f"machine: {machine['cpu']} | {machine['cores']} cores | threads={args.threads} | "
-        f"onnxruntime {machine['onnxruntime']} | ctranslate2 {machine['ctranslate2']} | "
-        f"faster-whisper {machine['faster_whisper']}"
-    )
-    print(machine_line)
+    line = machine_line(machine)
+    print(line)
     print(f"command: {command}")
 
     folder = model_folder(SFC_MODEL)  # export once here, so no worker pays for it
@@ -300,7 +301,7 @@ def run_parent(args: argparse.Namespace) -> int:
                 if s["stable_across_rounds"] != len(utterances)}
     if unstable:
         print(f"note: hypotheses changed between rounds for some files: {unstable}")
-    print(machine_line)
+    print(line)
     print(f"command: {command}")
 
     report = {

@@ -6,11 +6,12 @@ Loading resolves only the types a module declares (an allowlist), never a free i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .errors import SfcError
 
-__all__ = ["unwrap"]
+__all__ = ["read_text", "unwrap"]
 
 
 def unwrap(obj: Any, expected: str, known: Mapping[str, int], what: str = "file") -> dict[str, Any]:
@@ -28,3 +29,14 @@ def unwrap(obj: Any, expected: str, known: Mapping[str, int], what: str = "file"
     if not isinstance(obj["_data"], dict):
         raise SfcError(f"malformed {kind}: _data is not an object")
     return obj["_data"]
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A saved file's text; a missing or unreadable file is a one-line SfcError."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SfcError(f"{what} not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SfcError(f"cannot read {what} {p}: {exc}") from None

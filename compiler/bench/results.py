@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
-from ..serial import unwrap
+from ..serial import read_text, unwrap
 
 __all__ = [
     "BenchReport",
@@ -342,13 +342,7 @@ class BenchReport:
     @classmethod
     def load(cls, path: str | Path) -> BenchReport:
         """Read a report written by `save`."""
-        p = Path(path)
-        try:
-            return cls.from_json(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SfcError(f"bench report not found: {p}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SfcError(f"cannot read bench report {p}: {exc}") from None
+        return cls.from_json(read_text(path, "bench report"))
 
 
 def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:

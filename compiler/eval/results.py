@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
-from ..serial import unwrap
+from ..serial import read_text, unwrap
 from .wer import bootstrap_ci, corpus_wer
 
 RESULT_TYPE = "EvalResult"
@@ -126,13 +126,7 @@ class EvalResult:
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
         """Read a result written by `save`."""
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise SfcError(f"result file not found: {p}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SfcError(f"cannot read result file {p}: {exc}") from exc
+        text = read_text(path, "result file")
         return cls.from_json(text)
 
 

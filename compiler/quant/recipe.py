@@ -21,6 +21,7 @@ import onnx
 
 from ..atomic import write_text_atomic
 from ..errors import SfcError
+from ..serial import read_text
 from .plan import Plan, QuantKind, Skipped
 from .spec import QuantSpec
 from .weights import METHODS, default_method
@@ -196,11 +197,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe written by `save`."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SfcError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+        text = read_text(path, "recipe")
         return cls.from_json(text)
 
 
