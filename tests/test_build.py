@@ -66,7 +66,8 @@ def test_same_inputs_and_seed_give_identical_bytes(tmp_path: Path) -> None:
 
 def test_generic_build_reports_fusion_unsupported_ops_and_distortion(tmp_path: Path) -> None:
     src, feeds = _mlp(tmp_path / "mlp.onnx", external=True), _feeds(tmp_path / "feeds")
-    report = compile_model(str(src), tmp_path / "out", BuildConfig(calib=feeds, calibrator="max"), eval_data=None)
+    config = BuildConfig(calib=feeds, calibrator="max")
+    report = compile_model(str(src), tmp_path / "out", config, eval_data=None)
     graph = report.graphs[0]
     # The census accounts for both MatMuls: fused into an integer kernel or named as float
     # (ORT 1.31 leaves a MatMul whose quantized input is a graph input unfused).
@@ -90,7 +91,8 @@ def test_nan_statistics_stop_the_build_naming_the_tensor(tmp_path: Path) -> None
 
 def test_recipe_replay_reproduces_the_qdq_model(tmp_path: Path) -> None:
     src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
-    compile_model(str(src), tmp_path / "a", BuildConfig(calib=feeds, calibrator="max"), eval_data=None)
+    compile_model(str(src), tmp_path / "a", BuildConfig(calib=feeds, calibrator="max"),
+                  eval_data=None)
     replay = BuildConfig(calib=tmp_path / "nowhere", recipe=tmp_path / "a", calibrator="max")
     compile_model(str(src), tmp_path / "b", replay, eval_data=None)
     assert (tmp_path / "a/model/model.qdq.onnx").read_bytes() == \
