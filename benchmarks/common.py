@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +15,8 @@ import numpy as np
 from sfc.info import machine_info as sfc_machine_info
 
 __all__ = [
-    "faster_whisper_model", "faster_whisper_transcriber", "machine_info", "machine_line",
+    "build_variant", "eval_summary", "faster_whisper_model", "faster_whisper_transcriber",
+    "machine_info", "machine_line", "per_utterance", "print_table",
 ]
 
 
@@ -66,3 +71,76 @@ def faster_whisper_transcriber(model: Any) -> Callable[[np.ndarray], str]:
         return " ".join(s.text.strip() for s in segments)
 
     return transcribe
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                caption: str = "", width: int = 150) -> None:
+    """A rich table (first column left-aligned, the rest right), then its caption."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(width, Console().width)).print(table)
+    if caption:
+        print(caption)
+
+
+def eval_summary(result: Any) -> dict[str, Any]:
+    """The headline numbers of an `EvalResult`."""
+    return {"model": result.model, "n": result.n, "wer": result.wer, "ci_lo": result.ci_lo,
+            "ci_hi": result.ci_hi, "rtf": result.rtf, "audio_s": result.audio_s,
+            "compute_s": result.compute_s}
+
+
+def per_utterance(result: Any) -> dict[str, Any]:
+    """Per-utterance errors, hypotheses and compute time of an `EvalResult`."""
+    return {"errors": [u.errors for u in result.utterances],
+            "substitutions": [u.substitutions for u in result.utterances],
+            "deletions": [u.deletions for u in result.utterances],
+            "insertions": [u.insertions for u in result.utterances],
+            "hypotheses": [u.hypothesis for u in result.utterances],
+            "compute_s": [u.compute_s for u in result.utterances]}
+
+
+def _graph_summary(report: Any) -> list[dict[str, Any]]:
+    out = []
+    for g in report.graphs:
+        low = g["lowering"]
+        out.append({"name": g["name"], "n_weight_quantizers": g["n_weight_quantizers"],
+                    "n_activation_quantizers": g["n_activation_quantizers"],
+                    "fused": low["fused"], "float_weighted": list(low["float_weighted"]),
+                    "artifact": low["artifact"], "bytes": low["bytes"],
+                    "seconds": g["seconds"], "skipped": len(g["skipped"])})
+    return out
+
+
+def build_variant(model: str, out: Path, config_kwargs: Mapping[str, Any], data: Path, *,
+                  calib_limit: int | None, eval_limit: int | None,
+                  threads: int | None) -> dict[str, Any]:
+    """Build, evaluate and compare one sfc variant through `compile_model` (into `out`)."""
+    from sfc.build import BuildConfig
+    from sfc.eval.results import EvalResult
+    from sfc.pipeline import compile_model
+
+    shutil.rmtree(out, ignore_errors=True)  # no stale files from an earlier run
+    config = BuildConfig(**config_kwargs, calib_limit=calib_limit)
+    t0 = time.perf_counter()
+    report = compile_model(model, out, config, eval_data=data, eval_limit=eval_limit,
+                           threads=threads)
+    seconds = time.perf_counter() - t0
+    if report.wer is None:
+        raise RuntimeError("compile_model returned no WER comparison")
+    built = EvalResult.load(out / "eval.json")
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    return {
+        "kind": "sfc", "folder": str(out), "config": cfg,
+        "size_bytes": report.artifact_bytes, "fp32_bytes": report.fp32_bytes,
+        "compression": report.compression, "build_s": report.build_s,
+        "build_and_eval_s": seconds, "graphs": _graph_summary(report),
+        "wer": asdict(report.wer), "eval": eval_summary(built), **per_utterance(built),
+        "esc": None if report.esc is None else asdict(report.esc),
+    }

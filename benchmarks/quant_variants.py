@@ -75,10 +75,14 @@ from typing import Any
 
 import numpy as np
 from common import (
+    build_variant,
+    eval_summary,
     faster_whisper_model,
     faster_whisper_transcriber,
     machine_info,
     machine_line,
+    per_utterance,
+    print_table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,59 +201,6 @@ def spawn_ct2_worker(threads: int, runs: int, clips: Sequence[Path]) -> Any:
 # ----------------------------------------------------------------------------- variants
 
 
-def _eval_summary(result: Any) -> dict[str, Any]:
-    return {"model": result.model, "n": result.n, "wer": result.wer, "ci_lo": result.ci_lo,
-            "ci_hi": result.ci_hi, "rtf": result.rtf, "audio_s": result.audio_s,
-            "compute_s": result.compute_s}
-
-
-def _per_utterance(result: Any) -> dict[str, Any]:
-    return {"errors": [u.errors for u in result.utterances],
-            "substitutions": [u.substitutions for u in result.utterances],
-            "deletions": [u.deletions for u in result.utterances],
-            "insertions": [u.insertions for u in result.utterances],
-            "hypotheses": [u.hypothesis for u in result.utterances],
-            "compute_s": [u.compute_s for u in result.utterances]}
-
-
-def _graph_summary(report: Any) -> list[dict[str, Any]]:
-    out = []
-    for g in report.graphs:
-        low = g["lowering"]
-        out.append({"name": g["name"], "n_weight_quantizers": g["n_weight_quantizers"],
-                    "n_activation_quantizers": g["n_activation_quantizers"],
-                    "fused": low["fused"], "float_weighted": list(low["float_weighted"]),
-                    "artifact": low["artifact"], "bytes": low["bytes"],
-                    "seconds": g["seconds"], "skipped": len(g["skipped"])})
-    return out
-
-
-def run_sfc_build(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Build, evaluate and compare one sfc variant through compile_model."""
-    from sfc.build import BuildConfig
-    from sfc.eval.results import EvalResult
-    from sfc.pipeline import compile_model
-
-    out = args.work / name
-    shutil.rmtree(out, ignore_errors=True)  # no stale files from an earlier run
-    config = BuildConfig(**SFC_BUILDS[name], calib_limit=args.calib_limit)
-    t0 = time.perf_counter()
-    report = compile_model(MODEL, out, config, eval_data=args.data,
-                           eval_limit=args.eval_limit, threads=args.threads)
-    seconds = time.perf_counter() - t0
-    if report.wer is None:
-        raise RuntimeError("compile_model returned no WER comparison")
-    built = EvalResult.load(out / "eval.json")
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    return {
-        "kind": "sfc", "folder": str(out), "config": cfg,
-        "size_bytes": report.artifact_bytes, "fp32_bytes": report.fp32_bytes,
-        "compression": report.compression, "build_s": report.build_s,
-        "build_and_eval_s": seconds, "graphs": _graph_summary(report),
-        "wer": asdict(report.wer), "eval": _eval_summary(built), **_per_utterance(built),
-    }
-
-
 def run_ort_dynamic(args: argparse.Namespace, fp32_folder: Path, fp32: Any,
                     utterances: Sequence[Any]) -> dict[str, Any]:
     """ORT quantize_dynamic (QInt8 weights) of both graphs, evaluated by sfc's runtime."""
@@ -282,7 +233,7 @@ def run_ort_dynamic(args: argparse.Namespace, fp32_folder: Path, fp32: Any,
         "config": {"quantize_dynamic": {"weight_type": "QInt8", "per_channel": False,
                                         "reduce_range": False}},
         "size_bytes": artifact_size(out), "quantize_s": quant_s,
-        "wer": asdict(cmp), "eval": _eval_summary(result), **_per_utterance(result),
+        "wer": asdict(cmp), "eval": eval_summary(result), **per_utterance(result),
     }
 
 
@@ -303,7 +254,7 @@ def run_ct2(args: argparse.Namespace, fp32: Any, utterances: Sequence[Any]) -> d
                    "without_timestamps": True},
         "size_bytes": model_bin.stat().st_size,
         "size_note": "model.bin as packaged; CTranslate2 quantizes to int8 when loading",
-        "wer": asdict(cmp), "eval": _eval_summary(result), **_per_utterance(result),
+        "wer": asdict(cmp), "eval": eval_summary(result), **per_utterance(result),
     }
 
 
@@ -477,30 +428,6 @@ def _rows(results: dict[str, dict[str, Any]], order: Sequence[str]) -> list[list
     return rows
 
 
-def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                 caption: str = "") -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        print(title)
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-        if caption:
-            print(caption)
-        return
-    table = Table(title=title)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console(width=max(150, Console().width)).print(table)
-    if caption:
-        print(caption)
-
-
 def _print_fc2(fc2: dict[str, list[dict[str, Any]]]) -> None:
     names = [v for v in CALIBRATORS if fc2.get(v)]
     if not names:
@@ -524,7 +451,7 @@ def _print_fc2(fc2: dict[str, list[dict[str, Any]]]) -> None:
                          f"{got['scale']:.4g} -> {got['threshold']:.2f} "
                          f"({100 * got['threshold_over_absmax']:.1f}%)")
         rows.append(cells)
-    _print_table(
+    print_table(
         "fc2-input activation quantizers: scale -> clip threshold (share of absmax)",
         ["graph layer", "absmax", *(v.removeprefix("sfc-w8a8-") for v in names)], rows,
         "clip threshold = 127 x scale; absmax = largest |x| seen in calibration (same "
@@ -571,8 +498,8 @@ def run_parent(args: argparse.Namespace) -> int:
 
     results: dict[str, dict[str, Any]] = {
         FP32: {"status": "ok", "kind": "fp32", "folder": str(fp32_folder),
-               "size_bytes": artifact_size(fp32_folder), "eval": _eval_summary(fp32),
-               **_per_utterance(fp32)},
+               "size_bytes": artifact_size(fp32_folder), "eval": eval_summary(fp32),
+               **per_utterance(fp32)},
     }
     report: dict[str, Any] = {
         "description": "whisper-tiny.en quantization variants: WER vs FP32 (paired bootstrap), "
@@ -609,7 +536,10 @@ def run_parent(args: argparse.Namespace) -> int:
 
     for name in SFC_BUILDS:
         if name in args.variants:
-            attempt(name, functools.partial(run_sfc_build, name, args))
+            attempt(name, functools.partial(
+                build_variant, MODEL, args.work / name, SFC_BUILDS[name], args.data,
+                calib_limit=args.calib_limit, eval_limit=args.eval_limit,
+                threads=args.threads))
             if results[name]["status"] == "ok" and SFC_BUILDS[name]["activations"]:
                 report["fc2_scales"][name] = fc2_scales(Path(results[name]["folder"]))
     if ORT_DYN in args.variants:
@@ -659,7 +589,7 @@ def run_parent(args: argparse.Namespace) -> int:
         "cached evaluation).",
     ])
     print()
-    _print_table(f"{MODEL}: quantization variants, {args.threads} threads", HEADERS, rows,
+    print_table(f"{MODEL}: quantization variants, {args.threads} threads", HEADERS, rows,
                  caption)
     print()
     _print_fc2(report["fc2_scales"])

@@ -52,6 +52,7 @@ from common import (
     faster_whisper_transcriber,
     machine_info,
     machine_line,
+    print_table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,24 +236,8 @@ HEADERS = ["variant", "RTF median", "RTF min / max", "vs sfc", "p50 ms", "p90 ms
            "same as sfc"]
 
 
-def print_table(summary: dict[str, dict[str, Any]], n_files: int, title: str) -> None:
-    rows = _rows(summary, n_files)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
-        print(title)
-        print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)))
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-        return
-    table = Table(title=title)
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console(width=max(120, Console().width)).print(table)
+def show_table(summary: dict[str, dict[str, Any]], n_files: int, title: str) -> None:
+    print_table(title, HEADERS, _rows(summary, n_files), width=120)
 
 
 def run_parent(args: argparse.Namespace) -> int:
@@ -292,7 +277,7 @@ def run_parent(args: argparse.Namespace) -> int:
     title = (f"whisper-tiny.en RTF, {len(utterances)} files ({audio_total:.1f} s audio), "
              f"{args.rounds} rounds, {args.threads} threads")
     print()
-    print_table(summary, len(utterances), title)
+    show_table(summary, len(utterances), title)
     print("RTF = compute s / audio s (median over rounds); vs sfc = median of per-round "
           "RTF ratios (>1 slower than sfc);\np50/p90 = per-file latency (each file's median "
           "over rounds); WER normalised, round 1; same as sfc = normalised hypothesis "

@@ -33,10 +33,10 @@ from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
 from .paths import BUNDLED_DATA
-from .quant.plan import Plan, PlanConfig, make_plan
+from .quant.plan import Plan, PlanConfig, check_caps, make_plan
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
-from .quant.spec import ORT_CPU_CAPS, TargetCaps
+from .quant.spec import ORT_CPU_CAPS, SIM_CAPS, TargetCaps
 from .targets import get_target
 from .targets.base import LoweringResult
 
@@ -45,12 +45,20 @@ __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBui
 logger = logging.getLogger(__name__)
 
 # Quantization capabilities per target; placement reads these, never the target's name.
-_CAPS: dict[str, TargetCaps] = {"ort-cpu": ORT_CPU_CAPS}
+_CAPS: dict[str, TargetCaps] = {"ort-cpu": ORT_CPU_CAPS, "sim": SIM_CAPS}
 
 # Where an ESC build saves its search (relative to the build folder).
 ESC_RESULT = "esc.json"
 ESC_PLOT = "plots/esc_trace.png"
 ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
+
+
+def target_caps(target: str) -> TargetCaps:
+    """What placement may use on `target`; a one-line SfcError for an unknown one."""
+    if target not in _CAPS:
+        get_target(target)  # raises the one-line "unknown target" error
+        raise SfcError(f"target {target!r} has no quantization capabilities yet")
+    return _CAPS[target]
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         # Fail on a bad option before minutes of calibration, not after.
-        self.plan_config()
+        check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:
             self.calibration_method()
         esc_fields = ("esc_budget", "esc_popsize", "esc_samples", "esc_objective")
@@ -247,7 +255,8 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
             g.model, recipe_from_plan(g.plan, scales, g.sha, config.seed, recipe_config), tuned)
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     objective = make_objective(method.objective, card, setups, samples=method.samples,
-                               runtime=runtime, utterances=utterances, feeds_dir=config.calib)
+                               runtime=runtime, utterances=utterances, feeds_dir=config.calib,
+                               optimization=get_target(config.target).optimization)
     try:
         result = esc_search(start, objective, method, config.seed, objective_name=objective.name)
     finally:
@@ -283,10 +292,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
     from .models import model_folder
     from .models.onnx_source import export_onnx_file
 
-    if config.target not in _CAPS:
-        get_target(config.target)  # raises the one-line "unknown target" error
-        raise SfcError(f"target {config.target!r} has no quantization capabilities yet")
-    caps = _CAPS[config.target]
+    caps = target_caps(config.target)
     out = Path(out)
     with staging_dir(out) as stage:
         if src.endswith(".onnx"):
@@ -335,7 +341,8 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         built = replace(card, graphs={
             g.name: GraphSpec(path=f"{g.name}/{g.lowering.artifact}",
                               inputs=card.graphs[g.name].inputs,
-                              outputs=card.graphs[g.name].outputs)
+                              outputs=card.graphs[g.name].outputs,
+                              optimization=g.lowering.optimization)
             for g in graphs
         }, source={**card.source, "build": f"sfc build {src}"})
         if card.tokenizer:

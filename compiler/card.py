@@ -46,6 +46,9 @@ class GraphSpec:
     path: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # ORT graph optimisation level to open it with (sfc.runtime.session.OPTIMIZATION):
+    # "basic" for fake-quant graphs, whose Q/DQ ORT's extended rewrites must not touch.
+    optimization: str = "all"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class ModelCard:
                              for t in g["inputs"]),
                 outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
                               for t in g["outputs"]),
+                optimization=g.get("optimization", "all"),
             )
             for k, g in d["graphs"].items()
         }

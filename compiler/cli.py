@@ -134,9 +134,12 @@ def eval_cmd(
 def build_cmd(
     src: Annotated[str, typer.Argument(help="Zoo name, export folder or .onnx")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option("-o", "--out", help="Build folder")] = Path("build"),
-    target: Annotated[str, typer.Option(help="Lowering target")] = "ort-cpu",
+    target: Annotated[str, typer.Option(
+        help="ort-cpu (integer kernels) or sim (fake-quant accuracy check, any bit-width)")]
+    = "ort-cpu",
     weights: Annotated[int, typer.Option(help="Weight bits: 8, 4 or 2")] = 8,
-    activations: Annotated[str, typer.Option(help="Activations: int8 or none")] = "int8",
+    activations: Annotated[str, typer.Option(
+        help="Activations: int8, int4 (fake-quant --target sim only) or none")] = "int8",
     calibrator: Annotated[str, typer.Option(
         help="max, percentile, entropy, mse, or esc (MSE start refined by CMA-ES against the "
         "task objective; the default: lossless W8A8 on whisper-tiny.en)")] = "esc",
@@ -168,9 +171,9 @@ def build_cmd(
     from .build import BuildConfig
     from .pipeline import compile_model
 
-    acts = {"int8": 8, "none": None}
+    acts = {"int8": 8, "int4": 4, "none": None}
     if activations not in acts:
-        raise SfcError(f"--activations must be int8 or none, not {activations!r}")
+        raise SfcError(f"--activations must be int8, int4 or none, not {activations!r}")
     config = BuildConfig(target=target, weights=weights, activations=acts[activations],
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,

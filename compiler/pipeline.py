@@ -31,14 +31,14 @@ def _evaluate_folder(folder: Path, data: Path, limit: int | None, threads: int |
 
 
 def measure_distortion(fp32_model: Path, artifact: Path, feeds_dir: Path,
-                       input_names: list[str]) -> Distortion:
+                       input_names: list[str], optimization: str = "all") -> Distortion:
     """Run FP32 and the built artifact on every .npz feed; compare their outputs."""
     import numpy as np
 
     from .calib.feeds import npz_feeds
     from .runtime.session import open_session
 
-    ref, built = open_session(fp32_model), open_session(artifact)
+    ref, built = open_session(fp32_model), open_session(artifact, optimization=optimization)
     names = [o.name for o in ref.get_outputs()]
     rel: dict[str, list[float]] = {n: [] for n in names}
     cos: dict[str, list[float]] = {n: [] for n in names}
@@ -80,7 +80,7 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
         if feeds_dir is not None:
             distortion = measure_distortion(
                 out / graph.fp32, out / graph.name / graph.lowering.artifact, feeds_dir,
-                [t.name for t in card.graphs[graph.name].inputs])
+                [t.name for t in card.graphs[graph.name].inputs], graph.lowering.optimization)
     report = make_report(src, config, out, graphs, wer, build_s, distortion)
     report.save(out)
     ModelCard.load(out)  # the folder must stay loadable as a deployable

@@ -263,6 +263,7 @@ def render_markdown(report: BuildReport) -> str:
                      f"{', ...' if len(low['float_weighted']) > 8 else ''})"
                      if low["float_weighted"] else ""),
                   f"- artifact: {g['name']}/{low['artifact']} ({low['bytes'] / 1e6:.1f} MB)"]
+        lines += [f"- lowering: {note}" for note in low.get("notes", ())]
         reasons: dict[str, int] = {}
         for s in g["skipped"]:
             key = f"{s.get('op_type', '?')}: {s.get('reason', '')}"

@@ -192,7 +192,7 @@ def test_plan_is_deterministic() -> None:
     ("kwargs", "message"),
     [
         ({"weight_bits": 3}, "weight_bits"),
-        ({"activation_bits": 4}, "activation_bits"),
+        ({"activation_bits": 2}, "activation_bits"),
         ({"block_size": 24}, "block_size"),
         ({"block_size": 8}, "block_size"),
         ({"exclude": "fc*"}, "exclude"),

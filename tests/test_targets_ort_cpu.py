@@ -196,7 +196,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path: Path) -> Non
 
 
 def test_registry() -> None:
-    assert available_targets() == ("ort-cpu",)
+    assert available_targets() == ("ort-cpu", "sim")
     assert get_target("ort-cpu").name == "ort-cpu"
     assert get_target("ORT-CPU").caps_name == "ort-cpu"
     for name in ("tensorrt", "tensorrt:10.3"):

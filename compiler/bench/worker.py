@@ -115,17 +115,17 @@ def _bench_whisper(folder: Path, args: WorkerArgs) -> WorkerResult:
     )
 
 
-def _graph_file(path: Path) -> Path:
-    """The one graph to time: the file itself, or a generic folder's (only / "model") graph."""
+def _graph_file(path: Path) -> tuple[Path, str]:
+    """The one graph to time and its ORT optimisation level: the file itself, or a generic
+    folder's (only / "model") graph."""
     if path.is_file():
-        return path
+        return path, "all"
     from ..card import ModelCard
 
     card = ModelCard.load(path)
-    if "model" in card.graphs:
-        return path / card.graphs["model"].path
-    if len(card.graphs) == 1:
-        return path / next(iter(card.graphs.values())).path
+    if "model" in card.graphs or len(card.graphs) == 1:
+        spec = card.graphs.get("model") or next(iter(card.graphs.values()))
+        return path / spec.path, spec.optimization
     raise SfcError(f"{path} holds several graphs ({', '.join(card.graphs)}); "
                    "benchmark one of its .onnx files")
 
@@ -163,9 +163,9 @@ def _npz_feed(path: Path, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
 def _bench_generic(path: Path, args: WorkerArgs) -> WorkerResult:
     from ..runtime.session import open_session
 
-    graph = _graph_file(path)
+    graph, optimization = _graph_file(path)
     t0 = time.perf_counter()
-    session = open_session(graph, threads=args.threads)
+    session = open_session(graph, threads=args.threads, optimization=optimization)
     load_s = time.perf_counter() - t0
     metas = session.get_inputs()
     feed = (_npz_feed(Path(args.inputs), metas) if args.inputs

@@ -34,6 +34,7 @@ from ..card import ModelCard
 from ..errors import SfcError
 from ..quant.qdq import scale_input_name, write_qdq
 from ..quant.recipe import Recipe
+from ..runtime.session import OPTIMIZATION
 from .esc import quantizer_key
 
 __all__ = [
@@ -73,11 +74,14 @@ def _first_line(exc: BaseException) -> str:
 class ScaledSession:
     """One graph's QDQ model with its tuned activation scales as inputs, prepared once."""
 
-    def __init__(self, graph: str, setup: GraphSetup, *, threads: int | None = None) -> None:
+    def __init__(self, graph: str, setup: GraphSetup, *, threads: int | None = None,
+                 optimization: str = "all") -> None:
         self.graph = graph
         self.inputs = {t: scale_input_name(t) for t in setup.tuned}
         qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned)
         options = ort.SessionOptions()
+        # The level the target's artifact runs at: the search sees the deployed numerics.
+        options.graph_optimization_level = OPTIMIZATION[optimization]
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -320,11 +324,13 @@ def resolve_objective(kind: str, card: ModelCard) -> str:
 
 def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
                    samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
-                   feeds_dir: Path | None = None, progress: bool = True) -> Any:
+                   feeds_dir: Path | None = None, progress: bool = True,
+                   optimization: str = "all") -> Any:
     """The objective `kind` ("auto" reads the card) for ESC over `graphs`.
 
     Whisper needs the FP32 `runtime` and calibration `utterances`; other models read the
-    `.npz` feeds in `feeds_dir`. The result has `name`, `__call__(scales)` and `close()`.
+    `.npz` feeds in `feeds_dir`. `optimization`: the ORT level the quantized sessions run
+    at (the target's). The result has `name`, `__call__(scales)` and `close()`.
     """
     from .feeds import npz_feeds
 
@@ -337,8 +343,9 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
             raise SfcError(f"ESC on Whisper needs both graphs; missing {sorted(missing)}")
         reference = whisper_reference(runtime, list(utterances)[:samples], kind,
                                       progress=progress)
-        return WhisperObjective(kind, ScaledSession("encoder", graphs["encoder"]),
-                                ScaledSession("decoder", graphs["decoder"]), reference,
+        encoder, decoder = (ScaledSession(g, graphs[g], optimization=optimization)
+                            for g in ("encoder", "decoder"))
+        return WhisperObjective(kind, encoder, decoder, reference,
                                 runtime.decoding)
     if feeds_dir is None:
         raise SfcError("the distortion objective needs a folder of .npz feeds")
@@ -355,6 +362,6 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
                                     providers=["CPUExecutionProvider"])
         references.append([fp32.run(None, f) for f in chosen])
         del fp32
-        sessions.append(ScaledSession(name, setup))
+        sessions.append(ScaledSession(name, setup, optimization=optimization))
         feeds.append(chosen)
     return DistortionObjective(sessions, feeds, references)

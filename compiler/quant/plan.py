@@ -29,7 +29,7 @@ import onnx
 
 from ..errors import SfcError
 from ..onnx_utils import int_attr
-from .spec import QuantSpec, TargetCaps, min_opset
+from .spec import SIM_CAPS, QuantSpec, TargetCaps, min_opset
 
 __all__ = [
     "STRUCTURAL_OPS",
@@ -85,9 +85,9 @@ class PlanConfig:
         if self.weight_bits not in (8, 4, 2) or isinstance(self.weight_bits, bool):
             raise SfcError(f"weight_bits must be 8, 4 or 2, not {self.weight_bits!r}")
         if self.activation_bits is not None and (
-            self.activation_bits != 8 or isinstance(self.activation_bits, bool)
+            self.activation_bits not in (8, 4) or isinstance(self.activation_bits, bool)
         ):
-            raise SfcError(f"activation_bits must be 8 or None, not {self.activation_bits!r}")
+            raise SfcError(f"activation_bits must be 8, 4 or None, not {self.activation_bits!r}")
         if not isinstance(self.block_size, int) or not (
             self.block_size >= 16 and _is_pow2(self.block_size)
         ):
@@ -396,14 +396,19 @@ def _check_names(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
-def _check_caps(config: PlanConfig, caps: TargetCaps) -> None:
+def check_caps(config: PlanConfig, caps: TargetCaps) -> None:
+    """SfcError unless the target runs the requested weight and activation bit-widths."""
     if config.weight_bits not in caps.weight_bits:
         supported = ", ".join(str(b) for b in sorted(caps.weight_bits)) or "none"
         raise SfcError(
             f"target {caps.name} does not run {config.weight_bits}-bit weights (runs: {supported})"
         )
     if config.activation_bits is not None and config.activation_bits not in caps.activation_bits:
-        raise SfcError(f"target {caps.name} does not run {config.activation_bits}-bit activations")
+        supported = ", ".join(str(b) for b in sorted(caps.activation_bits)) or "none"
+        hint = "; --target sim evaluates them as fake quantization" if (
+            config.activation_bits in SIM_CAPS.activation_bits) else ""
+        raise SfcError(f"target {caps.name} does not run {config.activation_bits}-bit "
+                       f"activations (runs: {supported}){hint}")
 
 
 def _resolve_weights(
@@ -446,7 +451,7 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
     Pure: reads the model, returns a `Plan`. Raises SfcError when the config asks for
     bit-widths the target does not run, or when node names are missing or repeated.
     """
-    _check_caps(config, caps)
+    check_caps(config, caps)
     graph = model.graph
     _check_names(graph)
     ctx = _Context(GraphFacts.of(graph), config, caps)

@@ -15,6 +15,7 @@ from ..errors import SfcError
 __all__ = [
     "INT_RANGES",
     "ORT_CPU_CAPS",
+    "SIM_CAPS",
     "Granularity",
     "QuantSpec",
     "TargetCaps",
@@ -175,5 +176,19 @@ ORT_CPU_CAPS = TargetCaps(
     activation_bits=frozenset({8}),
     block_weight_ops=frozenset({"MatMul"}),
     max_opset=25,
+    block_last_dim_multiple=((2, 4),),
+)
+
+# The `sim` target (fake quantization in ORT): every bit-width the QDQ writer emits, 4-bit
+# activations included, and block weights together with quantized activations (W4A8,
+# W4A4), since nothing has to fuse. INT2 keeps N % 4 == 0: with float activations ORT would
+# still fuse the block DQ into MatMulNBits and hit the bug above.
+SIM_CAPS = TargetCaps(
+    name="sim",
+    weight_bits=frozenset({2, 4, 8}),
+    activation_bits=frozenset({4, 8}),
+    block_weight_ops=frozenset({"MatMul"}),
+    max_opset=25,
+    block_weight_only=False,
     block_last_dim_multiple=((2, 4),),
 )

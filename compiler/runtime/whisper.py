@@ -15,11 +15,15 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ..card import ModelCard, WhisperDecoding
+from ..card import GraphSpec, ModelCard, WhisperDecoding
 from ..errors import SfcError
 from .decoding import DecoderStep, greedy_decode
 from .features import LogMelSpec, whisper_windows
 from .session import open_session
+
+
+def _open(folder: Path, graph: GraphSpec, threads: int | None) -> ort.InferenceSession:
+    return open_session(folder / graph.path, threads=threads, optimization=graph.optimization)
 
 __all__ = ["WhisperRuntime"]
 
@@ -53,8 +57,8 @@ class WhisperRuntime:
             card=card,
             decoding=card.decoding,
             mel=LogMelSpec.from_dict(card.preprocessing or {}),
-            encoder=open_session(folder / card.graphs["encoder"].path, threads=threads),
-            decoder=open_session(folder / card.graphs["decoder"].path, threads=threads),
+            encoder=_open(folder, card.graphs["encoder"], threads),
+            decoder=_open(folder, card.graphs["decoder"], threads),
             tokenizer=Tokenizer.from_file(str(tok_path)),
         )
 

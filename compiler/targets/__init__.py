@@ -11,11 +11,13 @@ from collections.abc import Callable
 from ..errors import SfcError
 from .base import FusionCensus, LoweringResult, Target, artifact_bytes, fusion_census
 from .ort_cpu import OrtCpuTarget
+from .sim import SimTarget
 
 __all__ = [
     "FusionCensus",
     "LoweringResult",
     "OrtCpuTarget",
+    "SimTarget",
     "Target",
     "artifact_bytes",
     "available_targets",
@@ -23,7 +25,7 @@ __all__ = [
     "get_target",
 ]
 
-_TARGETS: dict[str, Callable[[], Target]] = {"ort-cpu": OrtCpuTarget}
+_TARGETS: dict[str, Callable[[], Target]] = {"ort-cpu": OrtCpuTarget, "sim": SimTarget}
 # Named so that asking for them explains itself instead of reading as a typo.
 _PLANNED: dict[str, str] = {"tensorrt": "strongly typed TensorRT engines"}
 

@@ -163,6 +163,7 @@ class LoweringResult:
     float_activation: tuple[str, ...] = ()
     ort_format_bytes: int | None = None
     notes: tuple[str, ...] = field(default=())  # e.g. why no ORT-format file was written
+    optimization: str = "all"  # ORT graph optimisation level the artifact must be opened with
 
     @classmethod
     def from_census(cls, census: FusionCensus, **kwargs: Any) -> LoweringResult:
@@ -195,6 +196,7 @@ class LoweringResult:
                 ort_format_bytes=(None if d.get("ort_format_bytes") is None
                                   else int(d["ort_format_bytes"])),
                 notes=_strs(d.get("notes", ())),
+                optimization=str(d.get("optimization", "all")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SfcError(f"malformed {RESULT_TYPE}: {exc!r}") from None
@@ -255,6 +257,11 @@ class Target(Protocol):
     @property
     def caps_name(self) -> str:
         """Name of the capabilities entry placement reads."""
+        ...
+
+    @property
+    def optimization(self) -> str:
+        """ORT graph optimisation level its artifacts (and ESC's search sessions) run at."""
         ...
 
     def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:

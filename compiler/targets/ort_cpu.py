@@ -90,6 +90,11 @@ class OrtCpuTarget:
         """Name of the capabilities entry placement reads."""
         return "ort-cpu"
 
+    @property
+    def optimization(self) -> str:
+        """ORT's own fusions at load: the deployment path."""
+        return "all"
+
     def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:
         """Optimize `qdq_path` with ORT and write `<stem>.ort.onnx` (and `<stem>.ort`).
 
