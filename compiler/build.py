@@ -36,7 +36,7 @@ from .paths import BUNDLED_DATA
 from .quant.plan import Plan, PlanConfig, check_caps, make_plan
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
-from .quant.spec import ORT_CPU_CAPS, SIM_CAPS, TargetCaps
+from .quant.spec import ORT_CPU_CAPS, SIM_CAPS, TENSORRT_CAPS, TargetCaps
 from .targets import get_target
 from .targets.base import LoweringResult
 
@@ -45,7 +45,8 @@ __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBui
 logger = logging.getLogger(__name__)
 
 # Quantization capabilities per target; placement reads these, never the target's name.
-_CAPS: dict[str, TargetCaps] = {"ort-cpu": ORT_CPU_CAPS, "sim": SIM_CAPS}
+_CAPS: dict[str, TargetCaps] = {"ort-cpu": ORT_CPU_CAPS, "sim": SIM_CAPS,
+                                 "tensorrt": TENSORRT_CAPS}
 
 # Where an ESC build saves its search (relative to the build folder).
 ESC_RESULT = "esc.json"
@@ -55,10 +56,11 @@ ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
 
 def target_caps(target: str) -> TargetCaps:
     """What placement may use on `target`; a one-line SfcError for an unknown one."""
-    if target not in _CAPS:
+    base = target.split(":", 1)[0].strip().lower()
+    if base not in _CAPS:
         get_target(target)  # raises the one-line "unknown target" error
         raise SfcError(f"target {target!r} has no quantization capabilities yet")
-    return _CAPS[target]
+    return _CAPS[base]
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,8 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
     return _Graph(name, model, sha, plan, recipe, time.perf_counter() - start)
 
 
-def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path) -> GraphBuild:
+def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
+          card: ModelCard) -> GraphBuild:
     start = time.perf_counter()
     folder = stage / g.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,7 +211,8 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path) -> GraphB
     onnx.save(g.model, str(folder / "model.fp32.onnx"))
     recipe.save(folder / "recipe.json")
     onnx.save(qdq, str(folder / "model.qdq.onnx"))
-    lowering = get_target(config.target).lower(folder / "model.qdq.onnx", folder)
+    target = get_target(config.target).for_graph(card, g.name)
+    lowering = target.lower(folder / "model.qdq.onnx", folder)
     return GraphBuild(
         name=g.name,
         fp32=f"{g.name}/model.fp32.onnx",
@@ -225,15 +229,15 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path) -> GraphB
 
 def _build_graph(name: str, model: onnx.ModelProto, feeds: Iterator[Feed] | None, total: int,
                  config: BuildConfig, caps: TargetCaps, stage: Path,
-                 single: bool) -> GraphBuild:
-    g = _prepare(name, model, config, caps, single)
+                 card: ModelCard) -> GraphBuild:
+    g = _prepare(name, model, config, caps, len(card.graphs) == 1)
     recipe = g.replay
     if recipe is None:
         start = time.perf_counter()
         scales = _calibrate(_stats(model, g.plan, feeds, total, name), config)
         recipe = recipe_from_plan(g.plan, scales, g.sha, config.seed, config.recipe_config())
         g.seconds += time.perf_counter() - start
-    return _emit(g, recipe, config, stage)
+    return _emit(g, recipe, config, stage, card)
 
 
 def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: Any,
@@ -324,7 +328,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
                 total = len(list(Path(config.calib).glob("*.npz")))
             if not esc:
                 graphs.append(_build_graph(name, model, feeds, total, config, caps, stage,
-                                           single))
+                                           card))
                 continue
             g = _prepare(name, model, config, caps, single)
             started = time.perf_counter()
@@ -337,7 +341,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
                 raise Interrupted(_save_interrupted(out, recipes, result))
             result.save(stage / ESC_RESULT)
             plot_trace(result, stage / ESC_PLOT)
-            graphs += [_emit(g, recipes[g.name], config, stage) for g in pending]
+            graphs += [_emit(g, recipes[g.name], config, stage, card) for g in pending]
         built = replace(card, graphs={
             g.name: GraphSpec(path=f"{g.name}/{g.lowering.artifact}",
                               inputs=card.graphs[g.name].inputs,
@@ -350,3 +354,21 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         built.save(stage)
         shutil.rmtree(stage / "_source", ignore_errors=True)
     return built, graphs
+
+
+def lower_qdq(qdq: Path, out: Path, target: str) -> LoweringResult:
+    """`sfc build --from-qdq`: lower an existing QDQ (or TensorRT-ready) ONNX file into `out`.
+
+    Inside a build folder (`out` is `<build>/<graph>`), the build's model card gives the
+    graph's optimisation profile; elsewhere the file's own input shapes do.
+    """
+    qdq, out = Path(qdq), Path(out)
+    if not qdq.is_file():
+        raise SfcError(f"QDQ model not found: {qdq}")
+    lowering = get_target(target)
+    card_folder = out.parent
+    if (card_folder / "card.json").is_file():
+        card = ModelCard.load(card_folder)
+        if out.name in card.graphs:
+            lowering = lowering.for_graph(card, out.name)
+    return lowering.lower(qdq, out)

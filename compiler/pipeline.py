@@ -64,7 +64,9 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
     card, graphs = build(src, out, config)
     build_s = time.perf_counter() - start
     wer: WerComparison | None = None
-    if card.family == "whisper" and eval_data is not None:
+    # A TensorRT build on a machine without TensorRT stops before the engines: nothing to run.
+    runnable = all((out / g.name / g.lowering.artifact).is_file() for g in graphs)
+    if card.family == "whisper" and eval_data is not None and runnable:
         fp32_folder = model_folder(src)
         fp32 = fp32_eval(fp32_folder, eval_data, eval_limit,
                          lambda: _evaluate_folder(fp32_folder, eval_data, eval_limit, threads,
@@ -73,7 +75,7 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
         built.save(out / "eval.json")
         wer = compare_wer(fp32, built)
     distortion = None
-    if card.family != "whisper":
+    if card.family != "whisper" and runnable:
         graph = graphs[0]
         candidates = [d for d in (eval_data, config.calib) if d is not None and Path(d).is_dir()]
         feeds_dir = next((d for d in candidates if any(Path(d).glob("*.npz"))), None)
@@ -85,3 +87,11 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
     report.save(out)
     ModelCard.load(out)  # the folder must stay loadable as a deployable
     return report
+
+
+def pending_engines(report: BuildReport) -> list[str]:
+    """Commands (run inside the build folder) that build the engines left to the device."""
+    from .targets.tensorrt import PENDING
+
+    return [n.removeprefix(PENDING) for g in report.graphs
+            for n in g["lowering"].get("notes", ()) if n.startswith(PENDING)]

@@ -204,7 +204,10 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
     layers: list[LayerRow] = []
     for g in graphs:
         recipe = Recipe.load(out / g.recipe)
-        optimized = onnx.load(str(out / g.name / g.lowering.artifact), load_external_data=False)
+        # A TensorRT engine is no ONNX graph: its kernels are in model.plan.layers.json, and
+        # the per-layer rows read the QDQ graph it was built from.
+        lowered = g.lowering.artifact if g.lowering.artifact.endswith(".onnx") else "model.qdq.onnx"
+        optimized = onnx.load(str(out / g.name / lowered), load_external_data=False)
         layers += layer_rows(g.name, recipe, optimized)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     esc = None

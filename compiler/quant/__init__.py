@@ -8,7 +8,15 @@ Flow: `make_plan(fp32_model, PlanConfig(...), caps)` -> calibrate `plan.activati
 from .plan import Plan, PlanConfig, Quantizer, Skipped, make_plan, name_nodes
 from .qdq import QdqNames, qdq_names, qdq_versions, scale_input_name, write_qdq
 from .recipe import Recipe, TensorRecipe, model_sha256, recipe_from_plan
-from .spec import INT_RANGES, ORT_CPU_CAPS, SIM_CAPS, QuantSpec, TargetCaps, min_opset
+from .spec import (
+    INT_RANGES,
+    ORT_CPU_CAPS,
+    SIM_CAPS,
+    TENSORRT_CAPS,
+    QuantSpec,
+    TargetCaps,
+    min_opset,
+)
 from .weights import (
     broadcast_scales,
     default_method,
@@ -22,6 +30,7 @@ __all__ = [
     "INT_RANGES",
     "ORT_CPU_CAPS",
     "SIM_CAPS",
+    "TENSORRT_CAPS",
     "Plan",
     "PlanConfig",
     "QdqNames",

@@ -46,12 +46,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from ..errors import SfcError
+from ..kernels.packing import pack
 from .plan import subgraph_reads
 from .recipe import Recipe, TensorRecipe, model_sha256
 from .spec import QuantSpec, min_opset
@@ -59,8 +59,6 @@ from .weights import quantize_weight, weight_scales
 
 __all__ = ["QdqNames", "qdq_names", "qdq_versions", "scale_input_name", "write_qdq"]
 
-# numpy dtypes whose onnx.numpy_helper.from_array gives INT8 / INT4 / INT2 tensors.
-_STORAGE: dict[int, Any] = {8: np.int8, 4: ml_dtypes.int4, 2: ml_dtypes.int2}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -141,7 +139,13 @@ def _dq_attrs(spec: QuantSpec) -> dict[str, Any]:
 
 
 def _int_tensor(values: np.ndarray, bits: int, name: str) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(values).astype(_STORAGE[bits]), name)
+    values = np.asarray(values)
+    if bits == 8:
+        return numpy_helper.from_array(values.astype(np.int8), name)
+    # INT4 / INT2 bytes come from sfc.kernels.packing, the layout the kernels read.
+    data_type = {4: onnx.TensorProto.INT4, 2: onnx.TensorProto.INT2}[bits]
+    raw = pack(values, bits).tobytes()
+    return helper.make_tensor(name, data_type, values.shape, vals=raw, raw=True)
 
 
 def _float_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:

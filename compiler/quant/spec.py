@@ -16,6 +16,7 @@ __all__ = [
     "INT_RANGES",
     "ORT_CPU_CAPS",
     "SIM_CAPS",
+    "TENSORRT_CAPS",
     "Granularity",
     "QuantSpec",
     "TargetCaps",
@@ -191,4 +192,18 @@ SIM_CAPS = TargetCaps(
     max_opset=25,
     block_weight_only=False,
     block_last_dim_multiple=((2, 4),),
+)
+
+# TensorRT >= 10 (../shared/guide/tensorrt.md): INT8 per-tensor activations and per-channel
+# weights; INT4 block weights are weight-only (W4A16) and need an even last dim; INT2 has no
+# TensorRT type, so its block weights become sfc's W2A16 plugin node at lowering
+# (sfc.targets.trt_rewrites; N % 4 == 0 keeps every packed byte inside one row).
+TENSORRT_CAPS = TargetCaps(
+    name="tensorrt",
+    weight_bits=frozenset({2, 4, 8}),
+    activation_bits=frozenset({8}),
+    block_weight_ops=frozenset({"MatMul"}),
+    max_opset=25,
+    block_weight_only=True,
+    block_last_dim_multiple=((4, 2), (2, 4)),
 )

@@ -3,7 +3,8 @@
 Scales have the layout ONNX DequantizeLinear expects: a scalar (per-tensor), shape [C]
 (per-channel on `axis`), or the weight's shape with the blocked axis replaced by
 ceil(K / block_size) (block-wise). Integers are stored as int8 holding values inside the
-spec's range; onnx's own helpers pack INT4 / INT2 when the tensor is written.
+spec's range; `sfc.kernels.packing` packs INT4 / INT2 (the ONNX layout the kernels read)
+when the QDQ writer stores the tensor.
 """
 
 from __future__ import annotations

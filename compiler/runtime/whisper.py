@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..card import GraphSpec, ModelCard, WhisperDecoding
@@ -22,7 +22,12 @@ from .features import LogMelSpec, whisper_windows
 from .session import open_session
 
 
-def _open(folder: Path, graph: GraphSpec, threads: int | None) -> ort.InferenceSession:
+def _open(folder: Path, graph: GraphSpec, threads: int | None) -> Any:
+    """An ORT session, or a TensorRT engine runner for a `.plan` (same `run` interface)."""
+    if graph.path.endswith(".plan"):
+        from .trt_session import open_engine
+
+        return open_engine(folder / graph.path)
     return open_session(folder / graph.path, threads=threads, optimization=graph.optimization)
 
 __all__ = ["WhisperRuntime"]
@@ -35,8 +40,8 @@ class WhisperRuntime:
     card: ModelCard
     decoding: WhisperDecoding
     mel: LogMelSpec
-    encoder: ort.InferenceSession
-    decoder: ort.InferenceSession
+    encoder: Any  # ort.InferenceSession or TrtSession
+    decoder: Any
     tokenizer: Tokenizer
     max_batch: int = 8
 

@@ -12,6 +12,8 @@ from ..errors import SfcError
 from .base import FusionCensus, LoweringResult, Target, artifact_bytes, fusion_census
 from .ort_cpu import OrtCpuTarget
 from .sim import SimTarget
+from .tensorrt import TensorRTTarget
+from .tensorrt_plan import TrtVersion
 
 __all__ = [
     "FusionCensus",
@@ -19,15 +21,15 @@ __all__ = [
     "OrtCpuTarget",
     "SimTarget",
     "Target",
+    "TensorRTTarget",
     "artifact_bytes",
     "available_targets",
     "fusion_census",
     "get_target",
 ]
 
-_TARGETS: dict[str, Callable[[], Target]] = {"ort-cpu": OrtCpuTarget, "sim": SimTarget}
-# Named so that asking for them explains itself instead of reading as a typo.
-_PLANNED: dict[str, str] = {"tensorrt": "strongly typed TensorRT engines"}
+_TARGETS: dict[str, Callable[[], Target]] = {"ort-cpu": OrtCpuTarget, "sim": SimTarget,
+                                              "tensorrt": TensorRTTarget}
 
 
 def available_targets() -> tuple[str, ...]:
@@ -36,17 +38,19 @@ def available_targets() -> tuple[str, ...]:
 
 
 def get_target(name: str) -> Target:
-    """The target registered as `name`; a version suffix (`tensorrt:10.3`) is ignored here.
+    """The target registered as `name`; `tensorrt:10.3` picks the TensorRT version.
 
     Raises:
-        SfcError: `name` is planned but not implemented, or unknown.
+        SfcError: unknown name, a bad version, or a version on a target that takes none.
     """
-    base = name.split(":", 1)[0].strip().lower()
+    base, _, version = name.partition(":")
+    base = base.strip().lower()
+    if base == "tensorrt":
+        return TensorRTTarget(version=TrtVersion.parse(version) if version.strip() else None)
+    if version:
+        raise SfcError(f"target {base!r} takes no version (got {name!r})")
     if base in _TARGETS:
         return _TARGETS[base]()
     listing = ", ".join(available_targets())
-    if base in _PLANNED:
-        raise SfcError(f"target {base!r} is not available yet ({_PLANNED[base]}, planned); "
-                       f"available: {listing}")
-    planned = ", ".join(f"{p} (not available yet)" for p in sorted(_PLANNED))
-    raise SfcError(f"unknown target {name!r}; available: {listing}; {planned}")
+    raise SfcError(f"unknown target {name!r}; available: {listing} (tensorrt takes a version: "
+                   "tensorrt:10.3, tensorrt:10.16, tensorrt:11)")

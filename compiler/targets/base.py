@@ -264,6 +264,11 @@ class Target(Protocol):
         """ORT graph optimisation level its artifacts (and ESC's search sessions) run at."""
         ...
 
+    def for_graph(self, card: Any, graph: str) -> Target:
+        """This target configured for `graph` of the model `card` describes (TensorRT takes
+        its optimisation profile from it); targets that need nothing return themselves."""
+        ...
+
     def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:
         """Lower the QDQ model at `qdq_path` into `out_dir` (files named after `stem`)."""
         ...

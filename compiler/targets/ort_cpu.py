@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import onnx
 
@@ -94,6 +94,10 @@ class OrtCpuTarget:
     def optimization(self) -> str:
         """ORT's own fusions at load: the deployment path."""
         return "all"
+
+    def for_graph(self, card: Any, graph: str) -> Self:
+        """Nothing graph-specific: the same target."""
+        return self
 
     def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:
         """Optimize `qdq_path` with ORT and write `<stem>.ort.onnx` (and `<stem>.ort`).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import onnx
 
@@ -47,6 +48,10 @@ class SimTarget:
     def optimization(self) -> str:
         """no QDQ rewrites: the Q/DQ nodes are the numerics under test."""
         return "basic"
+
+    def for_graph(self, card: Any, graph: str) -> Self:
+        """Nothing graph-specific: the same target."""
+        return self
 
     def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:
         """Check that ORT loads `qdq_path` and report it as the artifact.
