@@ -56,9 +56,9 @@ ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
 
 def target_caps(target: str) -> TargetCaps:
     """What placement may use on `target`; a one-line SfcError for an unknown one."""
+    get_target(target)  # one-line errors for an unknown target or a bad version
     base = target.split(":", 1)[0].strip().lower()
     if base not in _CAPS:
-        get_target(target)  # raises the one-line "unknown target" error
         raise SfcError(f"target {target!r} has no quantization capabilities yet")
     return _CAPS[base]
 

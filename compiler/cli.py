@@ -165,11 +165,24 @@ def build_cmd(
     eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
     = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the WER check")] = False,
+    from_qdq: Annotated[Path | None, typer.Option(
+        "--from-qdq", help="Only lower this QDQ / TensorRT-ready ONNX into OUT (finishes a "
+        "TensorRT build on the device)")] = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
-    from .build import BuildConfig
-    from .pipeline import compile_model
+    from .build import BuildConfig, lower_qdq
+    from .pipeline import compile_model, pending_engines
+
+    if from_qdq is not None:
+        result = lower_qdq(from_qdq, out, target)
+        for note in result.notes:
+            console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
+        if not (out / result.artifact).is_file():
+            raise SfcError(f"{out / result.artifact} was not built: TensorRT is not installed "
+                           "here (run this inside the docker/tensorrt image or on the device)")
+        console.print(f"wrote {out / result.artifact} ({result.bytes / 1e6:.1f} MB)")
+        return
 
     acts = {"int8": 8, "int4": 4, "none": None}
     if activations not in acts:
@@ -185,6 +198,11 @@ def build_cmd(
     console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)
     console.print(f"build folder: {out} (report.md, report.json); "
                   f"{report.compression:.2f}x smaller than FP32")
+    pending = pending_engines(report)
+    if pending:  # the QDQ/TensorRT-ready ONNX is written; the engines need TensorRT
+        raise SfcError(f"TensorRT is not installed here, so {out} holds the TensorRT-ready "
+                       "ONNX but no engine; finish on the device (or in docker/tensorrt): "
+                       f"cd {out} && " + " && ".join(pending))
 
 
 @command()
@@ -238,6 +256,35 @@ def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = Fal
     for name, ok in mi.zoo.items():
         table.add_row(f"zoo: {name}", "installed" if ok else "package missing")
     console.print(table)
+
+
+@command("check")
+def check_cmd(
+    model: Annotated[Path, typer.Argument(
+        help="A QDQ ONNX file (e.g. build/encoder/model.qdq.onnx)")],
+    target: Annotated[str, typer.Option(
+        help="tensorrt:10.3 (JetPack 6), tensorrt:10.16 (JetPack 7.2), tensorrt:11 or ort-cpu")],
+    arch: Annotated[str | None, typer.Option(
+        help="Compute capability to assume instead of the target's device (sm_87 Orin, "
+        "sm_110 Thor, sm_90 H100)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")]
+    = None,
+) -> None:
+    """Check a QDQ ONNX file statically against what a runtime version accepts.
+
+    One line per finding, then a summary; exit code 1 when any finding is an error.
+    """
+    from .check import check_model
+
+    report = check_model(model, target, arch=arch)
+    for finding in report.findings:
+        console.print(finding.line(), highlight=False, markup=False, soft_wrap=True)
+    console.print(report.summary(), highlight=False, markup=False, soft_wrap=True)
+    if json_out is not None:
+        report.save(json_out)
+        console.print(f"check report: {json_out}", highlight=False, markup=False)
+    if not report.passed:  # SystemExit: main() runs typer non-standalone, so Exit is swallowed
+        raise SystemExit(1)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ change against the MSE start, the trace plot).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,7 +217,9 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
     return BuildReport(
         src=src,
         config=cfg,
-        graphs=tuple(asdict(g) | {"lowering": g.lowering.to_dict()["_data"]} for g in graphs),
+        graphs=tuple(asdict(g) | {"lowering": g.lowering.to_dict()["_data"],
+                                  "engine_layers": _engine_layers(out / g.name)}
+                     for g in graphs),
         layers=tuple(layers),
         fp32_bytes=sum(g.fp32_bytes for g in graphs),
         artifact_bytes=sum(g.lowering.bytes for g in graphs),
@@ -225,6 +228,12 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         distortion=distortion,
         esc=esc,
     )
+
+
+def _engine_layers(folder: Path) -> list[dict[str, Any]]:
+    """The TensorRT engine inspector's per-layer table, when the build made an engine."""
+    path = folder / "model.plan.layers.json"
+    return list(json.loads(path.read_text())) if path.is_file() else []
 
 
 def render_markdown(report: BuildReport) -> str:
@@ -267,6 +276,12 @@ def render_markdown(report: BuildReport) -> str:
                      if low["float_weighted"] else ""),
                   f"- artifact: {g['name']}/{low['artifact']} ({low['bytes'] / 1e6:.1f} MB)"]
         lines += [f"- lowering: {note}" for note in low.get("notes", ())]
+        if g.get("engine_layers"):
+            lines += ["", "| engine layer | type | inputs | outputs | tactic |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['name']} | {r['layer_type']} | {', '.join(r['inputs'])} | "
+                      f"{', '.join(r['outputs'])} | {r['tactic']} |"
+                      for r in g["engine_layers"]]
         reasons: dict[str, int] = {}
         for s in g["skipped"]:
             key = f"{s.get('op_type', '?')}: {s.get('reason', '')}"

@@ -111,7 +111,8 @@ def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
 def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     out = str(tmp_path / "b")
     _assert_user_error(_sfc("build", "-o", out, "--weights", "3"), "weight_bits must be")
-    _assert_user_error(_sfc("build", "-o", out, "--target", "tensorrt"), "tensorrt")
+    _assert_user_error(_sfc("build", "-o", out, "--target", "tensorrt:8.5"), "TensorRT 8.5")
+    _assert_user_error(_sfc("build", "-o", out, "--target", "tpu"), "unknown target")
     _assert_user_error(_sfc("build", "-o", out, "--activations", "int2"), "--activations")
     _assert_user_error(_sfc("build", "-o", out, "--activations", "int4"), "--target sim")
     _assert_user_error(_sfc("build", "-o", out, "--calibrator", "magic"), "magic")

@@ -97,7 +97,7 @@ def test_whisper_profiles_follow_the_card(tiny_export: Path) -> None:
     assert short["past_value"].max[3] == 99
 
 
-def test_generic_profiles_need_sizes_for_symbolic_dims() -> None:
+def test_generic_profiles_fix_symbolic_dims() -> None:
     model = mlp_model()
     card = TensorRTTarget().for_graph(None, "model")  # no card: lowering makes a generic one
     assert card.card is None
@@ -105,8 +105,8 @@ def test_generic_profiles_need_sizes_for_symbolic_dims() -> None:
 
     generic = ModelCard(name="mlp", family="generic", objective="distortion",
                         graphs={"model": graph_spec_from_onnx(model, "model.onnx")})
-    with pytest.raises(SfcError, match="--dim B=N"):
-        profiles_for(generic, "model", ProfileLimits())
+    (one,) = profiles_for(generic, "model", ProfileLimits())
+    assert one.min == one.max == (1, 32, 64)
     (p,) = profiles_for(generic, "model", ProfileLimits(dims={"B": 8}))
     assert p.min == p.opt == p.max == (8, 32, 64)
 
@@ -243,3 +243,34 @@ def test_plugin_launch_arguments_match_the_compiled_kernel() -> None:
     assert values.get("stride_xm", 1536) == 1536
     with pytest.raises(SfcError, match="does not know"):
         scalar_values(["M", "mystery"], 1, 2, 3)
+
+
+def test_int2_weight_read_by_a_gather_falls_back_to_int8_on_tensorrt() -> None:
+    from test_quant_graphs import speech_model
+
+    plan = make_plan(speech_model(), PlanConfig(weight_bits=2, activation_bits=None),
+                     TENSORRT_CAPS)
+    specs = {q.tensor: q for q in plan.weights}
+    tied = specs["E"]  # read by the Gather "embed" and the MatMul "lm_head"
+    assert tied.spec.bits == 8 and "only as a MatMul plugin" in tied.note
+    assert any(q.spec.bits == 2 for q in plan.weights)  # the MatMul-only weights stay INT2
+
+
+def test_cli_tensorrt_build_stops_after_the_ready_onnx(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed: the build would make the engine")
+    onnx.save(mlp_model(), str(tmp_path / "mlp.onnx"))
+    out = tmp_path / "b"
+    code = ("import sys\nfrom sfc.cli import main\nsys.argv = ['sfc', 'build', "
+            f"{str(tmp_path / 'mlp.onnx')!r}, '-o', {str(out)!r}, '--activations', 'none', "
+            "'--target', 'tensorrt:10.16', '--no-eval']\nmain()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "sfc build --from-qdq model/model.trt.onnx -o model --target tensorrt:10.16" in (
+        done.stderr + done.stdout)
+    assert (out / "model" / TRT_ONNX).is_file() and (out / "card.json").is_file()
+    assert ModelCard.load(out).graphs["model"].path == "model/model.plan"

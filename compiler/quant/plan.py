@@ -411,8 +411,15 @@ def check_caps(config: PlanConfig, caps: TargetCaps) -> None:
                        f"activations (runs: {supported}){hint}")
 
 
+def _plugin_only_readers(weight: str, facts: GraphFacts, graph: onnx.GraphProto) -> bool:
+    """Whether every reader of `weight` is a MatMul taking it as its weight (input 1)."""
+    return all(graph.node[i].op_type == "MatMul" and graph.node[i].input[1] == weight
+               and graph.node[i].input[0] != weight for i in facts.readers.get(weight, ()))
+
+
 def _resolve_weights(
-    matches: list[_Match], facts: GraphFacts, excluded: Mapping[str, str], graph: onnx.GraphProto
+    matches: list[_Match], facts: GraphFacts, excluded: Mapping[str, str], graph: onnx.GraphProto,
+    caps: TargetCaps,
 ) -> tuple[dict[str, tuple[QuantSpec, str]], dict[str, str]]:
     """One spec per weight tensor. Returns (weight -> (spec, note), dropped node -> reason)."""
     by_weight: dict[str, list[_Match]] = {}
@@ -433,6 +440,13 @@ def _resolve_weights(
         if len(specs) == 1:
             spec = group[0].spec
             assert spec is not None
+            if (spec.bits in caps.plugin_weight_bits and group[0].fallback is not None
+                    and not _plugin_only_readers(weight, facts, graph)):
+                chosen[weight] = (group[0].fallback,
+                                  f"INT{spec.bits} fell back to INT8 per-channel: {caps.name} "
+                                  f"runs INT{spec.bits} only as a MatMul plugin, and "
+                                  f"'{weight}' has other readers")
+                continue
             chosen[weight] = (spec, notes[0] if notes else "")
             continue
         fallbacks = {m.fallback for m in group}
@@ -473,7 +487,7 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
                     excluded[node.name] = outcome.reason
                 break
     matches = [d for d in decisions if isinstance(d, _Match)]
-    weights, dropped = _resolve_weights(matches, ctx.facts, excluded, graph)
+    weights, dropped = _resolve_weights(matches, ctx.facts, excluded, graph, caps)
 
     skipped: list[Skipped] = []
     weight_q: dict[str, _Acc] = {}

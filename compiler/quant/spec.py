@@ -134,6 +134,8 @@ class TargetCaps:
     `max_opset`: the highest default-domain opset the runtime loads.
     `block_last_dim_multiple`: (bits, m) pairs: block-quantized weights of `bits` bits
     need their last dimension (MatMul's N) to be a multiple of m.
+    `plugin_weight_bits`: bit-widths the target runs only through a plugin that replaces a
+    DQ -> MatMul pair, so such a weight must be read by MatMuls (as their weight) alone.
     """
 
     name: str
@@ -143,6 +145,7 @@ class TargetCaps:
     max_opset: int
     block_weight_only: bool = True
     block_last_dim_multiple: tuple[tuple[int, int], ...] = ()
+    plugin_weight_bits: frozenset[int] = frozenset()
 
     def last_dim_multiple(self, bits: int) -> int:
         """What the last dimension of a `bits`-bit block-quantized weight must divide by."""
@@ -206,4 +209,5 @@ TENSORRT_CAPS = TargetCaps(
     max_opset=25,
     block_weight_only=True,
     block_last_dim_multiple=((4, 2), (2, 4)),
+    plugin_weight_bits=frozenset({2}),
 )

@@ -91,7 +91,7 @@ class ProfileLimits:
     Whisper: `max_batch` windows of 30 s at once (longer audio is several windows);
     decoder steps up to `max_decoder_steps` (default: the card's max_target_positions),
     tuned for `opt_decoder_steps`. `dims`: sizes for other symbolic dimensions of generic
-    models (min = opt = max).
+    models (min = opt = max; 1 when not given).
     """
 
     max_batch: int = 1
@@ -139,7 +139,7 @@ def profiles_for(card: ModelCard, graph: str, limits: ProfileLimits) -> tuple[In
     """One optimisation profile (min/opt/max per input) for `graph` of `card`.
 
     Fixed dimensions stay fixed. Whisper's symbolic ones (batch, tokens, past) follow the
-    decoding rules in the card; other models' symbolic dims take `limits.dims`.
+    decoding rules in the card; other models' symbolic dims take `limits.dims`, else 1.
     """
     if graph not in card.graphs:
         raise SfcError(f"{card.name} has no graph {graph!r}")
@@ -151,12 +151,9 @@ def profiles_for(card: ModelCard, graph: str, limits: ProfileLimits) -> tuple[In
                 triple = (dim, dim, dim)
             elif card.family == "whisper" and card.decoding is not None:
                 triple = _whisper_dim(str(dim), card, limits)
-            elif str(dim) in limits.dims:
-                size = int(limits.dims[str(dim)])
+            else:  # recorded in the report's lowering note with the whole profile
+                size = int(limits.dims.get(str(dim), 1))
                 triple = (size, size, size)
-            else:
-                raise SfcError(f"input {spec.name!r} of {graph} has a symbolic dimension "
-                               f"{dim!r}: give its size (--dim {dim}=N)")
             lo.append(triple[0])
             opt.append(triple[1])
             hi.append(triple[2])
