@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import json
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +18,8 @@ from sfc.info import machine_info as sfc_machine_info
 
 __all__ = [
     "build_variant", "eval_summary", "faster_whisper_model", "faster_whisper_transcriber",
-    "machine_info", "machine_line", "per_utterance", "print_table",
+    "machine_info", "machine_line", "outside_repo", "per_utterance", "print_table",
+    "run_or_show",
 ]
 
 
@@ -144,3 +147,21 @@ def build_variant(model: str, out: Path, config_kwargs: Mapping[str, Any], data:
         "wer": asdict(report.wer), "eval": eval_summary(built), **per_utterance(built),
         "esc": None if report.esc is None else asdict(report.esc),
     }
+
+
+def outside_repo(parser: argparse.ArgumentParser, work: Path, repo: Path) -> Path:
+    """`work` resolved; a parser error when it lies inside the git tree."""
+    work = work.resolve()
+    if work.is_relative_to(repo):
+        parser.error(f"--work {work} is inside the repository; build folders must not land "
+                     "in the git tree")
+    return work
+
+
+def run_or_show(args: argparse.Namespace, run: Callable[[argparse.Namespace], int],
+                show: Callable[[dict[str, Any]], None]) -> int:
+    """`--show`: print the saved JSON report (`args.json`); else run the benchmark."""
+    if args.show:
+        show(json.loads(Path(args.json).read_text()))
+        return 0
+    return run(args)

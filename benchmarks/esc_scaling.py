@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, machine_line, print_table
+from common import machine_info, machine_line, outside_repo, print_table, run_or_show
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "esc_scaling.json"
@@ -116,18 +116,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--show", action="store_true", help="only print the saved report")
     args = parser.parse_args(argv)
-    args.work = args.work.resolve()
-    if args.work.is_relative_to(REPO):
-        parser.error("--work must be outside the repository")
+    args.work = outside_repo(parser, args.work, REPO)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.show:
-        show(json.loads(args.json.read_text()))
-        return 0
-    return run(args)
+    return run_or_show(parse_args(argv), run, show)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import build_variant, eval_summary, machine_info, machine_line, print_table
+from common import (
+    build_variant,
+    eval_summary,
+    machine_info,
+    machine_line,
+    outside_repo,
+    print_table,
+    run_or_show,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "calibration_data" / "eval"
@@ -213,20 +221,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad += [c for c in args.calibrators if c not in CALIBRATORS]
     if bad:
         parser.error(f"unknown config or calibrator: {', '.join(bad)}")
-    args.work = args.work.resolve()
-    if args.work.is_relative_to(REPO):
-        parser.error("--work must be outside the repository")
+    args.work = outside_repo(parser, args.work, REPO)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.show:
-        import json
-
-        show(json.loads(args.json.read_text()))
-        return 0
-    return run(args)
+    return run_or_show(parse_args(argv), run, show)
 
 
 if __name__ == "__main__":

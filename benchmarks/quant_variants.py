@@ -81,6 +81,7 @@ from common import (
     faster_whisper_transcriber,
     machine_info,
     machine_line,
+    outside_repo,
     per_utterance,
     print_table,
 )
@@ -657,10 +658,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     args.data = args.data.resolve()
-    args.work = args.work.resolve()
-    if args.work.is_relative_to(REPO):
-        parser.error(f"--work {args.work} is inside the repository; build folders must not "
-                     "land in the git tree")
+    args.work = outside_repo(parser, args.work, REPO)
     return args
 
 
