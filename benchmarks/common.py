@@ -96,7 +96,7 @@ def eval_summary(result: Any) -> dict[str, Any]:
     """The headline numbers of an `EvalResult`."""
     return {"model": result.model, "n": result.n, "wer": result.wer, "ci_lo": result.ci_lo,
             "ci_hi": result.ci_hi, "rtf": result.rtf, "audio_s": result.audio_s,
-            "compute_s": result.compute_s}
+            "compute_s": result.compute_s, "loop_stops": result.loop_stops}
 
 
 def per_utterance(result: Any) -> dict[str, Any]:
@@ -106,7 +106,8 @@ def per_utterance(result: Any) -> dict[str, Any]:
             "deletions": [u.deletions for u in result.utterances],
             "insertions": [u.insertions for u in result.utterances],
             "hypotheses": [u.hypothesis for u in result.utterances],
-            "compute_s": [u.compute_s for u in result.utterances]}
+            "compute_s": [u.compute_s for u in result.utterances],
+            "loop_stops": [u.loop_stops for u in result.utterances]}
 
 
 def _graph_summary(report: Any) -> list[dict[str, Any]]:

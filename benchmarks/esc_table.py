@@ -75,14 +75,16 @@ def _cell(result: dict[str, Any] | None) -> str:
             f"{100 * w['delta_hi']:+.2f}]){mark}")
 
 
-def runaways(result: dict[str, Any], ref_words: Sequence[int]) -> np.ndarray:
-    """Mask of the utterances whose transcript ran away: a greedy decode stuck in a
-    repetition loop until the length limit, i.e. more inserted words than the reference has.
+def loops(result: dict[str, Any], ref_words: Sequence[int]) -> np.ndarray:
+    """Mask of the utterances whose greedy decode fell into a repetition loop: the decoder's
+    loop guard ended it, or (a loop it does not catch) more words were inserted than the
+    reference has.
 
-    A handful of them (hundreds of insertions each) can decide a corpus WER, so the table
-    also compares the calibrators on the utterances none of them ran away on.
+    Even when ended by the guard, a handful of loops can decide a corpus WER, so the table
+    also compares the calibrators on the utterances none of them looped on.
     """
-    return np.array(result["insertions"]) > np.array(ref_words)
+    looped = np.array(result.get("loop_stops", [0] * len(ref_words))) > 0
+    return looped | (np.array(result["insertions"]) > np.array(ref_words))
 
 
 def _ok(results: dict[str, dict[str, Any]], config: str) -> dict[str, dict[str, Any]]:
@@ -102,7 +104,7 @@ def common_wer(results: dict[str, dict[str, Any]], config: str,
     ref = np.array(ref_words)
     bad = np.zeros(len(ref), dtype=bool)
     for r in done.values():
-        bad |= runaways(r, ref_words)
+        bad |= loops(r, ref_words)
     keep = ~bad
     return int(bad.sum()), {cal: float(100 * np.array(r["errors"])[keep].sum()
                                        / ref[keep].sum()) for cal, r in done.items()}
@@ -124,7 +126,7 @@ def _checks(results: dict[str, dict[str, Any]], configs: Sequence[str],
         corpus = {c: 100 * float(done[c]["wer"]["wer"]) for c in ("esc", "mse", "max")}
         excluded, common = common_wer(results, config, ref_words)
         for label, w in (("corpus WER", corpus),
-                         (f"WER without the {excluded} runaway utterances", common)):
+                         (f"WER without the {excluded} looping utterances", common)):
             e, m, x = w["esc"], w["mse"], w["max"]
             lines.append(f"{config}, {label}: ESC {e:.2f} <= MSE {m:.2f} <= max {x:.2f}: "
                          f"{e <= m <= x}")
@@ -151,10 +153,10 @@ def show(report: dict[str, Any]) -> None:
     for c in configs:
         excluded, common = common_wer(results, c, ref_words)
         for cal, w in common.items():
-            n_run = int(runaways(results[variant_name(c, cal)], ref_words).sum())
+            n_run = int(loops(results[variant_name(c, cal)], ref_words).sum())
             rows.append([f"{c} {cal}", str(n_run), f"{w:.2f}", str(excluded)])
-    print_table("Runaway transcripts (repetition loops to the length limit)",
-                ["variant", "runaways", "WER % on the common rest", "excluded in config"],
+    print_table("Repetition loops (ended by the loop guard, or more insertions than words)",
+                ["variant", "loops", "WER % on the common rest", "excluded in config"],
                 rows)
     esc_rows = []
     for c in configs:

@@ -36,8 +36,14 @@ from .paths import BUNDLED_DATA
 from .quant.plan import Plan, PlanConfig, check_caps, make_plan
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
-from .quant.spec import ORT_CPU_CAPS, SIM_CAPS, TENSORRT_CAPS, TargetCaps
-from .targets import get_target
+from .quant.spec import (
+    ORT_CPU_CAPS,
+    ORT_CPU_SATURATING_CAPS,
+    SIM_CAPS,
+    TENSORRT_CAPS,
+    TargetCaps,
+)
+from .targets import canonical_target, get_target
 from .targets.base import LoweringResult
 
 __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBuild", "build"]
@@ -45,8 +51,8 @@ __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBui
 logger = logging.getLogger(__name__)
 
 # Quantization capabilities per target; placement reads these, never the target's name.
-_CAPS: dict[str, TargetCaps] = {"ort-cpu": ORT_CPU_CAPS, "sim": SIM_CAPS,
-                                 "tensorrt": TENSORRT_CAPS}
+_CAPS: dict[str, TargetCaps] = {c.name: c for c in (ORT_CPU_CAPS, ORT_CPU_SATURATING_CAPS,
+                                                     SIM_CAPS, TENSORRT_CAPS)}
 
 # Where an ESC build saves its search (relative to the build folder).
 ESC_RESULT = "esc.json"
@@ -56,11 +62,10 @@ ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
 
 def target_caps(target: str) -> TargetCaps:
     """What placement may use on `target`; a one-line SfcError for an unknown one."""
-    get_target(target)  # one-line errors for an unknown target or a bad version
-    base = target.split(":", 1)[0].strip().lower()
-    if base not in _CAPS:
+    name = get_target(target).caps_name  # one-line errors for an unknown target or suffix
+    if name not in _CAPS:
         raise SfcError(f"target {target!r} has no quantization capabilities yet")
-    return _CAPS[base]
+    return _CAPS[name]
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ class BuildConfig:
     esc_objective: str = "auto"
 
     def __post_init__(self) -> None:
+        # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
+        object.__setattr__(self, "target", canonical_target(self.target))
         # Fail on a bad option before minutes of calibration, not after.
         check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:

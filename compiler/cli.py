@@ -62,6 +62,10 @@ ModelArg = Annotated[str, typer.Argument(
     help="An sfc export/build folder, or a zoo name (exported to the cache on first use).")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", help="ONNX Runtime intra-op threads (default: ORT's choice).")]
+LoopGuardOpt = Annotated[bool, typer.Option(
+    "--loop-guard/--no-loop-guard",
+    help="End a window whose greedy decoding repeats one unit 4+ times over 24+ tokens, "
+    "keeping one copy (default on)")]
 
 
 @command()
@@ -89,16 +93,22 @@ def transcribe(
     model: ModelArg,
     audio: Annotated[list[Path], typer.Argument(help="Audio files (any rate; resampled)")],
     threads: ThreadsOpt = None,
+    loop_guard: LoopGuardOpt = True,
 ) -> None:
     """Print the transcript of each audio file."""
     from .models import model_folder
     from .runtime.audio import load_audio
+    from .runtime.decoding import LOOP_GUARD
     from .runtime.whisper import WhisperRuntime
 
-    runtime = WhisperRuntime.open(model_folder(model), threads=threads)
+    runtime = WhisperRuntime.open(model_folder(model), threads=threads,
+                                  guard=LOOP_GUARD if loop_guard else None)
     for path in audio:
-        text = runtime.transcribe(load_audio(path))
-        console.print(f"{path}: {text}" if len(audio) > 1 else text, highlight=False)
+        out = runtime.transcribe(load_audio(path))
+        console.print(f"{path}: {out.text}" if len(audio) > 1 else out.text, highlight=False)
+        if out.loop_stops:
+            err_console.print(f"{path}: decoding fell into a repetition loop in "
+                              f"{out.loop_stops} window(s); one copy kept", highlight=False)
 
 
 @command("eval")
@@ -111,17 +121,20 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Only the first N utterances")] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed")] = 0,
     threads: ThreadsOpt = None,
+    loop_guard: LoopGuardOpt = True,
 ) -> None:
     """WER (normalised, 95% bootstrap CI, per voice and condition) and real-time factor."""
     from .eval import evaluate, read_manifest, render
     from .models import model_folder
+    from .runtime.decoding import LOOP_GUARD
     from .runtime.whisper import WhisperRuntime
 
     utterances = read_manifest(data)
     if limit is not None:
         utterances = utterances[:limit]
     folder = model_folder(model)
-    runtime = WhisperRuntime.open(folder, threads=threads)
+    runtime = WhisperRuntime.open(folder, threads=threads,
+                                  guard=LOOP_GUARD if loop_guard else None)
     result = evaluate(runtime.transcribe, utterances, model=runtime.card.name, data=str(data),
                       seed=seed)
     console.print(render(result))
@@ -239,6 +252,7 @@ def bench(
 def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """What is installed: ONNX Runtime providers, TensorRT/CUDA, CPU features, zoo packages."""
     from .info import machine_info
+    from .targets.ort_cpu import ISAS
 
     mi = machine_info()
     if json_:
@@ -248,6 +262,7 @@ def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = Fal
     table.add_row("python", f"{mi.python} ({mi.platform})")
     table.add_row("cpu", f"{mi.cpu}, {mi.cores} cores")
     table.add_row("cpu features", " ".join(mi.cpu_flags) or "-")
+    table.add_row("ort-cpu class", f"{mi.ort_cpu_class}: {ISAS[mi.ort_cpu_class]}")
     table.add_row("onnxruntime providers", ", ".join(mi.onnxruntime_providers))
     table.add_row("tensorrt", mi.tensorrt or "not installed (TensorRT targets unavailable)")
     table.add_row("cuda gpu", mi.cuda_gpu or "none found (no nvidia-smi)")
@@ -263,7 +278,8 @@ def check_cmd(
     model: Annotated[Path, typer.Argument(
         help="A QDQ ONNX file (e.g. build/encoder/model.qdq.onnx)")],
     target: Annotated[str, typer.Option(
-        help="tensorrt:10.3 (JetPack 6), tensorrt:10.16 (JetPack 7.2), tensorrt:11 or ort-cpu")],
+        help="tensorrt:10.3 (JetPack 6), tensorrt:10.16 (JetPack 7.2), tensorrt:11, ort-cpu or "
+        "ort-cpu:avx2 (x86 without VNNI)")],
     arch: Annotated[str | None, typer.Option(
         help="Compute capability to assume instead of the target's device (sm_87 Orin, "
         "sm_110 Thor, sm_90 H100)")] = None,

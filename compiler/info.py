@@ -8,17 +8,12 @@ import os
 import platform
 import shutil
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from .cpu import cpu_info, isa_of
 from .models.zoo import ZOO
 
 __all__ = ["MachineInfo", "machine_info"]
-
-# CPU flags that decide which quantized kernels are fast (INT8 dot products, AMX tiles).
-_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-              "amx_bf16", "asimddp", "i8mm")
-
 
 @dataclass(frozen=True)
 class MachineInfo:
@@ -29,6 +24,7 @@ class MachineInfo:
     cpu: str
     cores: int
     cpu_flags: tuple[str, ...]
+    ort_cpu_class: str  # what `--target ort-cpu` builds for on this machine
     packages: dict[str, str | None]
     onnxruntime_providers: tuple[str, ...]
     tensorrt: str | None
@@ -45,21 +41,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _cpu() -> tuple[str, tuple[str, ...]]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return platform.processor() or platform.machine(), ()
-    name, flags = platform.machine(), set()
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and name == platform.machine():
-            name = value.strip()
-        elif key in ("flags", "Features"):
-            flags.update(value.split())
-    return name, tuple(f for f in _CPU_FLAGS if f in flags)
 
 
 def _gpu() -> str | None:
@@ -80,7 +61,7 @@ def machine_info() -> MachineInfo:
     """Collect what is installed without initialising CUDA, TensorRT or torch."""
     import onnxruntime
 
-    cpu, flags = _cpu()
+    cpu, flags = cpu_info()
     packages = {d: _version(d) for d in ("onnxruntime", "onnx", "torch", "transformers",
                                          "pycuda", "polygraphy", "triton",
                                          "ctranslate2")}
@@ -92,6 +73,7 @@ def machine_info() -> MachineInfo:
         cpu=cpu,
         cores=os.cpu_count() or 1,
         cpu_flags=flags,
+        ort_cpu_class=isa_of(platform.machine(), flags),
         packages=packages,
         onnxruntime_providers=tuple(onnxruntime.get_available_providers()),
         tensorrt=_version("tensorrt") if importlib.util.find_spec("tensorrt") else None,

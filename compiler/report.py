@@ -22,9 +22,10 @@ import onnx
 from .atomic import write_json_atomic, write_text_atomic
 from .build import ESC_PLOT, ESC_RESULT, BuildConfig, GraphBuild
 from .calib.esc import EscResult, split_key
-from .eval.results import EvalResult
+from .eval.results import RESULT_VERSION, EvalResult
 from .eval.wer import paired_bootstrap_delta
 from .quant.recipe import Recipe
+from .runtime.decoding import LOOP_GUARD
 from .targets.base import is_fused_op
 
 __all__ = [
@@ -69,6 +70,8 @@ class WerComparison:
     lossless: bool  # 0 inside the paired 95% interval
     rtf_fp32: float
     rtf: float
+    loop_stops_fp32: int = 0  # windows whose decoding the repetition-loop guard ended
+    loop_stops: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,14 @@ def layer_rows(graph: str, recipe: Recipe, optimized: onnx.ModelProto) -> list[L
 
 def fp32_eval(folder: Path, data: Path, limit: int | None,
               run: Any) -> EvalResult:
-    """The FP32 folder's evaluation on `data`, cached beside it (same manifest, same limit)."""
+    """The FP32 folder's evaluation on `data`, cached beside it.
+
+    The key covers the manifest, the limit, the result format and the decoding rule (the
+    loop guard), so a changed runtime never reuses a stale evaluation.
+    """
     manifest = data / "manifest.jsonl" if data.is_dir() else data
-    key = hashlib.sha256(manifest.read_bytes() + str(limit).encode()).hexdigest()[:16]
+    salt = f"{limit}|{RESULT_VERSION}|{LOOP_GUARD!r}".encode()
+    key = hashlib.sha256(manifest.read_bytes() + salt).hexdigest()[:16]
     cache = folder / f"eval-{key}.json"
     if cache.is_file():
         return EvalResult.load(cache)
@@ -195,7 +203,8 @@ def compare_wer(fp32: EvalResult, built: EvalResult, seed: int = 0) -> WerCompar
     d = paired_bootstrap_delta(ea, eb, ref, seed=seed)
     return WerComparison(data=built.data, n=built.n, fp32_wer=fp32.wer, wer=built.wer,
                          delta=d.delta, delta_lo=d.lo, delta_hi=d.hi, p_value=d.p_value,
-                         lossless=d.includes_zero, rtf_fp32=fp32.rtf, rtf=built.rtf)
+                         lossless=d.includes_zero, rtf_fp32=fp32.rtf, rtf=built.rtf,
+                         loop_stops_fp32=fp32.loop_stops, loop_stops=built.loop_stops)
 
 
 def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[GraphBuild],
@@ -256,6 +265,8 @@ def render_markdown(report: BuildReport) -> str:
             f"{100 * w.wer:.2f}%, delta {100 * w.delta:+.2f} points, paired 95% CI "
             f"[{100 * w.delta_lo:+.2f}, {100 * w.delta_hi:+.2f}], p = {w.p_value:.3f}: {verdict}",
             f"- real-time factor: FP32 {w.rtf_fp32:.3f} -> {w.rtf:.3f}",
+            f"- repetition loops ended by the decoder's loop guard: FP32 {w.loop_stops_fp32}, "
+            f"build {w.loop_stops}",
         ]
     d = report.distortion
     if d is not None:

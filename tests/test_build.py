@@ -114,6 +114,6 @@ def test_whisper_w4_build_folder_is_a_deployable(tmp_path: Path) -> None:
     assert runtime.card.graphs["encoder"].path == "encoder/model.ort.onnx"
     errors = words = 0
     for utt in read_manifest(EVAL_DATA)[:5]:
-        counts = count_errors(utt.text, runtime.transcribe(load_audio(utt.audio)))
+        counts = count_errors(utt.text, runtime.transcribe(load_audio(utt.audio)).text)
         errors, words = errors + counts.errors, words + counts.ref_words
     assert errors / words < 0.25

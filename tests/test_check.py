@@ -335,6 +335,18 @@ def test_int2_block_weight_with_n_not_a_multiple_of_4_is_an_error_on_ort() -> No
     assert "MatMulNBits" in finding.message
 
 
+def test_full_range_int8_gemm_weights_are_an_error_on_ort_avx2_only(tmp_path: Path) -> None:
+    full = _ort_quantize(mlp_model(), tmp_path, **_symmetric())
+    assert _rules(full, "ort-cpu:avx2") == {"int8-saturation"}
+    flagged = {n for rule, n in errors(full, "ort-cpu:avx2")}
+    assert len(flagged) == 2  # both MatMul weights
+    assert all("reduce_range" in f.fix for f in check_model(full, "ort-cpu:avx2").findings)
+    for target in ("ort-cpu", "ort-cpu:vnni", "ort-cpu:arm64", "tensorrt:10.16"):
+        assert "int8-saturation" not in _rules(full, target), target
+    narrow = _ort_quantize(mlp_model(), tmp_path, reduce_range=True, **_symmetric())
+    assert errors(narrow, "ort-cpu:avx2") == set()
+
+
 def _plugin_model(namespace: str = "sfc") -> onnx.ModelProto:
     packed = numpy_helper.from_array(np.zeros(K * N // 4, np.uint8), "W_packed")
     plugin = node("W2A16MatMul", ["x", "W_packed", "W_s"], ["y"], name="mm",

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sfc.build import ESC_INTERRUPTED, BuildConfig
+from sfc.build import ESC_INTERRUPTED, BuildConfig, target_caps
 from sfc.calib import EscCalib, TensorStats, compute_scale, method_from_dict, method_from_name
 from sfc.calib.esc import EscResult, esc_search, start_scales
 from sfc.calib.objectives import (
@@ -27,7 +27,6 @@ from sfc.calib.objectives import (
 from sfc.errors import Interrupted, SfcError
 from sfc.pipeline import compile_model
 from sfc.quant import (
-    ORT_CPU_CAPS,
     PlanConfig,
     make_plan,
     model_sha256,
@@ -81,7 +80,7 @@ def _feeds(folder: Path, n: int = 8) -> Path:
 
 
 def _recipe(model: onnx.ModelProto, x: np.ndarray):  # type: ignore[no-untyped-def]
-    plan = make_plan(model, PlanConfig(), ORT_CPU_CAPS)
+    plan = make_plan(model, PlanConfig(), target_caps("ort-cpu"))  # this CPU's class
     scales = {"x": (float(np.abs(x).max()) / 127, "max", {}), "h": (0.37, "max", {})}
     return recipe_from_plan(plan, scales, model_sha256(model), 0, {})
 

@@ -214,7 +214,7 @@ def test_json_round_trip_is_equal(tmp_path: Path) -> None:
     result.save(path)
     assert EvalResult.load(path) == result
     envelope = json.loads(path.read_text())
-    assert (envelope["_type"], envelope["_version"]) == ("EvalResult", 1)
+    assert (envelope["_type"], envelope["_version"]) == ("EvalResult", 2)
 
 
 def test_loading_unknown_type_raises() -> None:
@@ -369,6 +369,20 @@ def test_evaluate_counts_errors_and_reports_progress() -> None:
     result = evaluate(lambda audio: "", utts, model="mute", data="eval", n_resamples=50)
     assert result.wer == 1.0
     assert all(u.deletions == u.ref_words > 0 for u in result.utterances)
+
+
+@pytest.mark.usefixtures("audio_loader")
+def test_evaluate_records_loop_guard_stops() -> None:
+    from sfc.runtime.whisper import Transcript
+
+    utts = read_manifest(EVAL_DIR)[:3]
+    outs = iter([Transcript(utts[0].text), Transcript("go go", 1), Transcript("", 2)])
+    result = evaluate(lambda audio: next(outs), utts, model="m", data="eval", n_resamples=20,
+                      progress=False)
+    assert [u.loop_stops for u in result.utterances] == [0, 1, 2]
+    assert result.loop_stops == 3 and result.utterances[1].hypothesis == "go go"
+    assert EvalResult.from_json(result.to_json()) == result
+    assert "repetition loops stopped: 3" in str(render(result).caption)
 
 
 # --- edge safety --------------------------------------------------------------------

@@ -9,8 +9,16 @@ import pytest
 from test_quant_graphs import mlp_model, speech_model
 
 from sfc.errors import SfcError
-from sfc.quant import ORT_CPU_CAPS, PlanConfig, QuantSpec, TargetCaps, make_plan, name_nodes
-from sfc.quant.plan import STRUCTURAL_OPS
+from sfc.quant import (
+    ORT_CPU_CAPS,
+    ORT_CPU_SATURATING_CAPS,
+    PlanConfig,
+    QuantSpec,
+    TargetCaps,
+    make_plan,
+    name_nodes,
+)
+from sfc.quant.plan import STRUCTURAL_OPS, check_caps
 
 
 def _by_tensor(plan):  # type: ignore[no-untyped-def]
@@ -222,6 +230,8 @@ def test_plan_config_round_trip() -> None:
         ((4, "block", 0, 8), "power of two"),
         ((4, "block", None, 32), "needs an axis"),
         ((8, "channel", -1), "non-negative"),
+        ((8, "channel", 0, None, 8), "range_bits"),
+        ((4, "block", 0, 32, 1), "range_bits"),
     ],
 )
 def test_quant_spec_validation(args: tuple, message: str) -> None:
@@ -235,6 +245,23 @@ def test_quant_spec_ranges_and_json() -> None:
     ]  # fmt: skip
     spec = QuantSpec(2, "block", axis=0, block_size=64)
     assert QuantSpec.from_dict(spec.to_dict()) == spec
+    narrow = QuantSpec(8, "channel", axis=1, range_bits=7)
+    assert (narrow.qmin, narrow.qmax) == (-64, 63)
+    assert QuantSpec.from_dict(narrow.to_dict()) == narrow
+    assert "7-bit range" in narrow.describe()
+    # A recipe written before range_bits existed loads as full range.
+    old = {"bits": 8, "granularity": "channel", "axis": 1, "block_size": None}
+    assert QuantSpec.from_dict(old) == QuantSpec(8, "channel", axis=1)
+    with pytest.raises(SfcError, match="malformed"):
+        QuantSpec.from_dict({**old, "zero_point": 3})
+
+
+def test_avx2_class_narrows_int8_weights_and_refuses_attention() -> None:
+    plan = _by_tensor(make_plan(mlp_model(), PlanConfig(), ORT_CPU_SATURATING_CAPS))
+    assert plan["W1"].spec == QuantSpec(8, "channel", axis=1, range_bits=7)
+    assert plan["x"].spec == QuantSpec(8, "tensor")  # activations keep all 8 bits
+    with pytest.raises(SfcError, match="ort-cpu:avx2 cannot quantize attention"):
+        check_caps(PlanConfig(quantize_attention=True), ORT_CPU_SATURATING_CAPS)
 
 
 def test_int2_needs_last_dim_multiple_of_4_on_ort_cpu() -> None:

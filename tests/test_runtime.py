@@ -43,7 +43,7 @@ def test_transcripts_agree_with_faster_whisper(tiny_export: Path) -> None:
                                      without_timestamps=True, condition_on_previous_text=False,
                                      vad_filter=False, language="en")
         expected = " ".join(s.text.strip() for s in segments)
-        got = runtime.transcribe(audio)
+        got = runtime.transcribe(audio).text
         assert len(_words(expected).split()) > 10, clip.name
         assert _words(got) == _words(expected), clip.name
 
@@ -55,7 +55,8 @@ def test_runtime_never_imports_torch(tiny_export: Path) -> None:
         "from sfc.runtime.whisper import WhisperRuntime\n"
         "from sfc.runtime.audio import load_audio\n"
         "import sfc.eval, sfc.cli\n"
-        f"text = WhisperRuntime.open({str(tiny_export)!r}).transcribe(load_audio({str(clip)!r}))\n"
+        f"rt = WhisperRuntime.open({str(tiny_export)!r})\n"
+        f"text = rt.transcribe(load_audio({str(clip)!r})).text\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
         "print(text)\n"
     )
@@ -95,7 +96,7 @@ def _torch_transcriber(tiny_hf):  # type: ignore[no-untyped-def]
                 logits = model(encoder_outputs=enc, decoder_input_ids=ids).logits
             return logits.numpy()[:, -tokens.shape[1]:], pk, pv
 
-        ids = greedy_decode(step, card.decoding, 1)[0]
+        ids = greedy_decode(step, card.decoding, 1).ids[0]
         return runtime.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     return transcribe
@@ -108,7 +109,7 @@ def _parity(tiny_export: Path, tiny_hf, n: int | None) -> tuple[int, int, list[s
     same, diffs = 0, []
     for utt in utterances:
         audio = load_audio(utt.audio)
-        ours, theirs = runtime.transcribe(audio), reference(audio, runtime.card, runtime)
+        ours, theirs = runtime.transcribe(audio).text, reference(audio, runtime.card, runtime)
         if ours == theirs:
             same += 1
         else:
@@ -135,5 +136,6 @@ def test_whisper_base_exports_and_transcribes(tmp_path: Path) -> None:
 
     card = export_whisper("whisper-base", tmp_path)
     assert card.decoding is not None and len(card.decoding.prompt) == 4
-    text = WhisperRuntime.open(tmp_path).transcribe(load_audio(EVAL_DATA / "audio/eval_0005.flac"))
+    audio = load_audio(EVAL_DATA / "audio/eval_0005.flac")
+    text = WhisperRuntime.open(tmp_path).transcribe(audio).text
     assert "music" in text.lower()

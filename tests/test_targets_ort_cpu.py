@@ -9,18 +9,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_quant_graphs import absmax_scales, feeds_for, session, speech_model
 
+from sfc.build import target_caps
+from sfc.cpu import host_isa, isa_of
 from sfc.errors import SfcError
+from sfc.quant import (
+    ORT_CPU_CAPS,
+    ORT_CPU_SATURATING_CAPS,
+    PlanConfig,
+    TargetCaps,
+    make_plan,
+    model_sha256,
+    recipe_from_plan,
+    write_qdq,
+)
 from sfc.targets import (
     LoweringResult,
     OrtCpuTarget,
     available_targets,
+    canonical_target,
     fusion_census,
     get_target,
 )
@@ -79,8 +94,10 @@ class _Reader:
 def _quantize(src: Path, dst: Path, **kwargs: object) -> Path:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    # reduce_range: 7-bit weights, exact in ORT's u8 x s8 kernels on every x86 CPU (without
+    # VNNI full-range weights overflow int16; see ort-cpu:avx2).
     quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8,
+                    per_channel=True, reduce_range=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, **kwargs)
     return dst
 
@@ -197,8 +214,14 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path: Path) -> Non
 
 def test_registry() -> None:
     assert available_targets() == ("ort-cpu", "sim", "tensorrt")
-    assert get_target("ort-cpu").name == "ort-cpu"
-    assert get_target("ORT-CPU").caps_name == "ort-cpu"
+    assert get_target("ort-cpu").name == f"ort-cpu:{host_isa()}"
+    assert get_target("ORT-CPU:AVX2").name == "ort-cpu:avx2"
+    assert get_target("ort-cpu:avx2").caps_name == "ort-cpu:avx2"
+    assert get_target("ort-cpu:vnni").caps_name == get_target("ort-cpu:arm64").caps_name
+    assert canonical_target("ort-cpu") == f"ort-cpu:{host_isa()}"
+    assert canonical_target("tensorrt:10.3") == "tensorrt:10.3"
+    with pytest.raises(SfcError, match=r"unknown ort-cpu CPU class 'sse2'.*ort-cpu:avx2"):
+        get_target("ort-cpu:sse2")
     with pytest.raises(SfcError, match=r"unknown target 'tpu'; available: ort-cpu.*tensorrt"):
         get_target("tpu")
 
@@ -278,3 +301,59 @@ def test_ort_failure_leaves_nothing(tmp_path: Path) -> None:
         OrtCpuTarget().lower(src, out)
     assert "\n" not in str(info.value)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("machine", "flags", "isa"), [
+    ("x86_64", ("avx2", "fma"), "avx2"),
+    ("x86_64", ("avx2", "avx512f"), "avx2"),            # AVX-512 without VNNI saturates too
+    ("x86_64", ("avx2", "avx512f", "avx512_vnni"), "vnni"),
+    ("x86_64", ("avx2", "avx_vnni"), "vnni"),
+    ("x86_64", (), "avx2"),                             # unknown flags: the safe side
+    ("aarch64", ("asimddp",), "arm64"),
+])
+def test_cpu_class_follows_the_dot_product_instructions(machine: str, flags: tuple[str, ...],
+                                                        isa: str) -> None:
+    assert isa_of(machine, flags) == isa
+
+
+def _int8_weight_values(qdq: onnx.ModelProto) -> np.ndarray:
+    ints = [numpy_helper.to_array(t) for t in qdq.graph.initializer
+            if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    return np.concatenate([w.ravel() for w in ints])
+
+
+def _sfc_qdq(caps: TargetCaps) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    model = speech_model()
+    plan = make_plan(model, PlanConfig(), caps)
+    scales = absmax_scales(model, feeds_for(model), [q.tensor for q in plan.activations])
+    recipe = recipe_from_plan(plan, scales, model_sha256(model), 0, PlanConfig().to_dict())
+    return model, write_qdq(model, recipe)
+
+
+def _fused_and_exact(qdq: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    fused = session(qdq).run(None, feeds)  # ORT's default: the integer kernels
+    exact = session(qdq, optimize=False).run(None, feeds)  # the QDQ semantics
+    return fused[0], exact[0]
+
+
+def test_avx2_class_uses_7_bit_int8_weights() -> None:
+    _, full = _sfc_qdq(ORT_CPU_CAPS)
+    _, narrow = _sfc_qdq(ORT_CPU_SATURATING_CAPS)
+    assert _int8_weight_values(full).min() == -127 and _int8_weight_values(full).max() == 127
+    values = _int8_weight_values(narrow)
+    assert values.min() >= -64 and values.max() == 63  # absmax maps onto 63
+
+
+def test_integer_kernels_equal_the_qdq_graph_for_this_cpu_class() -> None:
+    """The contract ort-cpu keeps: on this machine's class, fusion changes no number."""
+    model, qdq = _sfc_qdq(target_caps("ort-cpu"))
+    fused, exact = _fused_and_exact(qdq, feeds_for(model))
+    np.testing.assert_allclose(fused, exact, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(host_isa() != "avx2", reason="needs an x86 CPU without VNNI")
+def test_full_range_int8_weights_overflow_without_vnni() -> None:
+    """Why ort-cpu:avx2 exists: here, full-range weights make the kernels disagree."""
+    model, qdq = _sfc_qdq(ORT_CPU_CAPS)
+    fused, exact = _fused_and_exact(qdq, feeds_for(model))
+    assert np.abs(fused - exact).max() > 0.1

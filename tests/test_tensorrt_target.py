@@ -74,6 +74,8 @@ def test_registry_parses_the_version() -> None:
     assert isinstance(target, TensorRTTarget) and target.version == TrtVersion(10, 3)
     assert get_target("tensorrt").version is None  # type: ignore[attr-defined]
     with pytest.raises(SfcError, match="takes no version"):
+        get_target("sim:1.2")
+    with pytest.raises(SfcError, match=r"unknown ort-cpu CPU class '1\.2'"):
         get_target("ort-cpu:1.2")
     with pytest.raises(SfcError, match="not a TensorRT version"):
         get_target("tensorrt:new")

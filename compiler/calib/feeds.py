@@ -41,7 +41,7 @@ def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance],
             yield {"input_features": features}
             continue
         cross_k, cross_v = runtime.encode(features)
-        ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, 1)[0]
+        ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, 1).ids[0]
         tokens = np.asarray([[*spec.prompt, *ids]], dtype=np.int64)
         empty = np.zeros((spec.n_layers, 1, spec.n_heads, 0, spec.head_dim), np.float32)
         yield {"tokens": tokens, "past_key": empty, "past_value": empty,

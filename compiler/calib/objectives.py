@@ -257,7 +257,7 @@ def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
             features = np.concatenate(
                 [whisper_windows(load_audio(u.audio), runtime.mel)[:1] for u in chunk])
             cross_k, cross_v = runtime.encode(features)
-            ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, len(chunk))
+            ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, len(chunk)).ids
             seqs = [[*spec.prompt, *s, spec.eot][: spec.max_target_positions] for s in ids]
             tokens, mask = teacher_forcing(seqs, len(spec.prompt), spec.eot)
             reference = None

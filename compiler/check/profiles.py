@@ -118,6 +118,8 @@ class Profile:
     `symmetric_only`: zero points must be constant zeros and types signed.
     `per_channel_weights_only`: per-channel scales only on constant weights, along the
     output-channel axis. `int4_weight_only`: no INT4 activation quantizers.
+    `int8_weight_range`: (min, max) INT8 GEMM weights must stay inside for exact integer
+    kernels, None when all of INT8 is exact.
     """
 
     name: str
@@ -141,6 +143,7 @@ class Profile:
     rejected_domains: frozenset[str] = frozenset()
     arch: int | None = None
     device: str = ""
+    int8_weight_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.arch is not None and not 30 <= self.arch <= 200:
@@ -210,7 +213,14 @@ _ORT_CPU = Profile(
     arch=None, device="CPU",
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (_TRT_103, _TRT_1016, _TRT_11, _ORT_CPU)}
+# ORT CPU on x86 without VNNI: its u8 x s8 GEMMs (vpmaddubsw) add two products in a
+# saturating int16, so weights must stay in 7 bits (measured in sfc: tests/
+# test_targets_ort_cpu.py; ONNX Runtime's `reduce_range`, OpenVINO's "saturation issue").
+_ORT_CPU_AVX2 = replace(_ORT_CPU, name="ort-cpu:avx2", device="x86 CPU without VNNI",
+                        int8_weight_range=(-64, 64))  # 2 x 255 x 64 = 32640 fits
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (_TRT_103, _TRT_1016, _TRT_11, _ORT_CPU,
+                                                     _ORT_CPU_AVX2)}
 
 _ARCH = re.compile(r"\s*(?:sm_?)?(\d+)(?:\.(\d))?\s*", re.IGNORECASE)
 
@@ -233,6 +243,8 @@ def format_arch(arch: int | None) -> str | None:
 
 def _profile_name(target: str) -> str:
     base, sep, version = target.strip().lower().partition(":")
+    if base == "ort-cpu":  # ARM and VNNI run all of INT8 exactly: the plain profile
+        return "ort-cpu:avx2" if version.strip() == "avx2" else "ort-cpu"
     if base != "tensorrt":
         return target.strip().lower()
     from ..targets.tensorrt_plan import DEFAULT_VERSION, TrtVersion

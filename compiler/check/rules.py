@@ -560,6 +560,35 @@ class OrtInt2FusionRule(Rule):
                     "keep this weight INT8 or INT4 (sfc build falls back to INT8 there)")
 
 
+class Int8SaturationRule(Rule):
+    """ORT CPU without VNNI: INT8 GEMM weights beyond 7 bits overflow the integer kernels."""
+
+    id = "int8-saturation"
+    why = ("x86 without VNNI adds u8 x s8 product pairs in a saturating int16 (vpmaddubsw): "
+           "2 x 255 x 127 overflows it, 2 x 255 x 64 does not")
+
+    def check(self, view: GraphView, profile: Profile) -> Iterator[Finding]:
+        if profile.int8_weight_range is None:
+            return
+        lo, hi = profile.int8_weight_range
+        for q in view.qdq:
+            if q.kind != "DQ" or q.qtype != TensorProto.INT8 or not q.weight:
+                continue
+            if not any(c.op_type in ("MatMul", "Gemm", "Conv") and c.input[1:2] == [q.output]
+                       for c in view.consumers.get(q.output, ())):
+                continue
+            values = view.array(q.data)
+            if values is None or (values.min() >= lo and values.max() <= hi):
+                continue
+            outside = int(((values < lo) | (values > hi)).sum())
+            yield self.finding(
+                "error", q.name,
+                f"INT8 weight '{q.data}' has {outside} of {values.size} values outside "
+                f"[{lo}, {hi}]: on {profile.device} ONNX Runtime's fused kernels overflow and "
+                "compute wrong results", "rebuild with sfc build --target ort-cpu:avx2 (7-bit "
+                "weights), or quantize_static(..., reduce_range=True)")
+
+
 class Int4DeviceRule(Rule):
     """TensorRT: INT4 weight-only layers on a device where that is unconfirmed (Orin)."""
 
@@ -640,6 +669,7 @@ RULES: tuple[Rule, ...] = (
     Int4ActivationRule(),
     Fp8ArchRule(),
     OrtInt2FusionRule(),
+    Int8SaturationRule(),
     Int4DeviceRule(),
     KnownIssueRule(),
 )

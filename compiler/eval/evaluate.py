@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.progress import TextColumn
@@ -17,11 +18,14 @@ from .manifest import Utterance
 from .results import EvalResult, UtteranceResult, summarize
 from .wer import count_errors
 
+if TYPE_CHECKING:
+    from ..runtime.whisper import Transcript
+
 SAMPLE_RATE = 16_000
 
 
 def evaluate(
-    transcribe: Callable[[np.ndarray], str],
+    transcribe: Callable[[np.ndarray], Transcript | str],
     utterances: Sequence[Utterance],
     *,
     model: str,
@@ -32,8 +36,9 @@ def evaluate(
 ) -> EvalResult:
     """Transcribe every utterance, count word errors and summarise.
 
-    `transcribe` receives float32 16 kHz mono samples and returns text. Audio loading
-    errors (SfcError) and transcriber exceptions propagate.
+    `transcribe` receives float32 16 kHz mono samples and returns text, or sfc's
+    `Transcript` (text and loop-guard stops). Audio loading errors (SfcError) and
+    transcriber exceptions propagate.
     """
     # Lazy: the audio module pulls in soundfile/scipy, which plain result handling
     # (loading, rendering) does not need.
@@ -47,8 +52,9 @@ def evaluate(
         for utt in utterances:
             audio = load_audio(utt.audio)
             start = time.perf_counter()
-            hypothesis = transcribe(audio)
+            out = transcribe(audio)
             compute_s = time.perf_counter() - start
+            hypothesis = out if isinstance(out, str) else out.text
 
             counts = count_errors(utt.text, hypothesis)
             results.append(
@@ -64,6 +70,7 @@ def evaluate(
                     ref_words=counts.ref_words,
                     audio_s=len(audio) / SAMPLE_RATE,
                     compute_s=compute_s,
+                    loop_stops=0 if isinstance(out, str) else out.loop_stops,
                 )
             )
             errors += counts.errors

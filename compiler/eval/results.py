@@ -21,7 +21,7 @@ from ..serial import read_text, unwrap
 from .wer import bootstrap_ci, corpus_wer
 
 RESULT_TYPE = "EvalResult"
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 2: per-utterance loop_stops
 # Every type this module can load, with the one version it understands.
 _KNOWN_TYPES: Mapping[str, int] = {RESULT_TYPE: RESULT_VERSION}
 
@@ -41,6 +41,7 @@ class UtteranceResult:
     ref_words: int
     audio_s: float
     compute_s: float
+    loop_stops: int = 0  # windows whose decoding the repetition-loop guard ended
 
     @property
     def errors(self) -> int:
@@ -77,6 +78,11 @@ class EvalResult:
     utterances: tuple[UtteranceResult, ...]
     seed: int
     n_resamples: int
+
+    @property
+    def loop_stops(self) -> int:
+        """Windows, over all utterances, whose decoding the repetition-loop guard ended."""
+        return sum(u.loop_stops for u in self.utterances)
 
     def to_dict(self) -> dict[str, Any]:
         """The versioned JSON-ready envelope of this result."""
@@ -220,7 +226,7 @@ def render(result: EvalResult) -> Table:
         caption=(
             f"{result.n} utterances, {result.audio_s:.1f} s audio, "
             f"{result.compute_s:.1f} s compute; bootstrap {result.n_resamples} resamples, "
-            f"seed {result.seed}"
+            f"seed {result.seed}; repetition loops stopped: {result.loop_stops}"
         ),
     )
     table.add_column("group")

@@ -11,6 +11,7 @@ from .recipe import Recipe, TensorRecipe, model_sha256, recipe_from_plan
 from .spec import (
     INT_RANGES,
     ORT_CPU_CAPS,
+    ORT_CPU_SATURATING_CAPS,
     SIM_CAPS,
     TENSORRT_CAPS,
     QuantSpec,
@@ -29,6 +30,7 @@ from .weights import (
 __all__ = [
     "INT_RANGES",
     "ORT_CPU_CAPS",
+    "ORT_CPU_SATURATING_CAPS",
     "SIM_CAPS",
     "TENSORRT_CAPS",
     "Plan",

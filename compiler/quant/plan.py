@@ -323,8 +323,9 @@ class WeightedOpRule:
             out_axis, k_axis = (0, 1) if int_attr(node, "transB", 0) else (1, 0)
         else:
             out_axis, k_axis = 0, 1
-        per_channel = QuantSpec(8, "channel", axis=out_axis)
         bits, caps = ctx.config.weight_bits, ctx.caps
+        per_channel = QuantSpec(8, "channel", axis=out_axis,
+                                range_bits=caps.int8_weight_range_bits)
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
         block = QuantSpec(bits, "block", axis=k_axis, block_size=ctx.config.block_size)
@@ -409,6 +410,10 @@ def check_caps(config: PlanConfig, caps: TargetCaps) -> None:
             config.activation_bits in SIM_CAPS.activation_bits) else ""
         raise SfcError(f"target {caps.name} does not run {config.activation_bits}-bit "
                        f"activations (runs: {supported}){hint}")
+    if config.quantize_attention and caps.int8_weight_range_bits:
+        # Both attention operands are activations, which use the full 8 bits.
+        raise SfcError(f"target {caps.name} cannot quantize attention MatMuls without int16 "
+                       "overflow; drop --quantize-attention or build for ort-cpu:vnni")
 
 
 def _plugin_only_readers(weight: str, facts: GraphFacts, graph: onnx.GraphProto) -> bool:

@@ -57,7 +57,7 @@ class TrtSession:
         if missing:
             raise SfcError(f"missing engine input(s): {', '.join(missing)}")
         stream = cuda.Stream()
-        keep: list[Any] = []
+        keep: list[Any] = []  # host arrays and device buffers must outlive the async copies
         for name in self.inputs:
             dtype = trt.nptype(engine.get_tensor_dtype(name))
             host = np.ascontiguousarray(feeds[name], dtype=dtype)

@@ -8,7 +8,7 @@ independently and joined with a space; windows follow OpenAI's convention (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ..card import GraphSpec, ModelCard, WhisperDecoding
 from ..errors import SfcError
-from .decoding import DecoderStep, greedy_decode
+from .decoding import LOOP_GUARD, DecoderStep, LoopGuard, greedy_decode
 from .features import LogMelSpec, whisper_windows
 from .session import open_session
 
@@ -30,7 +30,15 @@ def _open(folder: Path, graph: GraphSpec, threads: int | None) -> Any:
         return open_engine(folder / graph.path)
     return open_session(folder / graph.path, threads=threads, optimization=graph.optimization)
 
-__all__ = ["WhisperRuntime"]
+__all__ = ["Transcript", "WhisperRuntime"]
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The text of one recording and how many of its windows the loop guard ended."""
+
+    text: str
+    loop_stops: int = 0
 
 
 @dataclass
@@ -44,9 +52,11 @@ class WhisperRuntime:
     decoder: Any
     tokenizer: Tokenizer
     max_batch: int = 8
+    guard: LoopGuard | None = field(default=LOOP_GUARD)
 
     @classmethod
-    def open(cls, folder: str | Path, *, threads: int | None = None) -> WhisperRuntime:
+    def open(cls, folder: str | Path, *, threads: int | None = None,
+             guard: LoopGuard | None = LOOP_GUARD) -> WhisperRuntime:
         """Open an export or build folder (its `card.json` says which file is which)."""
         folder = Path(folder)
         card = ModelCard.load(folder)
@@ -65,6 +75,7 @@ class WhisperRuntime:
             encoder=_open(folder, card.graphs["encoder"], threads),
             decoder=_open(folder, card.graphs["decoder"], threads),
             tokenizer=Tokenizer.from_file(str(tok_path)),
+            guard=guard,
         )
 
     def encode(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,17 +95,21 @@ class WhisperRuntime:
 
         return step
 
-    def decode_windows(self, windows: np.ndarray) -> list[str]:
+    def decode_windows(self, windows: np.ndarray) -> list[Transcript]:
         """Transcribe encoder inputs [W, n_mels, frames], batched up to `max_batch`."""
-        texts: list[str] = []
+        out: list[Transcript] = []
         for start in range(0, len(windows), self.max_batch):
             batch = windows[start : start + self.max_batch]
             cross_k, cross_v = self.encode(batch)
-            ids = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch))
-            texts += [self.tokenizer.decode(seq, skip_special_tokens=True).strip()
-                      for seq in ids]
-        return texts
+            dec = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch),
+                                guard=self.guard)
+            for seq, looped in zip(dec.ids, dec.looped, strict=True):
+                text = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+                out.append(Transcript(text, int(looped)))
+        return out
 
-    def transcribe(self, audio: np.ndarray) -> str:
+    def transcribe(self, audio: np.ndarray) -> Transcript:
         """Text of 16 kHz mono float32 audio of any length."""
-        return " ".join(t for t in self.decode_windows(whisper_windows(audio, self.mel)) if t)
+        windows = self.decode_windows(whisper_windows(audio, self.mel))
+        return Transcript(" ".join(w.text for w in windows if w.text),
+                          sum(w.loop_stops for w in windows))

@@ -14,18 +14,19 @@ Artifacts (in `out_dir`, named after `stem`):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import onnx
 
 from ..atomic import staging_dir
+from ..cpu import host_isa
 from ..errors import SfcError
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
 
-__all__ = ["OrtCpuTarget"]
+__all__ = ["ISAS", "OrtCpuTarget"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ logger = logging.getLogger(__name__)
 # limit. Leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 1
 _EXTERNAL_MIN_BYTES = 1024  # initializers at least this big go to the external data file
+
+
+# The CPU classes `ort-cpu:<isa>` builds for. Only the INT8 weight range differs: see
+# `sfc.quant.spec.TargetCaps.int8_weight_range_bits`.
+ISAS: dict[str, str] = {
+    "vnni": "x86-64 with AVX-512 VNNI, AVX-VNNI or AMX: exact INT8 dot products, 8-bit weights",
+    "avx2": "x86-64 without VNNI: u8 x s8 pairs saturate int16, so INT8 weights use 7 bits",
+    "arm64": "ARM64 (NEON / dot-product): exact INT8 dot products, 8-bit weights",
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -73,22 +83,30 @@ class OrtCpuTarget:
     `ort_format`: also write the ORT-format file. `verify`: load it back in an
     InferenceSession, so a file ORT cannot open never ships.
 
+    `isa`: the CPU class the build is for (a key of `ISAS`; default: this machine's).
+
     Note: on x86-64 ORT rewrites s8 activations to u8 (its faster u8s8 kernels), so the saved
     graph carries u8 activations; it still runs on ARM, where ORT handles both.
     """
 
+    isa: str = field(default_factory=host_isa)
     ort_format: bool = True
     verify: bool = True
 
+    def __post_init__(self) -> None:
+        if self.isa not in ISAS:
+            raise SfcError(f"unknown ort-cpu CPU class {self.isa!r}; one of: "
+                           + "; ".join(f"ort-cpu:{k} ({v})" for k, v in ISAS.items()))
+
     @property
     def name(self) -> str:
-        """Registry name."""
-        return "ort-cpu"
+        """Registry name with the CPU class, e.g. "ort-cpu:avx2"."""
+        return f"ort-cpu:{self.isa}"
 
     @property
     def caps_name(self) -> str:
         """Name of the capabilities entry placement reads."""
-        return "ort-cpu"
+        return "ort-cpu:avx2" if self.isa == "avx2" else "ort-cpu"
 
     @property
     def optimization(self) -> str:
