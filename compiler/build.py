@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,9 @@ from .quant.spec import (
     TENSORRT_CAPS,
     TargetCaps,
 )
-from .targets import canonical_target, get_target
-from .targets.base import LoweringResult
+from .targets import TensorRTTarget, canonical_target, get_target
+from .targets.base import LoweringResult, Target
+from .targets.tensorrt_plan import ProfileLimits
 
 __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBuild", "build"]
 
@@ -88,6 +89,8 @@ class BuildConfig:
     esc_popsize: int | None = None
     esc_samples: int = 16
     esc_objective: str = "auto"
+    # TensorRT only: the dynamic-shape ranges its engines serve.
+    engine_limits: ProfileLimits = field(default_factory=ProfileLimits)
 
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
@@ -101,6 +104,11 @@ class BuildConfig:
                    if getattr(self, f) != self.__dataclass_fields__[f].default]
         if changed and not self.uses_esc:
             raise SfcError(f"--{changed[0].replace('_', '-')} applies to --calibrator esc only")
+        self.lowering_target()  # engine limits on a target without engines fail here
+
+    def lowering_target(self) -> Target:
+        """The target this build lowers with, carrying the engine limits where it has any."""
+        return with_limits(get_target(self.target), self.engine_limits)
 
     @property
     def uses_esc(self) -> bool:
@@ -218,7 +226,7 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
     onnx.save(g.model, str(folder / "model.fp32.onnx"))
     recipe.save(folder / "recipe.json")
     onnx.save(qdq, str(folder / "model.qdq.onnx"))
-    target = get_target(config.target).for_graph(card, g.name)
+    target = config.lowering_target().for_graph(card, g.name)
     lowering = target.lower(folder / "model.qdq.onnx", folder)
     return GraphBuild(
         name=g.name,
@@ -363,7 +371,17 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
     return built, graphs
 
 
-def lower_qdq(qdq: Path, out: Path, target: str) -> LoweringResult:
+def with_limits(target: Target, limits: ProfileLimits) -> Target:
+    """`target` with TensorRT profile `limits` (other targets have no dynamic-shape limits)."""
+    if isinstance(target, TensorRTTarget):
+        return replace(target, limits=limits)
+    if limits != ProfileLimits():
+        raise SfcError(f"engine limits ({limits.cli_args()}) apply to --target tensorrt only")
+    return target
+
+
+def lower_qdq(qdq: Path, out: Path, target: str,
+              limits: ProfileLimits | None = None) -> LoweringResult:
     """`sfc build --from-qdq`: lower an existing QDQ (or TensorRT-ready) ONNX file into `out`.
 
     Inside a build folder (`out` is `<build>/<graph>`), the build's model card gives the
@@ -372,7 +390,7 @@ def lower_qdq(qdq: Path, out: Path, target: str) -> LoweringResult:
     qdq, out = Path(qdq), Path(out)
     if not qdq.is_file():
         raise SfcError(f"QDQ model not found: {qdq}")
-    lowering = get_target(target)
+    lowering = with_limits(get_target(target), limits or ProfileLimits())
     card_folder = out.parent
     if (card_folder / "card.json").is_file():
         card = ModelCard.load(card_folder)

@@ -148,7 +148,8 @@ def build_cmd(
     src: Annotated[str, typer.Argument(help="Zoo name, export folder or .onnx")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option("-o", "--out", help="Build folder")] = Path("build"),
     target: Annotated[str, typer.Option(
-        help="ort-cpu (integer kernels) or sim (fake-quant accuracy check, any bit-width)")]
+        help="ort-cpu[:vnni|avx2|arm64] (integer kernels; default class: this CPU's), sim "
+        "(fake-quant accuracy check, any bit-width) or tensorrt[:10.3|10.16|11]")]
     = "ort-cpu",
     weights: Annotated[int, typer.Option(help="Weight bits: 8, 4 or 2")] = 8,
     activations: Annotated[str, typer.Option(
@@ -181,14 +182,31 @@ def build_cmd(
     from_qdq: Annotated[Path | None, typer.Option(
         "--from-qdq", help="Only lower this QDQ / TensorRT-ready ONNX into OUT (finishes a "
         "TensorRT build on the device)")] = None,
+    max_batch: Annotated[int, typer.Option(
+        help="TensorRT: largest batch (Whisper: 30 s windows at once) the engines serve")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT: batch the engines are tuned for")]
+    = 1,
+    max_decoder_steps: Annotated[int | None, typer.Option(
+        help="TensorRT: most decoder positions (default: the card's max_target_positions)")]
+    = None,
+    opt_decoder_steps: Annotated[int, typer.Option(
+        help="TensorRT: decoder positions the engine is tuned for")] = 64,
+    dim: Annotated[list[str] | None, typer.Option(
+        help="TensorRT: NAME=SIZE for another symbolic dimension (repeatable; default 1)")]
+    = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
     from .build import BuildConfig, lower_qdq
     from .pipeline import compile_model, pending_engines
+    from .targets.tensorrt_plan import ProfileLimits
 
+    limits = ProfileLimits(max_batch=max_batch, opt_batch=opt_batch,
+                           max_decoder_steps=max_decoder_steps,
+                           opt_decoder_steps=opt_decoder_steps,
+                           dims=ProfileLimits.parse_dims(dim or ()))
     if from_qdq is not None:
-        result = lower_qdq(from_qdq, out, target)
+        result = lower_qdq(from_qdq, out, target, limits)
         for note in result.notes:
             console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
         if not (out / result.artifact).is_file():
@@ -205,7 +223,8 @@ def build_cmd(
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,
                          quantize_attention=quantize_attention, seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
-                         esc_samples=esc_samples, esc_objective=esc_objective)
+                         esc_samples=esc_samples, esc_objective=esc_objective,
+                         engine_limits=limits)
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
     console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)

@@ -176,6 +176,30 @@ def test_precision_table_from_inspector_json() -> None:
         precision_table("{")
 
 
+def test_profile_limits_parse_and_print_as_cli_options() -> None:
+    assert ProfileLimits.parse_dims(["B=4", " T = 16 "]) == {"B": 4, "T": 16}
+    for bad in ("B", "=4", "B=four", "B=-1"):
+        with pytest.raises(SfcError, match="NAME=SIZE"):
+            ProfileLimits.parse_dims([bad])
+    with pytest.raises(SfcError, match="positive size"):
+        ProfileLimits(dims={"B": 0})
+    assert ProfileLimits().cli_args() == ""
+    limits = ProfileLimits(max_batch=4, opt_batch=2, max_decoder_steps=128, dims={"T": 8})
+    assert limits.cli_args() == ("--max-batch 4 --opt-batch 2 --max-decoder-steps 128 "
+                                 "--dim T=8")
+
+
+def test_engine_limits_reach_the_tensorrt_target_and_nothing_else() -> None:
+    from sfc.build import BuildConfig
+
+    limits = ProfileLimits(max_batch=4)
+    target = BuildConfig(target="tensorrt:10.16", activations=None,
+                         engine_limits=limits).lowering_target()
+    assert isinstance(target, TensorRTTarget) and target.limits == limits
+    with pytest.raises(SfcError, match=r"--max-batch 4.*--target tensorrt only"):
+        BuildConfig(target="ort-cpu", engine_limits=limits)
+
+
 @pytest.mark.skipif(tensorrt_available(), reason="checks the stop on machines without TensorRT")
 def test_lowering_without_tensorrt_writes_the_ready_onnx_and_says_how_to_finish(
         tmp_path: Path) -> None:
@@ -268,11 +292,12 @@ def test_cli_tensorrt_build_stops_after_the_ready_onnx(tmp_path: Path) -> None:
     out = tmp_path / "b"
     code = ("import sys\nfrom sfc.cli import main\nsys.argv = ['sfc', 'build', "
             f"{str(tmp_path / 'mlp.onnx')!r}, '-o', {str(out)!r}, '--activations', 'none', "
-            "'--target', 'tensorrt:10.16', '--no-eval']\nmain()")
+            "'--target', 'tensorrt:10.16', '--dim', 'B=4', '--no-eval']\nmain()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "sfc build --from-qdq model/model.trt.onnx -o model --target tensorrt:10.16" in (
-        done.stderr + done.stdout)
+    # The finishing command carries the profile limits the build was asked for.
+    assert ("sfc build --from-qdq model/model.trt.onnx -o model --target tensorrt:10.16 "
+            "--dim B=4") in " ".join((done.stderr + done.stdout).split())
     assert (out / "model" / TRT_ONNX).is_file() and (out / "card.json").is_file()
     assert ModelCard.load(out).graphs["model"].path == "model/model.plan"

@@ -72,11 +72,12 @@ def installed_version() -> TrtVersion | None:
 PENDING = "engine not built (TensorRT not installed), finish with: "
 
 
-def pending_note(graph: str, version: TrtVersion) -> str:
+def pending_note(graph: str, version: TrtVersion, limits: ProfileLimits) -> str:
     """The report note of a graph whose engine is left to the device (paths relative to
-    the build folder)."""
-    return (f"{PENDING}sfc build --from-qdq {graph}/{TRT_ONNX} -o {graph} "
-            f"--target tensorrt:{version}")
+    the build folder; the profile limits travel with the command)."""
+    return " ".join(filter(None, (
+        f"{PENDING}sfc build --from-qdq {graph}/{TRT_ONNX} -o {graph} "
+        f"--target tensorrt:{version}", limits.cli_args())))
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class TensorRTTarget:
             onnx.save(model, str(stage / TRT_ONNX))
         census = fusion_census(model)
         if not tensorrt_available():
-            notes.append(pending_note(out_dir.name, version))
+            notes.append(pending_note(out_dir.name, version, self.limits))
             return LoweringResult.from_census(
                 census, target=f"tensorrt:{version}", artifact=ENGINE, ort_format=None,
                 bytes=artifact_bytes(out_dir / TRT_ONNX), notes=tuple(notes))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,32 @@ class ProfileLimits:
             raise SfcError("max_decoder_steps must be at least 1")
         if self.opt_decoder_steps < 0:
             raise SfcError("opt_decoder_steps must be non-negative")
+        for name, size in self.dims.items():
+            if not name or not isinstance(size, int) or size < 1:
+                raise SfcError(f"dimension {name!r} needs a positive size, not {size!r}")
+
+    @classmethod
+    def parse_dims(cls, items: Sequence[str]) -> dict[str, int]:
+        """`["B=4", "T=128"]` (the CLI's `--dim`) -> `{"B": 4, "T": 128}`."""
+        dims: dict[str, int] = {}
+        for item in items:
+            name, eq, size = item.partition("=")
+            if not eq or not name.strip() or not size.strip().isdigit():
+                raise SfcError(f"--dim takes NAME=SIZE (e.g. batch=4), not {item!r}")
+            dims[name.strip()] = int(size)
+        return dims
+
+    def cli_args(self) -> str:
+        """The `sfc build` options that reproduce these limits ("" for the defaults)."""
+        default = ProfileLimits()
+        args = [f"--{flag} {value}" for flag, value, base in (
+            ("max-batch", self.max_batch, default.max_batch),
+            ("opt-batch", self.opt_batch, default.opt_batch),
+            ("max-decoder-steps", self.max_decoder_steps, default.max_decoder_steps),
+            ("opt-decoder-steps", self.opt_decoder_steps, default.opt_decoder_steps),
+        ) if value != base]
+        args += [f"--dim {name}={size}" for name, size in sorted(self.dims.items())]
+        return " ".join(args)
 
 
 @dataclass(frozen=True)
