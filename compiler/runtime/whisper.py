@@ -8,7 +8,7 @@ independently and joined with a space; windows follow OpenAI's convention (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class WhisperRuntime:
     decoder: Any
     tokenizer: Tokenizer
     max_batch: int = 8
-    guard: LoopGuard | None = field(default=LOOP_GUARD)
+    guard: LoopGuard | None = LOOP_GUARD
 
     @classmethod
     def open(cls, folder: str | Path, *, threads: int | None = None,
