@@ -216,7 +216,7 @@ _ORT_CPU = Profile(
 # ORT CPU on x86 without VNNI: its u8 x s8 GEMMs (vpmaddubsw) add two products in a
 # saturating int16, so weights must stay in 7 bits (measured in sfc: tests/
 # test_targets_ort_cpu.py; ONNX Runtime's `reduce_range`, OpenVINO's "saturation issue").
-_ORT_CPU_AVX2 = replace(_ORT_CPU, name="ort-cpu:avx2", device="x86 CPU without VNNI",
+_ORT_CPU_AVX2 = replace(_ORT_CPU, name="ort-cpu:avx2", device="an x86 CPU without VNNI",
                         int8_weight_range=(-64, 64))  # 2 x 255 x 64 = 32640 fits
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (_TRT_103, _TRT_1016, _TRT_11, _ORT_CPU,

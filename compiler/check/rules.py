@@ -584,9 +584,10 @@ class Int8SaturationRule(Rule):
             yield self.finding(
                 "error", q.name,
                 f"INT8 weight '{q.data}' has {outside} of {values.size} values outside "
-                f"[{lo}, {hi}]: on {profile.device} ONNX Runtime's fused kernels overflow and "
-                "compute wrong results", "rebuild with sfc build --target ort-cpu:avx2 (7-bit "
-                "weights), or quantize_static(..., reduce_range=True)")
+                f"[{lo}, {hi}]: on {profile.device}, ONNX Runtime's fused kernels can overflow "
+                "int16 and compute wrong sums",
+                "rebuild with sfc build --target ort-cpu:avx2 (7-bit weights), or "
+                "quantize_static(..., reduce_range=True)")
 
 
 class Int4DeviceRule(Rule):
