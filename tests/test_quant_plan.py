@@ -230,8 +230,8 @@ def test_plan_config_round_trip() -> None:
         ((4, "block", 0, 8), "power of two"),
         ((4, "block", None, 32), "needs an axis"),
         ((8, "channel", -1), "non-negative"),
-        ((8, "channel", 0, None, 8), "range_bits"),
-        ((4, "block", 0, 32, 1), "range_bits"),
+        ((8, "tensor", None, None, 128), "pair_limit"),
+        ((8, "channel", 0, None, 0), "pair_limit"),
     ],
 )
 def test_quant_spec_validation(args: tuple, message: str) -> None:
@@ -245,20 +245,20 @@ def test_quant_spec_ranges_and_json() -> None:
     ]  # fmt: skip
     spec = QuantSpec(2, "block", axis=0, block_size=64)
     assert QuantSpec.from_dict(spec.to_dict()) == spec
-    narrow = QuantSpec(8, "channel", axis=1, range_bits=7)
-    assert (narrow.qmin, narrow.qmax) == (-64, 63)
-    assert QuantSpec.from_dict(narrow.to_dict()) == narrow
-    assert "7-bit range" in narrow.describe()
-    # A recipe written before range_bits existed loads as full range.
+    paired = QuantSpec(8, "channel", axis=1, pair_limit=128)
+    assert (paired.qmin, paired.qmax) == (-128, 127)  # full range; only pairs are limited
+    assert QuantSpec.from_dict(paired.to_dict()) == paired
+    assert "pairs <= 128" in paired.describe()
+    # A recipe written before pair_limit existed loads without one.
     old = {"bits": 8, "granularity": "channel", "axis": 1, "block_size": None}
     assert QuantSpec.from_dict(old) == QuantSpec(8, "channel", axis=1)
     with pytest.raises(SfcError, match="malformed"):
         QuantSpec.from_dict({**old, "zero_point": 3})
 
 
-def test_avx2_class_narrows_int8_weights_and_refuses_attention() -> None:
+def test_avx2_class_limits_int8_weight_pairs_and_refuses_attention() -> None:
     plan = _by_tensor(make_plan(mlp_model(), PlanConfig(), ORT_CPU_SATURATING_CAPS))
-    assert plan["W1"].spec == QuantSpec(8, "channel", axis=1, range_bits=7)
+    assert plan["W1"].spec == QuantSpec(8, "channel", axis=1, pair_limit=128)
     assert plan["x"].spec == QuantSpec(8, "tensor")  # activations keep all 8 bits
     with pytest.raises(SfcError, match="ort-cpu:avx2 cannot quantize attention"):
         check_caps(PlanConfig(quantize_attention=True), ORT_CPU_SATURATING_CAPS)

@@ -17,6 +17,7 @@ from sfc.quant import (
     scale_shape,
     weight_scales,
 )
+from sfc.quant.weights import limit_pairs, pairs_over
 
 SPECS = [
     QuantSpec(8, "tensor"),
@@ -136,3 +137,39 @@ def test_onnx_packs_int4_and_int2_as_the_spec_says() -> None:
     assert int2.data_type == TensorProto.INT2
     assert int2.raw_data == bytes([0b11_00_10_01, 0b01])  # x0 | x1<<2 | x2<<4 | x3<<6
     assert numpy_helper.to_array(int2).astype(np.int8).tolist() == [1, -2, 0, -1, 1]
+
+
+def test_limit_pairs_bounds_every_k_pair_with_the_least_change() -> None:
+    rng = np.random.default_rng(5)
+    q = rng.integers(-128, 128, size=(33, 8)).astype(np.int8)  # MatMul [K, N], odd K
+    q[:2, 0] = [127, 127]
+    q[2:4, 0] = [-128, 100]
+    out = limit_pairs(q, 1, 128)
+    assert pairs_over(q, 1, 128) > 0 and pairs_over(out, 1, 128) == 0
+    assert list(out[:2, 0]) == [64, 64]  # excess 126 split evenly
+    assert list(out[2:4, 0]) == [-78, 50]  # excess 100: the larger gives the odd unit
+    assert np.array_equal(out[32], q[32])  # the odd K's last element pairs with padding
+    ok = (np.abs(q[0:32:2].astype(int)) + np.abs(q[1:32:2].astype(int))) <= 128
+    assert np.array_equal(out[0:32:2][ok], q[0:32:2][ok])  # in-limit pairs untouched
+    assert np.array_equal(np.sign(out[out != 0]), np.sign(q[out != 0]))  # no sign flips
+    # A Gemm's transposed weight [N, K] with channel axis 0 gives the same pairs.
+    assert np.array_equal(limit_pairs(q.T.copy(), 0, 128), out.T)
+
+
+def test_pair_limited_scales_fit_every_pair_more_finely_than_7_bit_weights() -> None:
+    w = np.random.default_rng(6).standard_normal((384, 16)).astype(np.float32)
+    spec = QuantSpec(8, "channel", axis=1, pair_limit=128)
+    scales = weight_scales(w, spec)
+    absmax = np.abs(w).max(axis=0)
+    assert (scales >= absmax / 127).all() and (scales <= 2 * absmax / 127 + 1e-6).all()
+    q = quantize_weight(w, spec, scales)
+    assert pairs_over(q, 1, 128) == 0 and np.abs(q).max() > 63
+    seven_bit = (absmax / 63).astype(np.float32)  # ONNX Runtime's reduce_range
+    q7 = np.clip(np.rint(w / seven_bit), -64, 63)
+    err = np.abs(dequantize_weight(q, spec, scales) - w).mean()
+    assert err < np.abs(q7 * seven_bit - w).mean()
+    # Scales from elsewhere (here the full-range ones) are made safe by limiting the pairs.
+    full = weight_scales(w, QuantSpec(8, "channel", axis=1))
+    free = quantize_weight(w, QuantSpec(8, "channel", axis=1), full)
+    assert pairs_over(free, 1, 128) > 0
+    assert np.array_equal(quantize_weight(w, spec, full), limit_pairs(free, 1, 128))

@@ -31,6 +31,7 @@ from sfc.quant import (
     recipe_from_plan,
     write_qdq,
 )
+from sfc.quant.weights import pairs_over
 from sfc.targets import (
     LoweringResult,
     OrtCpuTarget,
@@ -336,12 +337,16 @@ def _fused_and_exact(qdq: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tupl
     return fused[0], exact[0]
 
 
-def test_avx2_class_uses_7_bit_int8_weights() -> None:
-    _, full = _sfc_qdq(ORT_CPU_CAPS)
-    _, narrow = _sfc_qdq(ORT_CPU_SATURATING_CAPS)
-    assert _int8_weight_values(full).min() == -127 and _int8_weight_values(full).max() == 127
-    values = _int8_weight_values(narrow)
-    assert values.min() >= -64 and values.max() == 63  # absmax maps onto 63
+def test_avx2_class_keeps_every_weight_pair_within_int16() -> None:
+    _, paired = _sfc_qdq(ORT_CPU_SATURATING_CAPS)
+    assert _int8_weight_values(paired).max() > 63  # finer than 7-bit weights
+    # Each weight's channel axis is its DQ's axis (MatMul [K, N]: 1; Gemm transB [N, K]: 0).
+    ints = {t.name: numpy_helper.to_array(t) for t in paired.graph.initializer
+            if t.data_type == TensorProto.INT8 and len(t.dims) == 2}
+    axes = {n.input[0]: next(a.i for a in n.attribute if a.name == "axis")
+            for n in paired.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in ints}
+    assert len(axes) == len(ints) == 7 and set(axes.values()) == {0, 1}
+    assert all(pairs_over(w, axes[name], 128) == 0 for name, w in ints.items())
 
 
 def test_integer_kernels_equal_the_qdq_graph_for_this_cpu_class() -> None:

@@ -118,8 +118,8 @@ class Profile:
     `symmetric_only`: zero points must be constant zeros and types signed.
     `per_channel_weights_only`: per-channel scales only on constant weights, along the
     output-channel axis. `int4_weight_only`: no INT4 activation quantizers.
-    `int8_weight_range`: (min, max) INT8 GEMM weights must stay inside for exact integer
-    kernels, None when all of INT8 is exact.
+    `int8_pair_limit`: the most |a| + |b| of K-adjacent INT8 GEMM weight pairs (2k, 2k+1)
+    for exact integer kernels, None when all of INT8 is exact.
     """
 
     name: str
@@ -143,7 +143,7 @@ class Profile:
     rejected_domains: frozenset[str] = frozenset()
     arch: int | None = None
     device: str = ""
-    int8_weight_range: tuple[int, int] | None = None
+    int8_pair_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch is not None and not 30 <= self.arch <= 200:
@@ -213,11 +213,12 @@ _ORT_CPU = Profile(
     arch=None, device="CPU",
 )
 
-# ORT CPU on x86 without VNNI: its u8 x s8 GEMMs (vpmaddubsw) add two products in a
-# saturating int16, so weights must stay in 7 bits (measured in sfc: tests/
-# test_targets_ort_cpu.py; ONNX Runtime's `reduce_range`, OpenVINO's "saturation issue").
+# ORT CPU on x86 without VNNI: its u8 x s8 GEMMs (vpmaddubsw) add the products of
+# K-adjacent weight pairs in a saturating int16: 255 x 128 = 32640 fits, 255 x 254 does
+# not (measured in sfc: tests/test_targets_ort_cpu.py; OpenVINO calls it the "saturation
+# issue"; ONNX Runtime's `reduce_range` 7-bit weights satisfy the limit).
 _ORT_CPU_AVX2 = replace(_ORT_CPU, name="ort-cpu:avx2", device="an x86 CPU without VNNI",
-                        int8_weight_range=(-64, 64))  # 2 x 255 x 64 = 32640 fits
+                        int8_pair_limit=128)
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (_TRT_103, _TRT_1016, _TRT_11, _ORT_CPU,
                                                      _ORT_CPU_AVX2)}

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from ..quant.spec import ORT_CPU_CAPS
+from ..quant.weights import pairs_over
 from ..targets.trt_rewrites import PLUGIN_NAMESPACE, PLUGIN_OP
 from .findings import MODEL_NODE, Finding, Severity
 from .graph import DEFAULT_DOMAINS, GraphView, QdqNode, type_name
@@ -561,33 +562,38 @@ class OrtInt2FusionRule(Rule):
 
 
 class Int8SaturationRule(Rule):
-    """ORT CPU without VNNI: INT8 GEMM weights beyond 7 bits overflow the integer kernels."""
+    """ORT CPU without VNNI: INT8 GEMM weight pairs along K beyond the int16 limit."""
 
     id = "int8-saturation"
-    why = ("x86 without VNNI adds u8 x s8 product pairs in a saturating int16 (vpmaddubsw): "
-           "2 x 255 x 127 overflows it, 2 x 255 x 64 does not")
+    why = ("x86 without VNNI adds u8 x s8 products of K-adjacent weights in a saturating "
+           "int16 (vpmaddubsw): 255 x (|a| + |b|) must stay within 32767")
 
     def check(self, view: GraphView, profile: Profile) -> Iterator[Finding]:
-        if profile.int8_weight_range is None:
+        limit = profile.int8_pair_limit
+        if limit is None:
             return
-        lo, hi = profile.int8_weight_range
         for q in view.qdq:
             if q.kind != "DQ" or q.qtype != TensorProto.INT8 or not q.weight:
                 continue
-            if not any(c.op_type in ("MatMul", "Gemm", "Conv") and c.input[1:2] == [q.output]
-                       for c in view.consumers.get(q.output, ())):
+            gemms = [c for c in view.consumers.get(q.output, ())
+                     if c.op_type in ("MatMul", "Gemm", "Conv") and c.input[1:2] == [q.output]]
+            values = view.array(q.data) if gemms else None
+            if values is None or values.ndim < 2:
                 continue
-            values = view.array(q.data)
-            if values is None or (values.min() >= lo and values.max() <= hi):
-                continue
-            outside = int(((values < lo) | (values > hi)).sum())
-            yield self.finding(
-                "error", q.name,
-                f"INT8 weight '{q.data}' has {outside} of {values.size} values outside "
-                f"[{lo}, {hi}]: on {profile.device}, ONNX Runtime's fused kernels can overflow "
-                "int16 and compute wrong sums",
-                "rebuild with sfc build --target ort-cpu:avx2 (7-bit weights), or "
-                "quantize_static(..., reduce_range=True)")
+            node = gemms[0]
+            # The output-channel axis; K is everything else (MatMul B [K, N], Conv [M, ...]).
+            channel = {"MatMul": values.ndim - 1, "Conv": 0}.get(
+                node.op_type, 0 if any(a.name == "transB" and a.i for a in node.attribute)
+                else 1)
+            over = pairs_over(values, channel, limit)
+            if over:
+                yield self.finding(
+                    "error", q.name,
+                    f"INT8 weight '{q.data}' has {over} K-adjacent pairs with |a| + |b| > "
+                    f"{limit}: on {profile.device}, ONNX Runtime's fused kernels overflow "
+                    "int16 and compute wrong sums",
+                    "rebuild with sfc build --target ort-cpu:avx2, or "
+                    "quantize_static(..., reduce_range=True)")
 
 
 class Int4DeviceRule(Rule):

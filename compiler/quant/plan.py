@@ -325,7 +325,7 @@ class WeightedOpRule:
             out_axis, k_axis = 0, 1
         bits, caps = ctx.config.weight_bits, ctx.caps
         per_channel = QuantSpec(8, "channel", axis=out_axis,
-                                range_bits=caps.int8_weight_range_bits)
+                                pair_limit=caps.int8_weight_pair_limit)
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
         block = QuantSpec(bits, "block", axis=k_axis, block_size=ctx.config.block_size)
@@ -410,7 +410,7 @@ def check_caps(config: PlanConfig, caps: TargetCaps) -> None:
             config.activation_bits in SIM_CAPS.activation_bits) else ""
         raise SfcError(f"target {caps.name} does not run {config.activation_bits}-bit "
                        f"activations (runs: {supported}){hint}")
-    if config.quantize_attention and caps.int8_weight_range_bits:
+    if config.quantize_attention and caps.int8_weight_pair_limit:
         # Both attention operands are activations, which use the full 8 bits.
         raise SfcError(f"target {caps.name} cannot quantize attention MatMuls without int16 "
                        "overflow; drop --quantize-attention or build for ort-cpu:vnni")

@@ -44,15 +44,16 @@ class QuantSpec:
     `granularity`: "tensor" (one scale), "channel" (one scale per index of `axis`) or
     "block" (one scale per `block_size` consecutive elements along `axis`, per index of
     every other axis: the ONNX DequantizeLinear `block_size` layout).
-    `range_bits`: the values use only this many bits of the `bits`-bit type (7 for INT8
-    weights on CPUs whose integer kernels would overflow; see `TargetCaps`).
+    `pair_limit`: a per-channel weight's integers, flattened along the axes other than
+    `axis` (the GEMM reduction K), obey |q[2k]| + |q[2k+1]| <= pair_limit (128 on CPUs
+    whose INT8 kernels add product pairs in int16; see `TargetCaps`).
     """
 
     bits: int
     granularity: Granularity
     axis: int | None = None
     block_size: int | None = None
-    range_bits: int | None = None
+    pair_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in INT_RANGES:
@@ -63,10 +64,11 @@ class QuantSpec:
             )
         if self.axis is not None and (not _is_int(self.axis) or self.axis < 0):
             raise SfcError(f"quantizer axis must be a non-negative int, not {self.axis!r}")
-        if self.range_bits is not None and (not _is_int(self.range_bits)
-                                            or not 2 <= self.range_bits < self.bits):
-            raise SfcError(f"range_bits must be an int in [2, {self.bits}), "
-                           f"not {self.range_bits!r}")
+        if self.pair_limit is not None and (
+                not _is_int(self.pair_limit) or self.pair_limit < 1
+                or self.granularity != "channel"):
+            raise SfcError(f"pair_limit must be a positive int on a per-channel quantizer, "
+                           f"not {self.pair_limit!r} on {self.granularity}")
         if self.granularity == "tensor" and (self.axis is not None or self.block_size is not None):
             raise SfcError("a per-tensor quantizer takes neither axis nor block_size")
         if self.granularity == "channel":
@@ -85,13 +87,13 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        """Smallest integer value (-2^(bits-1), or -2^(range_bits-1))."""
-        return -(1 << (self.range_bits - 1)) if self.range_bits else INT_RANGES[self.bits][0]
+        """Smallest integer value (-2^(bits-1))."""
+        return INT_RANGES[self.bits][0]
 
     @property
     def qmax(self) -> int:
         """Largest integer value (2^(bits-1) - 1); absmax scales map |x|max onto it."""
-        return (1 << (self.range_bits - 1)) - 1 if self.range_bits else INT_RANGES[self.bits][1]
+        return INT_RANGES[self.bits][1]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (every key, None where unused)."""
@@ -100,22 +102,22 @@ class QuantSpec:
             "granularity": self.granularity,
             "axis": self.axis,
             "block_size": self.block_size,
-            "range_bits": self.range_bits,
+            "pair_limit": self.pair_limit,
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> QuantSpec:
-        """Inverse of `to_dict` (recipes without `range_bits` predate it: full range);
+        """Inverse of `to_dict` (recipes without `pair_limit` predate it: no limit);
         malformed input raises SfcError."""
         keys = {"bits", "granularity", "axis", "block_size"}
-        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"range_bits"}:
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"pair_limit"}:
             raise SfcError(f"malformed quantizer spec: {data!r}")
         return cls(data["bits"], data["granularity"], data["axis"], data["block_size"],
-                   data.get("range_bits"))
+                   data.get("pair_limit"))
 
     def describe(self) -> str:
         """Short human form, e.g. 'INT4 block(axis 0, 32)'."""
-        narrow = f", {self.range_bits}-bit range" if self.range_bits else ""
+        narrow = f", pairs <= {self.pair_limit}" if self.pair_limit else ""
         if self.granularity == "tensor":
             return f"INT{self.bits} per-tensor{narrow}"
         if self.granularity == "channel":
@@ -149,10 +151,12 @@ class TargetCaps:
     need their last dimension (MatMul's N) to be a multiple of m.
     `plugin_weight_bits`: bit-widths the target runs only through a plugin that replaces a
     DQ -> MatMul pair, so such a weight must be read by MatMuls (as their weight) alone.
-    `int8_weight_range_bits`: INT8 weights use only this many bits (None: all 8). x86 CPUs
-    without VNNI run ORT's u8 x s8 GEMMs with vpmaddubsw, which adds two u8 * s8 products
-    in a saturating int16: 2 * 255 * 127 overflows it, 2 * 255 * 64 does not, so 7-bit
-    weights are exact there (ONNX Runtime's `reduce_range`, OpenVINO's saturation fix).
+    `int8_weight_pair_limit`: INT8 weights keep |q[2k]| + |q[2k+1]| along K within this
+    (None: no limit). x86 CPUs without VNNI run ORT's u8 x s8 GEMMs with vpmaddubsw, which
+    adds the products of K-adjacent pairs in a saturating int16: 255 * (127 + 127)
+    overflows it, 255 * 128 does not. Limiting those pairs (measured: pairs 2k, 2k+1 from
+    k = 0) is exact there and, unlike 7-bit weights (ONNX Runtime's `reduce_range`),
+    touches only the rare pairs of two large weights.
     """
 
     name: str
@@ -163,7 +167,7 @@ class TargetCaps:
     block_weight_only: bool = True
     block_last_dim_multiple: tuple[tuple[int, int], ...] = ()
     plugin_weight_bits: frozenset[int] = frozenset()
-    int8_weight_range_bits: int | None = None
+    int8_weight_pair_limit: int | None = None
 
     def last_dim_multiple(self, bits: int) -> int:
         """What the last dimension of a `bits`-bit block-quantized weight must divide by."""
@@ -201,8 +205,9 @@ ORT_CPU_CAPS = TargetCaps(
     block_last_dim_multiple=((2, 4),),
 )
 
-# ORT CPU on an x86 CPU without VNNI (AVX2, or AVX-512 without VNNI): 7-bit INT8 weights.
-ORT_CPU_SATURATING_CAPS = replace(ORT_CPU_CAPS, name="ort-cpu:avx2", int8_weight_range_bits=7)
+# ORT CPU on an x86 CPU without VNNI (AVX2, or AVX-512 without VNNI): INT8 weight pairs
+# along K limited to 128 in magnitude.
+ORT_CPU_SATURATING_CAPS = replace(ORT_CPU_CAPS, name="ort-cpu:avx2", int8_weight_pair_limit=128)
 
 # The `sim` target (fake quantization in ORT): every bit-width the QDQ writer emits, 4-bit
 # activations included, and block weights together with quantized activations (W4A8,

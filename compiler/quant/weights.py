@@ -23,6 +23,8 @@ __all__ = [
     "broadcast_scales",
     "default_method",
     "dequantize_weight",
+    "limit_pairs",
+    "pairs_over",
     "quantize_weight",
     "scale_shape",
     "weight_scales",
@@ -106,7 +108,9 @@ def _sq_error(rows: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarra
 def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> np.ndarray:
     """float32 scales for `w` under `spec`.
 
-    absmax: |w|max / qmax per group (every value in range; error <= scale / 2).
+    absmax: |w|max / qmax per group (every value in range; error <= scale / 2); with a
+    `pair_limit`, the largest K-adjacent |a| + |b| / (limit - 1) instead, which keeps the
+    pairs inside the limit without clipping (a finer step than 7-bit weights' |w|max / 63).
     mse: per group, the scale (|w|max * r / qmax for r in 1.00, 0.99, ..., 0.50) with
     the least squared round-to-nearest error; clipping a few outliers buys resolution
     for the rest, which matters at 4 and 2 bits. Deterministic and vectorised.
@@ -117,17 +121,23 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     w = np.asarray(w)
     _check(w, spec)
     rows = _groups(w, spec)
-    absmax = np.abs(rows).max(axis=1)
+    top, steps = np.abs(rows).max(axis=1), np.float32(spec.qmax)
+    if spec.pair_limit is not None:
+        # Room for every K-adjacent pair: |a| + |b| <= (limit - 1) steps, so the two
+        # roundings (half a step each) keep |q_a| + |q_b| <= limit; no value is clipped.
+        a, b = _pair_columns(rows)
+        top = np.maximum(top, (np.abs(a) + np.abs(b)).max(axis=1, initial=0.0))
+        steps = np.float32(min(spec.qmax, spec.pair_limit - 1))
     # An all-zero group quantizes exactly at any scale; 1.0 keeps scales strictly positive.
-    safe = np.where(absmax > 0, absmax, np.float32(spec.qmax)).astype(np.float32)
-    scales = (safe / np.float32(spec.qmax)).astype(np.float32)
+    safe = np.where(top > 0, top, steps).astype(np.float32)
+    scales = (safe / steps).astype(np.float32)
     if method == "mse":
         for part in _chunks(rows):
             block, base = rows[part], safe[part]
             best_scale = scales[part].copy()
             best_err = _sq_error(block, best_scale, spec)
             for ratio in _MSE_RATIOS[1:]:
-                cand = (base * np.float32(ratio) / np.float32(spec.qmax)).astype(np.float32)
+                cand = (base * np.float32(ratio) / steps).astype(np.float32)
                 err = _sq_error(block, cand, spec)
                 better = err < best_err  # strict: ties keep the larger ratio
                 best_err = np.where(better, err, best_err)
@@ -155,14 +165,60 @@ def broadcast_scales(scales: np.ndarray, spec: QuantSpec, shape: tuple[int, ...]
     return np.take(full, np.arange(shape[spec.axis]), axis=spec.axis)
 
 
+def _pair_columns(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Views of the even-K and odd-K columns of rows [channels, K] (an odd K's last element
+    pairs with padding, so it is left out)."""
+    even = rows.shape[1] - rows.shape[1] % 2
+    return rows[:, 0:even:2], rows[:, 1:even:2]
+
+
+def _pairs(q: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [channels, K] as a new int32 array, its even-K and odd-K columns as views)."""
+    rows = np.moveaxis(np.asarray(q, dtype=np.int32), channel_axis, 0)
+    rows = rows.reshape(rows.shape[0], -1).copy()
+    return (rows, *_pair_columns(rows))
+
+
+def pairs_over(q: np.ndarray, channel_axis: int, limit: int) -> int:
+    """How many K-adjacent pairs (2k, 2k+1) of integer weights `q` have |a| + |b| > limit.
+
+    K is the weight flattened along every axis but `channel_axis` (the GEMM reduction).
+    """
+    _, a, b = _pairs(q, channel_axis)
+    return int((np.abs(a) + np.abs(b) > limit).sum())
+
+
+def limit_pairs(q: np.ndarray, channel_axis: int, limit: int) -> np.ndarray:
+    """`q` with every K-adjacent pair brought to |a| + |b| <= limit (see `pairs_over`).
+
+    `weight_scales` already leaves room for the pairs, so this changes nothing there; it
+    guards scales from elsewhere (MSE candidates, replayed recipes). The excess is split
+    between the two (the larger magnitude gives the odd unit), which keeps the added squared
+    error smallest; no sign flips since each |q| <= 128.
+    """
+    rows, a, b = _pairs(q, channel_axis)
+    over = np.maximum(np.abs(a) + np.abs(b) - limit, 0)
+    a_larger = np.abs(a) >= np.abs(b)
+    big, small = (over + 1) // 2, over // 2
+    a -= np.sign(a) * np.where(a_larger, big, small)  # views: writes reach `rows`
+    b -= np.sign(b) * np.where(a_larger, small, big)
+    moved = np.moveaxis(np.asarray(q), channel_axis, 0).shape
+    return np.moveaxis(rows.reshape(moved), 0, channel_axis).astype(np.asarray(q).dtype)
+
+
 def quantize_weight(w: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.ndarray:
-    """Round half to even of w / scale, clipped to the spec's range, as int8."""
+    """Round half to even of w / scale, clipped to the spec's range (and its pair limit),
+    as int8."""
     w = np.asarray(w, dtype=np.float32)
     _check(w, spec)
     s = broadcast_scales(scales, spec, w.shape)
     if not (np.isfinite(s).all() and (s > 0).all()):
         raise SfcError("weight scales must be finite and > 0")
-    return np.clip(np.rint(w / s), spec.qmin, spec.qmax).astype(np.int8)
+    q = np.clip(np.rint(w / s), spec.qmin, spec.qmax).astype(np.int8)
+    if spec.pair_limit is not None:
+        assert spec.axis is not None  # pair limits are per-channel (QuantSpec checks)
+        q = limit_pairs(q, spec.axis, spec.pair_limit)
+    return q
 
 
 def dequantize_weight(q: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.ndarray:

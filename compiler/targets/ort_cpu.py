@@ -37,10 +37,11 @@ _EXTERNAL_MIN_BYTES = 1024  # initializers at least this big go to the external 
 
 
 # The CPU classes `ort-cpu:<isa>` builds for. Only the INT8 weight range differs: see
-# `sfc.quant.spec.TargetCaps.int8_weight_range_bits`.
+# `sfc.quant.spec.TargetCaps.int8_weight_pair_limit`.
 ISAS: dict[str, str] = {
     "vnni": "x86-64 with AVX-512 VNNI, AVX-VNNI or AMX: exact INT8 dot products, 8-bit weights",
-    "avx2": "x86-64 without VNNI: u8 x s8 pairs saturate int16, so INT8 weights use 7 bits",
+    "avx2": "x86-64 without VNNI: u8 x s8 pairs saturate int16, so INT8 weight pairs along K "
+    "are limited to |a| + |b| <= 128",
     "arm64": "ARM64 (NEON / dot-product): exact INT8 dot products, 8-bit weights",
 }
 
