@@ -155,8 +155,9 @@ class TargetCaps:
     (None: no limit). x86 CPUs without VNNI run ORT's u8 x s8 GEMMs with vpmaddubsw, which
     adds the products of K-adjacent pairs in a saturating int16: 255 * (127 + 127)
     overflows it, 255 * 128 does not. Limiting those pairs (measured: pairs 2k, 2k+1 from
-    k = 0) is exact there and, unlike 7-bit weights (ONNX Runtime's `reduce_range`),
-    touches only the rare pairs of two large weights.
+    k = 0) is exact there; sizing each channel's scale for its largest pair
+    (`weight_scales`) gives a finer step than 7-bit weights (ONNX Runtime's
+    `reduce_range`).
     """
 
     name: str
