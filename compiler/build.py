@@ -214,6 +214,13 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "
                            f"{recipe.model_sha256[:12]}, this one {sha[:12]})")
+        # A recipe for a VNNI CPU replayed for ort-cpu:avx2 would overflow its kernels.
+        for q in plan.weights:
+            old = recipe.get(q.tensor)
+            if old is not None and old.spec.pair_limit != q.spec.pair_limit:
+                raise SfcError(f"{replay} quantizes weight '{q.tensor}' as "
+                               f"{old.spec.describe()}, but {config.target} needs "
+                               f"{q.spec.describe()}; replay it with the recipe's own target")
     return _Graph(name, model, sha, plan, recipe, time.perf_counter() - start)
 
 

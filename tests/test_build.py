@@ -99,6 +99,19 @@ def test_recipe_replay_reproduces_the_qdq_model(tmp_path: Path) -> None:
         (tmp_path / "b/model/model.qdq.onnx").read_bytes()
 
 
+def test_replay_refuses_a_recipe_for_another_cpu_class(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    compile_model(str(src), tmp_path / "vnni",
+                  BuildConfig(target="ort-cpu:vnni", calib=feeds, calibrator="max"),
+                  eval_data=None)
+    replay = BuildConfig(target="ort-cpu:avx2", calib=tmp_path / "nowhere",
+                         recipe=tmp_path / "vnni", calibrator="max")
+    with pytest.raises(SfcError, match=r"needs INT8 per-channel\(axis 1, pairs <= 128\)"):
+        compile_model(str(src), tmp_path / "avx2", replay, eval_data=None)
+    out = tmp_path / "avx2"
+    assert not out.exists() or not any(p.suffix == ".onnx" for p in out.rglob("*"))
+
+
 def test_whisper_w4_build_folder_is_a_deployable(tmp_path: Path) -> None:
     from sfc.eval import count_errors, read_manifest
     from sfc.runtime.audio import load_audio
