@@ -52,7 +52,7 @@ def test_json_round_trip_is_byte_identical(tmp_path: Path) -> None:
     text = recipe.to_json()
     assert text.endswith("}\n")
     envelope = json.loads(text)
-    assert envelope["_type"] == "Recipe" and envelope["_version"] == 1
+    assert envelope["_type"] == "Recipe" and envelope["_version"] == 2
     assert list(envelope) == sorted(envelope)  # sorted keys
     again = Recipe.from_json(text)
     assert again == recipe
@@ -76,7 +76,7 @@ def test_floats_use_repr() -> None:
     ("mutate", "message"),
     [
         (lambda e: {**e, "_type": "Plan"}, "not a recipe"),
-        (lambda e: {**e, "_version": 2}, "version 2 is not supported"),
+        (lambda e: {**e, "_version": 3}, "version 3 is not supported"),
         (lambda e: {k: v for k, v in e.items() if k != "_version"}, "version None"),
         (lambda e: {**e, "_data": {}}, "malformed recipe"),
     ],
@@ -132,7 +132,12 @@ def test_validation() -> None:
     with pytest.raises(SfcError, match="plain JSON"):
         Recipe("0" * 64, 0, {"x": object()}, ())
     with pytest.raises(SfcError, match="unknown method"):
-        TensorRecipe("w", "weight", QuantSpec(8, "channel", 0), "gptq", ("n",))
+        TensorRecipe("w", "weight", QuantSpec(8, "channel", 0), "nope", ("n",))
+    stored = TensorRecipe("w", "weight", QuantSpec(4, "block", 0, 32), "gptq", ("n",))
+    with pytest.raises(SfcError, match="weight_data must be given exactly"):
+        Recipe("0" * 64, 0, {}, (stored,))  # stored integers without their digest
+    with pytest.raises(SfcError, match="weight_data must be given exactly"):
+        Recipe("0" * 64, 0, {}, (), weight_data="1" * 64)
 
 
 def test_weight_method_overrides() -> None:

@@ -55,6 +55,7 @@ from ..kernels.packing import pack
 from .plan import subgraph_reads
 from .recipe import Recipe, TensorRecipe, model_sha256
 from .spec import QuantSpec, min_opset
+from .stored import STORED_METHODS, StoredWeights
 from .weights import quantize_weight, weight_scales
 
 __all__ = ["QdqNames", "qdq_names", "qdq_versions", "scale_input_name", "write_qdq"]
@@ -156,8 +157,10 @@ class _Writer:
     """Collects the edits for one graph, then applies them in one ordered pass."""
 
     def __init__(self, graph: onnx.GraphProto, recipe: Recipe,
-                 scales_as_inputs: Collection[str] = ()) -> None:
+                 scales_as_inputs: Collection[str] = (),
+                 stored: StoredWeights | None = None) -> None:
         self.graph = graph
+        self.stored = stored
         self.scales_as_inputs = set(scales_as_inputs)
         self.new_inputs: list[onnx.ValueInfoProto] = []
         # node name -> the activation inputs the recipe quantizes there
@@ -216,8 +219,12 @@ class _Writer:
         if not np.isfinite(w).all():
             raise SfcError(f"weight '{name}' has NaN or Inf values")
         try:
-            scales = weight_scales(w, spec, entry.method)
-            q = quantize_weight(w, spec, scales)
+            if entry.method in STORED_METHODS:
+                assert self.stored is not None  # write_qdq checks
+                q, scales = self.stored.get(name, spec, tuple(w.shape))
+            else:
+                scales = weight_scales(w, spec, entry.method)
+                q = quantize_weight(w, spec, scales)
         except SfcError as exc:
             raise SfcError(f"weight '{name}': {exc}") from None
         readers = self.readers[name]
@@ -321,7 +328,7 @@ class _Writer:
 
 def write_qdq(
     model: onnx.ModelProto, recipe: Recipe, *, verify_model: bool = True,
-    scales_as_inputs: Collection[str] = (),
+    scales_as_inputs: Collection[str] = (), stored: StoredWeights | None = None,
 ) -> onnx.ModelProto:
     """The QDQ model for `recipe` applied to the FP32 `model` (which is left untouched).
 
@@ -329,7 +336,8 @@ def write_qdq(
     replays exactly only on the model it was made for). `scales_as_inputs`: activation
     tensors of the recipe whose scale becomes a float32 scalar graph input named
     `scale_input_name(tensor)` (see the module docstring); the recipe's scale for them is
-    then unused.
+    then unused. `stored`: the integers and scales of the recipe's stored weights
+    (`recipe.weight_data` pins them).
     """
     if isinstance(scales_as_inputs, str):
         raise SfcError("scales_as_inputs must be a collection of tensor names, not one string")
@@ -343,9 +351,14 @@ def write_qdq(
         if actual != recipe.model_sha256:
             expected = recipe.model_sha256[:12]
             raise SfcError(f"recipe was made for model {expected}, not this one ({actual[:12]})")
+    if recipe.weight_data is not None:
+        if stored is None:
+            raise SfcError("the recipe stores weights (weights.npz) and none were given")
+        if stored.digest() != recipe.weight_data:
+            raise SfcError("stored weights do not match the recipe's weight_data digest")
     opset, ir_version = qdq_versions(model, recipe)
     out = _upgrade(model, opset, ir_version)
-    writer = _Writer(out.graph, recipe, scales_as_inputs)
+    writer = _Writer(out.graph, recipe, scales_as_inputs, stored)
     in_subgraphs = subgraph_reads(out.graph)
     for entry in recipe.tensors:
         if entry.kind == "weight":

@@ -1,8 +1,10 @@
 """The recipe: every quantization decision, as byte-deterministic JSON.
 
 `recipe.json` is the single source of truth `write_qdq` replays. Activation scales are
-stored; weight scales are not, because `method` recomputes them deterministically from
-the FP32 weights, whose bytes `model_sha256` pins.
+stored; round-to-nearest weight scales are not, because `method` recomputes them
+deterministically from the FP32 weights, whose bytes `model_sha256` pins. Weights made
+with calibration data (`gptq`) live in `weights.npz` beside it, pinned by `weight_data`
+(`quant.stored`). Version 2 added `weight_data`; version 1 recipes still load.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from ..errors import SfcError
 from ..serial import read_text
 from .plan import Plan, QuantKind, Skipped
 from .spec import QuantSpec
+from .stored import STORED_METHODS
 from .weights import METHODS, default_method
 
 __all__ = ["Recipe", "TensorRecipe", "model_sha256", "recipe_from_plan"]
 
 _TYPE = "Recipe"
-_VERSION = 1
+_VERSION = 2
+_READS = (1, 2)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -74,7 +78,7 @@ class TensorRecipe:
         if self.kind == "weight":
             if self.scale is not None:
                 raise SfcError(f"weight '{name}' stores no scale (its method recomputes it)")
-            if self.method not in METHODS:
+            if self.method not in METHODS and self.method not in STORED_METHODS:
                 raise SfcError(f"weight '{name}': unknown method {self.method!r}")
         else:
             if self.spec.granularity != "tensor":
@@ -122,6 +126,8 @@ class Recipe:
     """All quantization decisions for one FP32 model.
 
     `config`: the PlanConfig and calibrator settings that produced it (JSON types).
+    `weight_data`: digest of the stored weights (`quant.stored`), None when every weight
+    is recomputed by its method.
     """
 
     model_sha256: str
@@ -129,6 +135,7 @@ class Recipe:
     config: dict[str, Any]
     tensors: tuple[TensorRecipe, ...]
     skipped: tuple[Skipped, ...] = ()
+    weight_data: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_sha256, str) or not _SHA256.fullmatch(self.model_sha256):
@@ -139,6 +146,12 @@ class Recipe:
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise SfcError(f"recipe lists tensor '{dup}' twice")
+        stored = any(t.method in STORED_METHODS for t in self.tensors)
+        if stored != (self.weight_data is not None):
+            raise SfcError("recipe weight_data must be given exactly when a weight is stored")
+        if self.weight_data is not None and not (
+                isinstance(self.weight_data, str) and _SHA256.fullmatch(self.weight_data)):
+            raise SfcError("recipe weight_data must be 64 lowercase hex digits")
         try:
             json.dumps(self.config, allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as exc:
@@ -156,6 +169,7 @@ class Recipe:
             "config": self.config,
             "tensors": [t.to_dict() for t in self.tensors],
             "skipped": [s.to_dict() for s in self.skipped],
+            "weight_data": self.weight_data,
         }
         envelope = {"_type": _TYPE, "_version": _VERSION, "_data": data}
         # json writes floats with float.__repr__ (shortest round-trip form).
@@ -171,13 +185,16 @@ class Recipe:
         if not isinstance(envelope, dict) or envelope.get("_type") != _TYPE:
             got = envelope.get("_type") if isinstance(envelope, dict) else None
             raise SfcError(f"not a recipe (_type {got!r}, expected {_TYPE!r})")
-        if envelope.get("_version") != _VERSION:
+        version = envelope.get("_version")
+        if version not in _READS:
             raise SfcError(
-                f"recipe version {envelope.get('_version')!r} is not supported (this sfc reads "
-                f"{_VERSION})"
+                f"recipe version {version!r} is not supported (this sfc reads "
+                f"{', '.join(map(str, _READS))})"
             )
         data = envelope.get("_data")
         keys = {"model_sha256", "seed", "config", "tensors", "skipped"}
+        if version == 2:
+            keys.add("weight_data")
         if not isinstance(data, dict) or set(data) != keys:
             raise SfcError("malformed recipe: _data must hold " + ", ".join(sorted(keys)))
         if not isinstance(data["config"], dict):
@@ -188,6 +205,7 @@ class Recipe:
             config=data["config"],
             tensors=tuple(TensorRecipe.from_dict(t) for t in data["tensors"]),
             skipped=tuple(Skipped.from_dict(s) for s in data["skipped"]),
+            weight_data=data.get("weight_data"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -219,11 +237,13 @@ def recipe_from_plan(
     seed: int,
     config: Mapping[str, Any],
     weight_methods: Mapping[str, str] | None = None,
+    weight_data: str | None = None,
 ) -> Recipe:
     """Turn a plan plus calibrated activation scales into a recipe.
 
     `activation_scales`: tensor -> (scale, method, stats) for every activation quantizer
-    of the plan. `weight_methods`: per-weight overrides of `default_method`. A missing,
+    of the plan. `weight_methods`: per-weight overrides of `default_method`; `weight_data`:
+    the digest of the stored weights when a method is stored (gptq). A missing,
     NaN, infinite or non-positive activation scale raises SfcError naming the tensor.
     """
     overrides = dict(weight_methods or {})
@@ -247,4 +267,4 @@ def recipe_from_plan(
             note=q.note,
         )  # fmt: skip
         tensors.append(entry)
-    return Recipe(model_sha256, seed, dict(config), tuple(tensors), plan.skipped)
+    return Recipe(model_sha256, seed, dict(config), tuple(tensors), plan.skipped, weight_data)

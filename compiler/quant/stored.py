@@ -1,0 +1,90 @@
+"""Weights whose integers cannot be recomputed from the FP32 weights alone.
+
+Round-to-nearest weights (`absmax`, `mse`) are recomputed from the FP32 model by the QDQ
+writer, so a recipe only names the method. Methods that need calibration data (GPTQ's
+error compensation uses each layer's input Gram matrix) or training (issue 11's learned
+weights) store their integers and scales instead: `weights.npz` beside `recipe.json`,
+pinned by a content digest in the recipe, so a replay writes the same QDQ file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..errors import SfcError
+from .spec import QuantSpec
+from .weights import scale_shape
+
+__all__ = ["STORED_FILE", "STORED_METHODS", "StoredWeights"]
+
+STORED_METHODS = frozenset({"gptq"})
+STORED_FILE = "weights.npz"
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """tensor -> (int8 integers in the spec's range, float32 scales in DQ layout)."""
+
+    arrays: Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+    def digest(self) -> str:
+        """sha256 over names, dtypes, shapes and bytes in name order (the zip's own bytes
+        carry timestamps, so the file is not hashed)."""
+        h = hashlib.sha256()
+        for name in sorted(self.arrays):
+            h.update(name.encode() + b"\0")
+            for a in self.arrays[name]:
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
+
+    def get(self, tensor: str, spec: QuantSpec, shape: tuple[int, ...]) -> tuple[np.ndarray,
+                                                                                 np.ndarray]:
+        """The stored pair for `tensor`, checked against the weight it replaces."""
+        if tensor not in self.arrays:
+            raise SfcError(f"stored weights lack '{tensor}'")
+        q, scales = self.arrays[tensor]
+        if q.shape != shape or scales.shape != scale_shape(shape, spec):
+            raise SfcError(f"stored weights for '{tensor}' have shapes {q.shape} / "
+                           f"{scales.shape}, expected {shape} / {scale_shape(shape, spec)}")
+        if q.dtype != np.int8 or q.min(initial=0) < spec.qmin or q.max(initial=0) > spec.qmax:
+            raise SfcError(f"stored integers for '{tensor}' are outside INT{spec.bits}")
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise SfcError(f"stored scales for '{tensor}' must be finite and > 0")
+        return q, scales
+
+    def save(self, path: Path) -> None:
+        """Write atomically (arrays keyed by index: tensor names may hold '/')."""
+        names = sorted(self.arrays)
+        data: dict[str, np.ndarray] = {"names": np.array(names, dtype=np.str_)}
+        for i, name in enumerate(names):
+            q, s = self.arrays[name]
+            data[f"q{i}"], data[f"s{i}"] = np.asarray(q, np.int8), np.asarray(s, np.float32)
+        with atomic_path(Path(path)) as tmp, tmp.open("wb") as fh:
+            np.savez(fh, **data)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path, digest: str) -> StoredWeights:
+        """Read `path` and check it against the recipe's `digest`."""
+        path = Path(path)
+        if not path.is_file():
+            raise SfcError(f"stored weights not found: {path} (the recipe needs them)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                names = [str(n) for n in data["names"]]
+                arrays = {n: (data[f"q{i}"], data[f"s{i}"]) for i, n in enumerate(names)}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise SfcError(f"cannot read stored weights {path}: {exc}") from None
+        stored = cls(arrays)
+        if stored.digest() != digest:
+            raise SfcError(f"{path} does not match its recipe (digest {stored.digest()[:12]}, "
+                           f"recipe {digest[:12]})")
+        return stored
