@@ -14,6 +14,7 @@ with `--recipe`) and raises `Interrupted`.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -33,7 +34,11 @@ from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
 from .paths import BUNDLED_DATA
-from .quant.plan import Plan, PlanConfig, check_caps, make_plan
+from .precision.budget import WeightOption
+from .precision.search import RESULT_FILE, GraphWeights, SearchConfig, candidate_specs, choose
+from .quant.gptq import GptqConfig, GramAccumulator
+from .quant.lowbit import WEIGHT_METHODS, quantize_layer, recipe_method
+from .quant.plan import LayerPrecision, Plan, PlanConfig, check_caps, make_plan
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
 from .quant.spec import (
@@ -43,11 +48,13 @@ from .quant.spec import (
     TENSORRT_CAPS,
     TargetCaps,
 )
+from .quant.stored import STORED_FILE, StoredWeights
 from .targets import TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
 
-__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBuild", "build"]
+__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "PRECISION_CHECKPOINT", "BuildConfig",
+           "GraphBuild", "build"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,9 @@ _CAPS: dict[str, TargetCaps] = {c.name: c for c in (ORT_CPU_CAPS, ORT_CPU_SATURA
 ESC_RESULT = "esc.json"
 ESC_PLOT = "plots/esc_trace.png"
 ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
+# The sensitivity probes done so far (kept in the build folder until the build succeeds,
+# so an interrupted mixed build resumes them).
+PRECISION_CHECKPOINT = ".precision-probes.json"
 
 
 def target_caps(target: str) -> TargetCaps:
@@ -74,7 +84,7 @@ class BuildConfig:
     """Everything `sfc build` was asked to do (recorded in each recipe and the report)."""
 
     target: str = "ort-cpu"
-    weights: int = 8
+    weights: int | str = 8  # 8, 4, 2 or "mixed" (bits per layer under `search`'s budget)
     activations: int | None = 8
     calibrator: str = "esc"  # the only calibrator lossless at W8A8 on tiny.en (BENCHMARKS.md)
     calib: Path = BUNDLED_DATA / "calib"
@@ -84,6 +94,13 @@ class BuildConfig:
     block_size: int = 32
     quantize_attention: bool = False
     seed: int = 0
+    # How sub-8-bit integers are chosen (quant.lowbit), and GPTQ's knobs.
+    weight_method: str = "mse"
+    gptq: GptqConfig = field(default_factory=GptqConfig)
+    # Per-layer precision written by hand (--precision FILE); the search never overrides it.
+    precision: tuple[LayerPrecision, ...] = ()
+    # weights "mixed" only: the budget and how sensitivities are measured.
+    search: SearchConfig | None = None
     # ESC only (calibrator "esc"): see sfc.calib.esc.EscCalib.
     esc_budget: int = 100
     esc_popsize: int | None = None
@@ -95,6 +112,16 @@ class BuildConfig:
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
         object.__setattr__(self, "target", canonical_target(self.target))
+        if self.weights == "mixed":
+            if self.search is None:
+                raise SfcError("--weights mixed needs a budget: --avg-bits B or --size-mb S")
+        elif self.search is not None:
+            raise SfcError("--avg-bits, --size-mb and --candidates apply to --weights mixed only")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise SfcError(f"--weight-method must be one of {', '.join(WEIGHT_METHODS)}, "
+                           f"not {self.weight_method!r}")
+        if self.gptq != GptqConfig() and self.weight_method != "gptq":
+            raise SfcError("--gptq-damp and --gptq-act-order apply to --weight-method gptq only")
         # Fail on a bad option before minutes of calibration, not after.
         check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:
@@ -123,19 +150,43 @@ class BuildConfig:
                                     objective=self.esc_objective)
         return method_from_name(self.calibrator)
 
-    def plan_config(self) -> PlanConfig:
-        """The placement request this build makes."""
-        return PlanConfig(weight_bits=self.weights, activation_bits=self.activations,
-                          block_size=self.block_size,
-                          quantize_attention=self.quantize_attention, exclude=self.exclude)
+    @property
+    def mixed(self) -> bool:
+        return self.weights == "mixed"
 
-    def recipe_config(self) -> dict[str, Any]:
-        """What goes into recipe.json: machine-independent settings only."""
+    @property
+    def needs_grams(self) -> bool:
+        """Whether calibration also sums each MatMul input's Gram matrix (GPTQ, and the
+        mixed search's layer-output proxy)."""
+        return self.weight_method == "gptq" or self.mixed
+
+    def plan_config(self) -> PlanConfig:
+        """The placement request this build makes (a mixed build plans INT8 first; the
+        search's per-layer entries come on top)."""
+        bits = 8 if self.weights == "mixed" else self.weights
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise SfcError(f"--weights must be 8, 4, 2 or mixed, not {self.weights!r}")
+        return PlanConfig(weight_bits=bits, activation_bits=self.activations,
+                          block_size=self.block_size,
+                          quantize_attention=self.quantize_attention, exclude=self.exclude,
+                          precision=self.precision)
+
+    def recipe_config(self, plan: PlanConfig | None = None) -> dict[str, Any]:
+        """What goes into recipe.json: machine-independent settings only (`plan`: the plan
+        config actually applied, when a search added per-layer entries)."""
         calib: dict[str, Any] = {"limit": self.calib_limit, "data": self.calib.name}
         if self.activations is not None:
             calib.update(self.calibration_method().to_dict())
-        return {"plan": self.plan_config().to_dict(), "target": self.target,
+        data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
                 "calibration": calib}
+        if self.weight_method != "mse" or self.mixed:
+            weights: dict[str, Any] = {"method": self.weight_method}
+            if self.weight_method == "gptq":
+                weights["gptq"] = self.gptq.to_dict()
+            if self.search is not None:
+                weights["search"] = self.search.to_dict()
+            data["weights"] = weights
+        return data
 
 
 @dataclass(frozen=True)
@@ -168,24 +219,47 @@ def _recipe_path(config: BuildConfig, graph: str, single: bool) -> Path | None:
     return path
 
 
+def _grams(model: onnx.ModelProto, plan: Plan) -> dict[str, GramAccumulator]:
+    """weight -> the Gram accumulator of its MatMul's data input (weights read by several
+    MatMuls, or by none, get none); MatMuls sharing an input share one accumulator."""
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    by_input: dict[str, GramAccumulator] = {}
+    out = {}
+    for q in plan.weights:
+        readers = [nodes[c] for c in q.consumers]
+        if len(readers) != 1 or readers[0].op_type != "MatMul":
+            continue
+        data = readers[0].input[0]
+        k = int(inits[q.tensor].dims[0])
+        out[q.tensor] = by_input.setdefault(data, GramAccumulator(k))
+    return out
+
+
 def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int,
-           graph: str) -> dict[str, StatsSnapshot]:
+           graph: str, grams: dict[str, GramAccumulator]) -> dict[str, StatsSnapshot]:
     tensors = [q.tensor for q in plan.activations]
-    if not tensors:
+    if not tensors and not grams:
         return {}
     if feeds is None:
         raise SfcError(f"graph {graph!r} needs calibration data for its activations "
                        "(--calib) or --activations none")
-    return collect_stats(model, tensors, feeds, total=total, progress=f"calibrating {graph}")
+    nodes = {n.name: n for n in model.graph.node}
+    by_input = {}
+    for tensor, acc in grams.items():
+        reader = next(q for q in plan.weights if q.tensor == tensor).consumers[0]
+        by_input[nodes[reader].input[0]] = acc
+    return collect_stats(model, tensors, feeds, total=total, progress=f"calibrating {graph}",
+                         grams=by_input)
 
 
-def _calibrate(stats: dict[str, StatsSnapshot],
+def _calibrate(stats: dict[str, StatsSnapshot], plan: Plan,
                config: BuildConfig) -> dict[str, tuple[float, str, dict[str, float]]]:
     method = config.calibration_method()
     out = {}
-    for tensor, snap in stats.items():
-        result = compute_scale(snap, method, bits=config.activations or 8)
-        out[tensor] = (result.scale, result.method, dict(result.stats_summary))
+    for q in plan.activations:
+        result = compute_scale(stats[q.tensor], method, bits=q.spec.bits)
+        out[q.tensor] = (result.scale, result.method, dict(result.stats_summary))
     return out
 
 
@@ -198,8 +272,40 @@ class _Graph:
     sha: str
     plan: Plan
     replay: Recipe | None
+    plan_config: PlanConfig
     seconds: float = 0.0
     stats: dict[str, StatsSnapshot] | None = None
+    grams: dict[str, GramAccumulator] = field(default_factory=dict)
+    # weight -> (integers, scales, recipe method), for weights the method computes here
+    quantized: dict[str, tuple[Any, Any, str]] = field(default_factory=dict)
+    stored: StoredWeights | None = None
+
+    def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
+                 ) -> tuple[Any, Any, str]:
+        """`tensor`'s integers under `spec` (cached: the search and the final recipe
+        share them)."""
+        key = f"{tensor}\0{spec.describe()}"
+        if key not in self.quantized:
+            w = next(onnx.numpy_helper.to_array(t) for t in self.model.graph.initializer
+                     if t.name == tensor)
+            self.quantized[key] = quantize_layer(w, spec, method, self.grams.get(tensor), gptq)
+        return self.quantized[key]
+
+    def recipe(self, scales: dict[str, tuple[float, str, dict[str, float]]],
+               config: BuildConfig) -> Recipe:
+        """The recipe of the current plan with activation `scales`; stored weights
+        (GPTQ) are gathered into `self.stored`."""
+        methods, arrays = {}, {}
+        for q in self.plan.weights:
+            name = recipe_method(config.weight_method, q.spec, q.tensor in self.grams)
+            methods[q.tensor] = name
+            if name == "gptq":
+                ints, sc, _ = self.quantize(q.tensor, q.spec, config.weight_method, config.gptq)
+                arrays[q.tensor] = (ints, sc)
+        self.stored = StoredWeights(arrays) if arrays else None
+        return recipe_from_plan(self.plan, scales, self.sha, config.seed,
+                                config.recipe_config(self.plan_config), methods,
+                                self.stored.digest() if self.stored else None)
 
 
 def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: TargetCaps,
@@ -209,8 +315,11 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
     replay = _recipe_path(config, name, single)
     plan = make_plan(model, config.plan_config(), caps)
     recipe = None
+    stored = None
     if replay is not None:
         recipe = Recipe.load(replay)
+        if recipe.weight_data is not None:
+            stored = StoredWeights.load(replay.parent / STORED_FILE, recipe.weight_data)
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "
                            f"{recipe.model_sha256[:12]}, this one {sha[:12]})")
@@ -221,7 +330,10 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
                 raise SfcError(f"{replay} quantizes weight '{q.tensor}' as "
                                f"{old.spec.describe()}, but {config.target} needs "
                                f"{q.spec.describe()}; replay it with the recipe's own target")
-    return _Graph(name, model, sha, plan, recipe, time.perf_counter() - start)
+    g = _Graph(name, model, sha, plan, recipe, config.plan_config(),
+               time.perf_counter() - start)
+    g.stored = stored
+    return g
 
 
 def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
@@ -229,9 +341,11 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
     start = time.perf_counter()
     folder = stage / g.name
     folder.mkdir(parents=True, exist_ok=True)
-    qdq = write_qdq(g.model, recipe)
+    qdq = write_qdq(g.model, recipe, stored=g.stored)
     onnx.save(g.model, str(folder / "model.fp32.onnx"))
     recipe.save(folder / "recipe.json")
+    if g.stored is not None:
+        g.stored.save(folder / STORED_FILE)
     onnx.save(qdq, str(folder / "model.qdq.onnx"))
     target = config.lowering_target().for_graph(card, g.name)
     lowering = target.lower(folder / "model.qdq.onnx", folder)
@@ -249,19 +363,6 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
     )
 
 
-def _build_graph(name: str, model: onnx.ModelProto, feeds: Iterator[Feed] | None, total: int,
-                 config: BuildConfig, caps: TargetCaps, stage: Path,
-                 card: ModelCard) -> GraphBuild:
-    g = _prepare(name, model, config, caps, len(card.graphs) == 1)
-    recipe = g.replay
-    if recipe is None:
-        start = time.perf_counter()
-        scales = _calibrate(_stats(model, g.plan, feeds, total, name), config)
-        recipe = recipe_from_plan(g.plan, scales, g.sha, config.seed, config.recipe_config())
-        g.seconds += time.perf_counter() - start
-    return _emit(g, recipe, config, stage, card)
-
-
 def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: Any,
          utterances: list[Any]) -> tuple[dict[str, Recipe], EscResult]:
     """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph."""
@@ -269,7 +370,6 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
 
     method: EscCalib = config.calibration_method()
     bits = config.activations or 8
-    recipe_config = config.recipe_config()
     starts, setups, start = {}, {}, {}
     for g in graphs:
         assert g.stats is not None
@@ -277,8 +377,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
         starts[g.name] = start_scales(g.stats, op_types, method, bits)
         scales = {t: (r.scale, r.method, r.stats_summary) for t, (r, _) in starts[g.name].items()}
         tuned = tuple(t for t, (_, on) in starts[g.name].items() if on)
-        setups[g.name] = GraphSetup(
-            g.model, recipe_from_plan(g.plan, scales, g.sha, config.seed, recipe_config), tuned)
+        setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored)
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     objective = make_objective(method.objective, card, setups, samples=method.samples,
                                runtime=runtime, utterances=utterances, feeds_dir=config.calib,
@@ -298,7 +397,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
                 final[tensor] = (result.scales[key], method.name, summary)
             else:
                 final[tensor] = (r.scale, r.method, summary)
-        recipes[g.name] = recipe_from_plan(g.plan, final, g.sha, config.seed, recipe_config)
+        recipes[g.name] = g.recipe(final, config)
     return recipes, result
 
 
@@ -311,6 +410,51 @@ def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) 
     return (f"interrupted: ESC stopped after {result.evaluations} evaluations; best-so-far "
             f"recipes (objective {result.final_objective:.5g}, MSE start "
             f"{result.start_objective:.5g}) saved in {folder} (finish with --recipe {folder})")
+
+
+def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: TargetCaps,
+            runtime: Any, utterances: list[Any], out: Path, stage: Path) -> None:
+    """Two-stage mixed precision over all graphs jointly; each graph's plan becomes the
+    plan with the chosen per-layer entries. Saves precision.json in the stage."""
+    from .calib.objectives import GraphSetup, make_objective
+
+    assert config.search is not None
+    weights = []
+    for g in pending:
+        _, specs = candidate_specs(g.model, g.plan_config, caps, config.search.candidates)
+
+        def quantize(tensor: str, spec: Any, g: _Graph = g) -> tuple[Any, Any, str]:
+            return g.quantize(tensor, spec, config.weight_method, config.gptq)
+
+        weights.append(GraphWeights(g.name, g.model, g.plan, specs, g.grams, quantize))
+
+    def objective(built: dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]) -> Any:
+        setups = {name: GraphSetup(model, Recipe(model_sha256(model), config.seed, {}, ()),
+                                   (), gates) for name, (model, gates) in built.items()}
+        # KL to FP32 (>= 0, no transcript-likelihood noise) for Whisper; distortion else.
+        kind = "kl" if card.family == "whisper" else "auto"
+        assert config.search is not None
+        return make_objective(kind, card, setups, samples=config.search.samples,
+                              runtime=runtime, utterances=utterances, feeds_dir=config.calib)
+
+    checkpoint = out / PRECISION_CHECKPOINT
+    method_key = json.dumps([config.weight_method, config.gptq.to_dict(), config.calib.name,
+                             config.calib_limit, config.seed])
+    result = choose(weights, config.search, objective, checkpoint, method_key)
+    result.save(stage / RESULT_FILE)
+    entries = result.entries()
+    for g in pending:
+        g.plan_config = replace(g.plan_config,
+                                precision=entries.get(g.name, ()) + g.plan_config.precision)
+        plan = make_plan(g.model, g.plan_config, caps)
+        for c in (c for c in result.layers if c.graph == g.name):
+            got = plan.get(c.tensor)
+            if got is None or WeightOption(got.spec, 0).label != c.label:
+                raise SfcError(f"internal: the plan did not give '{c.tensor}' its chosen "
+                               f"format {c.label}")
+        g.plan = plan
+        if g.stats is not None:
+            g.stats = {q.tensor: g.stats[q.tensor] for q in plan.activations}
 
 
 def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[GraphBuild]]:
@@ -331,39 +475,47 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         single = len(card.graphs) == 1
         runtime = None
         utterances = []
-        if card.family == "whisper" and config.activations is not None and config.recipe is None:
+        needs_data = config.activations is not None or config.needs_grams
+        if card.family == "whisper" and needs_data and config.recipe is None:
             from .runtime.whisper import WhisperRuntime
 
             runtime = WhisperRuntime.open(fp32_folder)
             utterances = read_manifest(config.calib)[: config.calib_limit]
-        esc = config.uses_esc and config.activations is not None and config.recipe is None
+        prepared = [_prepare(name, onnx.load(str(fp32_folder / spec.path)), config, caps,
+                             single) for name, spec in card.graphs.items()]
+        if config.mixed and not any(g.plan.weights for g in prepared):
+            raise SfcError("--weights mixed: the plan quantizes no weight of this model")
         pending: list[_Graph] = []
-        for name, spec in card.graphs.items():
-            model = onnx.load(str(fp32_folder / spec.path))
+        for g in prepared:
+            if g.replay is not None:
+                graphs.append(_emit(g, g.replay, config, stage, card))
+                continue
             feeds: Iterator[Feed] | None = None
             total = 0
             if runtime is not None:
-                feeds, total = whisper_feeds(runtime, utterances, name), len(utterances)
-            elif card.family != "whisper" and config.activations is not None:
-                names = [t.name for t in spec.inputs]
+                feeds, total = whisper_feeds(runtime, utterances, g.name), len(utterances)
+            elif card.family != "whisper" and needs_data:
+                names = [t.name for t in card.graphs[g.name].inputs]
                 feeds = npz_feeds(config.calib, names)
                 total = len(list(Path(config.calib).glob("*.npz")))
-            if not esc:
-                graphs.append(_build_graph(name, model, feeds, total, config, caps, stage,
-                                           card))
-                continue
-            g = _prepare(name, model, config, caps, single)
             started = time.perf_counter()
-            g.stats = _stats(model, g.plan, feeds, total, name)
+            if config.needs_grams:
+                g.grams = _grams(g.model, g.plan)
+            g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
             g.seconds += time.perf_counter() - started
             pending.append(g)
-        if esc:
+        if config.mixed and pending:
+            _search(pending, card, config, caps, runtime, utterances, out, stage)
+        if config.uses_esc and config.activations is not None and pending:
             recipes, result = _esc(pending, card, config, runtime, utterances)
             if result.interrupted:
                 raise Interrupted(_save_interrupted(out, recipes, result))
             result.save(stage / ESC_RESULT)
             plot_trace(result, stage / ESC_PLOT)
-            graphs += [_emit(g, recipes[g.name], config, stage, card) for g in pending]
+        else:
+            recipes = {g.name: g.recipe(_calibrate(g.stats or {}, g.plan, config), config)
+                       for g in pending}
+        graphs += [_emit(g, recipes[g.name], config, stage, card) for g in pending]
         built = replace(card, graphs={
             g.name: GraphSpec(path=f"{g.name}/{g.lowering.artifact}",
                               inputs=card.graphs[g.name].inputs,
@@ -375,6 +527,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
             shutil.copyfile(fp32_folder / card.tokenizer, stage / card.tokenizer)
         built.save(stage)
         shutil.rmtree(stage / "_source", ignore_errors=True)
+    (out / PRECISION_CHECKPOINT).unlink(missing_ok=True)
     return built, graphs
 
 

@@ -151,7 +151,30 @@ def build_cmd(
         help="ort-cpu[:vnni|avx2|arm64] (integer kernels; default class: this CPU's), sim "
         "(fake-quant accuracy check, any bit-width) or tensorrt[:10.3|10.16|11]")]
     = "ort-cpu",
-    weights: Annotated[int, typer.Option(help="Weight bits: 8, 4 or 2")] = 8,
+    weights: Annotated[str, typer.Option(
+        help="Weight bits: 8, 4, 2, or mixed (per layer from {8, 4, 2} under --avg-bits or "
+        "--size-mb: sensitivity probes, then an integer program)")] = "8",
+    weight_method: Annotated[str, typer.Option(
+        help="How 4/2-bit weights are rounded: rtn (absmax), mse (clipped scales) or gptq "
+        "(second-order, from the calibration inputs' Gram matrices)")] = "mse",
+    avg_bits: Annotated[float | None, typer.Option(
+        help="Mixed: average weight bits, scales counted (INT4 block 32 = 5.0)")] = None,
+    size_mb: Annotated[float | None, typer.Option(
+        help="Mixed: total size of the model's initializers in MB")] = None,
+    candidates: Annotated[str | None, typer.Option(
+        help="Mixed: formats to choose from (default 8,4/32,4/128,2/32)")] = None,
+    sensitivity: Annotated[str, typer.Option(
+        help="Mixed: task (loss probes on the calibration set) or proxy (layer-output "
+        "error, cheaper)")] = "task",
+    sensitivity_samples: Annotated[int, typer.Option(
+        help="Mixed: calibration items the task probes run on")] = 16,
+    precision: Annotated[Path | None, typer.Option(
+        help="Per-layer precision map (JSON: node-name glob -> 8|4|2|float or "
+        "{weights, block_size, activations})")] = None,
+    gptq_damp: Annotated[float, typer.Option(help="GPTQ: dampening (fraction of mean "
+                                             "diag H)")] = 0.01,
+    gptq_act_order: Annotated[bool, typer.Option(help="GPTQ: walk inputs by decreasing "
+                                                 "diag H (static groups)")] = True,
     activations: Annotated[str, typer.Option(
         help="Activations: int8, int4 (fake-quant --target sim only) or none")] = "int8",
     calibrator: Annotated[str, typer.Option(
@@ -215,10 +238,33 @@ def build_cmd(
         console.print(f"wrote {out / result.artifact} ({result.bytes / 1e6:.1f} MB)")
         return
 
+    from .precision.budget import Budget
+    from .precision.mapfile import load_precision
+    from .precision.search import DEFAULT_CANDIDATES, SearchConfig
+    from .quant.gptq import GptqConfig
+
     acts = {"int8": 8, "int4": 4, "none": None}
     if activations not in acts:
         raise SfcError(f"--activations must be int8, int4 or none, not {activations!r}")
-    config = BuildConfig(target=target, weights=weights, activations=acts[activations],
+    bits: int | str = weights
+    if weights in ("8", "4", "2"):
+        bits = int(weights)
+    elif weights != "mixed":
+        raise SfcError(f"--weights must be 8, 4, 2 or mixed, not {weights!r}")
+    search = None
+    if avg_bits is not None or size_mb is not None or weights == "mixed":
+        if weights != "mixed":
+            raise SfcError("--avg-bits and --size-mb apply to --weights mixed only")
+        formats = tuple(c.strip() for c in candidates.split(",")) if candidates else \
+            DEFAULT_CANDIDATES
+        search = SearchConfig(Budget(avg_bits, size_mb), formats, sensitivity,
+                              sensitivity_samples)
+    elif candidates is not None:
+        raise SfcError("--candidates applies to --weights mixed only")
+    gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order)
+    config = BuildConfig(target=target, weights=bits, activations=acts[activations],
+                         weight_method=weight_method, gptq=gptq, search=search,
+                         precision=load_precision(precision) if precision else (),
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,
                          quantize_attention=quantize_attention, seed=seed,

@@ -34,6 +34,7 @@ from ..card import ModelCard
 from ..errors import SfcError
 from ..quant.qdq import scale_input_name, write_qdq
 from ..quant.recipe import Recipe
+from ..quant.stored import StoredWeights
 from ..runtime.session import OPTIMIZATION
 from .esc import quantizer_key
 
@@ -59,11 +60,17 @@ _WHISPER_METRICS = ("teacher-forced", "kl", "distortion")
 
 @dataclass(frozen=True)
 class GraphSetup:
-    """One graph as ESC sees it: FP32 model, start recipe, and the tensors it tunes."""
+    """One graph as ESC sees it: FP32 model, start recipe, and the tensors it tunes.
+
+    `gates`: other float32 scalar inputs of `model` fed from the same mapping as the
+    scales (the precision probes' weight switches, `precision.probe`).
+    """
 
     model: onnx.ModelProto
     recipe: Recipe
     tuned: tuple[str, ...]
+    gates: tuple[str, ...] = ()
+    stored: StoredWeights | None = None  # the recipe's stored weights (GPTQ)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -77,8 +84,10 @@ class ScaledSession:
     def __init__(self, graph: str, setup: GraphSetup, *, threads: int | None = None,
                  optimization: str = "all") -> None:
         self.graph = graph
-        self.inputs = {t: scale_input_name(t) for t in setup.tuned}
-        qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned)
+        self.inputs = {t: scale_input_name(t) for t in setup.tuned} | {
+            g: g for g in setup.gates}
+        qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned,
+                        stored=setup.stored)
         options = ort.SessionOptions()
         # The level the target's artifact runs at: the search sees the deployed numerics.
         options.graph_optimization_level = OPTIMIZATION[optimization]
@@ -283,13 +292,24 @@ class WhisperObjective:
             raise SfcError(f"unknown Whisper objective {metric!r}")
         self.name = metric
         self.encoder, self.decoder, self.reference, self.spec = encoder, decoder, reference, spec
+        # The encoder's outputs for the last encoder inputs seen: probes that change only
+        # decoder inputs (precision.probe) then cost a decoder pass alone.
+        self._encoded: tuple[tuple[tuple[str, bytes], ...], list[list[np.ndarray]]] | None = None
+
+    def _encode(self, scales: Mapping[str, float]) -> list[list[np.ndarray]]:
+        key = tuple((k, v.tobytes()) for k, v in sorted(self.encoder.scale_feed(scales).items()))
+        if self._encoded is None or self._encoded[0] != key:
+            outs = [self.encoder.run(["cross_key", "cross_value"],
+                                     {"input_features": b.features}, scales)
+                    for b in self.reference.batches]
+            self._encoded = (key, outs)
+        return self._encoded[1]
 
     def __call__(self, scales: Mapping[str, float]) -> float:
         spec = self.spec
         total, count = 0.0, 0
-        for b in self.reference.batches:
-            cross_k, cross_v = self.encoder.run(
-                ["cross_key", "cross_value"], {"input_features": b.features}, scales)
+        for b, (cross_k, cross_v) in zip(self.reference.batches, self._encode(scales),
+                                         strict=True):
             n = len(b.tokens)
             empty = np.zeros((spec.n_layers, n, spec.n_heads, 0, spec.head_dim), np.float32)
             logits = self.decoder.run(["logits"], {

@@ -280,8 +280,12 @@ def collect_stats(
     progress: str | None = "calibrating",
     total: int | None = None,
     threads: int | None = None,
+    grams: Mapping[str, Any] | None = None,
 ) -> dict[str, StatsSnapshot]:
     """Run `model` over `feeds` on ONNX Runtime's CPU provider and return statistics.
+
+    `grams`: tensor -> accumulator with `update(x)` (GPTQ's `GramAccumulator`), fed every
+    value of that tensor in the same pass; the tensor need not be in `tensors`.
 
     `tensors` names node outputs or graph inputs of the main graph (graph inputs are taken
     from the feed). A copy of the model exposes them as extra outputs; ONE session runs every
@@ -291,7 +295,8 @@ def collect_stats(
     """
     if isinstance(tensors, str):
         raise SfcError("collect_stats: tensors must be a sequence of names, not one string")
-    names = list(dict.fromkeys(tensors))
+    grams = dict(grams or {})
+    names = list(dict.fromkeys([*tensors, *grams]))
     if not names:
         raise SfcError("collect_stats: no tensors requested")
     proto = _load(model)
@@ -333,6 +338,8 @@ def collect_stats(
                         if n not in feed:
                             raise SfcError(f"graph input '{n}' is missing from the feed")
                         acc[n].update(np.asarray(feed[n]))
+                        if n in grams:
+                            grams[n].update(np.asarray(feed[n]))
                     if from_run:
                         run_feed = {k: v for k, v in feed.items() if k in session_inputs}
                         try:
@@ -341,6 +348,8 @@ def collect_stats(
                             raise SfcError(f"ONNX Runtime failed: {_first_line(exc)}") from None
                         for n, value in zip(from_run, outs, strict=True):
                             acc[n].update(value)
+                            if n in grams:
+                                grams[n].update(value)
                         del outs  # bounded memory: activations never outlive one feed
                 except SfcError as exc:
                     raise SfcError(f"{exc} (calibration feed #{i})") from None
@@ -352,4 +361,4 @@ def collect_stats(
                 bar.stop()
     if seen == 0:
         raise SfcError("collect_stats: the calibration feeds are empty")
-    return {n: acc[n].snapshot() for n in names}
+    return {n: acc[n].snapshot() for n in dict.fromkeys(tensors)}

@@ -36,6 +36,7 @@ __all__ = [
     "AttentionRule",
     "ExcludeRule",
     "FloatRule",
+    "LayerPrecision",
     "PlacementRule",
     "Plan",
     "PlanConfig",
@@ -67,12 +68,79 @@ def _is_pow2(value: int) -> bool:
     return value > 0 and not value & (value - 1)
 
 
+FLOAT = "float"  # a layer kept in float32 (weights or activations)
+
+
+def _check_weight_bits(value: object, what: str) -> None:
+    if value not in (8, 4, 2) or isinstance(value, bool):
+        raise SfcError(f"{what} must be 8, 4 or 2, not {value!r}")
+
+
+def _check_activation_bits(value: object, what: str) -> None:
+    if value is not None and (value not in (8, 4) or isinstance(value, bool)):
+        raise SfcError(f"{what} must be 8, 4 or None, not {value!r}")
+
+
+def _check_block_size(value: object, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not (
+            value >= 16 and _is_pow2(value)):
+        raise SfcError(f"{what} must be a power of two >= 16, not {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """Per-layer precision: nodes whose name matches `pattern` (fnmatch) take these settings.
+
+    `weights`: 8, 4, 2 or "float"; `block_size`: for 4/2-bit weights; `activations`: 8, 4
+    or "float" (the input of that op left in float). None leaves the build's setting. In a
+    tuple of entries, each setting comes from the first matching entry that sets it.
+    """
+
+    pattern: str
+    weights: int | str | None = None
+    block_size: int | None = None
+    activations: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise SfcError("a precision entry needs a non-empty node-name pattern")
+        where = f"precision entry '{self.pattern}'"
+        if self.weights is not None and self.weights != FLOAT:
+            _check_weight_bits(self.weights, f"{where}: weights")
+        if self.block_size is not None:
+            _check_block_size(self.block_size, f"{where}: block_size")
+        if self.activations is not None and self.activations != FLOAT:
+            _check_activation_bits(self.activations, f"{where}: activations")
+
+    def matches(self, node: str) -> bool:
+        return fnmatch.fnmatchcase(node, self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "weights": self.weights,
+                "block_size": self.block_size, "activations": self.activations}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerPrecision:
+        keys = {"pattern", "weights", "block_size", "activations"}
+        if not isinstance(data, dict) or not {"pattern"} <= set(data) <= keys:
+            raise SfcError(f"malformed precision entry: {data!r} (keys: {', '.join(sorted(keys))})")
+        return cls(data["pattern"], data.get("weights"), data.get("block_size"),
+                   data.get("activations"))
+
+
+def exact_pattern(node: str) -> str:
+    """An fnmatch pattern matching exactly the node name `node` ([ is fnmatch's only
+    special character inside names sfc writes; * and ? are escaped the same way)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in node)
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     """The user's quantization request.
 
     `exclude`: fnmatch patterns on node names; matching nodes stay float (and a weight
     shared with an excluded node stays float for all its consumers).
+    `precision`: per-layer settings that override the uniform ones (`LayerPrecision`).
     """
 
     weight_bits: int = 8
@@ -80,18 +148,15 @@ class PlanConfig:
     block_size: int = 32
     quantize_attention: bool = False
     exclude: tuple[str, ...] = ()
+    precision: tuple[LayerPrecision, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.weight_bits not in (8, 4, 2) or isinstance(self.weight_bits, bool):
-            raise SfcError(f"weight_bits must be 8, 4 or 2, not {self.weight_bits!r}")
-        if self.activation_bits is not None and (
-            self.activation_bits not in (8, 4) or isinstance(self.activation_bits, bool)
-        ):
-            raise SfcError(f"activation_bits must be 8, 4 or None, not {self.activation_bits!r}")
-        if not isinstance(self.block_size, int) or not (
-            self.block_size >= 16 and _is_pow2(self.block_size)
-        ):
-            raise SfcError(f"block_size must be a power of two >= 16, not {self.block_size!r}")
+        _check_weight_bits(self.weight_bits, "weight_bits")
+        _check_activation_bits(self.activation_bits, "activation_bits")
+        _check_block_size(self.block_size, "block_size")
+        if not isinstance(self.precision, tuple) or not all(
+                isinstance(p, LayerPrecision) for p in self.precision):
+            raise SfcError("precision must be a tuple of LayerPrecision entries")
         if not isinstance(self.quantize_attention, bool):
             raise SfcError("quantize_attention must be a bool")
         # A bare string would silently become one pattern per character.
@@ -100,26 +165,50 @@ class PlanConfig:
         ):
             raise SfcError("exclude must be a tuple of non-empty fnmatch patterns")
 
+    def layer(self, node: str) -> tuple[int | str, int, int | str | None]:
+        """(weight bits or "float", block size, activation bits / "float" / None) of `node`."""
+        weights: int | str = self.weight_bits
+        block = self.block_size
+        acts: int | str | None = self.activation_bits
+        found: set[str] = set()
+        for entry in self.precision:
+            if not entry.matches(node):
+                continue
+            if entry.weights is not None and "w" not in found:
+                weights, found = entry.weights, found | {"w"}
+            if entry.block_size is not None and "b" not in found:
+                block, found = entry.block_size, found | {"b"}
+            if entry.activations is not None and "a" not in found:
+                acts, found = entry.activations, found | {"a"}
+        return weights, block, acts
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (for the recipe's `config`)."""
-        return {
+        """JSON form (for the recipe's `config`); `precision` only when set, so recipes
+        of uniform builds keep their earlier bytes."""
+        data: dict[str, Any] = {
             "weight_bits": self.weight_bits,
             "activation_bits": self.activation_bits,
             "block_size": self.block_size,
             "quantize_attention": self.quantize_attention,
             "exclude": list(self.exclude),
         }
+        if self.precision:
+            data["precision"] = [p.to_dict() for p in self.precision]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:
         """Inverse of `to_dict`; unknown keys raise SfcError."""
-        known = {"weight_bits", "activation_bits", "block_size", "quantize_attention", "exclude"}
+        known = {"weight_bits", "activation_bits", "block_size", "quantize_attention", "exclude",
+                 "precision"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SfcError(f"unknown plan settings: {', '.join(unknown)}")
         values = dict(data)
         if "exclude" in values:
             values["exclude"] = tuple(values["exclude"])
+        if "precision" in values:
+            values["precision"] = tuple(LayerPrecision.from_dict(p) for p in values["precision"])
         return cls(**values)
 
 
@@ -273,6 +362,11 @@ class ExcludeRule:
         for pattern in self.patterns:
             if fnmatch.fnmatchcase(node.name, pattern):
                 return Skipped(node.name, node.op_type, f"excluded by pattern '{pattern}'")
+        if node.op_type in ("MatMul", "Gemm", "Conv") and ctx.config.layer(node.name)[0] == FLOAT:
+            entry = next(p for p in ctx.config.precision
+                         if p.matches(node.name) and p.weights is not None)
+            return Skipped(node.name, node.op_type,
+                           f"kept float by precision entry '{entry.pattern}'")
         return None
 
 
@@ -323,12 +417,13 @@ class WeightedOpRule:
             out_axis, k_axis = (0, 1) if int_attr(node, "transB", 0) else (1, 0)
         else:
             out_axis, k_axis = 0, 1
-        bits, caps = ctx.config.weight_bits, ctx.caps
+        layer_bits, block_size, _ = ctx.config.layer(node.name)
+        bits, caps = int(layer_bits), ctx.caps  # "float" never gets here (ExcludeRule)
         per_channel = QuantSpec(8, "channel", axis=out_axis,
                                 pair_limit=caps.int8_weight_pair_limit)
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
-        block = QuantSpec(bits, "block", axis=k_axis, block_size=ctx.config.block_size)
+        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size)
         multiple, last = caps.last_dim_multiple(bits), int(tensor.dims[-1])
         if op not in caps.block_weight_ops:
             why = f"{caps.name} has no block-quantized {op}"
@@ -359,7 +454,7 @@ class AttentionRule:
         if not ctx.config.quantize_attention:
             reason = "activation x activation MatMul (attention): set quantize_attention"
             return Skipped(node.name, node.op_type, reason)
-        if ctx.config.activation_bits is None:
+        if ctx.config.layer(node.name)[2] in (None, FLOAT):
             reason = "activation x activation MatMul: activation_bits is None"
             return Skipped(node.name, node.op_type, reason)
         inputs = tuple(dict.fromkeys(node.input[:2]))
@@ -398,18 +493,24 @@ def _check_names(graph: onnx.GraphProto) -> None:
 
 
 def check_caps(config: PlanConfig, caps: TargetCaps) -> None:
-    """SfcError unless the target runs the requested weight and activation bit-widths."""
-    if config.weight_bits not in caps.weight_bits:
-        supported = ", ".join(str(b) for b in sorted(caps.weight_bits)) or "none"
-        raise SfcError(
-            f"target {caps.name} does not run {config.weight_bits}-bit weights (runs: {supported})"
-        )
-    if config.activation_bits is not None and config.activation_bits not in caps.activation_bits:
-        supported = ", ".join(str(b) for b in sorted(caps.activation_bits)) or "none"
-        hint = "; --target sim evaluates them as fake quantization" if (
-            config.activation_bits in SIM_CAPS.activation_bits) else ""
-        raise SfcError(f"target {caps.name} does not run {config.activation_bits}-bit "
-                       f"activations (runs: {supported}){hint}")
+    """SfcError unless the target runs the requested weight and activation bit-widths
+    (the uniform ones and every per-layer entry's)."""
+    weight_bits = {config.weight_bits} | {
+        p.weights for p in config.precision if isinstance(p.weights, int)}
+    for bits in sorted(weight_bits, reverse=True):
+        if bits not in caps.weight_bits:
+            supported = ", ".join(str(b) for b in sorted(caps.weight_bits)) or "none"
+            raise SfcError(
+                f"target {caps.name} does not run {bits}-bit weights (runs: {supported})")
+    act_bits = {config.activation_bits} | {
+        p.activations for p in config.precision if isinstance(p.activations, int)}
+    for bits in sorted(b for b in act_bits if isinstance(b, int)):
+        if bits not in caps.activation_bits:
+            supported = ", ".join(str(b) for b in sorted(caps.activation_bits)) or "none"
+            hint = "; --target sim evaluates them as fake quantization" if (
+                bits in SIM_CAPS.activation_bits) else ""
+            raise SfcError(f"target {caps.name} does not run {bits}-bit "
+                           f"activations (runs: {supported}){hint}")
     if config.quantize_attention and caps.int8_weight_pair_limit:
         # Both attention operands are activations, which use the full 8 bits.
         raise SfcError(f"target {caps.name} cannot quantize attention MatMuls without int16 "
@@ -498,7 +599,6 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
     weight_q: dict[str, _Acc] = {}
     act_q: dict[str, _Acc] = {}
     order: list[tuple[QuantKind, str]] = []  # first appearance, graph order
-    act_spec = QuantSpec(config.activation_bits, "tensor") if config.activation_bits else None
     for d in decisions:
         if isinstance(d, Skipped):
             skipped.append(d)
@@ -506,6 +606,8 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
         if d.node in dropped:
             skipped.append(Skipped(d.node, d.op_type, dropped[d.node]))
             continue
+        act_bits = config.layer(d.node)[2]
+        act_spec = QuantSpec(act_bits, "tensor") if isinstance(act_bits, int) else None
         activations = d.activations
         if d.weight is not None:
             spec, note = weights[d.weight]
@@ -517,6 +619,10 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
             if tensor not in act_q:
                 act_q[tensor] = _Acc(act_spec, "")
                 order.append(("activation", tensor))
+            elif act_q[tensor].spec != act_spec:
+                raise SfcError(f"consumers of '{tensor}' ask for different activation bits "
+                               f"({act_q[tensor].spec.bits} and {act_spec.bits}); give them "
+                               "one precision entry")
             act_q[tensor].add(d.node, d.op_type)
         if d.weight is not None:
             if d.weight not in weight_q:

@@ -1,0 +1,119 @@
+"""Sensitivity probes: the task-loss increase when one weight alone takes one format.
+
+One prepared session per graph answers every probe. Each probed weight W is replaced in
+a copy of the FP32 graph by W + sum_k g_k * D_k, where D_k = dequantized(W in format k)
+- W is a constant and g_k a float32 scalar graph input (0 or 1). A probe feeds g = 1 for
+one (weight, format) and 0 elsewhere to the task objective ESC uses (Whisper:
+teacher-forced cross-entropy on the FP32 model's own transcripts), so no graph is
+rebuilt per probe, and probes of decoder weights reuse the encoder's outputs.
+
+The proxy (`output_error`) needs no task: the layer-output error energy
+tr(D^T H D) with H = X^T X / n from the calibration pass (the quantity GPTQ minimises).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..atomic import write_json_atomic
+from ..calib.esc import quantizer_key
+from ..progress import progress_bar
+
+__all__ = ["gate_name", "output_error", "run_probes", "switchable"]
+
+
+def gate_name(tensor: str, k: int) -> str:
+    """The graph input that switches `tensor` to its k-th format."""
+    return f"{tensor}__probe{k}"
+
+
+def switchable(model: onnx.ModelProto, deltas: Mapping[str, Sequence[np.ndarray]]
+               ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """A copy of `model` where each weight in `deltas` reads W + sum_k gate_k * delta_k;
+    returns it and the gate input names (all default to nothing: feed 0.0 for FP32)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    nodes: list[onnx.NodeProto] = []
+    gates: list[str] = []
+    renamed: dict[str, str] = {}
+    for tensor, options in deltas.items():
+        terms = [tensor]
+        for k, delta in enumerate(options):
+            gate, const, term = gate_name(tensor, k), f"{tensor}__delta{k}", f"{tensor}__term{k}"
+            graph.initializer.append(numpy_helper.from_array(
+                np.asarray(delta, dtype=np.float32), const))
+            graph.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
+            nodes.append(helper.make_node("Mul", [const, gate], [term], name=f"{term}_Mul"))
+            terms.append(term)
+            gates.append(gate)
+        renamed[tensor] = f"{tensor}__probed"
+        nodes.append(helper.make_node("Sum", terms, [renamed[tensor]],
+                                      name=f"{tensor}__probed_Sum"))
+    for node in graph.node:
+        for j, name in enumerate(node.input):
+            if name in renamed:
+                node.input[j] = renamed[name]
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    return out, tuple(gates)
+
+
+def output_error(delta: np.ndarray, gram: np.ndarray, count: int) -> float:
+    """tr(D^T H D), H = gram / count: the mean squared change of the layer's output rows
+    (summed over output channels) that `delta` causes on the calibration inputs."""
+    d = np.asarray(delta, dtype=np.float64)
+    return float(np.einsum("kn,kn->", np.asarray(gram, np.float64) @ d, d) / max(count, 1))
+
+
+def run_probes(objective: Callable[[Mapping[str, float]], float],
+               gates: Mapping[str, Mapping[str, Sequence[str]]],
+               checkpoint: Path | None = None, key: str = "",
+               progress: bool = True) -> tuple[float, dict[str, dict[str, list[float]]]]:
+    """(FP32 objective, graph -> weight -> [loss increase per format]).
+
+    `gates`: graph -> weight -> its gate inputs, probed in that order (put the encoder
+    first, so decoder probes reuse its outputs). `checkpoint`: a JSON file updated after
+    every probe and read back when its `key` matches, so an interrupted search resumes.
+    """
+    zero = {quantizer_key(g, gate): 0.0 for g, ws in gates.items()
+            for names in ws.values() for gate in names}
+    done: dict[str, float] = {}
+    if checkpoint is not None and checkpoint.is_file():
+        try:
+            saved = json.loads(checkpoint.read_text())
+            if saved.get("key") == key:
+                done = {str(k): float(v) for k, v in saved["probes"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            done = {}  # a damaged checkpoint only costs the probes again
+
+    def measure(name: str, feed: Mapping[str, float]) -> float:
+        if name not in done:
+            done[name] = float(objective(feed))
+            if checkpoint is not None:
+                write_json_atomic(checkpoint, {"key": key, "probes": done})
+        return done[name]
+
+    bar = progress_bar(enabled=progress)
+    task = bar.add_task("precision: sensitivity probes", total=len(zero) + 1)
+    out: dict[str, dict[str, list[float]]] = {}
+    with bar:
+        base = measure("fp32", zero)
+        bar.advance(task)
+        for g, weights in gates.items():
+            out[g] = {}
+            for tensor, names in weights.items():
+                losses = []
+                for gate in names:
+                    probe = quantizer_key(g, gate)
+                    losses.append(measure(probe, {**zero, probe: 1.0}) - base)
+                    bar.advance(task)
+                out[g][tensor] = losses
+    return base, out

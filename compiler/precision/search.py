@@ -1,0 +1,274 @@
+"""Two-stage mixed precision: per-weight options, sensitivities, the integer program.
+
+Stage 1 measures, for every weight the plan quantizes and every candidate format it can
+take on the target, the task-loss increase when only that weight takes that format
+(`probe`), or the cheaper layer-output proxy. Stage 2 picks one format per weight with
+the least summed sensitivity under the budget (`solve`). The result is a tuple of
+`LayerPrecision` entries (exact node names) that the ordinary planner applies, so a mixed
+build goes through the same plan, recipe, QDQ writer and targets as a uniform one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from scipy.stats import spearmanr
+
+from ..atomic import write_json_atomic
+from ..errors import SfcError
+from ..quant.plan import LayerPrecision, Plan, PlanConfig, exact_pattern, make_plan
+from ..quant.spec import QuantSpec, TargetCaps
+from ..quant.weights import dequantize_weight
+from .budget import Budget, WeightOption, parse_format, storage_bits
+from .probe import output_error, run_probes, switchable
+from .solve import solve_choice
+
+__all__ = ["DEFAULT_CANDIDATES", "RESULT_FILE", "SENSITIVITIES", "GraphWeights", "LayerChoice",
+           "SearchConfig", "SearchResult", "candidate_specs", "choose"]
+
+DEFAULT_CANDIDATES = ("8", "4/32", "4/128", "2/32")
+SENSITIVITIES = ("task", "proxy")
+RESULT_FILE = "precision.json"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a mixed build picks bits: the budget, candidate formats, the sensitivity
+    measure ("task": probes against the task objective; "proxy": layer-output error) and
+    the calibration items the probes run on."""
+
+    budget: Budget
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    sensitivity: str = "task"
+    samples: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise SfcError("--candidates needs at least one format")
+        formats = [parse_format(c) for c in self.candidates]
+        if len(set(formats)) != len(formats):
+            raise SfcError("--candidates lists a format twice")
+        if self.sensitivity not in SENSITIVITIES:
+            raise SfcError(f"--sensitivity must be task or proxy, not {self.sensitivity!r}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise SfcError(f"--sensitivity-samples must be >= 1, not {self.samples!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.budget.to_dict(), "candidates": list(self.candidates),
+                "sensitivity": self.sensitivity, "samples": self.samples}
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One weight's options and the one chosen (for the report and recipe)."""
+
+    graph: str
+    tensor: str
+    consumers: tuple[str, ...]
+    params: int
+    options: tuple[dict[str, Any], ...]  # label, bits, sensitivity, proxy
+    chosen: int
+
+    @property
+    def label(self) -> str:
+        return str(self.options[self.chosen]["label"])
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    config: SearchConfig
+    objective: str
+    fp32_objective: float
+    bits_allowed: float
+    params: int
+    other_bytes: int
+    layers: tuple[LayerChoice, ...]
+    spearman: float | None
+    seconds: float
+    float_bits: int = 0  # weights a precision entry keeps float, at 32 bits
+
+    @property
+    def bits_used(self) -> int:
+        return self.float_bits + sum(int(c.options[c.chosen]["bits"]) for c in self.layers)
+
+    @property
+    def avg_bits(self) -> float:
+        return self.bits_used / self.params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "objective": self.objective,
+                "fp32_objective": self.fp32_objective, "bits_allowed": self.bits_allowed,
+                "bits_used": self.bits_used, "params": self.params,
+                "avg_bits": self.avg_bits, "other_bytes": self.other_bytes,
+                "est_mb": (self.other_bytes + self.bits_used / 8) / 1e6,
+                "spearman_task_vs_proxy": self.spearman, "seconds": self.seconds,
+                "layers": [{"graph": c.graph, "tensor": c.tensor,
+                            "consumers": list(c.consumers), "params": c.params,
+                            "options": list(c.options), "chosen": c.label}
+                           for c in self.layers]}
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    def entries(self) -> dict[str, tuple[LayerPrecision, ...]]:
+        """graph -> the precision entries that give each weight its chosen format."""
+        out: dict[str, list[LayerPrecision]] = {}
+        for c in self.layers:
+            bits, block = parse_format(c.label)
+            out.setdefault(c.graph, []).extend(
+                LayerPrecision(exact_pattern(n), weights=bits, block_size=block)
+                for n in c.consumers)
+        return {g: tuple(v) for g, v in out.items()}
+
+
+def candidate_specs(model: onnx.ModelProto, base: PlanConfig, caps: TargetCaps,
+                    candidates: Sequence[str]) -> tuple[Plan, dict[str, list[QuantSpec]]]:
+    """The base plan and, per weight it quantizes, the distinct specs the candidate
+    formats give it on this target (placement rules decide: fallbacks and user entries
+    included), in candidate order."""
+    plans = []
+    for text in candidates:
+        bits, block = parse_format(text)
+        plans.append(make_plan(model, replace(base, weight_bits=bits,
+                                              block_size=block or base.block_size), caps))
+    base_plan = make_plan(model, base, caps)
+    specs: dict[str, list[QuantSpec]] = {}
+    for q in base_plan.weights:
+        found: list[QuantSpec] = []
+        for plan in plans:
+            cand = plan.get(q.tensor)
+            if cand is not None and cand.spec not in found:
+                found.append(cand.spec)
+        specs[q.tensor] = found or [q.spec]
+    return base_plan, specs
+
+
+def _float_params(model: onnx.ModelProto, plan: Plan) -> tuple[int, int]:
+    """(params of weights a precision entry keeps float, bytes of every other initializer
+    that the plan does not quantize)."""
+    quantized = {q.tensor for q in plan.weights}
+    kept = set()
+    for s in plan.skipped:
+        if s.reason.startswith("kept float by precision entry"):
+            node = next(n for n in model.graph.node if n.name == s.node)
+            kept.add(node.input[1])
+    params, other = 0, 0
+    for init in model.graph.initializer:
+        size = math.prod(init.dims)
+        if init.name in kept:
+            params += size
+        elif init.name not in quantized:
+            other += size * numpy_helper.to_array(init).itemsize
+    return params, other
+
+
+@dataclass
+class GraphWeights:
+    """What the search needs of one graph (prepared by the build)."""
+
+    name: str
+    model: onnx.ModelProto
+    plan: Plan
+    specs: dict[str, list[QuantSpec]]
+    grams: Mapping[str, Any]  # weight tensor -> GramAccumulator of its MatMul input
+    quantize: Callable[[str, QuantSpec], tuple[np.ndarray, np.ndarray, str]]
+
+
+def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> str:
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode() + extra.encode())
+    for g in graphs:
+        h.update(g.model.SerializeToString(deterministic=True))
+        h.update(repr(sorted((t, [s.to_dict() for s in v]) for t, v in g.specs.items()))
+                 .encode())
+    return h.hexdigest()
+
+
+def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
+           make_objective: Callable[[dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]], Any],
+           checkpoint: Path | None = None, method_key: str = "") -> SearchResult:
+    """Measure sensitivities and solve for one format per weight under the budget.
+
+    `make_objective(graph -> (switchable model, gate names))`: the task objective over
+    all graphs (the build's, as ESC uses). `checkpoint`: the probes' resume file.
+    """
+    started = time.perf_counter()
+    options: dict[str, list[WeightOption]] = {}
+    meta: dict[str, tuple[str, Any, int]] = {}
+    proxies: dict[str, list[float | None]] = {}
+    deltas: dict[str, dict[str, list[np.ndarray]]] = {}
+    params = other = 0
+    for g in graphs:
+        inits = {t.name: t for t in g.model.graph.initializer}
+        kept, rest = _float_params(g.model, g.plan)
+        params, other = params + kept, other + rest
+        deltas[g.name] = {}
+        for q in g.plan.weights:
+            w = numpy_helper.to_array(inits[q.tensor])
+            key = f"{g.name}:{q.tensor}"
+            meta[key] = (g.name, q, w.size)
+            params += w.size
+            opts, prox, ds = [], [], []
+            for spec in g.specs[q.tensor]:
+                ints, scales, _ = g.quantize(q.tensor, spec)
+                delta = dequantize_weight(ints, spec, scales) - w
+                gram = g.grams.get(q.tensor)
+                prox.append(None if gram is None else output_error(delta, gram.gram, gram.count))
+                opts.append(WeightOption(spec, storage_bits(w.shape, spec)))
+                ds.append(delta)
+            options[key], proxies[key] = opts, prox
+            if len(opts) > 1:
+                deltas[g.name][q.tensor] = ds
+    # Weights a precision entry keeps float are fixed: in the average at 32 bits each.
+    float_bits = sum(_float_params(g.model, g.plan)[0] for g in graphs) * 32
+    bits_allowed = config.budget.bits_allowed(params, other) - float_bits
+    objective_name, fp32 = "proxy", 0.0
+    if config.sensitivity == "task" and any(deltas.values()):
+        built = {g.name: switchable(g.model, deltas[g.name]) for g in graphs}
+        gates = {g.name: {t: [n for n in built[g.name][1] if n.startswith(f"{t}__probe")]
+                          for t in deltas[g.name]} for g in graphs}
+        del deltas
+        objective = make_objective(built)
+        try:
+            objective_name = objective.name
+            fp32, losses = run_probes(objective, gates, checkpoint,
+                                      _key(graphs, config, method_key))
+        finally:
+            objective.close()
+        for gname, weights in losses.items():
+            for tensor, values in weights.items():
+                key = f"{gname}:{tensor}"
+                options[key] = [replace(o, sensitivity=v)
+                                for o, v in zip(options[key], values, strict=True)]
+    else:
+        for key, opts in options.items():
+            options[key] = [replace(o, sensitivity=p or 0.0)
+                            for o, p in zip(opts, proxies[key], strict=True)]
+    picked = solve_choice(options, bits_allowed)
+    layers = []
+    task_vals, proxy_vals = [], []
+    for key, opts in options.items():
+        gname, q, size = meta[key]
+        rows = []
+        for o, p in zip(opts, proxies[key], strict=True):
+            rows.append({"label": o.label, "bits": o.bits, "sensitivity": o.sensitivity,
+                         "proxy": p})
+            if len(opts) > 1 and p is not None and config.sensitivity == "task":
+                task_vals.append(o.sensitivity)
+                proxy_vals.append(p)
+        layers.append(LayerChoice(gname, q.tensor, q.consumers, size, tuple(rows), picked[key]))
+    rho = None
+    if len(task_vals) > 2:
+        rho = float(spearmanr(task_vals, proxy_vals).statistic)
+    return SearchResult(config, objective_name, fp32, bits_allowed + float_bits, params,
+                        other, tuple(layers), rho, time.perf_counter() - started, float_bits)
+
