@@ -33,7 +33,7 @@ from .calib.stats import StatsSnapshot, collect_stats
 from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
-from .paths import BUNDLED_DATA
+from .paths import BUNDLED_DATA, cache_dir
 from .precision.budget import WeightOption
 from .precision.search import RESULT_FILE, GraphWeights, SearchConfig, candidate_specs, choose
 from .quant.gptq import GptqConfig, GramAccumulator
@@ -53,8 +53,7 @@ from .targets import TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
 
-__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "PRECISION_CHECKPOINT", "BuildConfig",
-           "GraphBuild", "build"]
+__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBuild", "build"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +65,6 @@ _CAPS: dict[str, TargetCaps] = {c.name: c for c in (ORT_CPU_CAPS, ORT_CPU_SATURA
 ESC_RESULT = "esc.json"
 ESC_PLOT = "plots/esc_trace.png"
 ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
-# The sensitivity probes done so far (kept in the build folder until the build succeeds,
-# so an interrupted mixed build resumes them).
-PRECISION_CHECKPOINT = ".precision-probes.json"
 
 
 def target_caps(target: str) -> TargetCaps:
@@ -413,7 +409,7 @@ def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) 
 
 
 def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: TargetCaps,
-            runtime: Any, utterances: list[Any], out: Path, stage: Path) -> None:
+            runtime: Any, utterances: list[Any], stage: Path) -> None:
     """Two-stage mixed precision over all graphs jointly; each graph's plan becomes the
     plan with the chosen per-layer entries. Saves precision.json in the stage."""
     from .calib.objectives import GraphSetup, make_objective
@@ -437,10 +433,9 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         return make_objective(kind, card, setups, samples=config.search.samples,
                               runtime=runtime, utterances=utterances, feeds_dir=config.calib)
 
-    checkpoint = out / PRECISION_CHECKPOINT
     method_key = json.dumps([config.weight_method, config.gptq.to_dict(), config.calib.name,
-                             config.calib_limit, config.seed])
-    result = choose(weights, config.search, objective, checkpoint, method_key)
+                             config.calib_limit, config.seed, config.target])
+    result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
     result.save(stage / RESULT_FILE)
     entries = result.entries()
     for g in pending:
@@ -505,7 +500,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
             g.seconds += time.perf_counter() - started
             pending.append(g)
         if config.mixed and pending:
-            _search(pending, card, config, caps, runtime, utterances, out, stage)
+            _search(pending, card, config, caps, runtime, utterances, stage)
         if config.uses_esc and config.activations is not None and pending:
             recipes, result = _esc(pending, card, config, runtime, utterances)
             if result.interrupted:
@@ -527,7 +522,6 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
             shutil.copyfile(fp32_folder / card.tokenizer, stage / card.tokenizer)
         built.save(stage)
         shutil.rmtree(stage / "_source", ignore_errors=True)
-    (out / PRECISION_CHECKPOINT).unlink(missing_ok=True)
     return built, graphs
 
 

@@ -110,7 +110,14 @@ def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
 
 def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     out = str(tmp_path / "b")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "3"), "weight_bits must be")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "3"), "--weights must be")
+    for bad, why in ((["--avg-bits", "1.5"], "--avg-bits must be between"),
+                     (["--avg-bits", "9"], "--avg-bits must be between"),
+                     (["--avg-bits", "4", "--size-mb", "5"], "exactly one budget"),
+                     ([], "exactly one budget")):
+        _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", *bad), why)
+    _assert_user_error(_sfc("build", "-o", out, "--avg-bits", "4"), "--weights mixed only")
+    _assert_user_error(_sfc("build", "-o", out, "--weight-method", "awq"), "--weight-method")
     _assert_user_error(_sfc("build", "-o", out, "--target", "tensorrt:8.5"), "TensorRT 8.5")
     _assert_user_error(_sfc("build", "-o", out, "--target", "tpu"), "unknown target")
     _assert_user_error(_sfc("build", "-o", out, "--activations", "int2"), "--activations")

@@ -372,7 +372,8 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
     sessions, feeds, references = [], [], []
     for name, setup in graphs.items():
         initializers = {t.name for t in setup.model.graph.initializer}
-        names = [i.name for i in setup.model.graph.input if i.name not in initializers]
+        names = [i.name for i in setup.model.graph.input
+                 if i.name not in initializers and i.name not in setup.gates]
         chosen = []
         for feed in npz_feeds(feeds_dir, names):
             chosen.append(feed)
@@ -380,7 +381,8 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
                 break
         fp32 = ort.InferenceSession(setup.model.SerializeToString(),
                                     providers=["CPUExecutionProvider"])
-        references.append([fp32.run(None, f) for f in chosen])
+        off = {g: np.zeros((), np.float32) for g in setup.gates}  # probes: FP32 weights
+        references.append([fp32.run(None, {**f, **off}) for f in chosen])
         del fp32
         sessions.append(ScaledSession(name, setup, optimization=optimization))
         feeds.append(chosen)

@@ -185,7 +185,10 @@ class GraphWeights:
 
 
 def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> str:
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode() + extra.encode())
+    """What the probes depend on: models, options, samples, method (not the budget, so
+    a build at another budget reuses them)."""
+    h = hashlib.sha256(json.dumps([list(config.candidates), config.samples]).encode()
+                       + extra.encode())
     for g in graphs:
         h.update(g.model.SerializeToString(deterministic=True))
         h.update(repr(sorted((t, [s.to_dict() for s in v]) for t, v in g.specs.items()))
@@ -195,11 +198,13 @@ def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> st
 
 def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
            make_objective: Callable[[dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]], Any],
-           checkpoint: Path | None = None, method_key: str = "") -> SearchResult:
+           probes_dir: Path | None = None, method_key: str = "") -> SearchResult:
     """Measure sensitivities and solve for one format per weight under the budget.
 
     `make_objective(graph -> (switchable model, gate names))`: the task objective over
-    all graphs (the build's, as ESC uses). `checkpoint`: the probes' resume file.
+    all graphs (the build's, as ESC uses). `probes_dir`: where probe results are kept,
+    one file per model/options/method, so an interrupted search resumes and another
+    budget costs no probes.
     """
     started = time.perf_counter()
     options: dict[str, list[WeightOption]] = {}
@@ -240,8 +245,9 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
         objective = make_objective(built)
         try:
             objective_name = objective.name
-            fp32, losses = run_probes(objective, gates, checkpoint,
-                                      _key(graphs, config, method_key))
+            key = _key(graphs, config, method_key)
+            checkpoint = None if probes_dir is None else probes_dir / f"{key[:32]}.json"
+            fp32, losses = run_probes(objective, gates, checkpoint, key)
         finally:
             objective.close()
         for gname, weights in losses.items():

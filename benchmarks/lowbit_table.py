@@ -1,0 +1,133 @@
+"""Sub-8-bit weights on whisper: RTN vs MSE vs GPTQ, and the mixed-precision Pareto table.
+
+    python benchmarks/lowbit_table.py [--model whisper-tiny.en] [--variants a,b,...]
+    python benchmarks/lowbit_table.py --show
+
+Every variant is a fresh `sfc build` (bundled calibration set, seed 0) judged on the
+whole eval set with the paired bootstrap against FP32; results go to
+benchmarks/results/lowbit_<model>.json, one key per variant, so an interrupted run
+resumes where it stopped. Average bits count scales (INT4 block 32 = 5.0) over the
+weights the plan quantizes; MB is the deployed artifacts' real bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import onnx
+from common import build_variant, machine_info, machine_line, outside_repo, print_table
+
+from sfc.paths import BUNDLED_DATA
+from sfc.precision.budget import Budget, storage_bits
+from sfc.precision.search import SearchConfig
+from sfc.quant.recipe import Recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+NONE = {"activations": None, "calibrator": "mse"}
+
+
+def _mixed(bits: float, method: str = "gptq", **extra: Any) -> dict[str, Any]:
+    return {**NONE, "weights": "mixed", "weight_method": method,
+            "search": SearchConfig(Budget(avg_bits=bits)), **extra}
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "w4-b32-rtn": {**NONE, "weights": 4, "weight_method": "rtn"},
+    "w4-b32-mse": {**NONE, "weights": 4, "weight_method": "mse"},
+    "w4-b32-gptq": {**NONE, "weights": 4, "weight_method": "gptq"},
+    "w4-b64-rtn": {**NONE, "weights": 4, "block_size": 64, "weight_method": "rtn"},
+    "w4-b64-mse": {**NONE, "weights": 4, "block_size": 64, "weight_method": "mse"},
+    "w4-b64-gptq": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq"},
+    "w8": {**NONE, "weights": 8},
+    "w4-b128-gptq": {**NONE, "weights": 4, "block_size": 128, "weight_method": "gptq"},
+    "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
+    "mixed-6": _mixed(6.0),
+    "mixed-5": _mixed(5.0),
+    "mixed-4.5": _mixed(4.5),
+    "mixed-4": _mixed(4.0),
+    "mixed-3.5": _mixed(3.5),
+    "mixed-3": _mixed(3.0),
+}
+
+
+def avg_bits(folder: Path) -> float:
+    """Stored bits per quantizable parameter (scales counted) over all graphs' recipes."""
+    bits = params = 0
+    for recipe_path in sorted(folder.glob("*/recipe.json")):
+        recipe = Recipe.load(recipe_path)
+        model = onnx.load(str(recipe_path.parent / "model.fp32.onnx"), load_external_data=False)
+        shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        for t in recipe.tensors:
+            if t.kind == "weight":
+                bits += storage_bits(shapes[t.tensor], t.spec)
+                params += math.prod(shapes[t.tensor])
+    return bits / params
+
+
+def run(args: argparse.Namespace) -> int:
+    work = outside_repo(argparse.ArgumentParser(), Path(args.work), REPO)
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["machine"] = machine_info(args.threads or 0)
+    for name in args.variants.split(","):
+        if name in results.get("variants", {}):
+            continue
+        out = work / args.model / name
+        row = build_variant(args.model, out, VARIANTS[name], BUNDLED_DATA / "eval",
+                            calib_limit=None, eval_limit=args.eval_limit, threads=args.threads)
+        row["avg_bits"] = avg_bits(out)
+        precision = out / "precision.json"
+        if precision.is_file():
+            row["search"] = {k: v for k, v in json.loads(precision.read_text()).items()
+                             if k != "layers"}
+        for key in ("hypotheses", "errors", "substitutions", "deletions", "insertions",
+                    "compute_s", "loop_stops"):
+            row.pop(key, None)
+        results.setdefault("variants", {})[name] = row
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(f"{name}: WER delta {100 * row['wer']['delta']:+.2f}", flush=True)
+    show(results)
+    return 0
+
+
+def show(results: dict[str, Any]) -> None:
+    rows = []
+    for name, r in results.get("variants", {}).items():
+        w = r["wer"]
+        rows.append([name, f"{r['avg_bits']:.2f}", f"{r['size_bytes'] / 1e6:.1f}",
+                     f"{100 * w['wer']:.2f}",
+                     f"{100 * w['delta']:+.2f} [{100 * w['delta_lo']:+.2f}, "
+                     f"{100 * w['delta_hi']:+.2f}]",
+                     "yes" if w["lossless"] else "no", str(r["eval"]["loop_stops"])])
+    print(machine_line(results["machine"]))
+    print_table("sub-8-bit weights", ["variant", "avg bits", "MB", "WER %", "dWER [95% CI]",
+                                      "lossless", "loops"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--work", default="/tmp/sfc-lowbit")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--eval-limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--show", action="store_true")
+    args = parser.parse_args()
+    args.json = args.json or str(REPO / "benchmarks" / "results" /
+                                 f"lowbit_{args.model}.json")
+    if args.show:
+        show(json.loads(Path(args.json).read_text()))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Per-layer precision and two-stage mixed precision: maps, budgets, the integer program,
+probes, and mixed / GPTQ builds end to end on a small graph."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from test_quant_graphs import speech_model
+
+from sfc.build import BuildConfig
+from sfc.errors import SfcError
+from sfc.pipeline import compile_model
+from sfc.precision.budget import Budget, WeightOption, parse_format, storage_bits
+from sfc.precision.mapfile import load_precision
+from sfc.precision.probe import run_probes, switchable
+from sfc.precision.search import SearchConfig, candidate_specs
+from sfc.precision.solve import solve_choice
+from sfc.quant.plan import LayerPrecision, PlanConfig, exact_pattern, make_plan
+from sfc.quant.recipe import Recipe
+from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
+from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
+from tests.test_build import _feeds, _mlp
+
+# ------------------------------------------------------------------ budget and program
+
+
+def test_storage_bits_count_scales() -> None:
+    assert storage_bits((64, 32), QuantSpec(4, "block", 0, 32)) == 64 * 32 * 4 + 2 * 32 * 32
+    assert storage_bits((64, 32), QuantSpec(8, "channel", 1)) == 64 * 32 * 8 + 32 * 32
+    assert storage_bits((64, 32), None) == 64 * 32 * 32
+    assert parse_format("4/128") == (4, 128) and parse_format("8") == (8, None)
+    for bad in ("3", "4", "8/32", "4/24", "x"):
+        with pytest.raises(SfcError, match="bad weight format"):
+            parse_format(bad)
+
+
+def _brute(options: dict[str, list[WeightOption]], allowed: float) -> float:
+    best = math.inf
+    for pick in itertools.product(*options.values()):
+        if sum(o.bits for o in pick) <= allowed:
+            best = min(best, sum(o.sensitivity for o in pick))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_program_meets_budget_and_is_optimal(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    options = {}
+    for i in range(int(rng.integers(2, 6))):
+        n = int(rng.integers(1, 4))
+        bits = sorted(rng.integers(10, 200, size=n).tolist())
+        # Fewer bits usually cost more, with noise (negative sensitivities included).
+        sens = [float(rng.normal(200 - b, 30)) for b in bits]
+        options[f"w{i}"] = [WeightOption(None, b, s) for b, s in zip(bits, sens, strict=True)]
+    floor = sum(min(o.bits for o in v) for v in options.values())
+    top = sum(max(o.bits for o in v) for v in options.values())
+    allowed = float(rng.integers(floor, top + 1))
+    chosen = solve_choice(options, allowed)
+    used = sum(options[w][k].bits for w, k in chosen.items())
+    assert used <= allowed
+    total = sum(options[w][k].sensitivity for w, k in chosen.items())
+    assert total == pytest.approx(_brute(options, allowed), abs=1e-6)
+
+
+def test_program_refuses_an_impossible_budget() -> None:
+    options = {"a": [WeightOption(None, 100, 0.0)], "b": [WeightOption(None, 50, 1.0)]}
+    with pytest.raises(SfcError, match="below the smallest choice"):
+        solve_choice(options, 149)
+    with pytest.raises(SfcError, match="no quantizable weight"):
+        solve_choice({}, 10)
+
+
+def test_budget_validation() -> None:
+    for kwargs, why in (({"avg_bits": 1.9}, "between"), ({"avg_bits": 8.5}, "between"),
+                        ({"avg_bits": float("nan")}, "between"), ({}, "exactly one"),
+                        ({"avg_bits": 4, "size_mb": 3}, "exactly one"),
+                        ({"size_mb": -1}, "positive")):
+        with pytest.raises(SfcError, match=why):
+            Budget(**kwargs)
+    assert Budget(avg_bits=4).bits_allowed(1000, 0) == 4000
+    assert Budget(size_mb=1).bits_allowed(0, 250_000) == 750_000 * 8
+
+
+# ------------------------------------------------------------------ per-layer maps
+
+
+def test_precision_map_is_applied_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"q_proj": 2, "k_proj": {"weights": 4, "block_size": 16},
+                                "fc*": "float", "v_proj": {"activations": "float"},
+                                "*": {"block_size": 32}}))
+    entries = load_precision(path)
+    config = PlanConfig(weight_bits=4, precision=entries)
+    plan = make_plan(speech_model(), config, SIM_CAPS)
+    specs = {q.tensor: q.spec for q in plan.weights}
+    assert specs["q.w"] == QuantSpec(2, "block", 0, 32)
+    assert specs["k.w"] == QuantSpec(4, "block", 0, 16)
+    assert specs["v.w"] == QuantSpec(4, "block", 0, 32)  # the uniform setting
+    skipped = {s.node: s.reason for s in plan.skipped}
+    assert "precision entry 'fc*'" in skipped["fc1"] and "fc*" in skipped["fc2"]
+    assert plan.get("fc1.w") is None and plan.get("fc2.w") is None
+    # v's input is shared with q and k: quantized for them, not for v.
+    ln = plan.get("ln")
+    assert ln is not None and set(ln.consumers) == {"q_proj", "k_proj"}
+
+
+def test_precision_map_errors(tmp_path: Path) -> None:
+    for text, why in (("[1]", "non-empty JSON object"), ("{", "not valid JSON"),
+                      ('{"q": 3}', "must be 8, 4 or 2"), ('{"q": true}', "must be 8, 4, 2"),
+                      ('{"q": {"bits": 4}}', "malformed precision entry")):
+        path = tmp_path / "m.json"
+        path.write_text(text)
+        with pytest.raises(SfcError, match=why):
+            load_precision(path)
+    with pytest.raises(SfcError, match="not found"):
+        load_precision(tmp_path / "missing.json")
+    # 2-bit weights on a target that has none are refused before any calibration.
+    caps = ORT_CPU_CAPS.__class__(**{**ORT_CPU_CAPS.__dict__,
+                                     "weight_bits": frozenset({8, 4})})
+    config = PlanConfig(precision=(LayerPrecision("q_proj", weights=2),))
+    with pytest.raises(SfcError, match="does not run 2-bit weights"):
+        make_plan(speech_model(), config, caps)
+
+
+def test_exact_pattern_matches_only_its_name() -> None:
+    entry = LayerPrecision(exact_pattern("/a[0]/b*?"), weights=8)
+    assert entry.matches("/a[0]/b*?")
+    assert not entry.matches("/a0/bx?") and not entry.matches("/a[0]/b*?x")
+
+
+def test_candidate_specs_follow_the_target_rules() -> None:
+    plan, specs = candidate_specs(speech_model(), PlanConfig(), ORT_CPU_CAPS,
+                                  ("8", "4/32", "2/32"))
+    # Conv and Gemm have no block kernel on ORT CPU: INT8 is their only option.
+    assert [s.bits for s in specs["conv.w"]] == [8]
+    assert [s.bits for s in specs["q.w"]] == [8, 4, 2]
+    assert all(q.tensor in specs for q in plan.weights)
+
+
+# ------------------------------------------------------------------ probes
+
+
+def test_switchable_model_switches_exactly_one_weight(tmp_path: Path) -> None:
+    model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    spec = QuantSpec(2, "block", 0, 32)
+    scales = weight_scales(w1, spec, "mse")
+    deq = dequantize_weight(quantize_weight(w1, spec, scales), spec, scales)
+    probed, gates = switchable(model, {"w1": [deq - w1]})
+    assert gates == ("w1__probe0",)
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    run = ort.InferenceSession(probed.SerializeToString(), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    off = run.run(None, {"x": x, "w1__probe0": np.array(0, np.float32)})[0]
+    np.testing.assert_allclose(off, fp32.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    for t in swapped.graph.initializer:
+        if t.name == "w1":
+            t.CopyFrom(numpy_helper.from_array(deq, "w1"))
+    want = ort.InferenceSession(swapped.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    on = run.run(None, {"x": x, "w1__probe0": np.array(1, np.float32)})[0]
+    np.testing.assert_allclose(on, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(on - off).max() > 1e-2  # the switch changes something
+
+
+def test_probes_resume_from_their_checkpoint(tmp_path: Path) -> None:
+    calls = []
+
+    def objective(feed: dict[str, float]) -> float:
+        calls.append(dict(feed))
+        return 1.0 + sum(i * v for i, v in enumerate(feed.values()))
+
+    gates = {"g": {"w": ["a", "b"], "u": ["c"]}}
+    base, out = run_probes(objective, gates, tmp_path / "p.json", "k1", progress=False)
+    assert base == 1.0 and out == {"g": {"w": [0.0, 1.0], "u": [2.0]}}
+    assert len(calls) == 4
+    again = run_probes(objective, gates, tmp_path / "p.json", "k1", progress=False)
+    assert again == (base, out) and len(calls) == 4  # nothing re-measured
+    run_probes(objective, gates, tmp_path / "p.json", "other-key", progress=False)
+    assert len(calls) == 8  # another model or method: measured afresh
+
+
+# ------------------------------------------------------------------ builds
+
+
+def _config(feeds: Path, **kwargs: object) -> BuildConfig:
+    return BuildConfig(target="sim", activations=None, calibrator="mse", calib=feeds,
+                       **kwargs)  # type: ignore[arg-type]
+
+
+def test_mixed_build_meets_its_budget_and_replays(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    search = SearchConfig(Budget(avg_bits=4.0), candidates=("8", "4/32", "2/32"), samples=3)
+    config = _config(feeds, weights="mixed", search=search, weight_method="gptq")
+    compile_model(str(src), tmp_path / "a", config, eval_data=None)
+    result = json.loads((tmp_path / "a" / "precision.json").read_text())
+    assert result["avg_bits"] <= 4.0 and result["bits_used"] <= result["bits_allowed"]
+    chosen = {layer["tensor"]: layer["chosen"] for layer in result["layers"]}
+    assert set(chosen) == {"w1", "w2"} and len(set(chosen.values())) > 1  # really mixed
+    recipe = Recipe.load(tmp_path / "a" / "model" / "recipe.json")
+    bits = {t.tensor: t.spec.bits for t in recipe.tensors if t.kind == "weight"}
+    assert {k: str(v) for k, v in bits.items()} == {k: v.split("/")[0] for k, v in chosen.items()}
+    assert recipe.config["weights"]["search"]["avg_bits"] == 4.0
+    # Same inputs and seed: the same bytes (the probes come from the cache the 2nd time).
+    compile_model(str(src), tmp_path / "b", config, eval_data=None)
+    for name in ("recipe.json", "model.qdq.onnx"):
+        assert (tmp_path / "a" / "model" / name).read_bytes() == \
+            (tmp_path / "b" / "model" / name).read_bytes()
+    replay = BuildConfig(target="sim", activations=None, calibrator="mse",
+                         recipe=tmp_path / "a")
+    compile_model(str(src), tmp_path / "c", replay, eval_data=None)
+    assert (tmp_path / "a" / "model" / "model.qdq.onnx").read_bytes() == \
+        (tmp_path / "c" / "model" / "model.qdq.onnx").read_bytes()
+
+
+def test_gptq_build_stores_its_weights(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    compile_model(str(src), tmp_path / "g", _config(feeds, weights=4, weight_method="gptq"),
+                  eval_data=None)
+    recipe = Recipe.load(tmp_path / "g" / "model" / "recipe.json")
+    assert {t.method for t in recipe.tensors if t.kind == "weight"} == {"gptq"}
+    assert recipe.weight_data is not None and (tmp_path / "g" / "model" / "weights.npz").is_file()
+    (tmp_path / "g" / "model" / "weights.npz").unlink()
+    with pytest.raises(SfcError, match="stored weights not found"):
+        compile_model(str(src), tmp_path / "r", _config(feeds, recipe=tmp_path / "g"),
+                      eval_data=None)
+
+
+def test_mixed_build_without_quantizable_weights_fails_before_calibration(
+        tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    config = _config(feeds, weights="mixed", search=SearchConfig(Budget(avg_bits=4)),
+                     exclude=("fc*",))
+    with pytest.raises(SfcError, match="quantizes no weight"):
+        compile_model(str(src), tmp_path / "x", config, eval_data=None)
