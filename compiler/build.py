@@ -35,7 +35,9 @@ from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
 from .paths import BUNDLED_DATA, cache_dir
 from .precision.budget import WeightOption
+from .precision.plots import plot_search
 from .precision.search import RESULT_FILE, GraphWeights, SearchConfig, candidate_specs, choose
+from .progress import progress_bar
 from .quant.gptq import GptqConfig, GramAccumulator
 from .quant.lowbit import WEIGHT_METHODS, quantize_layer, recipe_method
 from .quant.plan import LayerPrecision, Plan, PlanConfig, check_caps, make_plan
@@ -287,6 +289,16 @@ class _Graph:
             self.quantized[key] = quantize_layer(w, spec, method, self.grams.get(tensor), gptq)
         return self.quantized[key]
 
+    def quantize_all(self, config: BuildConfig) -> None:
+        """Compute the weights whose method needs this pass (GPTQ), with progress."""
+        todo = [q for q in self.plan.weights
+                if recipe_method(config.weight_method, q.spec, q.tensor in self.grams) == "gptq"]
+        if not todo:
+            return
+        with progress_bar(transient=True) as bar:
+            for q in bar.track(todo, description=f"GPTQ {self.name}"):
+                self.quantize(q.tensor, q.spec, config.weight_method, config.gptq)
+
     def recipe(self, scales: dict[str, tuple[float, str, dict[str, float]]],
                config: BuildConfig) -> Recipe:
         """The recipe of the current plan with activation `scales`; stored weights
@@ -437,6 +449,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
                              config.calib_limit, config.seed, config.target])
     result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
     result.save(stage / RESULT_FILE)
+    plot_search(result.to_dict(), stage)
     entries = result.entries()
     for g in pending:
         g.plan_config = replace(g.plan_config,
@@ -501,6 +514,8 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
             pending.append(g)
         if config.mixed and pending:
             _search(pending, card, config, caps, runtime, utterances, stage)
+        for g in pending:
+            g.quantize_all(config)
         if config.uses_esc and config.activations is not None and pending:
             recipes, result = _esc(pending, card, config, runtime, utterances)
             if result.interrupted:

@@ -24,6 +24,8 @@ from .build import ESC_PLOT, ESC_RESULT, BuildConfig, GraphBuild
 from .calib.esc import EscResult, split_key
 from .eval.results import RESULT_VERSION, EvalResult
 from .eval.wer import paired_bootstrap_delta
+from .precision.plots import BITS_PLOT, FRONTIER_PLOT, histogram
+from .precision.search import RESULT_FILE
 from .quant.recipe import Recipe
 from .runtime.decoding import LOOP_GUARD
 from .targets.base import is_fused_op
@@ -137,6 +139,7 @@ class BuildReport:
     build_s: float
     distortion: Distortion | None = None
     esc: EscSummary | None = None
+    precision: dict[str, Any] | None = None  # the mixed search (precision.json)
 
     @property
     def compression(self) -> float:
@@ -223,6 +226,9 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
     esc = None
     if config.uses_esc and config.recipe is None and (out / ESC_RESULT).is_file():
         esc = EscSummary.of(EscResult.load(out / ESC_RESULT), ESC_PLOT)
+    precision = None
+    if config.recipe is None and (out / RESULT_FILE).is_file():
+        precision = json.loads((out / RESULT_FILE).read_text())
     return BuildReport(
         src=src,
         config=cfg,
@@ -236,6 +242,7 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         build_s=build_s,
         distortion=distortion,
         esc=esc,
+        precision=precision,
     )
 
 
@@ -250,7 +257,8 @@ def render_markdown(report: BuildReport) -> str:
     c = report.config
     acts = f"A{c['activations']}" if c.get("activations") else "A-float"
     lines = [
-        f"# sfc build: {report.src} (W{c['weights']}{acts}, {c['calibrator']}, "
+        f"# sfc build: {report.src} (W{c['weights']}{acts}, "
+        f"{c.get('weight_method', 'mse')} weights, {c['calibrator']}, "
         f"target {c['target']})",
         "",
         f"- build time: {report.build_s:.1f} s",
@@ -274,6 +282,7 @@ def render_markdown(report: BuildReport) -> str:
             lines.append(f"- output `{name}` vs FP32 over {d.feeds} feeds: relative L2 "
                          f"{d.rel_l2[name]:.4f}, cosine {d.cosine[name]:.5f}")
     lines += _esc_summary(report.esc)
+    lines += _precision(report.precision)
     for g in report.graphs:
         low = g["lowering"]
         fused = ", ".join(f"{k} x{v}" for k, v in sorted(low["fused"].items())) or "none"
@@ -305,6 +314,34 @@ def render_markdown(report: BuildReport) -> str:
               f"{r.kernel} |" for r in report.layers]
     lines += _esc_table(report.esc)
     return "\n".join(lines) + "\n"
+
+
+def _precision(p: dict[str, Any] | None) -> list[str]:
+    """The mixed search: budget, result, formats histogram, plots, per-layer table."""
+    if p is None:
+        return []
+    cfg = p["config"]
+    budget = (f"{cfg['avg_bits']:g} average bits" if cfg["avg_bits"] is not None
+              else f"{cfg['size_mb']:g} MB")
+    rho = p["spearman_task_vs_proxy"]
+    lines = ["", "## Mixed precision (two-stage)", "",
+             f"- budget {budget}; chosen: {p['avg_bits']:.3f} average weight bits (scales "
+             f"counted), about {p['est_mb']:.1f} MB of initializers; {p['seconds']:.0f} s",
+             f"- sensitivity: {p['objective']} on {cfg['samples']} calibration items "
+             f"(FP32 {p['fp32_objective']:.4g}); candidates {', '.join(cfg['candidates'])}",
+             "- task probes vs layer-output proxy: Spearman "
+             + (f"{rho:.2f}" if rho is not None else "not measured"),
+             f"- plots: {BITS_PLOT}, {FRONTIER_PLOT}", "",
+             "| format | layers | parameters |", "|---|---|---|"]
+    lines += [f"| {f} | {n} | {params:,} |" for f, n, params in histogram(p)]
+    lines += ["", "| graph | weight | read by | params | sensitivity per format | chosen |",
+              "|---|---|---|---|---|---|"]
+    for c in p["layers"]:
+        sens = ", ".join(f"{o['label']}: {o['sensitivity']:.3g}" for o in c["options"])
+        readers = ", ".join(c["consumers"])
+        lines.append(f"| {c['graph']} | `{c['tensor']}` | {readers} | {c['params']:,} | {sens} | "
+                     f"**{c['chosen']}** |")
+    return lines
 
 
 def _esc_summary(e: EscSummary | None) -> list[str]:

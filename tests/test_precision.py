@@ -211,6 +211,11 @@ def test_mixed_build_meets_its_budget_and_replays(tmp_path: Path) -> None:
     bits = {t.tensor: t.spec.bits for t in recipe.tensors if t.kind == "weight"}
     assert {k: str(v) for k, v in bits.items()} == {k: v.split("/")[0] for k, v in chosen.items()}
     assert recipe.config["weights"]["search"]["avg_bits"] == 4.0
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## Mixed precision (two-stage)" in report and "| w1 |" not in report
+    assert f"**{chosen['w1']}**" in report and "Spearman" in report
+    assert (tmp_path / "a" / "plots" / "bits.png").stat().st_size > 1000
+    assert (tmp_path / "a" / "plots" / "precision_frontier.png").stat().st_size > 1000
     # Same inputs and seed: the same bytes (the probes come from the cache the 2nd time).
     compile_model(str(src), tmp_path / "b", config, eval_data=None)
     for name in ("recipe.json", "model.qdq.onnx"):

@@ -26,6 +26,7 @@ from scipy.stats import spearmanr
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
+from ..progress import progress_bar
 from ..quant.plan import LayerPrecision, Plan, PlanConfig, exact_pattern, make_plan
 from ..quant.spec import QuantSpec, TargetCaps
 from ..quant.weights import dequantize_weight
@@ -212,12 +213,16 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     proxies: dict[str, list[float | None]] = {}
     deltas: dict[str, dict[str, list[np.ndarray]]] = {}
     params = other = 0
+    bar = progress_bar(transient=True)
+    bar.start()
+    task = bar.add_task("precision: candidate weights",
+                        total=sum(len(g.plan.weights) for g in graphs))
     for g in graphs:
         inits = {t.name: t for t in g.model.graph.initializer}
         kept, rest = _float_params(g.model, g.plan)
         params, other = params + kept, other + rest
         deltas[g.name] = {}
-        for q in g.plan.weights:
+        for q in bar.track(g.plan.weights, task_id=task):
             w = numpy_helper.to_array(inits[q.tensor])
             key = f"{g.name}:{q.tensor}"
             meta[key] = (g.name, q, w.size)
@@ -234,6 +239,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
             if len(opts) > 1:
                 deltas[g.name][q.tensor] = ds
     # Weights a precision entry keeps float are fixed: in the average at 32 bits each.
+    bar.stop()
     float_bits = sum(_float_params(g.model, g.plan)[0] for g in graphs) * 32
     bits_allowed = config.budget.bits_allowed(params, other) - float_bits
     objective_name, fp32 = "proxy", 0.0
