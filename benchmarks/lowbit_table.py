@@ -111,6 +111,46 @@ def show(results: dict[str, Any]) -> None:
                                       "lossless", "loops"], rows)
 
 
+def _group(graph: str, consumers: list[str]) -> str:
+    """A layer's kind: embedding/logits table, conv, cross-attention K/V, fc1, fc2, ..."""
+    name = consumers[0]
+    if len(consumers) > 1 or name.startswith("/MatMul"):
+        return "logits/embedding table"
+    for key in ("conv", "fc1", "fc2", "out_proj", "q_proj", "k_proj", "v_proj"):
+        if key in name:
+            kind = key
+            break
+    else:
+        kind = name
+    if graph == "encoder" and kind in ("k_proj", "v_proj") and "layers." not in name:
+        return "encoder: cross-attention K/V"
+    return f"{graph}: {kind}"
+
+
+def layers(path: Path, fmt: str) -> None:
+    """Which weights carry the loss at `fmt`: the probes of a mixed build's precision.json."""
+    result = json.loads(path.read_text())
+    rows, groups = [], {}
+    for c in result["layers"]:
+        sens = {o["label"]: o["sensitivity"] for o in c["options"]}
+        if fmt not in sens:
+            continue
+        g = _group(c["graph"], c["consumers"])
+        groups[g] = groups.get(g, 0.0) + sens[fmt]
+        rows.append((sens[fmt], c["graph"], ", ".join(c["consumers"]), c["params"]))
+    total = sum(groups.values())
+    print(f"{result['objective']} increase when one weight alone is {fmt} "
+          f"({result['config']['samples']} calibration items, FP32 "
+          f"{result['fp32_objective']:.4g}); sum over weights {total:.4g}")
+    print_table(f"weights by {fmt} sensitivity (top 12)", ["weight", "graph", "params",
+                                                            "sensitivity", "share"],
+                [[n, g, f"{p:,}", f"{v:.4g}", f"{100 * v / total:.1f}%"]
+                 for v, g, n, p in sorted(rows, reverse=True)[:12]])
+    print_table(f"by kind at {fmt}", ["kind", "sensitivity", "share"],
+                [[k, f"{v:.4g}", f"{100 * v / total:.1f}%"]
+                 for k, v in sorted(groups.items(), key=lambda kv: -kv[1])])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="whisper-tiny.en")
@@ -120,7 +160,13 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--show", action="store_true")
+    parser.add_argument("--layers", metavar="PRECISION_JSON",
+                        help="print which weights carry the loss (a mixed build's probes)")
+    parser.add_argument("--format", default="4/32", help="the format --layers ranks by")
     args = parser.parse_args()
+    if args.layers:
+        layers(Path(args.layers), args.format)
+        return 0
     args.json = args.json or str(REPO / "benchmarks" / "results" /
                                  f"lowbit_{args.model}.json")
     if args.show:

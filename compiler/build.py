@@ -36,7 +36,14 @@ from .eval.manifest import read_manifest
 from .paths import BUNDLED_DATA, cache_dir
 from .precision.budget import WeightOption
 from .precision.plots import plot_search
-from .precision.search import RESULT_FILE, GraphWeights, SearchConfig, candidate_specs, choose
+from .precision.search import (
+    RESULT_FILE,
+    GraphWeights,
+    SearchConfig,
+    candidate_specs,
+    check_budget,
+    choose,
+)
 from .progress import progress_bar
 from .quant.gptq import GptqConfig, GramAccumulator
 from .quant.lowbit import WEIGHT_METHODS, quantize_layer, recipe_method
@@ -493,6 +500,10 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
                              single) for name, spec in card.graphs.items()]
         if config.mixed and not any(g.plan.weights for g in prepared):
             raise SfcError("--weights mixed: the plan quantizes no weight of this model")
+        if config.mixed and config.search is not None:
+            check_budget([(g.model, g.plan, candidate_specs(
+                g.model, g.plan_config, caps, config.search.candidates)[1])
+                for g in prepared if g.replay is None], config.search.budget)
         pending: list[_Graph] = []
         for g in prepared:
             if g.replay is not None:

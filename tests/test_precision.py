@@ -241,6 +241,15 @@ def test_gptq_build_stores_its_weights(tmp_path: Path) -> None:
                       eval_data=None)
 
 
+def test_impossible_budget_fails_before_calibration(tmp_path: Path) -> None:
+    src = _mlp(tmp_path / "mlp.onnx")
+    search = SearchConfig(Budget(avg_bits=2.5), candidates=("8", "4/32", "2/32"))
+    # No calibration data at all: the budget error must come first.
+    config = _config(tmp_path / "missing", weights="mixed", search=search)
+    with pytest.raises(SfcError, match=r"--avg-bits 3 at least"):
+        compile_model(str(src), tmp_path / "x", config, eval_data=None)
+
+
 def test_mixed_build_without_quantizable_weights_fails_before_calibration(
         tmp_path: Path) -> None:
     src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")

@@ -35,7 +35,7 @@ from .probe import output_error, run_probes, switchable
 from .solve import solve_choice
 
 __all__ = ["DEFAULT_CANDIDATES", "RESULT_FILE", "SENSITIVITIES", "GraphWeights", "LayerChoice",
-           "SearchConfig", "SearchResult", "candidate_specs", "choose"]
+           "SearchConfig", "SearchResult", "candidate_specs", "check_budget", "choose"]
 
 DEFAULT_CANDIDATES = ("8", "4/32", "4/128", "2/32")
 SENSITIVITIES = ("task", "proxy")
@@ -171,6 +171,27 @@ def _float_params(model: onnx.ModelProto, plan: Plan) -> tuple[int, int]:
         elif init.name not in quantized:
             other += size * numpy_helper.to_array(init).itemsize
     return params, other
+
+
+def check_budget(graphs: Sequence[tuple[onnx.ModelProto, Plan, Mapping[str, list[QuantSpec]]]],
+                 budget: Budget) -> None:
+    """SfcError when no choice of the candidate formats fits `budget` (before any
+    calibration or probe): (model, plan, weight -> specs) per graph."""
+    params = other = floor = 0
+    for model, plan, specs in graphs:
+        shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        kept, rest = _float_params(model, plan)
+        params, other, floor = params + kept, other + rest, floor + 32 * kept
+        for q in plan.weights:
+            params += math.prod(shapes[q.tensor])
+            floor += min(storage_bits(shapes[q.tensor], s) for s in specs[q.tensor])
+    allowed = budget.bits_allowed(params, other)
+    if floor > allowed:
+        need = (f"--avg-bits {math.ceil(100 * floor / params) / 100:g}"
+                if budget.avg_bits is not None
+                else f"--size-mb {math.ceil((other + floor / 8) / 1e4) / 100:g}")
+        raise SfcError(f"the budget is below the smallest choice of the candidate formats on "
+                       f"this target: {need} at least (or add smaller --candidates)")
 
 
 @dataclass
