@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from common import build_variant, machine_info, machine_line, outside_repo, prin
 from sfc.paths import BUNDLED_DATA
 from sfc.precision.budget import Budget, storage_bits
 from sfc.precision.search import SearchConfig
+from sfc.quant.plan import LayerPrecision
 from sfc.quant.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +43,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w4-b32-rtn": {**NONE, "weights": 4, "weight_method": "rtn"},
     "w4-b32-mse": {**NONE, "weights": 4, "weight_method": "mse"},
     "w4-b32-gptq": {**NONE, "weights": 4, "weight_method": "gptq"},
+    # The peer (llm-compressor's Whisper example) leaves the tied logits table float.
+    "w4-b32-gptq-table-float": {**NONE, "weights": 4, "weight_method": "gptq",
+                                "precision": (LayerPrecision("/MatMul_16", weights="float"),)},
+    "w4-b32-gptq-table8": {**NONE, "weights": 4, "weight_method": "gptq",
+                           "precision": (LayerPrecision("/MatMul_16", weights=8),)},
     "w4-b64-rtn": {**NONE, "weights": 4, "block_size": 64, "weight_method": "rtn"},
     "w4-b64-mse": {**NONE, "weights": 4, "block_size": 64, "weight_method": "mse"},
     "w4-b64-gptq": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq"},
@@ -53,6 +60,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mixed-4": _mixed(4.0),
     "mixed-3.5": _mixed(3.5),
     "mixed-3": _mixed(3.0),
+    # W{2,4,8}A8: ESC activations on top of the mixed weights (ort-cpu runs the 4/2-bit
+    # layers weight-only, sim quantizes every input).
+    "mixed-4.5-a8": _mixed(4.5, activations=8, calibrator="esc"),
+    "mixed-4.5-a8-sim": _mixed(4.5, activations=8, calibrator="esc", target="sim"),
+    "w8a8-esc": {"weights": 8, "activations": 8, "calibrator": "esc"},
 }
 
 
@@ -79,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         if name in results.get("variants", {}):
             continue
         out = work / args.model / name
-        row = build_variant(args.model, out, VARIANTS[name], BUNDLED_DATA / "eval",
+        config = dict(VARIANTS[name])
+        if args.sensitivity_samples and "search" in config:
+            config["search"] = replace(config["search"], samples=args.sensitivity_samples)
+        row = build_variant(args.model, out, config, BUNDLED_DATA / "eval",
                             calib_limit=None, eval_limit=args.eval_limit, threads=args.threads)
         row["avg_bits"] = avg_bits(out)
         precision = out / "precision.json"
@@ -159,6 +174,8 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sensitivity-samples", type=int, default=None,
+                        help="calibration items for the mixed variants' probes (default 16)")
     parser.add_argument("--show", action="store_true")
     parser.add_argument("--layers", metavar="PRECISION_JSON",
                         help="print which weights carry the loss (a mixed build's probes)")
