@@ -331,7 +331,13 @@ def _precision(p: dict[str, Any] | None) -> list[str]:
              f"(FP32 {p['fp32_objective']:.4g}); candidates {', '.join(cfg['candidates'])}",
              "- task probes vs layer-output proxy: Spearman "
              + (f"{rho:.2f}" if rho is not None else "not measured"),
-             f"- plots: {BITS_PLOT}, {FRONTIER_PLOT}", "",
+             f"- plots: {BITS_PLOT}, {FRONTIER_PLOT}"]
+    for i, r in enumerate(p.get("rounds", ())):
+        lines.append(f"- check {i + 1}: the chosen mix as a whole: measured {r['measured']:.4g} "
+                     f"vs predicted {r['predicted']:.4g} (sum of single-weight probes), "
+                     f"{r['sub4bit_weights']} weights below 4 bits"
+                     + (" (kept)" if r.get("kept") else ""))
+    lines += ["",
              "| format | layers | parameters |", "|---|---|---|"]
     lines += [f"| {f} | {n} | {params:,} |" for f, n, params in histogram(p)]
     lines += ["", "| graph | weight | read by | params | sensitivity per format | chosen |",

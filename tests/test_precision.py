@@ -257,3 +257,26 @@ def test_mixed_build_without_quantizable_weights_fails_before_calibration(
                      exclude=("fc*",))
     with pytest.raises(SfcError, match="quantizes no weight"):
         compile_model(str(src), tmp_path / "x", config, eval_data=None)
+
+
+def test_verification_corrects_compounding_low_bit_choices() -> None:
+    from sfc.precision.search import _verified
+
+    four, two = QuantSpec(4, "block", 0, 32), QuantSpec(2, "block", 0, 32)
+    names = ("w1", "w2", "w3")
+    options = {f"g:{n}": [WeightOption(four, 50, 0.3), WeightOption(two, 30, 0.1)]
+               for n in names}
+    gates = {"g": {n: [f"{n}__probe0", f"{n}__probe1"] for n in names}}
+
+    def objective(feed: dict[str, float]) -> float:
+        # Each 2-bit weight alone costs what its probe said, but pairs of them compound.
+        low = [n for n in names if feed[f"g:{n}__probe1"] == 1.0]
+        high = [n for n in names if feed[f"g:{n}__probe0"] == 1.0]
+        assert len(low) + len(high) == 3  # every weight switched to its chosen format
+        return 0.1 * len(low) + 0.3 * len(high) + 1.0 * len(low) * (len(low) - 1) / 2
+
+    picked, rounds = _verified(options, 130, objective, gates, 0.0)
+    assert rounds[0]["sub4bit_weights"] == 3 and rounds[0]["measured"] > 3  # additive: all 2-bit
+    assert sorted(picked.values()) == [0, 0, 1]  # corrected: one 2-bit weight
+    assert sum(options[k][i].bits for k, i in picked.items()) <= 130
+    assert [r["kept"] for r in rounds] == [False, True]

@@ -97,6 +97,7 @@ class SearchResult:
     spearman: float | None
     seconds: float
     float_bits: int = 0  # weights a precision entry keeps float, at 32 bits
+    rounds: tuple[dict[str, Any], ...] = ()  # verification of the chosen mix (`_verified`)
 
     @property
     def bits_used(self) -> int:
@@ -113,6 +114,7 @@ class SearchResult:
                 "avg_bits": self.avg_bits, "other_bytes": self.other_bytes,
                 "est_mb": (self.other_bytes + self.bits_used / 8) / 1e6,
                 "spearman_task_vs_proxy": self.spearman, "seconds": self.seconds,
+                "rounds": list(self.rounds),
                 "layers": [{"graph": c.graph, "tensor": c.tensor,
                             "consumers": list(c.consumers), "params": c.params,
                             "options": list(c.options), "chosen": c.label}
@@ -264,6 +266,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     float_bits = sum(_float_params(g.model, g.plan)[0] for g in graphs) * 32
     bits_allowed = config.budget.bits_allowed(params, other) - float_bits
     objective_name, fp32 = "proxy", 0.0
+    rounds: list[dict[str, Any]] = []
     if config.sensitivity == "task" and any(deltas.values()):
         built = {g.name: switchable(g.model, deltas[g.name]) for g in graphs}
         gates = {g.name: {t: [n for n in built[g.name][1] if n.startswith(f"{t}__probe")]
@@ -275,18 +278,19 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
             key = _key(graphs, config, method_key)
             checkpoint = None if probes_dir is None else probes_dir / f"{key[:32]}.json"
             fp32, losses = run_probes(objective, gates, checkpoint, key)
+            for gname, weights in losses.items():
+                for tensor, values in weights.items():
+                    key = f"{gname}:{tensor}"
+                    options[key] = [replace(o, sensitivity=v)
+                                    for o, v in zip(options[key], values, strict=True)]
+            picked, rounds = _verified(options, bits_allowed, objective, gates, fp32)
         finally:
             objective.close()
-        for gname, weights in losses.items():
-            for tensor, values in weights.items():
-                key = f"{gname}:{tensor}"
-                options[key] = [replace(o, sensitivity=v)
-                                for o, v in zip(options[key], values, strict=True)]
     else:
         for key, opts in options.items():
             options[key] = [replace(o, sensitivity=p or 0.0)
                             for o, p in zip(opts, proxies[key], strict=True)]
-    picked = solve_choice(options, bits_allowed)
+        picked = solve_choice(options, bits_allowed)
     layers = []
     task_vals, proxy_vals = [], []
     for key, opts in options.items():
@@ -303,5 +307,57 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     if len(task_vals) > 2:
         rho = float(spearmanr(task_vals, proxy_vals).statistic)
     return SearchResult(config, objective_name, fp32, bits_allowed + float_bits, params,
-                        other, tuple(layers), rho, time.perf_counter() - started, float_bits)
+                        other, tuple(layers), rho, time.perf_counter() - started, float_bits,
+                        tuple(rounds))
+
+
+# Rounds of measuring the chosen mix as a whole and correcting the additive model.
+VERIFY_ROUNDS = 4
+_TOLERANCE = 1.5  # measured / predicted loss accepted without a correction
+
+
+def _below_4(option: WeightOption) -> bool:
+    return option.spec is not None and option.spec.bits < 4
+
+
+def _verified(options: dict[str, list[WeightOption]], bits_allowed: float,
+              objective: Callable[[Mapping[str, float]], float],
+              gates: Mapping[str, Mapping[str, Sequence[str]]], fp32: float
+              ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The program's choice, checked on the task objective with every chosen format at
+    once. Single-weight probes add up only while errors stay small: many 2-bit layers
+    together cost more than the sum of their probes. When the measured loss exceeds the
+    prediction by more than `_TOLERANCE`x, the sub-4-bit options' sensitivities are scaled
+    by measured / predicted and the program solved again; the choice with the least
+    measured loss among the rounds is kept (every round meets the budget)."""
+    from ..calib.esc import quantizer_key
+
+    current = {k: list(v) for k, v in options.items()}
+    rounds: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, int]] | None = None
+    for _ in range(VERIFY_ROUNDS):
+        picked = solve_choice(current, bits_allowed)
+        feed = {quantizer_key(g, gate): 0.0 for g, ws in gates.items()
+                for names in ws.values() for gate in names}
+        for key, k in picked.items():
+            g, tensor = key.split(":", 1)
+            names = gates.get(g, {}).get(tensor)
+            if names:
+                feed[quantizer_key(g, names[k])] = 1.0
+        measured = float(objective(feed)) - fp32
+        predicted = sum(options[k][i].sensitivity for k, i in picked.items())
+        low = sum(1 for k, i in picked.items() if _below_4(options[k][i]))
+        rounds.append({"predicted": predicted, "measured": measured, "sub4bit_weights": low})
+        if best is None or measured < best[0]:
+            best = (measured, picked)
+        if low == 0 or measured <= _TOLERANCE * max(predicted, 1e-12):
+            break
+        ratio = measured / max(predicted, 1e-12)
+        current = {k: [replace(o, sensitivity=o.sensitivity * ratio) if _below_4(o) else o
+                       for o in v] for k, v in current.items()}
+    assert best is not None
+    chosen = best[1]
+    for r in rounds:
+        r["kept"] = r["measured"] == best[0]
+    return chosen, rounds
 
