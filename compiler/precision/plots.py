@@ -86,7 +86,9 @@ def plot_search(result: dict[str, Any], folder: Path) -> None:
     chosen = sum(next(o["sensitivity"] for o in c["options"] if o["label"] == c["chosen"])
                  for c in result["layers"])
     ax.plot([est], [chosen], "*", color="C3", markersize=14, label="this build")
-    ax.set_xlabel("estimated size (MB)")
+    ax.set_yscale("symlog", linthresh=max(1e-6, min((abs(p[2]) for p in pts if p[2]),
+                                                    default=1e-6)))
+    ax.set_xlabel("estimated size (MB, each tensor once)")
     ax.set_ylabel(f"summed sensitivity ({result['objective']})")
     ax.set_title("predicted size / loss frontier (additive probes; WER is measured "
                  "by eval)", fontsize="small")
