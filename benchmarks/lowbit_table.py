@@ -69,16 +69,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def avg_bits(folder: Path) -> float:
-    """Stored bits per quantizable parameter (scales counted) over all graphs' recipes."""
+    """Stored bits per parameter of the weighted ops' weights (MatMul / Gemm / Conv B),
+    scales counted, float ones at 32 bits, each tensor once, over all graphs."""
     bits = params = 0
     for recipe_path in sorted(folder.glob("*/recipe.json")):
         recipe = Recipe.load(recipe_path)
         model = onnx.load(str(recipe_path.parent / "model.fp32.onnx"), load_external_data=False)
         shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        for t in recipe.tensors:
-            if t.kind == "weight":
-                bits += storage_bits(shapes[t.tensor], t.spec)
-                params += math.prod(shapes[t.tensor])
+        weights = {n.input[1] for n in model.graph.node
+                   if n.op_type in ("MatMul", "Gemm", "Conv") and n.input[1] in shapes}
+        specs = {t.tensor: t.spec for t in recipe.tensors if t.kind == "weight"}
+        for name in sorted(weights | set(specs)):
+            bits += storage_bits(shapes[name], specs.get(name))
+            params += math.prod(shapes[name])
     return bits / params
 
 

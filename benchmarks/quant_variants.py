@@ -107,8 +107,8 @@ SFC_BUILDS: dict[str, dict[str, Any]] = {
                             "exclude": ("*fc2*",)},
     "sfc-w8a8-mse-attn": {"weights": 8, "activations": 8, "calibrator": "mse",
                           "quantize_attention": True},
-    "sfc-w4": {"weights": 4, "activations": None},
-    "sfc-w2": {"weights": 2, "activations": None},
+    "sfc-w4": {"weights": 4, "activations": None, "weight_method": "mse"},
+    "sfc-w2": {"weights": 2, "activations": None, "weight_method": "mse"},
 }
 CALIBRATORS = (
     "sfc-w8a8-max", "sfc-w8a8-percentile", "sfc-w8a8-entropy", "sfc-w8a8-mse", "sfc-w8a8-esc",

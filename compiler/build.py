@@ -100,7 +100,7 @@ class BuildConfig:
     quantize_attention: bool = False
     seed: int = 0
     # How sub-8-bit integers are chosen (quant.lowbit), and GPTQ's knobs.
-    weight_method: str = "mse"
+    weight_method: str = "gptq"  # measured better than mse on tiny.en and base (BENCHMARKS.md)
     gptq: GptqConfig = field(default_factory=GptqConfig)
     # Per-layer precision written by hand (--precision FILE); the search never overrides it.
     precision: tuple[LayerPrecision, ...] = ()
@@ -160,10 +160,16 @@ class BuildConfig:
         return self.weights == "mixed"
 
     @property
+    def low_bit(self) -> bool:
+        """Whether the build asks for any 4/2-bit weights (uniform, mixed or per layer)."""
+        return self.mixed or self.weights in (4, 2) or any(
+            p.weights in (4, 2) for p in self.precision)
+
+    @property
     def needs_grams(self) -> bool:
-        """Whether calibration also sums each MatMul input's Gram matrix (GPTQ, and the
-        mixed search's layer-output proxy)."""
-        return self.weight_method == "gptq" or self.mixed
+        """Whether calibration also sums each MatMul input's Gram matrix (GPTQ on 4/2-bit
+        weights, and the mixed search's layer-output proxy)."""
+        return self.mixed or (self.weight_method == "gptq" and self.low_bit)
 
     def plan_config(self) -> PlanConfig:
         """The placement request this build makes (a mixed build plans INT8 first; the
@@ -184,7 +190,7 @@ class BuildConfig:
             calib.update(self.calibration_method().to_dict())
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
                 "calibration": calib}
-        if self.weight_method != "mse" or self.mixed:
+        if self.low_bit:
             weights: dict[str, Any] = {"method": self.weight_method}
             if self.weight_method == "gptq":
                 weights["gptq"] = self.gptq.to_dict()
@@ -247,8 +253,9 @@ def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, tot
     if not tensors and not grams:
         return {}
     if feeds is None:
-        raise SfcError(f"graph {graph!r} needs calibration data for its activations "
-                       "(--calib) or --activations none")
+        what = ("its activations (--calib) or --activations none" if tensors else
+                "GPTQ (--calib) or --weight-method mse")
+        raise SfcError(f"graph {graph!r} needs calibration data for {what}")
     nodes = {n.name: n for n in model.graph.node}
     by_input = {}
     for tensor, acc in grams.items():

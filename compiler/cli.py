@@ -155,8 +155,9 @@ def build_cmd(
         help="Weight bits: 8, 4, 2, or mixed (per layer from {8, 4, 2} under --avg-bits or "
         "--size-mb: sensitivity probes, then an integer program)")] = "8",
     weight_method: Annotated[str, typer.Option(
-        help="How 4/2-bit weights are rounded: rtn (absmax), mse (clipped scales) or gptq "
-        "(second-order, from the calibration inputs' Gram matrices)")] = "mse",
+        help="How 4/2-bit weights are rounded: gptq (second-order, from the calibration "
+        "inputs' Gram matrices; the default), mse (clipped scales, no data) or rtn "
+        "(absmax)")] = "gptq",
     avg_bits: Annotated[float | None, typer.Option(
         help="Mixed: average weight bits, scales counted (INT4 block 32 = 5.0)")] = None,
     size_mb: Annotated[float | None, typer.Option(

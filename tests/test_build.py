@@ -118,7 +118,8 @@ def test_whisper_w4_build_folder_is_a_deployable(tmp_path: Path) -> None:
     from sfc.runtime.whisper import WhisperRuntime
 
     report = compile_model("whisper-tiny.en", tmp_path / "w4",
-                           BuildConfig(weights=4, activations=None), eval_data=None)
+                           BuildConfig(weights=4, activations=None, weight_method="mse"),
+                           eval_data=None)
     assert {g["name"] for g in report.graphs} == {"encoder", "decoder"}
     assert report.compression > 3.0
     for g in report.graphs:
