@@ -333,8 +333,9 @@ def _precision(p: dict[str, Any] | None) -> list[str]:
              + (f"{rho:.2f}" if rho is not None else "not measured"),
              f"- plots: {BITS_PLOT}, {FRONTIER_PLOT}"]
     for i, r in enumerate(p.get("rounds", ())):
-        lines.append(f"- check {i + 1}: the chosen mix as a whole: measured {r['measured']:.4g} "
-                     f"vs predicted {r['predicted']:.4g} (sum of single-weight probes), "
+        lines.append(f"- check {i + 1}, {r.get('choice', 'program')}: measured "
+                     f"{r['measured']:.4g} with all its formats at once vs predicted "
+                     f"{r['predicted']:.4g} (sum of single-weight probes), "
                      f"{r['sub4bit_weights']} weights below 4 bits"
                      + (" (kept)" if r.get("kept") else ""))
     lines += ["",

@@ -279,4 +279,26 @@ def test_verification_corrects_compounding_low_bit_choices() -> None:
     assert rounds[0]["sub4bit_weights"] == 3 and rounds[0]["measured"] > 3  # additive: all 2-bit
     assert sorted(picked.values()) == [0, 0, 1]  # corrected: one 2-bit weight
     assert sum(options[k][i].bits for k, i in picked.items()) <= 130
-    assert [r["kept"] for r in rounds] == [False, True]
+    assert [r["kept"] for r in rounds] == [False, True, False]
+    assert rounds[2]["choice"] == "uniform 2/32"  # uniform 4/32 (150 bits) does not fit
+
+
+def test_verification_keeps_a_uniform_format_that_measures_better() -> None:
+    from sfc.precision.search import _verified
+
+    b32, b128 = QuantSpec(4, "block", 0, 32), QuantSpec(4, "block", 0, 128)
+    options = {"g:a": [WeightOption(b32, 50, 0.3), WeightOption(b128, 42, 0.1)],
+               "g:b": [WeightOption(b32, 50, 0.3), WeightOption(b128, 42, 0.35)]}
+    gates = {"g": {n: [f"{n}__probe0", f"{n}__probe1"] for n in ("a", "b")}}
+
+    def objective(feed: dict[str, float]) -> float:
+        # The probes favour a mix (a at 4/128, b at 4/32), which really costs 1.0;
+        # uniform 4/32 costs 0.5 and uniform 4/128 0.7.
+        if feed["g:a__probe0"] == feed["g:b__probe0"] == 1.0:
+            return 0.5
+        return 0.7 if feed["g:a__probe1"] == feed["g:b__probe1"] == 1.0 else 1.0
+
+    picked, rounds = _verified(options, 100, objective, gates, 0.0)
+    assert rounds[0]["choice"] == "program, round 1" and rounds[0]["measured"] == 1.0
+    assert picked == {"g:a": 0, "g:b": 0}
+    assert next(r for r in rounds if r["kept"])["choice"] == "uniform 4/32"

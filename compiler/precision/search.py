@@ -332,11 +332,7 @@ def _verified(options: dict[str, list[WeightOption]], bits_allowed: float,
     measured loss among the rounds is kept (every round meets the budget)."""
     from ..calib.esc import quantizer_key
 
-    current = {k: list(v) for k, v in options.items()}
-    rounds: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, int]] | None = None
-    for _ in range(VERIFY_ROUNDS):
-        picked = solve_choice(current, bits_allowed)
+    def measure(picked: dict[str, int], what: str) -> float:
         feed = {quantizer_key(g, gate): 0.0 for g, ws in gates.items()
                 for names in ws.values() for gate in names}
         for key, k in picked.items():
@@ -345,19 +341,37 @@ def _verified(options: dict[str, list[WeightOption]], bits_allowed: float,
             if names:
                 feed[quantizer_key(g, names[k])] = 1.0
         measured = float(objective(feed)) - fp32
-        predicted = sum(options[k][i].sensitivity for k, i in picked.items())
-        low = sum(1 for k, i in picked.items() if _below_4(options[k][i]))
-        rounds.append({"predicted": predicted, "measured": measured, "sub4bit_weights": low})
-        if best is None or measured < best[0]:
-            best = (measured, picked)
+        rounds.append({"choice": what, "measured": measured,
+                       "predicted": sum(options[k][i].sensitivity for k, i in picked.items()),
+                       "sub4bit_weights": sum(_below_4(options[k][i])
+                                              for k, i in picked.items())})
+        tried.append((measured, picked))
+        return measured
+
+    current = {k: list(v) for k, v in options.items()}
+    rounds: list[dict[str, Any]] = []
+    tried: list[tuple[float, dict[str, int]]] = []
+    for i in range(VERIFY_ROUNDS):
+        picked = solve_choice(current, bits_allowed)
+        measured = measure(picked, f"program, round {i + 1}")
+        predicted, low = rounds[-1]["predicted"], rounds[-1]["sub4bit_weights"]
         if low == 0 or measured <= _TOLERANCE * max(predicted, 1e-12):
             break
         ratio = measured / max(predicted, 1e-12)
         current = {k: [replace(o, sensitivity=o.sensitivity * ratio) if _below_4(o) else o
                        for o in v] for k, v in current.items()}
-    assert best is not None
-    chosen = best[1]
-    for r in rounds:
-        r["kept"] = r["measured"] == best[0]
-    return chosen, rounds
+    # Every uniform format that fits the budget competes too, so the mixed choice is never
+    # worse than uniform on the measured objective.
+    def cheapest(v: list[WeightOption]) -> int:
+        return min(range(len(v)), key=lambda j: v[j].bits)
+
+    for label in dict.fromkeys(o.label for v in options.values() for o in v):
+        uniform = {k: next((j for j, o in enumerate(v) if o.label == label), cheapest(v))
+                   for k, v in options.items()}
+        if sum(options[k][j].bits for k, j in uniform.items()) <= bits_allowed:
+            measure(uniform, f"uniform {label}")
+    best = min(range(len(tried)), key=lambda j: tried[j][0])
+    for j, r in enumerate(rounds):
+        r["kept"] = j == best
+    return tried[best][1], rounds
 
