@@ -29,6 +29,13 @@ from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
 from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
 from tests.test_build import _feeds, _mlp
 
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed builds cache their probes under $SFC_CACHE: never the user's."""
+    monkeypatch.setenv("SFC_CACHE", str(tmp_path / "cache"))
+
+
 # ------------------------------------------------------------------ budget and program
 
 
@@ -217,6 +224,8 @@ def test_mixed_build_meets_its_budget_and_replays(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "plots" / "bits.png").stat().st_size > 1000
     assert (tmp_path / "a" / "plots" / "precision_frontier.png").stat().st_size > 1000
     # Same inputs and seed: the same bytes (the probes come from the cache the 2nd time).
+    probes = list((tmp_path / "cache" / "probes").glob("*.json"))
+    assert len(probes) == 1
     compile_model(str(src), tmp_path / "b", config, eval_data=None)
     for name in ("recipe.json", "model.qdq.onnx"):
         assert (tmp_path / "a" / "model" / name).read_bytes() == \
