@@ -55,6 +55,7 @@ from .quant.spec import (
     ORT_CPU_SATURATING_CAPS,
     SIM_CAPS,
     TENSORRT_CAPS,
+    QuantSpec,
     TargetCaps,
 )
 from .quant.stored import STORED_FILE, StoredWeights
@@ -291,6 +292,8 @@ class _Graph:
     # weight -> (integers, scales, recipe method), for weights the method computes here
     quantized: dict[str, tuple[Any, Any, str]] = field(default_factory=dict)
     stored: StoredWeights | None = None
+    # weight -> the specs the mixed search's candidate formats give it
+    specs: dict[str, list[QuantSpec]] = field(default_factory=dict)
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -443,12 +446,10 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
     assert config.search is not None
     weights = []
     for g in pending:
-        _, specs = candidate_specs(g.model, g.plan_config, caps, config.search.candidates)
-
         def quantize(tensor: str, spec: Any, g: _Graph = g) -> tuple[Any, Any, str]:
             return g.quantize(tensor, spec, config.weight_method, config.gptq)
 
-        weights.append(GraphWeights(g.name, g.model, g.plan, specs, g.grams, quantize))
+        weights.append(GraphWeights(g.name, g.model, g.plan, g.specs, g.grams, quantize))
 
     def objective(built: dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]) -> Any:
         setups = {name: GraphSetup(model, Recipe(model_sha256(model), config.seed, {}, ()),
@@ -508,9 +509,11 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         if config.mixed and not any(g.plan.weights for g in prepared):
             raise SfcError("--weights mixed: the plan quantizes no weight of this model")
         if config.mixed and config.search is not None:
-            check_budget([(g.model, g.plan, candidate_specs(
-                g.model, g.plan_config, caps, config.search.candidates)[1])
-                for g in prepared if g.replay is None], config.search.budget)
+            for g in prepared:
+                g.specs = candidate_specs(g.model, g.plan_config, caps,
+                                          config.search.candidates)[1]
+            check_budget([(g.model, g.plan, g.specs) for g in prepared if g.replay is None],
+                         config.search.budget)
         pending: list[_Graph] = []
         for g in prepared:
             if g.replay is not None:

@@ -235,7 +235,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     meta: dict[str, tuple[str, Any, int]] = {}
     proxies: dict[str, list[float | None]] = {}
     deltas: dict[str, dict[str, list[np.ndarray]]] = {}
-    params = other = 0
+    params = other = float_params = 0
     bar = progress_bar(transient=True)
     bar.start()
     task = bar.add_task("precision: candidate weights",
@@ -243,7 +243,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     for g in graphs:
         inits = {t.name: t for t in g.model.graph.initializer}
         kept, rest = _float_params(g.model, g.plan)
-        params, other = params + kept, other + rest
+        params, other, float_params = params + kept, other + rest, float_params + kept
         deltas[g.name] = {}
         for q in bar.track(g.plan.weights, task_id=task):
             w = numpy_helper.to_array(inits[q.tensor])
@@ -263,7 +263,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
                 deltas[g.name][q.tensor] = ds
     # Weights a precision entry keeps float are fixed: in the average at 32 bits each.
     bar.stop()
-    float_bits = sum(_float_params(g.model, g.plan)[0] for g in graphs) * 32
+    float_bits = float_params * 32
     bits_allowed = config.budget.bits_allowed(params, other) - float_bits
     objective_name, fp32 = "proxy", 0.0
     rounds: list[dict[str, Any]] = []
