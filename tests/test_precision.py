@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,14 @@ from test_quant_graphs import speech_model
 from sfc.build import BuildConfig
 from sfc.errors import SfcError
 from sfc.pipeline import compile_model
+from sfc.precision.activations import gate_activations, gate_name, probe_activations
 from sfc.precision.budget import Budget, WeightOption, parse_format, storage_bits
 from sfc.precision.mapfile import load_precision
 from sfc.precision.probe import run_probes, switchable
 from sfc.precision.search import SearchConfig, candidate_specs
 from sfc.precision.solve import solve_choice
 from sfc.quant.plan import LayerPrecision, PlanConfig, exact_pattern, make_plan
+from sfc.quant.qdq import write_qdq
 from sfc.quant.recipe import Recipe
 from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
 from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
@@ -311,3 +314,56 @@ def test_verification_keeps_a_uniform_format_that_measures_better() -> None:
     assert rounds[0]["choice"] == "program, round 1" and rounds[0]["measured"] == 1.0
     assert picked == {"g:a": 0, "g:b": 0}
     assert next(r for r in rounds if r["kept"])["choice"] == "uniform 4/32"
+
+
+# ------------------------------------------------------------------ activation probes
+
+
+def test_gated_activations_switch_between_qdq_and_float(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    compile_model(str(src), tmp_path / "q", BuildConfig(target="sim", calibrator="max",
+                                                        calib=feeds), eval_data=None)
+    model = onnx.load(str(tmp_path / "q" / "model" / "model.fp32.onnx"))
+    recipe = Recipe.load(tmp_path / "q" / "model" / "recipe.json")
+    acts = [t.tensor for t in recipe.tensors if t.kind == "activation"]
+    assert len(acts) >= 2
+    gated = gate_activations(write_qdq(model, recipe), acts)
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+
+    def run(m: onnx.ModelProto, **gates: float) -> np.ndarray:
+        options = ort.SessionOptions()  # the QDQ arithmetic exactly, no fused kernels
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(m.SerializeToString(), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        feed = {"x": x} | {gate_name(t): np.array(v, np.float32) for t, v in gates.items()}
+        return np.asarray(session.run(None, feed)[0])
+
+    on = {t: 1.0 for t in acts}
+    weights_only = replace(recipe, tensors=tuple(t for t in recipe.tensors
+                                                 if t.kind == "weight"))
+    qdq, float_acts = run(write_qdq(model, recipe)), run(write_qdq(model, weights_only))
+    np.testing.assert_allclose(run(gated, **on), qdq, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(gated, **{t: 0.0 for t in acts}), float_acts, rtol=1e-5,
+                               atol=1e-5)
+    one_off = run(gated, **(on | {acts[0]: 0.0}))
+    assert np.abs(one_off - qdq).max() > 1e-4 and np.abs(one_off - float_acts).max() > 1e-4
+    with pytest.raises(ValueError, match="no Q/DQ pair"):
+        gate_activations(model, acts)
+
+
+def test_activation_probes_leave_one_out_and_resume(tmp_path: Path) -> None:
+    calls = []
+    cost = {"g:a__quantized": 3.0, "g:b__quantized": 1.0, "h:c__quantized": 0.5}
+
+    def objective(feed: dict[str, float]) -> float:
+        calls.append(dict(feed))
+        return sum(cost[k] * v for k, v in feed.items())
+
+    tensors = {"g": ["a", "b"], "h": ["c"]}
+    probes = probe_activations(objective, tensors, tmp_path / "p.json", "k", progress=False)
+    assert probes.quantized == 4.5 and probes.float_ == 0.0
+    assert probes.ranked() == [("g:a", 3.0), ("g:b", 1.0), ("h:c", 0.5)]
+    assert len(calls) == 5
+    assert probe_activations(objective, tensors, tmp_path / "p.json", "k",
+                             progress=False) == probes
+    assert len(calls) == 5  # resumed from the checkpoint, nothing re-measured

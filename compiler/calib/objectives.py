@@ -21,7 +21,7 @@ transcripts, reference logits or outputs) is computed once, up front.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,9 @@ class GraphSetup:
     """One graph as ESC sees it: FP32 model, start recipe, and the tensors it tunes.
 
     `gates`: other float32 scalar inputs of `model` fed from the same mapping as the
-    scales (the precision probes' weight switches, `precision.probe`).
+    scales (the precision probes' weight switches, `precision.probe`). `rewrite`: applied
+    to the written QDQ model before the session loads it; the graph inputs it adds must be
+    among `gates` (the activation probes' switches).
     """
 
     model: onnx.ModelProto
@@ -71,6 +73,7 @@ class GraphSetup:
     tuned: tuple[str, ...]
     gates: tuple[str, ...] = ()
     stored: StoredWeights | None = None  # the recipe's stored weights (GPTQ)
+    rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -88,6 +91,8 @@ class ScaledSession:
             g: g for g in setup.gates}
         qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned,
                         stored=setup.stored)
+        if setup.rewrite is not None:
+            qdq = setup.rewrite(qdq)
         options = ort.SessionOptions()
         # The level the target's artifact runs at: the search sees the deployed numerics.
         options.graph_optimization_level = OPTIMIZATION[optimization]

@@ -1,0 +1,74 @@
+"""Which activation quantizers of a W8A8 build carry its loss (leave-one-out probes).
+
+    python benchmarks/act_sensitivity.py BUILD --model whisper-base [--samples 16]
+
+Loads the build's FP32 graphs and recipes, makes every quantized activation switchable
+(`sfc.precision.activations`) and measures the KL to FP32 (teacher-forced on the FP32
+model's own transcripts of the first `--samples` calibration clips) with all activations
+quantized, with none, and with each one alone left in float. Writes BUILD/act_probes.json
+(resumable through BUILD/act_probes.ckpt.json) and prints the largest gains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import onnx
+
+from sfc.calib.objectives import GraphSetup, make_objective
+from sfc.card import ModelCard
+from sfc.eval.manifest import read_manifest
+from sfc.models import model_folder
+from sfc.paths import BUNDLED_DATA
+from sfc.precision.activations import gate_activations, gate_name, probe_activations
+from sfc.quant.recipe import Recipe
+from sfc.quant.stored import STORED_FILE, StoredWeights
+from sfc.runtime.whisper import WhisperRuntime
+from sfc.targets import get_target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("build", type=Path)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--samples", type=int, default=16)
+    args = parser.parse_args()
+    fp32 = model_folder(args.model)
+    card = ModelCard.load(fp32)
+    setups, tensors = {}, {}
+    target = None
+    for graph in ("encoder", "decoder"):
+        folder = args.build / graph
+        recipe = Recipe.load(folder / "recipe.json")
+        target = recipe.config.get("target", "ort-cpu")
+        stored = (StoredWeights.load(folder / STORED_FILE, recipe.weight_data)
+                  if recipe.weight_data else None)
+        acts = tuple(t.tensor for t in recipe.tensors if t.kind == "activation")
+        tensors[graph] = acts
+
+        def rewrite(m: onnx.ModelProto, acts: tuple[str, ...] = acts) -> onnx.ModelProto:
+            return gate_activations(m, acts)
+
+        setups[graph] = GraphSetup(onnx.load(str(folder / "model.fp32.onnx")), recipe, (),
+                                   tuple(gate_name(t) for t in acts), stored, rewrite)
+    runtime = WhisperRuntime.open(fp32)
+    utterances = read_manifest(BUNDLED_DATA / "calib")
+    objective = make_objective("kl", card, setups, samples=args.samples, runtime=runtime,
+                               utterances=utterances,
+                               optimization=get_target(str(target)).optimization)
+    try:
+        probes = probe_activations(objective, tensors, args.build / "act_probes.ckpt.json",
+                                   key=json.dumps([args.samples]))
+    finally:
+        objective.close()
+    (args.build / "act_probes.json").write_text(json.dumps(probes.to_dict(), indent=1))
+    print(f"KL all quantized {probes.quantized:.4f}, all float {probes.float_:.4f}")
+    for key, gain in probes.ranked()[:15]:
+        print(f"  {gain:+.4f}  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Which activation quantizers carry a build's loss: leave-one-out probes on the QDQ model.
+
+Every quantized activation t of a written QDQ model is made switchable: each of its
+DequantizeLinear outputs d is replaced, for its readers, by t + g * (d - t), with g a
+float32 scalar graph input (1: quantized as the recipe says, 0: left in float). One
+prepared session per graph then answers every probe: the task objective (Whisper: KL to
+the FP32 model on its own transcripts, teacher-forced) with every gate at 1, with every
+gate at 0, and with one gate at 0 at a time. The last, subtracted from the first, is how
+much of the loss keeping that one activation in float would take back.
+
+The switch takes the Q/DQ pair out of ONNX Runtime's fused integer kernels, so the probes
+see the QDQ arithmetic exactly (the `ort-cpu:avx2` weights make the fused kernels exact
+too; on VNNI they are exact by construction).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from ..atomic import write_json_atomic
+from ..calib.esc import quantizer_key, split_key
+from ..progress import progress_bar
+
+__all__ = ["ActivationProbes", "gate_activations", "gate_name", "probe_activations"]
+
+
+def gate_name(tensor: str) -> str:
+    """The graph input that switches activation `tensor` between quantized (1) and float (0)."""
+    return f"{tensor}__quantized"
+
+
+def gate_activations(model: onnx.ModelProto, tensors: Collection[str]) -> onnx.ModelProto:
+    """A copy of QDQ `model` whose activations in `tensors` each read
+    t + gate_name(t) * (DQ(Q(t)) - t) (see the module doc); every tensor must be quantized."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    wanted = set(tensors)
+    q_source = {n.output[0]: n.input[0] for n in graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] in wanted}
+    gated: dict[str, str] = {}  # DQ output -> its gated replacement
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "DequantizeLinear" or node.input[0] not in q_source:
+            continue
+        t, d = q_source[node.input[0]], node.output[0]
+        diff, scaled, gated[d] = f"{d}__diff", f"{d}__scaled", f"{d}__gated"
+        nodes += [helper.make_node("Sub", [d, t], [diff], name=f"{d}__gate_Sub"),
+                  helper.make_node("Mul", [diff, gate_name(t)], [scaled],
+                                   name=f"{d}__gate_Mul"),
+                  helper.make_node("Add", [t, scaled], [gated[d]], name=f"{d}__gate_Add")]
+    found = set(q_source.values())
+    missing = sorted(wanted - found)
+    if missing:
+        raise ValueError(f"activation '{missing[0]}' has no Q/DQ pair in the model")
+    for node in nodes:
+        if node.name.endswith("__gate_Sub"):
+            continue
+        for j, name in enumerate(node.input):
+            if name in gated:
+                node.input[j] = gated[name]
+    for output in graph.output:
+        if output.name in gated:
+            raise ValueError(f"'{output.name}' is a graph output; it cannot be gated")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.extend(helper.make_tensor_value_info(gate_name(t), onnx.TensorProto.FLOAT, [])
+                       for t in sorted(found))
+    return out
+
+
+@dataclass(frozen=True)
+class ActivationProbes:
+    """The objective with every activation quantized, with none, and with each one alone
+    left in float (keyed by `quantizer_key(graph, tensor)`)."""
+
+    quantized: float
+    float_: float
+    leave_one_out: dict[str, float]
+
+    def gain(self, key: str) -> float:
+        """How much of the loss keeping `key` in float takes back (may be negative)."""
+        return self.quantized - self.leave_one_out[key]
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """(key, gain), largest gain first (ties by key, so the order is reproducible)."""
+        return sorted(((k, self.gain(k)) for k in self.leave_one_out),
+                      key=lambda kv: (-kv[1], kv[0]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantized": self.quantized, "float": self.float_,
+                "activations": [{"graph": split_key(k)[0], "tensor": split_key(k)[1],
+                                 "leave_one_out": self.leave_one_out[k], "gain": g}
+                                for k, g in self.ranked()]}
+
+
+def probe_activations(objective: Callable[[Mapping[str, float]], float],
+                      tensors: Mapping[str, Sequence[str]], checkpoint: Path | None = None,
+                      key: str = "", progress: bool = True) -> ActivationProbes:
+    """Leave-one-out probes over `tensors` (graph -> gated activations; encoder first, so
+    decoder probes reuse its outputs). `checkpoint`: a JSON file updated after every probe
+    and read back when its `key` matches, so an interrupted run resumes."""
+    keys = [quantizer_key(g, t) for g, ts in tensors.items() for t in ts]
+    gates = {k: quantizer_key(split_key(k)[0], gate_name(split_key(k)[1])) for k in keys}
+    done: dict[str, float] = {}
+    if checkpoint is not None and checkpoint.is_file():
+        try:
+            saved = json.loads(checkpoint.read_text())
+            if saved.get("key") == key:
+                done = {str(k): float(v) for k, v in saved["probes"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            done = {}  # a damaged checkpoint only costs the probes again
+
+    def measure(name: str, off: Collection[str]) -> float:
+        if name not in done:
+            done[name] = float(objective({gate: 0.0 if k in off else 1.0
+                                          for k, gate in gates.items()}))
+            if checkpoint is not None:
+                write_json_atomic(checkpoint, {"key": key, "probes": done})
+        return done[name]
+
+    bar = progress_bar(enabled=progress)
+    task = bar.add_task("activation probes", total=len(keys) + 2)
+    with bar:
+        quantized = measure("quantized", ())
+        bar.advance(task)
+        loo = {}
+        for k in keys:
+            loo[k] = measure(k, (k,))
+            bar.advance(task)
+        float_ = measure("float", keys)
+        bar.advance(task)
+    return ActivationProbes(quantized, float_, loo)
