@@ -19,7 +19,13 @@ from test_quant_graphs import speech_model
 from sfc.build import BuildConfig
 from sfc.errors import SfcError
 from sfc.pipeline import compile_model
-from sfc.precision.activations import gate_activations, gate_name, probe_activations
+from sfc.precision.activations import (
+    GuardConfig,
+    gate_activations,
+    gate_name,
+    guard_activations,
+    probe_activations,
+)
 from sfc.precision.budget import Budget, WeightOption, parse_format, storage_bits
 from sfc.precision.mapfile import load_precision
 from sfc.precision.probe import run_probes, switchable
@@ -367,3 +373,23 @@ def test_activation_probes_leave_one_out_and_resume(tmp_path: Path) -> None:
     assert probe_activations(objective, tensors, tmp_path / "p.json", "k",
                              progress=False) == probes
     assert len(calls) == 5  # resumed from the checkpoint, nothing re-measured
+
+
+def test_guard_keeps_the_fewest_activations_that_meet_the_allowance() -> None:
+    cost = {"g:a__quantized": 3.0, "g:b__quantized": 1.0, "h:c__quantized": 0.5}
+    calls = []
+
+    def objective(feed: dict[str, float]) -> float:
+        calls.append(1)
+        return 0.25 + sum(cost[k] * v for k, v in feed.items())
+
+    tensors = {"g": ["a", "b"], "h": ["c"]}
+    within = guard_activations(objective, tensors, GuardConfig(allowance=5.0), progress=False)
+    assert within.kept == () and within.probes is None and within.met and len(calls) == 2
+    result = guard_activations(objective, tensors, GuardConfig(allowance=1.2), progress=False)
+    assert result.kept == ("g:a", "g:b") and result.steps == (1.75, 0.75) and result.met
+    capped = guard_activations(objective, tensors, GuardConfig(allowance=0.1, max_float=1),
+                               progress=False)
+    assert capped.kept == ("g:a",) and not capped.met
+    with pytest.raises(SfcError, match="act-guard-kl"):
+        GuardConfig(allowance=-1.0)

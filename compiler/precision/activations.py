@@ -26,9 +26,11 @@ from onnx import helper
 
 from ..atomic import write_json_atomic
 from ..calib.esc import quantizer_key, split_key
+from ..errors import SfcError
 from ..progress import progress_bar
 
-__all__ = ["ActivationProbes", "gate_activations", "gate_name", "probe_activations"]
+__all__ = ["ActivationProbes", "GuardConfig", "GuardResult", "gate_activations", "gate_name",
+           "guard_activations", "probe_activations"]
 
 
 def gate_name(tensor: str) -> str:
@@ -102,6 +104,104 @@ class ActivationProbes:
                                 for k, g in self.ranked()]}
 
 
+@dataclass(frozen=True)
+class GuardConfig:
+    """The activation guard of a build with quantized activations (Whisper only): when
+    quantizing the activations adds more than `allowance` nats of KL per token to what the
+    quantized weights alone cost, the activations that take most of it back stay in float
+    (their readers run on float inputs), at most `max_float` of them. Probes run on the
+    first `samples` calibration clips."""
+
+    allowance: float = 0.02
+    max_float: int = 8
+    samples: int = 16
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.allowance, int | float) and self.allowance >= 0
+                and self.allowance == self.allowance):
+            raise SfcError(f"--act-guard-kl must be a number >= 0, not {self.allowance!r}")
+        if not isinstance(self.max_float, int) or self.max_float < 0:
+            raise SfcError(f"--act-guard-max must be >= 0, not {self.max_float!r}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise SfcError(f"the activation guard needs >= 1 sample, not {self.samples!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allowance": self.allowance, "max_float": self.max_float,
+                "samples": self.samples}
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """What the guard measured and kept in float (keys `quantizer_key(graph, tensor)`).
+
+    `steps`: the objective after each kept activation, in order; `probes`: None when the
+    gap was within the allowance and no activation was probed."""
+
+    config: GuardConfig
+    quantized: float
+    float_: float
+    kept: tuple[str, ...]
+    steps: tuple[float, ...]
+    probes: ActivationProbes | None
+
+    @property
+    def final(self) -> float:
+        return self.steps[-1] if self.steps else self.quantized
+
+    @property
+    def met(self) -> bool:
+        return self.final - self.float_ <= self.config.allowance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "quantized": self.quantized,
+                "float": self.float_, "final": self.final, "met": self.met,
+                "kept": [{"graph": split_key(k)[0], "tensor": split_key(k)[1], "kl_after": v}
+                         for k, v in zip(self.kept, self.steps, strict=True)],
+                "probes": None if self.probes is None else self.probes.to_dict()}
+
+
+class _Measure:
+    """objective(gates) with the gates of the `off` activations at 0, memoised in a JSON
+    checkpoint (read back when its key matches) so an interrupted run resumes."""
+
+    def __init__(self, objective: Callable[[Mapping[str, float]], float],
+                 keys: Sequence[str], checkpoint: Path | None, key: str) -> None:
+        self.objective, self.checkpoint, self.key = objective, checkpoint, key
+        self.gates = {k: quantizer_key(split_key(k)[0], gate_name(split_key(k)[1]))
+                      for k in keys}
+        self.done: dict[str, float] = {}
+        if checkpoint is not None and checkpoint.is_file():
+            try:
+                saved = json.loads(checkpoint.read_text())
+                if saved.get("key") == key:
+                    self.done = {str(k): float(v) for k, v in saved["probes"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.done = {}  # a damaged checkpoint only costs the probes again
+
+    def __call__(self, name: str, off: Collection[str]) -> float:
+        if name not in self.done:
+            self.done[name] = float(self.objective(
+                {gate: 0.0 if k in off else 1.0 for k, gate in self.gates.items()}))
+            if self.checkpoint is not None:
+                write_json_atomic(self.checkpoint, {"key": self.key, "probes": self.done})
+        return self.done[name]
+
+
+def _leave_one_out(measure: _Measure, keys: Sequence[str], progress: bool) -> ActivationProbes:
+    bar = progress_bar(enabled=progress)
+    task = bar.add_task("activation probes", total=len(keys) + 2)
+    with bar:
+        quantized = measure("quantized", ())
+        bar.advance(task)
+        float_ = measure("float", keys)
+        bar.advance(task)
+        loo = {}
+        for k in keys:
+            loo[k] = measure(k, (k,))
+            bar.advance(task)
+    return ActivationProbes(quantized, float_, loo)
+
+
 def probe_activations(objective: Callable[[Mapping[str, float]], float],
                       tensors: Mapping[str, Sequence[str]], checkpoint: Path | None = None,
                       key: str = "", progress: bool = True) -> ActivationProbes:
@@ -109,33 +209,30 @@ def probe_activations(objective: Callable[[Mapping[str, float]], float],
     decoder probes reuse its outputs). `checkpoint`: a JSON file updated after every probe
     and read back when its `key` matches, so an interrupted run resumes."""
     keys = [quantizer_key(g, t) for g, ts in tensors.items() for t in ts]
-    gates = {k: quantizer_key(split_key(k)[0], gate_name(split_key(k)[1])) for k in keys}
-    done: dict[str, float] = {}
-    if checkpoint is not None and checkpoint.is_file():
-        try:
-            saved = json.loads(checkpoint.read_text())
-            if saved.get("key") == key:
-                done = {str(k): float(v) for k, v in saved["probes"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            done = {}  # a damaged checkpoint only costs the probes again
+    return _leave_one_out(_Measure(objective, keys, checkpoint, key), keys, progress)
 
-    def measure(name: str, off: Collection[str]) -> float:
-        if name not in done:
-            done[name] = float(objective({gate: 0.0 if k in off else 1.0
-                                          for k, gate in gates.items()}))
-            if checkpoint is not None:
-                write_json_atomic(checkpoint, {"key": key, "probes": done})
-        return done[name]
 
-    bar = progress_bar(enabled=progress)
-    task = bar.add_task("activation probes", total=len(keys) + 2)
-    with bar:
-        quantized = measure("quantized", ())
-        bar.advance(task)
-        loo = {}
-        for k in keys:
-            loo[k] = measure(k, (k,))
-            bar.advance(task)
-        float_ = measure("float", keys)
-        bar.advance(task)
-    return ActivationProbes(quantized, float_, loo)
+def guard_activations(objective: Callable[[Mapping[str, float]], float],
+                      tensors: Mapping[str, Sequence[str]], config: GuardConfig,
+                      checkpoint: Path | None = None, key: str = "",
+                      progress: bool = True) -> GuardResult:
+    """The activations to keep in float under `config` (see `GuardConfig`): nothing when
+    all-quantized is within the allowance of all-float (two evaluations); else the
+    leave-one-out probes rank them and the largest gains are kept one at a time, each
+    step measured as a whole, until the gap is within the allowance."""
+    keys = [quantizer_key(g, t) for g, ts in tensors.items() for t in ts]
+    measure = _Measure(objective, keys, checkpoint, key)
+    quantized, float_ = measure("quantized", ()), measure("float", keys)
+    if quantized - float_ <= config.allowance or config.max_float == 0:
+        return GuardResult(config, quantized, float_, (), (), None)
+    probes = _leave_one_out(measure, keys, progress)
+    kept: list[str] = []
+    steps: list[float] = []
+    for k, gain in probes.ranked():
+        if gain <= 0 or len(kept) == config.max_float:
+            break
+        if steps and steps[-1] - float_ <= config.allowance:
+            break
+        kept.append(k)
+        steps.append(measure("float:" + "\n".join(kept), kept))
+    return GuardResult(config, quantized, float_, tuple(kept), tuple(steps), probes)
