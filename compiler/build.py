@@ -14,6 +14,7 @@ with `--recipe`) and raises `Interrupted`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,8 +26,16 @@ from typing import Any
 
 import onnx
 
-from .atomic import staging_dir
-from .calib.esc import EscCalib, EscResult, esc_search, plot_trace, quantizer_key, start_scales
+from .atomic import staging_dir, write_json_atomic
+from .calib.esc import (
+    EscCalib,
+    EscResult,
+    esc_search,
+    plot_trace,
+    quantizer_key,
+    split_key,
+    start_scales,
+)
 from .calib.feeds import Feed, npz_feeds, whisper_feeds
 from .calib.methods import compute_scale, method_from_name
 from .calib.stats import StatsSnapshot, collect_stats
@@ -34,6 +43,12 @@ from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
 from .paths import BUNDLED_DATA, cache_dir
+from .precision.activations import (
+    GuardConfig,
+    gate_activations,
+    gate_name,
+    guard_activations,
+)
 from .precision.budget import WeightOption
 from .precision.plots import plot_search
 from .precision.search import (
@@ -47,7 +62,15 @@ from .precision.search import (
 from .progress import progress_bar
 from .quant.gptq import GptqConfig, GramAccumulator
 from .quant.lowbit import WEIGHT_METHODS, quantize_layer, recipe_method
-from .quant.plan import LayerPrecision, Plan, PlanConfig, check_caps, make_plan
+from .quant.plan import (
+    FLOAT,
+    LayerPrecision,
+    Plan,
+    PlanConfig,
+    check_caps,
+    exact_pattern,
+    make_plan,
+)
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
 from .quant.spec import (
@@ -63,7 +86,8 @@ from .targets import TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
 
-__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "BuildConfig", "GraphBuild", "build"]
+__all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "GUARD_RESULT", "BuildConfig", "GraphBuild",
+           "build"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +99,7 @@ _CAPS: dict[str, TargetCaps] = {c.name: c for c in (ORT_CPU_CAPS, ORT_CPU_SATURA
 ESC_RESULT = "esc.json"
 ESC_PLOT = "plots/esc_trace.png"
 ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
+GUARD_RESULT = "act_guard.json"  # the activation guard's probes and what it kept float
 
 
 def target_caps(target: str) -> TargetCaps:
@@ -112,6 +137,8 @@ class BuildConfig:
     esc_popsize: int | None = None
     esc_samples: int = 16
     esc_objective: str = "auto"
+    # Quantized activations of a Whisper model: which ones stay float (None: no guard).
+    act_guard: GuardConfig | None = field(default_factory=GuardConfig)
     # TensorRT only: the dynamic-shape ranges its engines serve.
     engine_limits: ProfileLimits = field(default_factory=ProfileLimits)
 
@@ -137,6 +164,9 @@ class BuildConfig:
                    if getattr(self, f) != self.__dataclass_fields__[f].default]
         if changed and not self.uses_esc:
             raise SfcError(f"--{changed[0].replace('_', '-')} applies to --calibrator esc only")
+        if self.act_guard not in (None, GuardConfig()) and self.activations is None:
+            raise SfcError("--act-guard-kl and --act-guard-max apply to quantized activations "
+                           "only (not --activations none)")
         self.lowering_target()  # engine limits on a target without engines fail here
 
     def lowering_target(self) -> Target:
@@ -189,6 +219,7 @@ class BuildConfig:
         calib: dict[str, Any] = {"limit": self.calib_limit, "data": self.calib.name}
         if self.activations is not None:
             calib.update(self.calibration_method().to_dict())
+            calib["guard"] = None if self.act_guard is None else self.act_guard.to_dict()
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
                 "calibration": calib}
         if self.low_bit:
@@ -426,6 +457,51 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
     return recipes, result
 
 
+def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
+           config: BuildConfig, caps: TargetCaps, runtime: Any, utterances: list[Any],
+           stage: Path) -> dict[str, Recipe]:
+    """The activation guard (`precision.activations`): probe the calibrated recipes, and
+    re-plan with the activations it keeps float as per-node precision entries (the other
+    scales unchanged). Saves act_guard.json in the stage."""
+    from .calib.objectives import GraphSetup, make_objective
+
+    assert config.act_guard is not None
+    tensors, setups = {}, {}
+    for g in pending:
+        acts = tuple(t.tensor for t in recipes[g.name].tensors if t.kind == "activation")
+        tensors[g.name] = acts
+
+        def rewrite(model: onnx.ModelProto, acts: tuple[str, ...] = acts) -> onnx.ModelProto:
+            return gate_activations(model, acts)
+
+        setups[g.name] = GraphSetup(g.model, recipes[g.name], (),
+                                    tuple(gate_name(t) for t in acts), g.stored, rewrite)
+    objective = make_objective("kl", card, setups, samples=config.act_guard.samples,
+                               runtime=runtime, utterances=utterances,
+                               optimization=get_target(config.target).optimization)
+    # Same recipes and samples: the same probes, so a rerun or a resumed build reuses them.
+    key = hashlib.sha256(json.dumps([[r.to_json() for r in recipes.values()],
+                                     config.act_guard.samples]).encode()).hexdigest()
+    checkpoint = cache_dir() / "probes" / f"act-{key[:24]}.json"
+    try:
+        result = guard_activations(objective, tensors, config.act_guard, checkpoint, key)
+    finally:
+        objective.close()
+    write_json_atomic(stage / GUARD_RESULT, result.to_dict())
+    for g in pending:
+        float_acts = {t for graph, t in map(split_key, result.kept) if graph == g.name}
+        if not float_acts:
+            continue
+        nodes = [n for q in g.plan.activations if q.tensor in float_acts for n in q.consumers]
+        g.plan_config = replace(g.plan_config, precision=g.plan_config.precision + tuple(
+            LayerPrecision(exact_pattern(n), activations=FLOAT) for n in nodes))
+        g.plan = make_plan(g.model, g.plan_config, caps)
+        scales = {t.tensor: (t.scale, t.method, t.stats) for t in recipes[g.name].tensors
+                  if t.kind == "activation" and t.scale is not None}
+        recipes[g.name] = g.recipe(scales, config)
+    return recipes
+
+
 def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) -> str:
     """Write the best-so-far recipes and the search under out/esc-interrupted; the message."""
     folder = out / ESC_INTERRUPTED
@@ -546,6 +622,9 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         else:
             recipes = {g.name: g.recipe(_calibrate(g.stats or {}, g.plan, config), config)
                        for g in pending}
+        if (config.act_guard is not None and config.activations is not None
+                and card.family == "whisper" and pending):
+            recipes = _guard(pending, recipes, card, config, caps, runtime, utterances, stage)
         graphs += [_emit(g, recipes[g.name], config, stage, card) for g in pending]
         built = replace(card, graphs={
             g.name: GraphSpec(path=f"{g.name}/{g.lowering.artifact}",

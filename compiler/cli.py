@@ -198,6 +198,15 @@ def build_cmd(
         help="ESC: calibration items the objective runs on")] = 16,
     esc_objective: Annotated[str, typer.Option(
         help="ESC: auto (the model card's), teacher-forced, kl or distortion")] = "auto",
+    act_guard: Annotated[bool, typer.Option(
+        help="Whisper, quantized activations: after calibration, keep in float the fewest "
+        "activations that bring the KL that activation quantization adds within "
+        "--act-guard-kl (leave-one-out probes; only when it is over)")] = True,
+    act_guard_kl: Annotated[float | None, typer.Option(
+        help="Activation guard: KL (nats per token, to FP32) that quantizing the "
+        "activations may add to the quantized weights' own (default 0.02)")] = None,
+    act_guard_max: Annotated[int | None, typer.Option(
+        help="Activation guard: most activations kept in float (default 8)")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help="WER check against FP32")]
     = BUNDLED_DATA / "eval",
     eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
@@ -239,6 +248,7 @@ def build_cmd(
         console.print(f"wrote {out / result.artifact} ({result.bytes / 1e6:.1f} MB)")
         return
 
+    from .precision.activations import GuardConfig
     from .precision.budget import Budget
     from .precision.mapfile import load_precision
     from .precision.search import DEFAULT_CANDIDATES, SearchConfig
@@ -263,6 +273,12 @@ def build_cmd(
     elif candidates is not None:
         raise SfcError("--candidates applies to --weights mixed only")
     gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order)
+    guard = GuardConfig() if act_guard else None
+    if act_guard_kl is not None or act_guard_max is not None:
+        if guard is None:
+            raise SfcError("--act-guard-kl and --act-guard-max apply with --act-guard only")
+        guard = GuardConfig(guard.allowance if act_guard_kl is None else act_guard_kl,
+                            guard.max_float if act_guard_max is None else act_guard_max)
     config = BuildConfig(target=target, weights=bits, activations=acts[activations],
                          weight_method=weight_method, gptq=gptq, search=search,
                          precision=load_precision(precision) if precision else (),
@@ -271,7 +287,7 @@ def build_cmd(
                          quantize_attention=quantize_attention, seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
-                         engine_limits=limits)
+                         act_guard=guard, engine_limits=limits)
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
     console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)

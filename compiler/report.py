@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .atomic import write_json_atomic, write_text_atomic
-from .build import ESC_PLOT, ESC_RESULT, BuildConfig, GraphBuild
+from .build import ESC_PLOT, ESC_RESULT, GUARD_RESULT, BuildConfig, GraphBuild
 from .calib.esc import EscResult, split_key
 from .eval.results import RESULT_VERSION, EvalResult
 from .eval.wer import paired_bootstrap_delta
@@ -140,6 +140,7 @@ class BuildReport:
     distortion: Distortion | None = None
     esc: EscSummary | None = None
     precision: dict[str, Any] | None = None  # the mixed search (precision.json)
+    guard: dict[str, Any] | None = None  # the activation guard (act_guard.json)
 
     @property
     def compression(self) -> float:
@@ -229,6 +230,9 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
     precision = None
     if config.recipe is None and (out / RESULT_FILE).is_file():
         precision = json.loads((out / RESULT_FILE).read_text())
+    guard = None
+    if config.recipe is None and (out / GUARD_RESULT).is_file():
+        guard = json.loads((out / GUARD_RESULT).read_text())
     return BuildReport(
         src=src,
         config=cfg,
@@ -243,6 +247,7 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         distortion=distortion,
         esc=esc,
         precision=precision,
+        guard=guard,
     )
 
 
@@ -282,6 +287,7 @@ def render_markdown(report: BuildReport) -> str:
             lines.append(f"- output `{name}` vs FP32 over {d.feeds} feeds: relative L2 "
                          f"{d.rel_l2[name]:.4f}, cosine {d.cosine[name]:.5f}")
     lines += _esc_summary(report.esc)
+    lines += _guard(report.guard)
     lines += _precision(report.precision)
     for g in report.graphs:
         low = g["lowering"]
@@ -348,6 +354,26 @@ def _precision(p: dict[str, Any] | None) -> list[str]:
         readers = ", ".join(c["consumers"])
         lines.append(f"| {c['graph']} | `{c['tensor']}` | {readers} | {c['params']:,} | {sens} | "
                      f"**{c['chosen']}** |")
+    return lines
+
+
+def _guard(a: dict[str, Any] | None) -> list[str]:
+    """The activation guard: the KL gap it found and the activations it kept in float."""
+    if a is None:
+        return []
+    cfg = a["config"]
+    gap, final = a["quantized"] - a["float"], a["final"] - a["float"]
+    lines = ["", "## Activation guard", "",
+             f"- KL to FP32 on {cfg['samples']} calibration clips: {a['quantized']:.4g} with "
+             f"every activation quantized, {a['float']:.4g} with the weights alone; "
+             f"activations add {gap:.4g} (allowance {cfg['allowance']:g})"]
+    if not a["kept"]:
+        return [*lines, "- within the allowance: every activation stays quantized"]
+    lines.append(f"- kept in float: {len(a['kept'])} activation(s), adding {final:.4g} after "
+                 + ("(allowance met)" if a["met"] else
+                    f"(allowance NOT met: at most {cfg['max_float']} are kept)"))
+    lines += ["", "| graph | activation kept float | KL after |", "|---|---|---|"]
+    lines += [f"| {k['graph']} | `{k['tensor']}` | {k['kl_after']:.4g} |" for k in a["kept"]]
     return lines
 
 
