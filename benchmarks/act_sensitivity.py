@@ -1,28 +1,44 @@
 """Which activation quantizers of a W8A8 build carry its loss (leave-one-out probes).
 
     python benchmarks/act_sensitivity.py BUILD --model whisper-base [--samples 16]
+        [--guard-kl 0.02 --guard-max 8 --recipes OUT]
 
 Loads the build's FP32 graphs and recipes, makes every quantized activation switchable
 (`sfc.precision.activations`) and measures the KL to FP32 (teacher-forced on the FP32
 model's own transcripts of the first `--samples` calibration clips) with all activations
 quantized, with none, and with each one alone left in float. Writes BUILD/act_probes.json
 (resumable through BUILD/act_probes.ckpt.json) and prints the largest gains.
+
+With `--recipes OUT` it also runs the build's activation guard on those probes
+(`guard_activations`, the function `sfc build` calls after calibration) and writes the
+build's recipes without the activations it keeps float to OUT/<graph>/recipe.json, so
+`sfc build MODEL --recipe OUT` gives what a build of an unguarded recipe would have become,
+without calibrating again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
+from sfc.calib.esc import split_key
 from sfc.calib.objectives import GraphSetup, make_objective
 from sfc.card import ModelCard
 from sfc.eval.manifest import read_manifest
 from sfc.models import model_folder
 from sfc.paths import BUNDLED_DATA
-from sfc.precision.activations import gate_activations, gate_name, probe_activations
+from sfc.precision.activations import (
+    GuardConfig,
+    gate_activations,
+    gate_name,
+    guard_activations,
+    probe_activations,
+)
 from sfc.quant.recipe import Recipe
 from sfc.quant.stored import STORED_FILE, StoredWeights
 from sfc.runtime.whisper import WhisperRuntime
@@ -34,6 +50,9 @@ def main() -> int:
     parser.add_argument("build", type=Path)
     parser.add_argument("--model", required=True)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--guard-kl", type=float, default=GuardConfig().allowance)
+    parser.add_argument("--guard-max", type=int, default=GuardConfig().max_float)
+    parser.add_argument("--recipes", type=Path)
     args = parser.parse_args()
     fp32 = model_folder(args.model)
     card = ModelCard.load(fp32)
@@ -58,15 +77,32 @@ def main() -> int:
     objective = make_objective("kl", card, setups, samples=args.samples, runtime=runtime,
                                utterances=utterances,
                                optimization=get_target(str(target)).optimization)
+    checkpoint, key = args.build / "act_probes.ckpt.json", json.dumps([args.samples])
     try:
-        probes = probe_activations(objective, tensors, args.build / "act_probes.ckpt.json",
-                                   key=json.dumps([args.samples]))
+        probes = probe_activations(objective, tensors, checkpoint, key=key)
+        guard = guard_activations(objective, tensors, GuardConfig(
+            args.guard_kl, args.guard_max, args.samples), checkpoint, key)
     finally:
         objective.close()
     (args.build / "act_probes.json").write_text(json.dumps(probes.to_dict(), indent=1))
     print(f"KL all quantized {probes.quantized:.4f}, all float {probes.float_:.4f}")
-    for key, gain in probes.ranked()[:15]:
-        print(f"  {gain:+.4f}  {key}")
+    for k, gain in probes.ranked()[:15]:
+        print(f"  {gain:+.4f}  {k}")
+    print(f"guard at {args.guard_kl}: keeps {len(guard.kept)} float, KL "
+          f"{guard.final:.4f} (met: {guard.met})")
+    for k, after in zip(guard.kept, guard.steps, strict=True):
+        print(f"  {after:.4f} after {k}")
+    if args.recipes is not None:
+        for graph in tensors:
+            recipe = Recipe.load(args.build / graph / "recipe.json")
+            kept = {t for g, t in map(split_key, guard.kept) if g == graph}
+            out = args.recipes / graph
+            out.mkdir(parents=True, exist_ok=True)
+            replace(recipe, tensors=tuple(t for t in recipe.tensors if t.tensor not in kept)
+                    ).save(out / "recipe.json")
+            if recipe.weight_data:
+                shutil.copyfile(args.build / graph / STORED_FILE, out / STORED_FILE)
+        (args.recipes / "act_guard.json").write_text(json.dumps(guard.to_dict(), indent=1))
     return 0
 
 
