@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sfc.build import ESC_INTERRUPTED, BuildConfig, target_caps
+from sfc.build import ESC_INTERRUPTED, GUARD_RESULT, BuildConfig, target_caps
 from sfc.calib import EscCalib, TensorStats, compute_scale, method_from_dict, method_from_name
 from sfc.calib.esc import EscResult, esc_search, start_scales
 from sfc.calib.objectives import (
@@ -26,6 +26,7 @@ from sfc.calib.objectives import (
 )
 from sfc.errors import Interrupted, SfcError
 from sfc.pipeline import compile_model
+from sfc.precision.activations import GuardConfig
 from sfc.quant import (
     PlanConfig,
     make_plan,
@@ -348,3 +349,19 @@ def test_cli_exits_130_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
     lines = [ln for ln in capsys.readouterr().err.splitlines()
              if ln.strip() and "━" not in ln]
     assert len(lines) == 1 and "interrupted" in lines[0] and ESC_INTERRUPTED in lines[0]
+
+
+@pytest.mark.slow
+def test_whisper_activation_guard_keeps_float_what_it_reports(tmp_path: Path) -> None:
+    """The guard after max calibration on whisper-tiny.en (its fc2 outliers cost KL)."""
+    config = BuildConfig(calibrator="max", calib_limit=4,
+                         act_guard=GuardConfig(allowance=0.0, max_float=2, samples=2))
+    report = compile_model("whisper-tiny.en", tmp_path / "g", config, eval_data=None)
+    guard = json.loads((tmp_path / "g" / GUARD_RESULT).read_text())
+    assert report.guard == guard and guard["quantized"] > guard["float"] >= 0
+    kept = [(k["graph"], k["tensor"]) for k in guard["kept"]]
+    assert 1 <= len(kept) <= 2 and not guard["met"]  # allowance 0 cannot be met
+    assert guard["kept"][-1]["kl_after"] == guard["final"]
+    for graph, tensor in kept:
+        assert tensor not in _activation_methods(tmp_path / "g" / graph / "recipe.json")
+    assert "## Activation guard" in (tmp_path / "g" / "report.md").read_text()
