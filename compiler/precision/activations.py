@@ -15,7 +15,6 @@ too; on VNNI they are exact by construction).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from ..atomic import write_json_atomic
 from ..calib.esc import quantizer_key, split_key
 from ..errors import SfcError
 from ..progress import progress_bar
+from .memo import Memo
 
 __all__ = ["ActivationProbes", "GuardConfig", "GuardResult", "gate_activations", "gate_name",
            "guard_activations", "probe_activations"]
@@ -161,30 +160,17 @@ class GuardResult:
 
 
 class _Measure:
-    """objective(gates) with the gates of the `off` activations at 0, memoised in a JSON
-    checkpoint (read back when its key matches) so an interrupted run resumes."""
+    """objective(gates) with the gates of the `off` activations at 0, memoised."""
 
     def __init__(self, objective: Callable[[Mapping[str, float]], float],
                  keys: Sequence[str], checkpoint: Path | None, key: str) -> None:
-        self.objective, self.checkpoint, self.key = objective, checkpoint, key
+        self.objective, self.memo = objective, Memo(checkpoint, key)
         self.gates = {k: quantizer_key(split_key(k)[0], gate_name(split_key(k)[1]))
                       for k in keys}
-        self.done: dict[str, float] = {}
-        if checkpoint is not None and checkpoint.is_file():
-            try:
-                saved = json.loads(checkpoint.read_text())
-                if saved.get("key") == key:
-                    self.done = {str(k): float(v) for k, v in saved["probes"].items()}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                self.done = {}  # a damaged checkpoint only costs the probes again
 
     def __call__(self, name: str, off: Collection[str]) -> float:
-        if name not in self.done:
-            self.done[name] = float(self.objective(
-                {gate: 0.0 if k in off else 1.0 for k, gate in self.gates.items()}))
-            if self.checkpoint is not None:
-                write_json_atomic(self.checkpoint, {"key": self.key, "probes": self.done})
-        return self.done[name]
+        return self.memo.get(name, lambda: self.objective(
+            {gate: 0.0 if k in off else 1.0 for k, gate in self.gates.items()}))
 
 
 def _leave_one_out(measure: _Measure, keys: Sequence[str], progress: bool) -> ActivationProbes:

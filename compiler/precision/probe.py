@@ -13,7 +13,6 @@ tr(D^T H D) with H = X^T X / n from the calibration pass (the quantity GPTQ mini
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..atomic import write_json_atomic
 from ..calib.esc import quantizer_key
 from ..progress import progress_bar
+from .memo import Memo
 
 __all__ = ["gate_name", "output_error", "run_probes", "switchable"]
 
@@ -85,21 +84,10 @@ def run_probes(objective: Callable[[Mapping[str, float]], float],
     """
     zero = {quantizer_key(g, gate): 0.0 for g, ws in gates.items()
             for names in ws.values() for gate in names}
-    done: dict[str, float] = {}
-    if checkpoint is not None and checkpoint.is_file():
-        try:
-            saved = json.loads(checkpoint.read_text())
-            if saved.get("key") == key:
-                done = {str(k): float(v) for k, v in saved["probes"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            done = {}  # a damaged checkpoint only costs the probes again
+    memo = Memo(checkpoint, key)
 
     def measure(name: str, feed: Mapping[str, float]) -> float:
-        if name not in done:
-            done[name] = float(objective(feed))
-            if checkpoint is not None:
-                write_json_atomic(checkpoint, {"key": key, "probes": done})
-        return done[name]
+        return memo.get(name, lambda: objective(feed))
 
     bar = progress_bar(enabled=progress)
     task = bar.add_task("precision: sensitivity probes", total=len(zero) + 1)
