@@ -10,7 +10,8 @@ quantized, with none, and with each one alone left in float. Writes BUILD/act_pr
 (resumable through BUILD/act_probes.ckpt.json) and prints the largest gains.
 
 With `--recipes OUT` it also runs the build's activation guard on those probes
-(`guard_activations`, the function `sfc build` calls after calibration) and writes the
+(`guard_activations` on the clips `guard_clips` picks, as `sfc build` does after
+calibration) and writes the
 build's recipes without the activations it keeps float to OUT/<graph>/recipe.json, so
 `sfc build MODEL --recipe OUT` gives what a build of an unguarded recipe would have become,
 without calibrating again.
@@ -37,6 +38,7 @@ from sfc.precision.activations import (
     gate_activations,
     gate_name,
     guard_activations,
+    guard_clips,
     probe_activations,
 )
 from sfc.quant.recipe import Recipe
@@ -50,6 +52,8 @@ def main() -> int:
     parser.add_argument("build", type=Path)
     parser.add_argument("--model", required=True)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--skip", type=int, default=16,
+                        help="calibration clips to skip (the build's ESC samples)")
     parser.add_argument("--guard-kl", type=float, default=GuardConfig().allowance)
     parser.add_argument("--guard-max", type=int, default=GuardConfig().max_float)
     parser.add_argument("--recipes", type=Path)
@@ -74,10 +78,12 @@ def main() -> int:
                                    tuple(gate_name(t) for t in acts), stored, rewrite)
     runtime = WhisperRuntime.open(fp32)
     utterances = read_manifest(BUNDLED_DATA / "calib")
-    objective = make_objective("kl", card, setups, samples=args.samples, runtime=runtime,
-                               utterances=utterances,
+    clips = guard_clips(len(utterances), args.skip, args.samples)
+    objective = make_objective("kl", card, setups, samples=len(clips), runtime=runtime,
+                               utterances=utterances[clips.start:clips.stop],
                                optimization=get_target(str(target)).optimization)
-    checkpoint, key = args.build / "act_probes.ckpt.json", json.dumps([args.samples])
+    checkpoint = args.build / "act_probes.ckpt.json"
+    key = json.dumps([clips.start, clips.stop])
     try:
         probes = probe_activations(objective, tensors, checkpoint, key=key)
         guard = guard_activations(objective, tensors, GuardConfig(

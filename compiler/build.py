@@ -48,6 +48,7 @@ from .precision.activations import (
     gate_activations,
     gate_name,
     guard_activations,
+    guard_clips,
 )
 from .precision.budget import WeightOption
 from .precision.plots import plot_search
@@ -476,18 +477,21 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
 
         setups[g.name] = GraphSetup(g.model, recipes[g.name], (),
                                     tuple(gate_name(t) for t in acts), g.stored, rewrite)
-    objective = make_objective("kl", card, setups, samples=config.act_guard.samples,
-                               runtime=runtime, utterances=utterances,
+    clips = guard_clips(len(utterances), config.esc_samples if config.uses_esc else 0,
+                        config.act_guard.samples)
+    objective = make_objective("kl", card, setups, samples=len(clips), runtime=runtime,
+                               utterances=utterances[clips.start:clips.stop],
                                optimization=get_target(config.target).optimization)
-    # Same recipes and samples: the same probes, so a rerun or a resumed build reuses them.
+    # Same recipes and clips: the same probes, so a rerun or a resumed build reuses them.
     key = hashlib.sha256(json.dumps([[r.to_json() for r in recipes.values()],
-                                     config.act_guard.samples]).encode()).hexdigest()
+                                     [clips.start, clips.stop]]).encode()).hexdigest()
     checkpoint = cache_dir() / "probes" / f"act-{key[:24]}.json"
     try:
         result = guard_activations(objective, tensors, config.act_guard, checkpoint, key)
     finally:
         objective.close()
-    write_json_atomic(stage / GUARD_RESULT, result.to_dict())
+    write_json_atomic(stage / GUARD_RESULT,
+                      {**result.to_dict(), "clips": [clips.start, clips.stop]})
     for g in pending:
         float_acts = {t for graph, t in map(split_key, result.kept) if graph == g.name}
         if not float_acts:

@@ -364,7 +364,8 @@ def _guard(a: dict[str, Any] | None) -> list[str]:
     cfg = a["config"]
     gap, final = a["quantized"] - a["float"], a["final"] - a["float"]
     lines = ["", "## Activation guard", "",
-             f"- KL to FP32 on {cfg['samples']} calibration clips: {a['quantized']:.4g} with "
+             f"- KL to FP32 on calibration clips {a['clips'][0] + 1}-{a['clips'][1]}: "
+             f"{a['quantized']:.4g} with "
              f"every activation quantized, {a['float']:.4g} with the weights alone; "
              f"activations add {gap:.4g} (allowance {cfg['allowance']:g})"]
     if not a["kept"]:

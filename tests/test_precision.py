@@ -24,6 +24,7 @@ from sfc.precision.activations import (
     gate_activations,
     gate_name,
     guard_activations,
+    guard_clips,
     probe_activations,
 )
 from sfc.precision.budget import Budget, WeightOption, parse_format, storage_bits
@@ -393,3 +394,10 @@ def test_guard_keeps_the_fewest_activations_that_meet_the_allowance() -> None:
     assert capped.kept == ("g:a",) and not capped.met
     with pytest.raises(SfcError, match="act-guard-kl"):
         GuardConfig(allowance=-1.0)
+
+
+def test_guard_measures_on_clips_the_search_did_not_tune_on() -> None:
+    assert guard_clips(100, 16, 16) == range(16, 32)
+    assert guard_clips(20, 16, 16) == range(4, 20)  # too few: the last ones
+    assert guard_clips(4, 16, 2) == range(2, 4)
+    assert guard_clips(3, 0, 16) == range(0, 3)

@@ -29,7 +29,7 @@ from ..progress import progress_bar
 from .memo import Memo
 
 __all__ = ["ActivationProbes", "GuardConfig", "GuardResult", "gate_activations", "gate_name",
-           "guard_activations", "probe_activations"]
+           "guard_activations", "guard_clips", "probe_activations"]
 
 
 def gate_name(tensor: str) -> str:
@@ -157,6 +157,14 @@ class GuardResult:
                 "kept": [{"graph": split_key(k)[0], "tensor": split_key(k)[1], "kl_after": v}
                          for k, v in zip(self.kept, self.steps, strict=True)],
                 "probes": None if self.probes is None else self.probes.to_dict()}
+
+
+def guard_clips(count: int, skip: int, n: int) -> range:
+    """Which of `count` calibration clips the guard measures on: the `n` after the first
+    `skip` (those ESC tuned its scales on; a search fits its own samples, so they would
+    hide the loss), or the last `n` when there are too few."""
+    start = skip if count >= skip + n else max(count - n, 0)
+    return range(start, min(start + n, count))
 
 
 class _Measure:
