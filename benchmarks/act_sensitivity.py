@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--guard-kl", type=float, default=GuardConfig().allowance)
     parser.add_argument("--guard-max", type=int, default=GuardConfig().max_float)
     parser.add_argument("--recipes", type=Path)
+    parser.add_argument("--guard-only", action="store_true",
+                        help="only what the guard measures (no probes when within the allowance)")
     args = parser.parse_args()
     fp32 = model_folder(args.model)
     card = ModelCard.load(fp32)
@@ -85,15 +87,16 @@ def main() -> int:
     checkpoint = args.build / "act_probes.ckpt.json"
     key = json.dumps([clips.start, clips.stop])
     try:
-        probes = probe_activations(objective, tensors, checkpoint, key=key)
+        if not args.guard_only:
+            probes = probe_activations(objective, tensors, checkpoint, key=key)
+            (args.build / "act_probes.json").write_text(json.dumps(probes.to_dict(), indent=1))
+            for k, gain in probes.ranked()[:15]:
+                print(f"  {gain:+.4f}  {k}")
         guard = guard_activations(objective, tensors, GuardConfig(
             args.guard_kl, args.guard_max, args.samples), checkpoint, key)
     finally:
         objective.close()
-    (args.build / "act_probes.json").write_text(json.dumps(probes.to_dict(), indent=1))
-    print(f"KL all quantized {probes.quantized:.4f}, all float {probes.float_:.4f}")
-    for k, gain in probes.ranked()[:15]:
-        print(f"  {gain:+.4f}  {k}")
+    print(f"KL all quantized {guard.quantized:.4f}, all float {guard.float_:.4f}")
     print(f"guard at {args.guard_kl}: keeps {len(guard.kept)} float, KL "
           f"{guard.final:.4f} (met: {guard.met})")
     for k, after in zip(guard.kept, guard.steps, strict=True):
