@@ -389,6 +389,7 @@ def test_guard_keeps_the_fewest_activations_that_meet_the_allowance() -> None:
     assert within.kept == () and within.probes is None and within.met and len(calls) == 2
     result = guard_activations(objective, tensors, GuardConfig(allowance=1.2), progress=False)
     assert result.kept == ("g:a", "g:b") and result.steps == (1.75, 0.75) and result.met
+    assert len(calls) == 2 + 6  # 2, 3 probes, 1 step (the first step is a probe)
     capped = guard_activations(objective, tensors, GuardConfig(allowance=0.1, max_float=1),
                                progress=False)
     assert capped.kept == ("g:a",) and not capped.met

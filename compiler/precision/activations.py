@@ -227,6 +227,6 @@ def guard_activations(objective: Callable[[Mapping[str, float]], float],
             break
         if steps and steps[-1] - float_ <= config.allowance:
             break
-        kept.append(k)
-        steps.append(measure("float:" + "\n".join(kept), kept))
+        kept.append(k)  # one kept: its leave-one-out probe already measured it
+        steps.append(measure(k if len(kept) == 1 else "float:" + "\n".join(kept), kept))
     return GuardResult(config, quantized, float_, tuple(kept), tuple(steps), probes)
