@@ -123,4 +123,9 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     _assert_user_error(_sfc("build", "-o", out, "--activations", "int2"), "--activations")
     _assert_user_error(_sfc("build", "-o", out, "--activations", "int4"), "--target sim")
     _assert_user_error(_sfc("build", "-o", out, "--calibrator", "magic"), "magic")
+    _assert_user_error(_sfc("build", "-o", out, "--act-guard-kl", "-1"), "--act-guard-kl")
+    _assert_user_error(_sfc("build", "-o", out, "--no-act-guard", "--act-guard-max", "2"),
+                       "with --act-guard only")
+    _assert_user_error(_sfc("build", "-o", out, "--activations", "none", "--act-guard-kl",
+                            "0.1"), "quantized activations only")
     _assert_user_error(_sfc("build", str(tmp_path / "missing.onnx"), "-o", out), "not found")
