@@ -108,9 +108,10 @@ class GuardConfig:
     """The activation guard of a build with quantized activations (Whisper only): when
     quantizing the activations adds more than `allowance` nats of KL per token to what the
     quantized weights alone cost, the activations that take most of it back stay in float
-    (their readers run on float inputs), at most `max_float` of them. Probes run on the
-    first `samples` calibration clips."""
+    (their readers run on float inputs), at most `max_float` of them. Probes run on
+    `samples` calibration clips (`guard_clips`: the ones after ESC's)."""
 
+    # whisper-tiny.en's default W8A8 ESC build, lossless, measures 0.0199 (BENCHMARKS.md).
     allowance: float = 0.02
     max_float: int = 8
     samples: int = 16
