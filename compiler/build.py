@@ -482,9 +482,11 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
     objective = make_objective("kl", card, setups, samples=len(clips), runtime=runtime,
                                utterances=utterances[clips.start:clips.stop],
                                optimization=get_target(config.target).optimization)
-    # Same recipes and clips: the same probes, so a rerun or a resumed build reuses them.
-    key = hashlib.sha256(json.dumps([[r.to_json() for r in recipes.values()],
-                                     [clips.start, clips.stop]]).encode()).hexdigest()
+    # Same quantizers and clips: the same probes, so a rerun, a resumed build or another
+    # allowance reuses them (the recipes' config, which records the allowance, is left out).
+    numerics = [[r.model_sha256, r.weight_data, [t.to_dict() for t in r.tensors]]
+                for r in recipes.values()]
+    key = hashlib.sha256(json.dumps([numerics, [clips.start, clips.stop]]).encode()).hexdigest()
     checkpoint = cache_dir() / "probes" / f"act-{key[:24]}.json"
     try:
         result = guard_activations(objective, tensors, config.act_guard, checkpoint, key)
