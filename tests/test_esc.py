@@ -365,3 +365,9 @@ def test_whisper_activation_guard_keeps_float_what_it_reports(tmp_path: Path) ->
     for graph, tensor in kept:
         assert tensor not in _activation_methods(tmp_path / "g" / graph / "recipe.json")
     assert "## Activation guard" in (tmp_path / "g" / "report.md").read_text()
+    # The kept-float entries are in the recipe: a replay writes the same graphs.
+    compile_model("whisper-tiny.en", tmp_path / "r", BuildConfig(recipe=tmp_path / "g"),
+                  eval_data=None)
+    for graph in ("encoder", "decoder"):
+        assert (tmp_path / "r" / graph / "model.qdq.onnx").read_bytes() == \
+            (tmp_path / "g" / graph / "model.qdq.onnx").read_bytes()
