@@ -39,33 +39,40 @@ def _mixed(bits: float, method: str = "gptq", **extra: Any) -> dict[str, Any]:
             "search": SearchConfig(Budget(avg_bits=bits)), **extra}
 
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "w4-b32-rtn": {**NONE, "weights": 4, "weight_method": "rtn"},
-    "w4-b32-mse": {**NONE, "weights": 4, "weight_method": "mse"},
-    "w4-b32-gptq": {**NONE, "weights": 4, "weight_method": "gptq"},
-    # The peer (llm-compressor's Whisper example) leaves the tied logits table float.
-    "w4-b32-gptq-table-float": {**NONE, "weights": 4, "weight_method": "gptq",
-                                "precision": (LayerPrecision("/MatMul_16", weights="float"),)},
-    "w4-b32-gptq-table8": {**NONE, "weights": 4, "weight_method": "gptq",
-                           "precision": (LayerPrecision("/MatMul_16", weights=8),)},
-    "w4-b64-rtn": {**NONE, "weights": 4, "block_size": 64, "weight_method": "rtn"},
-    "w4-b64-mse": {**NONE, "weights": 4, "block_size": 64, "weight_method": "mse"},
-    "w4-b64-gptq": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq"},
-    "w8": {**NONE, "weights": 8},
-    "w4-b128-gptq": {**NONE, "weights": 4, "block_size": 128, "weight_method": "gptq"},
-    "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
-    "mixed-6": _mixed(6.0),
-    "mixed-5": _mixed(5.0),
-    "mixed-4.5": _mixed(4.5),
-    "mixed-4": _mixed(4.0),
-    "mixed-3.5": _mixed(3.5),
-    "mixed-3": _mixed(3.0),
-    # W{2,4,8}A8: ESC activations on top of the mixed weights (ort-cpu runs the 4/2-bit
-    # layers weight-only, sim quantizes every input).
-    "mixed-4.5-a8": _mixed(4.5, activations=8, calibrator="esc"),
-    "mixed-4.5-a8-sim": _mixed(4.5, activations=8, calibrator="esc", target="sim"),
-    "w8a8-esc": {"weights": 8, "activations": 8, "calibrator": "esc"},
-}
+# The MatMul that reads the tied logits/embedding table (the decoder's last MatMul).
+TABLE = {"whisper-tiny.en": "/MatMul_16", "whisper-base": "/MatMul_24"}
+
+
+def variants(model: str) -> dict[str, dict[str, Any]]:
+    """Every variant this script knows, for `model` (the table's node name differs)."""
+    table = TABLE.get(model, "/MatMul_16")
+    return {
+        "w4-b32-rtn": {**NONE, "weights": 4, "weight_method": "rtn"},
+        "w4-b32-mse": {**NONE, "weights": 4, "weight_method": "mse"},
+        "w4-b32-gptq": {**NONE, "weights": 4, "weight_method": "gptq"},
+        # The peer (llm-compressor's Whisper example) leaves the tied logits table float.
+        "w4-b32-gptq-table-float": {**NONE, "weights": 4, "weight_method": "gptq",
+                                    "precision": (LayerPrecision(table, weights="float"),)},
+        "w4-b32-gptq-table8": {**NONE, "weights": 4, "weight_method": "gptq",
+                               "precision": (LayerPrecision(table, weights=8),)},
+        "w4-b64-rtn": {**NONE, "weights": 4, "block_size": 64, "weight_method": "rtn"},
+        "w4-b64-mse": {**NONE, "weights": 4, "block_size": 64, "weight_method": "mse"},
+        "w4-b64-gptq": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq"},
+        "w8": {**NONE, "weights": 8},
+        "w4-b128-gptq": {**NONE, "weights": 4, "block_size": 128, "weight_method": "gptq"},
+        "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
+        "mixed-6": _mixed(6.0),
+        "mixed-5": _mixed(5.0),
+        "mixed-4.5": _mixed(4.5),
+        "mixed-4": _mixed(4.0),
+        "mixed-3.5": _mixed(3.5),
+        "mixed-3": _mixed(3.0),
+        # W{2,4,8}A8: ESC activations on top of the mixed weights (ort-cpu runs the 4/2-bit
+        # layers weight-only, sim quantizes every input).
+        "mixed-4.5-a8": _mixed(4.5, activations=8, calibrator="esc"),
+        "mixed-4.5-a8-sim": _mixed(4.5, activations=8, calibrator="esc", target="sim"),
+        "w8a8-esc": {"weights": 8, "activations": 8, "calibrator": "esc"},
+    }
 
 
 def avg_bits(folder: Path) -> float:
@@ -90,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["machine"] = machine_info(args.threads or 0)
-    for name in args.variants.split(","):
+    known = variants(args.model)
+    for name in (args.variants.split(",") if args.variants else known):
+        if name not in known:
+            raise SystemExit(f"unknown variant {name!r} (known: {', '.join(known)})")
         if name in results.get("variants", {}):
             continue
         out = work / args.model / name
-        config = dict(VARIANTS[name])
+        config = dict(known[name])
         if args.sensitivity_samples and "search" in config:
             config["search"] = replace(config["search"], samples=args.sensitivity_samples)
         row = build_variant(args.model, out, config, BUNDLED_DATA / "eval",
@@ -172,7 +182,7 @@ def layers(path: Path, fmt: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="whisper-tiny.en")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=None, help="comma-separated (default all)")
     parser.add_argument("--work", default="/tmp/sfc-lowbit")
     parser.add_argument("--json", default=None)
     parser.add_argument("--eval-limit", type=int, default=None)
