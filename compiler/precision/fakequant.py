@@ -1,0 +1,57 @@
+"""Differentiable fake quantization (torch) in exactly the layouts the QDQ writer stores.
+
+The forward value is bit for bit `dequantize_weight(quantize_weight(w, spec, s), spec, s)`:
+the same float32 division, round half to even, clip and product. Gradients follow LSQ
+(Esser et al. 2020): straight through the rounding to the weight inside the range, and
+to the scale through both the division and the product. Weights are in ONNX layout
+(MatMul B [K, N]); block specs group K (axis 0), channel specs have one scale per N.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import SfcError
+from ..quant.spec import QuantSpec
+from ..quant.weights import scale_shape
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["expand_scales", "fake_quantize"]
+
+
+def expand_scales(scales: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]
+                  ) -> torch.Tensor:
+    """`scales` (the DequantizeLinear layout) expanded to one scale per element of a weight
+    of `shape` (torch twin of `quant.weights.broadcast_scales`, differentiable)."""
+    expected = scale_shape(shape, spec)
+    if tuple(scales.shape) != expected:
+        raise SfcError(f"scales have shape {tuple(scales.shape)}, expected {expected} for "
+                       f"{spec.describe()}")
+    if spec.granularity == "tensor":
+        return scales.expand(shape)
+    assert spec.axis is not None
+    if spec.granularity == "channel":
+        view = [1] * len(shape)
+        view[spec.axis] = shape[spec.axis]
+        return scales.reshape(view).expand(shape)
+    assert spec.block_size is not None
+    full = scales.repeat_interleave(spec.block_size, dim=spec.axis)
+    return full.narrow(spec.axis, 0, shape[spec.axis])
+
+
+def fake_quantize(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize `w` (float32) with `scales` under `spec` (no pair limits)."""
+    import torch
+
+    if spec.pair_limit is not None:
+        raise SfcError(f"fake quantization does not model pair limits ({spec.describe()})")
+    if w.dtype != torch.float32 or scales.dtype != torch.float32:
+        raise SfcError("fake quantization works in float32 (the QDQ writer's precision)")
+    s = expand_scales(scales, spec, tuple(w.shape))
+    x = w / s
+    # x + (round(x) - x) is exactly round(x) in float32 (Sterbenz), with an identity
+    # gradient: the straight-through estimator without changing the forward value.
+    q = torch.clamp(x + (torch.round(x) - x).detach(), spec.qmin, spec.qmax)
+    return q * s

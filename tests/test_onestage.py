@@ -1,0 +1,115 @@
+"""One-stage mixed precision: the fake quantizer is the QDQ writer's arithmetic bit for bit,
+the search gives insensitive weights fewer bits within the budget, and an interrupted run
+resumes to the same result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sfc.errors import SfcError
+from sfc.precision.budget import storage_bits
+from sfc.precision.fakequant import fake_quantize
+from sfc.precision.onestage import OneStageConfig, SearchedWeight, one_stage_search
+from sfc.quant.spec import QuantSpec
+from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
+
+C8 = QuantSpec(8, "channel", axis=1)
+B4 = QuantSpec(4, "block", axis=0, block_size=32)
+B2 = QuantSpec(2, "block", axis=0, block_size=32)
+B4_128 = QuantSpec(4, "block", axis=0, block_size=128)
+
+
+@pytest.mark.parametrize("spec", [C8, B4, B2, B4_128], ids=lambda s: s.describe())
+def test_fake_quantize_is_the_writers_dequantized_weight_bit_for_bit(spec: QuantSpec) -> None:
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.05, (80, 24)).astype(np.float32)  # K=80: a partial last block
+    scales = weight_scales(w, spec, "mse")
+    # Exact halves of a step (round half to even) and values far outside the range.
+    s_full = dequantize_weight(np.ones_like(w, dtype=np.int8), spec, scales)
+    w[0] = 2.5 * s_full[0]
+    w[1] = -0.5 * s_full[1]
+    w[2] = 1000 * s_full[2]
+    expected = dequantize_weight(quantize_weight(w, spec, scales), spec, scales)
+    got = fake_quantize(torch.from_numpy(w), torch.from_numpy(scales), spec).numpy()
+    assert got.dtype == np.float32
+    assert np.array_equal(got.view(np.int32), expected.view(np.int32))
+
+
+def test_fake_quantize_passes_gradients_straight_through_inside_the_range() -> None:
+    w = torch.tensor([[0.01], [0.3], [5.0]], requires_grad=True)  # the last one clips
+    s = torch.tensor([0.1], requires_grad=True)
+    fake_quantize(w, s, QuantSpec(4, "channel", axis=1)).sum().backward()
+    assert w.grad is not None and s.grad is not None
+    assert w.grad.flatten().tolist() == [1.0, 1.0, 0.0]
+    assert float(s.grad) != 0.0
+
+
+def _task(a: np.ndarray, b: np.ndarray):
+    """Teacher y = x A + 1e-3 x B: B barely matters, by construction."""
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+    def loss(step: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = torch.from_numpy(np.random.default_rng(step).normal(size=(16, a.shape[0]))
+                             .astype(np.float32))
+        y = x @ ta + 1e-3 * (x @ tb)
+        got = x @ weights["a"] + 1e-3 * (x @ weights["b"])
+        return ((got - y) ** 2).mean() / (y ** 2).mean()
+    return loss
+
+
+def _problem() -> tuple[list[SearchedWeight], float, int]:
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(0, 0.05, (64, 32)).astype(np.float32) for _ in range(2))
+    weights = [SearchedWeight("a", a, (C8, B4, B2)), SearchedWeight("b", b, (C8, B4, B2))]
+    # Exactly one 8-bit and one 2-bit weight (or both 4-bit) fit.
+    allowed = storage_bits(a.shape, C8) + storage_bits(b.shape, B2)
+    return weights, float(allowed), a.size + b.size
+
+
+def test_search_gives_the_insensitive_weight_fewer_bits_within_the_budget() -> None:
+    weights, allowed, params = _problem()
+    config = OneStageConfig(steps=150, finetune_steps=20)
+    result = one_stage_search(weights, _task(weights[0].value, weights[1].value),
+                              bits_allowed=allowed, params=params, config=config,
+                              progress=False)
+    chosen = {n: s for n, (s, _, _) in result.weights.chosen.items()}
+    assert chosen == {"a": C8, "b": B2}
+    assert result.avg_bits * params <= allowed
+    # The export is the learned weight at the learned scale, in the spec's range.
+    for spec, q, scales in result.weights.chosen.values():
+        assert q.dtype == np.int8 and q.min() >= spec.qmin and q.max() <= spec.qmax
+        assert scales.dtype == np.float32 and (scales > 0).all()
+    assert result.weights.learned_sha256 != result.weights.original_sha256
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path) -> None:
+    weights, allowed, params = _problem()
+    config = OneStageConfig(steps=20, finetune_steps=10, checkpoint_every=4, lr_weights=1e-4)
+    task = _task(weights[0].value, weights[1].value)
+    whole = one_stage_search(weights, task, bits_allowed=allowed, params=params,
+                             config=config, progress=False)
+    state = tmp_path / "state.pt"
+    for stop in (10, 23):  # once while searching, once while fine-tuning
+        with pytest.raises(KeyboardInterrupt):
+            one_stage_search(weights, task, bits_allowed=allowed, params=params,
+                             config=config, checkpoint=state, progress=False, stop_after=stop)
+        assert state.is_file()
+    resumed = one_stage_search(weights, task, bits_allowed=allowed, params=params,
+                               config=config, checkpoint=state, progress=False)
+    assert resumed.history == whole.history
+    assert resumed.probs == whole.probs
+    for name, (spec, q, s) in whole.weights.chosen.items():
+        spec2, q2, s2 = resumed.weights.chosen[name]
+        assert spec2 == spec and np.array_equal(q2, q) and np.array_equal(s2, s)
+
+
+def test_search_refuses_a_budget_below_the_smallest_choice() -> None:
+    weights, _, params = _problem()
+    floor = sum(storage_bits(w.value.shape, B2) for w in weights)
+    with pytest.raises(SfcError, match="below the smallest choice"):
+        one_stage_search(weights, _task(weights[0].value, weights[1].value),
+                         bits_allowed=floor - 1.0, params=params, progress=False)
