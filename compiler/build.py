@@ -56,6 +56,7 @@ from .precision.search import (
     RESULT_FILE,
     GraphWeights,
     SearchConfig,
+    SearchResult,
     candidate_specs,
     check_budget,
     choose,
@@ -82,7 +83,7 @@ from .quant.spec import (
     QuantSpec,
     TargetCaps,
 )
-from .quant.stored import STORED_FILE, StoredWeights
+from .quant.stored import LEARNED, STORED_FILE, StoredWeights
 from .targets import TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
@@ -101,6 +102,7 @@ ESC_RESULT = "esc.json"
 ESC_PLOT = "plots/esc_trace.png"
 ESC_INTERRUPTED = "esc-interrupted"  # best-so-far recipes after Ctrl-C
 GUARD_RESULT = "act_guard.json"  # the activation guard's probes and what it kept float
+ONE_STAGE_FILE = "onestage.json"  # the one-stage search's probabilities and history
 
 
 def target_caps(target: str) -> TargetCaps:
@@ -198,9 +200,16 @@ class BuildConfig:
             p.weights in (4, 2) for p in self.precision)
 
     @property
+    def one_stage(self) -> bool:
+        """Whether the bits are learned (`--search one-stage`, on calibration audio)."""
+        return self.mixed and self.search is not None and self.search.method == "one-stage"
+
+    @property
     def needs_grams(self) -> bool:
         """Whether calibration also sums each MatMul input's Gram matrix (GPTQ on 4/2-bit
         weights, and the mixed search's layer-output proxy)."""
+        if self.one_stage:
+            return False  # the learned weights need no Gram matrix
         return self.mixed or (self.weight_method == "gptq" and self.low_bit)
 
     def plan_config(self) -> PlanConfig:
@@ -326,6 +335,9 @@ class _Graph:
     stored: StoredWeights | None = None
     # weight -> the specs the mixed search's candidate formats give it
     specs: dict[str, list[QuantSpec]] = field(default_factory=dict)
+    # weight -> (integers, scales) the one-stage search learned, and its weight digests
+    learned: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    learned_digests: dict[str, str] = field(default_factory=dict)
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -340,8 +352,8 @@ class _Graph:
 
     def quantize_all(self, config: BuildConfig) -> None:
         """Compute the weights whose method needs this pass (GPTQ), with progress."""
-        todo = [q for q in self.plan.weights
-                if recipe_method(config.weight_method, q.spec, q.tensor in self.grams) == "gptq"]
+        todo = [q for q in self.plan.weights if q.tensor not in self.learned
+                and recipe_method(config.weight_method, q.spec, q.tensor in self.grams) == "gptq"]
         if not todo:
             return
         with progress_bar(transient=True) as bar:
@@ -354,14 +366,19 @@ class _Graph:
         (GPTQ) are gathered into `self.stored`."""
         methods, arrays = {}, {}
         for q in self.plan.weights:
+            if q.tensor in self.learned:
+                methods[q.tensor], arrays[q.tensor] = LEARNED, self.learned[q.tensor]
+                continue
             name = recipe_method(config.weight_method, q.spec, q.tensor in self.grams)
             methods[q.tensor] = name
             if name == "gptq":
                 ints, sc, _ = self.quantize(q.tensor, q.spec, config.weight_method, config.gptq)
                 arrays[q.tensor] = (ints, sc)
         self.stored = StoredWeights(arrays) if arrays else None
-        return recipe_from_plan(self.plan, scales, self.sha, config.seed,
-                                config.recipe_config(self.plan_config), methods,
+        data = config.recipe_config(self.plan_config)
+        if self.learned_digests:
+            data["weights"]["learned"] = self.learned_digests
+        return recipe_from_plan(self.plan, scales, self.sha, config.seed, data, methods,
                                 self.stored.digest() if self.stored else None)
 
 
@@ -519,10 +536,34 @@ def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) 
             f"{result.start_objective:.5g}) saved in {folder} (finish with --recipe {folder})")
 
 
+def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCard,
+               config: BuildConfig, runtime: Any, utterances: list[Any],
+               stage: Path) -> SearchResult:
+    """The one-stage search; the learned integers and scales go to each graph."""
+    from .precision.onestage_whisper import choose_one_stage
+
+    assert config.search is not None
+    zoo = card.source.get("zoo")
+    if card.family != "whisper" or zoo is None or runtime is None:
+        raise SfcError("--search one-stage trains through the PyTorch checkpoint: it needs a "
+                       "zoo Whisper model (e.g. whisper-tiny.en) and calibration audio")
+    result, learned = choose_one_stage(weights, config.search, zoo, runtime, utterances,
+                                       cache_dir() / "onestage")
+    write_json_atomic(stage / ONE_STAGE_FILE, learned.to_dict())
+    for g in pending:
+        g.learned = {key.split(":", 1)[1]: (q, s)
+                     for key, (_, q, s) in learned.weights.chosen.items()
+                     if key.split(":", 1)[0] == g.name}
+        g.learned_digests = {"original_sha256": learned.weights.original_sha256,
+                             "learned_sha256": learned.weights.learned_sha256}
+    return result
+
+
 def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: TargetCaps,
             runtime: Any, utterances: list[Any], stage: Path) -> None:
-    """Two-stage mixed precision over all graphs jointly; each graph's plan becomes the
-    plan with the chosen per-layer entries. Saves precision.json in the stage."""
+    """Mixed precision over all graphs jointly (two-stage, or one-stage on a zoo Whisper
+    checkpoint); each graph's plan becomes the plan with the chosen per-layer entries.
+    Saves precision.json in the stage."""
     from .calib.objectives import GraphSetup, make_objective
 
     assert config.search is not None
@@ -542,9 +583,13 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         return make_objective(kind, card, setups, samples=config.search.samples,
                               runtime=runtime, utterances=utterances, feeds_dir=config.calib)
 
-    method_key = json.dumps([config.weight_method, config.gptq.to_dict(), config.calib.name,
-                             config.calib_limit, config.seed, config.target])
-    result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
+    if config.search.method == "one-stage":
+        result = _one_stage(weights, pending, card, config, runtime, utterances, stage)
+    else:
+        method_key = json.dumps([config.weight_method, config.gptq.to_dict(),
+                                 config.calib.name, config.calib_limit, config.seed,
+                                 config.target])
+        result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
     result.save(stage / RESULT_FILE)
     plot_search(result.to_dict(), stage)
     entries = result.entries()
@@ -580,7 +625,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         single = len(card.graphs) == 1
         runtime = None
         utterances = []
-        needs_data = config.activations is not None or config.needs_grams
+        needs_data = config.activations is not None or config.needs_grams or config.one_stage
         if card.family == "whisper" and needs_data and config.recipe is None:
             from .runtime.whisper import WhisperRuntime
 

@@ -169,6 +169,13 @@ def build_cmd(
         "error, cheaper)")] = "task",
     sensitivity_samples: Annotated[int, typer.Option(
         help="Mixed: calibration items the task probes run on")] = 16,
+    search: Annotated[str, typer.Option(
+        help="Mixed: two-stage (sensitivity probes + integer program) or one-stage (bits "
+        "learned with the weights by distillation; zoo Whisper models)")] = "two-stage",
+    search_steps: Annotated[int | None, typer.Option(
+        help="One-stage: joint search steps (4 clips each; default 200)")] = None,
+    finetune_steps: Annotated[int | None, typer.Option(
+        help="One-stage: fine-tuning steps with the bits fixed (default 100)")] = None,
     precision: Annotated[Path | None, typer.Option(
         help="Per-layer precision map (JSON: node-name glob -> 8|4|2|float or "
         "{weights, block_size, activations})")] = None,
@@ -251,6 +258,7 @@ def build_cmd(
     from .precision.activations import GuardConfig
     from .precision.budget import Budget
     from .precision.mapfile import load_precision
+    from .precision.onestage import OneStageConfig
     from .precision.search import DEFAULT_CANDIDATES, SearchConfig
     from .quant.gptq import GptqConfig
 
@@ -262,16 +270,20 @@ def build_cmd(
         bits = int(weights)
     elif weights != "mixed":
         raise SfcError(f"--weights must be 8, 4, 2 or mixed, not {weights!r}")
-    search = None
+    mixed = None
+    steps = {k: v for k, v in (("steps", search_steps), ("finetune_steps", finetune_steps))
+             if v is not None}
+    if steps and search != "one-stage":
+        raise SfcError("--search-steps and --finetune-steps apply to --search one-stage only")
     if avg_bits is not None or size_mb is not None or weights == "mixed":
         if weights != "mixed":
             raise SfcError("--avg-bits and --size-mb apply to --weights mixed only")
         formats = tuple(c.strip() for c in candidates.split(",")) if candidates else \
             DEFAULT_CANDIDATES
-        search = SearchConfig(Budget(avg_bits, size_mb), formats, sensitivity,
-                              sensitivity_samples)
-    elif candidates is not None:
-        raise SfcError("--candidates applies to --weights mixed only")
+        mixed = SearchConfig(Budget(avg_bits, size_mb), formats, sensitivity,
+                             sensitivity_samples, search, OneStageConfig(**steps))
+    elif candidates is not None or search != "two-stage":
+        raise SfcError("--candidates and --search apply to --weights mixed only")
     gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order)
     guard = GuardConfig() if act_guard else None
     if act_guard_kl is not None or act_guard_max is not None:
@@ -280,7 +292,7 @@ def build_cmd(
         guard = GuardConfig(guard.allowance if act_guard_kl is None else act_guard_kl,
                             guard.max_float if act_guard_max is None else act_guard_max)
     config = BuildConfig(target=target, weights=bits, activations=acts[activations],
-                         weight_method=weight_method, gptq=gptq, search=search,
+                         weight_method=weight_method, gptq=gptq, search=mixed,
                          precision=load_precision(precision) if precision else (),
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "calibration_data" / "eval"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Zoo exports, probes and search checkpoints go to a temporary $SFC_CACHE: tests
+    never read or write the user's ~/.cache/sfc."""
+    os.environ["SFC_CACHE"] = str(tmp_path_factory.mktemp("sfc-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -92,14 +92,13 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path) -> None:
     task = _task(weights[0].value, weights[1].value)
     whole = one_stage_search(weights, task, bits_allowed=allowed, params=params,
                              config=config, progress=False)
-    state = tmp_path / "state.pt"
     for stop in (10, 23):  # once while searching, once while fine-tuning
         with pytest.raises(KeyboardInterrupt):
             one_stage_search(weights, task, bits_allowed=allowed, params=params,
-                             config=config, checkpoint=state, progress=False, stop_after=stop)
-        assert state.is_file()
+                             config=config, checkpoints=tmp_path, progress=False, stop_after=stop)
+        assert len(list(tmp_path.glob("onestage-*.pt"))) == 1
     resumed = one_stage_search(weights, task, bits_allowed=allowed, params=params,
-                               config=config, checkpoint=state, progress=False)
+                               config=config, checkpoints=tmp_path, progress=False)
     assert resumed.history == whole.history
     assert resumed.probs == whole.probs
     for name, (spec, q, s) in whole.weights.chosen.items():
@@ -113,3 +112,49 @@ def test_search_refuses_a_budget_below_the_smallest_choice() -> None:
     with pytest.raises(SfcError, match="below the smallest choice"):
         one_stage_search(weights, _task(weights[0].value, weights[1].value),
                          bits_allowed=floor - 1.0, params=params, progress=False)
+
+
+def test_searched_weights_are_found_in_the_pytorch_checkpoint(tiny_export: Path,
+                                                              tiny_hf) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from sfc.precision.onestage_whisper import hf_names
+
+    weights = {}
+    for graph in ("encoder", "decoder"):
+        model = onnx.load(str(tiny_export / f"{graph}.onnx"))
+        inits = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and node.input[1] in inits:
+                weights[f"{graph}:{node.input[1]}"] = numpy_helper.to_array(inits[node.input[1]])
+    names = hf_names(tiny_hf.model, weights)
+    # encoder 4 x 6 + cross K/V 4 x 2; decoder 4 x 8 + the table
+    assert len(names) == len(weights) == 65
+    assert len(set(names.values())) == len(names)
+    assert names["decoder:table"] in ("model.decoder.embed_tokens.weight", "proj_out.weight")
+    assert names["encoder:onnx::MatMul_689"].endswith("encoder.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(SfcError, match="matches no Linear"):
+        hf_names(tiny_hf.model, {"x": weights["decoder:table"] + 1})
+
+
+def test_whisper_task_loss_is_zero_at_the_teachers_weights_and_has_gradients(tiny_hf) -> None:
+    from types import SimpleNamespace
+
+    from sfc.precision.onestage_whisper import whisper_task_loss
+
+    model = tiny_hf.model
+    name = "model.decoder.layers.0.fc1.weight"
+    w = dict(model.named_parameters())[name].detach().T.clone()
+    rng = np.random.default_rng(0)
+    batch = SimpleNamespace(features=rng.normal(size=(1, 80, 3000)).astype(np.float32),
+                            tokens=np.array([[50257, 50362, 400, 318, 257, 50256]]),
+                            mask=np.array([[False, True, True, True, True]]))
+    loss = whisper_task_loss(model, {"fc1": name}, [batch])
+    assert float(loss(0, {"fc1": w})) == pytest.approx(0.0, abs=1e-6)
+    bent = (w + 0.05 * torch.from_numpy(rng.normal(size=tuple(w.shape)).astype(np.float32))
+            ).requires_grad_(True)
+    value = loss(0, {"fc1": bent})
+    value.backward()
+    assert float(value.detach()) > 1e-4
+    assert bent.grad is not None and float(bent.grad.abs().sum()) > 0

@@ -248,7 +248,7 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                      bits_allowed: float, params: int, fixed_bits: float = 0.0,
                      config: OneStageConfig = OneStageConfig(),
-                     checkpoint: Path | None = None, key_extra: str = "",
+                     checkpoints: Path | None = None, key_extra: str = "",
                      device: str = "cpu", progress: bool = True,
                      stop_after: int | None = None) -> OneStageResult:
     """Learn each weight's format under `budget` and its quantized values.
@@ -258,9 +258,9 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     run sees the same data. `bits_allowed`: the budget in bits for all `params` counted
     parameters; `fixed_bits`: the bits of the counted parameters not searched (float or
     fixed-format weights).
-    `checkpoint`: where the resumable state lives (`key_extra` names what the caller's
-    data depends on; a checkpoint of another run is ignored). `stop_after`: end after
-    that many total steps as if interrupted (tests).
+    `checkpoints`: the folder of resumable states, one file per run key (weights, specs,
+    budget, config and `key_extra`, which names what the caller's data depends on).
+    `stop_after`: end after that many total steps as if interrupted (tests).
     """
     import torch
 
@@ -286,7 +286,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     mu = 0.0  # the size term's multiplier
     opt = _optimizer(mixed, config, logits=True)
     total = config.steps + config.finetune_steps
-    state_file = checkpoint
+    state_file = None if checkpoints is None else checkpoints / f"onestage-{key[:32]}.pt"
     if state_file is not None and state_file.is_file():
         state = torch.load(state_file, weights_only=False)
         if state.get("key") == key:
@@ -338,11 +338,13 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 if searching:
                     mu = max(0.0, mu + config.dual_lr * float(excess.detach()))
                 history.append({"step": step, "loss": float(loss.detach()), "tau": tau, "mu": mu,
-                                "expected_bits": float(avg.detach())})
+                                "expected_bits": float(avg.detach()),
+                                "probs": None if mixed.fixed else mixed.probs()})
                 step += 1
+                last = history[-1]
                 bar.update(task, completed=step, description=(
                     f"one-stage {'search' if searching else 'fine-tune'} loss "
-                    f"{float(loss):.4g} bits {float(avg):.2f} tau {tau:.2f}"))
+                    f"{last['loss']:.4g} bits {last['expected_bits']:.2f} tau {tau:.2f}"))
                 if step == config.steps:
                     # Bits are fixed once, right after the last search step, before any
                     # checkpoint of the fine-tuning phase is written.

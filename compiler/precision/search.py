@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,17 @@ from ..quant.plan import LayerPrecision, Plan, PlanConfig, exact_pattern, make_p
 from ..quant.spec import QuantSpec, TargetCaps
 from ..quant.weights import dequantize_weight
 from .budget import Budget, WeightOption, parse_format, storage_bits
+from .onestage import OneStageConfig
 from .probe import output_error, run_probes, switchable
 from .solve import solve_choice
 
-__all__ = ["DEFAULT_CANDIDATES", "RESULT_FILE", "SENSITIVITIES", "GraphWeights", "LayerChoice",
-           "SearchConfig", "SearchResult", "candidate_specs", "check_budget", "choose"]
+__all__ = ["DEFAULT_CANDIDATES", "RESULT_FILE", "SEARCH_METHODS", "SENSITIVITIES",
+           "GraphWeights", "LayerChoice", "SearchConfig", "SearchResult", "candidate_specs",
+           "check_budget", "choose", "float_params"]
 
 DEFAULT_CANDIDATES = ("8", "4/32", "4/128", "2/32")
 SENSITIVITIES = ("task", "proxy")
+SEARCH_METHODS = ("two-stage", "one-stage")
 RESULT_FILE = "precision.json"
 
 
@@ -46,12 +49,15 @@ RESULT_FILE = "precision.json"
 class SearchConfig:
     """How a mixed build picks bits: the budget, candidate formats, the sensitivity
     measure ("task": probes against the task objective; "proxy": layer-output error) and
-    the calibration items the probes run on."""
+    the calibration items the probes run on; or, with `method` "one-stage", the learned
+    search of `onestage` with its `one_stage` settings (sensitivity and samples unused)."""
 
     budget: Budget
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     sensitivity: str = "task"
     samples: int = 16
+    method: str = "two-stage"
+    one_stage: OneStageConfig = field(default_factory=OneStageConfig)
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -63,10 +69,15 @@ class SearchConfig:
             raise SfcError(f"--sensitivity must be task or proxy, not {self.sensitivity!r}")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise SfcError(f"--sensitivity-samples must be >= 1, not {self.samples!r}")
+        if self.method not in SEARCH_METHODS:
+            raise SfcError(f"--search must be {' or '.join(SEARCH_METHODS)}, not "
+                           f"{self.method!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.budget.to_dict(), "candidates": list(self.candidates),
-                "sensitivity": self.sensitivity, "samples": self.samples}
+        out = {**self.budget.to_dict(), "candidates": list(self.candidates)}
+        if self.method == "one-stage":
+            return {**out, "method": self.method, "one_stage": self.one_stage.to_dict()}
+        return {**out, "sensitivity": self.sensitivity, "samples": self.samples}
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ class SearchResult:
     layers: tuple[LayerChoice, ...]
     spearman: float | None
     seconds: float
-    float_bits: int = 0  # weights a precision entry keeps float, at 32 bits
+    float_bits: int = 0  # bits the search does not choose (float weights; one-stage: convs too)
     rounds: tuple[dict[str, Any], ...] = ()  # verification of the chosen mix (`_verified`)
 
     @property
@@ -156,7 +167,7 @@ def candidate_specs(model: onnx.ModelProto, base: PlanConfig, caps: TargetCaps,
     return base_plan, specs
 
 
-def _float_params(model: onnx.ModelProto, plan: Plan) -> tuple[int, int]:
+def float_params(model: onnx.ModelProto, plan: Plan) -> tuple[int, int]:
     """(params of weights a precision entry keeps float, bytes of every other initializer
     that the plan does not quantize)."""
     quantized = {q.tensor for q in plan.weights}
@@ -182,7 +193,7 @@ def check_budget(graphs: Sequence[tuple[onnx.ModelProto, Plan, Mapping[str, list
     params = other = floor = 0
     for model, plan, specs in graphs:
         shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        kept, rest = _float_params(model, plan)
+        kept, rest = float_params(model, plan)
         params, other, floor = params + kept, other + rest, floor + 32 * kept
         for q in plan.weights:
             params += math.prod(shapes[q.tensor])
@@ -235,15 +246,15 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     meta: dict[str, tuple[str, Any, int]] = {}
     proxies: dict[str, list[float | None]] = {}
     deltas: dict[str, dict[str, list[np.ndarray]]] = {}
-    params = other = float_params = 0
+    params = other = kept_params = 0
     bar = progress_bar(transient=True)
     bar.start()
     task = bar.add_task("precision: candidate weights",
                         total=sum(len(g.plan.weights) for g in graphs))
     for g in graphs:
         inits = {t.name: t for t in g.model.graph.initializer}
-        kept, rest = _float_params(g.model, g.plan)
-        params, other, float_params = params + kept, other + rest, float_params + kept
+        kept, rest = float_params(g.model, g.plan)
+        params, other, kept_params = params + kept, other + rest, kept_params + kept
         deltas[g.name] = {}
         for q in bar.track(g.plan.weights, task_id=task):
             w = numpy_helper.to_array(inits[q.tensor])
@@ -263,7 +274,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
                 deltas[g.name][q.tensor] = ds
     # Weights a precision entry keeps float are fixed: in the average at 32 bits each.
     bar.stop()
-    float_bits = float_params * 32
+    float_bits = kept_params * 32
     bits_allowed = config.budget.bits_allowed(params, other) - float_bits
     objective_name, fp32 = "proxy", 0.0
     rounds: list[dict[str, Any]] = []

@@ -22,9 +22,10 @@ from ..errors import SfcError
 from .spec import QuantSpec
 from .weights import scale_shape
 
-__all__ = ["STORED_FILE", "STORED_METHODS", "StoredWeights"]
+__all__ = ["LEARNED", "STORED_FILE", "STORED_METHODS", "StoredWeights"]
 
-STORED_METHODS = frozenset({"gptq"})
+LEARNED = "learned"  # integers and scales trained by the one-stage search
+STORED_METHODS = frozenset({"gptq", LEARNED})
 STORED_FILE = "weights.npz"
 
 

@@ -1,0 +1,150 @@
+"""The one-stage search on a zoo Whisper checkpoint, through transformers' PyTorch model.
+
+The student is the checkpoint's `WhisperForConditionalGeneration` with every searched
+MatMul weight replaced (`torch.func.functional_call`) by its fake-quantized mix; the
+teacher is the same model with its own FP32 weights. Searched weights are found in the
+PyTorch model by value: an exported MatMul weight is its Linear's weight transposed (the
+tied logits/embedding table included, which the embedding then reads quantized too, as
+the deployed Gather does). Convolutions stay FP32 in the student; the plan stores them at
+their base format, counted in the budget as fixed bits.
+
+Training data: the calibration clips' first 30 s windows with the teacher's own greedy
+transcripts (`whisper_reference`), teacher-forced; the loss is the mean KL divergence
+from the teacher's to the student's next-token distributions over transcript positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from onnx import numpy_helper
+
+from ..errors import SfcError
+from .budget import WeightOption, storage_bits
+from .onestage import OneStageResult, SearchedWeight, TaskLoss, one_stage_search
+from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float_params
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["choose_one_stage", "hf_names", "whisper_task_loss"]
+
+BATCH = 4  # training clips per step
+
+
+def _key(value: np.ndarray) -> str:
+    a = np.ascontiguousarray(value, dtype=np.float32)
+    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def hf_names(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """ONNX weight name -> the PyTorch parameter it was exported from (that parameter
+    transposed equals the ONNX [K, N] weight bit for bit); SfcError names the first weight
+    with no such parameter."""
+    by_value: dict[str, str] = {}
+    for name, param in model.named_parameters():
+        if param.ndim == 2:
+            by_value.setdefault(_key(param.detach().cpu().numpy().T), name)
+    out = {}
+    for onnx_name, value in weights.items():
+        found = by_value.get(_key(value))
+        if found is None:
+            raise SfcError(f"one-stage search: weight '{onnx_name}' {value.shape} matches no "
+                           "Linear of the PyTorch checkpoint (was the ONNX file exported "
+                           "from another checkpoint?)")
+        out[onnx_name] = found
+    return out
+
+
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+        mask: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    t = torch.log_softmax(teacher_logits[mask], dim=-1)
+    s = torch.log_softmax(student_logits[mask], dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
+                      batches: Sequence[Any], device: str = "cpu") -> TaskLoss:
+    """The task loss of step `step`: KL to the teacher on batch `step % len(batches)`
+    (`batches`: `whisper_reference` batches: features, tokens, mask)."""
+    import torch
+
+    if not batches:
+        raise SfcError("one-stage search needs at least one training clip")
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def loss(step: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        batch = batches[step % len(batches)]
+        features = torch.from_numpy(batch.features).to(device)
+        tokens = torch.from_numpy(batch.tokens[:, :-1]).to(device)
+        mask = torch.from_numpy(batch.mask).to(device)
+        kwargs = {"input_features": features, "decoder_input_ids": tokens}
+        with torch.no_grad():
+            teacher = model(**kwargs).logits
+        params = {names[n]: w.T for n, w in weights.items()}
+        student = torch.func.functional_call(model, params, (), kwargs).logits
+        return _kl(teacher, student, mask)
+
+    return loss
+
+
+def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: str,
+                     runtime: Any, utterances: Sequence[Any], checkpoints: Path | None
+                     ) -> tuple[SearchResult, OneStageResult]:
+    """Learn every searched weight's format and values on zoo checkpoint `zoo`; the
+    result in the two-stage search's form (each option's "sensitivity" is -log of its
+    learned probability, the integer program's cost) and the learned weights, keyed
+    "graph:tensor"."""
+    from ..calib.objectives import whisper_reference
+    from ..models.whisper_hf import load_whisper
+    from ..models.zoo import locate_checkpoint
+
+    started = time.perf_counter()
+    searched: list[SearchedWeight] = []
+    meta: dict[str, tuple[str, Any]] = {}
+    params = other = fixed_bits = 0
+    for g in graphs:
+        inits = {t.name: t for t in g.model.graph.initializer}
+        kept, rest = float_params(g.model, g.plan)
+        params, other, fixed_bits = params + kept, other + rest, fixed_bits + 32 * kept
+        for q in g.plan.weights:
+            w = numpy_helper.to_array(inits[q.tensor])
+            params += w.size
+            if w.ndim == 2 and w.dtype == np.float32:
+                key = f"{g.name}:{q.tensor}"
+                searched.append(SearchedWeight(key, w, tuple(g.specs[q.tensor])))
+                meta[key] = (g.name, q)
+            else:  # convolutions keep the base plan's format
+                fixed_bits += storage_bits(w.shape, q.spec)
+    bits_allowed = config.budget.bits_allowed(params, other)
+    model = load_whisper(locate_checkpoint(zoo)).model
+    names = hf_names(model, {w.name: w.value for w in searched})
+    reference = whisper_reference(runtime, utterances, "teacher-forced", batch=BATCH)
+    data_key = json.dumps([zoo, [u.id for u in utterances]])
+    result = one_stage_search(searched, whisper_task_loss(model, names, reference.batches),
+                              bits_allowed=bits_allowed, params=params, fixed_bits=fixed_bits,
+                              config=config.one_stage, checkpoints=checkpoints,
+                              key_extra=data_key)
+    layers = []
+    for sw in searched:
+        gname, q = meta[sw.name]
+        chosen = result.weights.chosen[sw.name][0]
+        rows = tuple({"label": WeightOption(s, 0).label, "bits": storage_bits(sw.value.shape, s),
+                      "sensitivity": -math.log(max(p, 1e-12)), "proxy": None, "probability": p}
+                     for s, p in zip(sw.specs, result.probs[sw.name], strict=True))
+        layers.append(LayerChoice(gname, q.tensor, q.consumers, sw.value.size, rows,
+                                  sw.specs.index(chosen)))
+    search = SearchResult(config, "one-stage", 0.0, bits_allowed, params, other,
+                          tuple(layers), None, time.perf_counter() - started, fixed_bits)
+    return search, result
