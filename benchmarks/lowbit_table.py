@@ -25,6 +25,7 @@ from common import build_variant, machine_info, machine_line, outside_repo, prin
 
 from sfc.paths import BUNDLED_DATA
 from sfc.precision.budget import Budget, storage_bits
+from sfc.precision.onestage import OneStageConfig
 from sfc.precision.search import SearchConfig
 from sfc.quant.plan import LayerPrecision
 from sfc.quant.recipe import Recipe
@@ -37,6 +38,12 @@ NONE = {"activations": None, "calibrator": "mse"}
 def _mixed(bits: float, method: str = "gptq", **extra: Any) -> dict[str, Any]:
     return {**NONE, "weights": "mixed", "weight_method": method,
             "search": SearchConfig(Budget(avg_bits=bits)), **extra}
+
+
+def _one_stage(bits: float, steps: int, finetune: int) -> dict[str, Any]:
+    search = SearchConfig(Budget(avg_bits=bits), method="one-stage",
+                          one_stage=OneStageConfig(steps=steps, finetune_steps=finetune))
+    return {**NONE, "weights": "mixed", "search": search}
 
 
 # The MatMul that reads the tied logits/embedding table (the decoder's last MatMul).
@@ -72,6 +79,9 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "mixed-4.5-a8": _mixed(4.5, activations=8, calibrator="esc"),
         "mixed-4.5-a8-sim": _mixed(4.5, activations=8, calibrator="esc", target="sim"),
         "w8a8-esc": {"weights": 8, "activations": 8, "calibrator": "esc"},
+        # One-stage (issue 11), short runs that fit a 2-core session: 4 clips per step.
+        "onestage-4.5-s100": _one_stage(4.5, 100, 30),
+        "onestage-5-s100": _one_stage(5.0, 100, 30),
     }
 
 
