@@ -51,7 +51,7 @@ from .precision.activations import (
     guard_clips,
 )
 from .precision.budget import WeightOption
-from .precision.plots import plot_search
+from .precision.plots import plot_one_stage, plot_search
 from .precision.search import (
     RESULT_FILE,
     GraphWeights,
@@ -550,6 +550,7 @@ def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCa
     result, learned = choose_one_stage(weights, config.search, zoo, runtime, utterances,
                                        cache_dir() / "onestage")
     write_json_atomic(stage / ONE_STAGE_FILE, learned.to_dict())
+    plot_one_stage(learned.to_dict(), result.bits_allowed / result.params, stage)
     for g in pending:
         g.learned = {key.split(":", 1)[1]: (q, s)
                      for key, (_, q, s) in learned.weights.chosen.items()
@@ -591,7 +592,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
                                  config.target])
         result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
     result.save(stage / RESULT_FILE)
-    plot_search(result.to_dict(), stage)
+    plot_search(result.to_dict(), stage, with_frontier=config.search.method == "two-stage")
     entries = result.entries()
     for g in pending:
         g.plan_config = replace(g.plan_config,

@@ -24,7 +24,7 @@ from .build import ESC_PLOT, ESC_RESULT, GUARD_RESULT, BuildConfig, GraphBuild
 from .calib.esc import EscResult, split_key
 from .eval.results import RESULT_VERSION, EvalResult
 from .eval.wer import paired_bootstrap_delta
-from .precision.plots import BITS_PLOT, FRONTIER_PLOT, histogram
+from .precision.plots import BITS_PLOT, FRONTIER_PLOT, ONE_STAGE_PLOT, histogram
 from .precision.search import RESULT_FILE
 from .quant.recipe import Recipe
 from .runtime.decoding import LOOP_GUARD
@@ -330,14 +330,24 @@ def _precision(p: dict[str, Any] | None) -> list[str]:
     budget = (f"{cfg['avg_bits']:g} average bits" if cfg["avg_bits"] is not None
               else f"{cfg['size_mb']:g} MB")
     rho = p["spearman_task_vs_proxy"]
-    lines = ["", "## Mixed precision (two-stage)", "",
+    one = cfg.get("method") == "one-stage"
+    lines = ["", f"## Mixed precision ({'one' if one else 'two'}-stage)", "",
              f"- budget {budget}; chosen: {p['avg_bits']:.3f} average weight bits (scales "
-             f"counted), about {p['est_mb']:.1f} MB of initializers; {p['seconds']:.0f} s",
-             f"- sensitivity: {p['objective']} on {cfg['samples']} calibration items "
-             f"(FP32 {p['fp32_objective']:.4g}); candidates {', '.join(cfg['candidates'])}",
-             "- task probes vs layer-output proxy: Spearman "
-             + (f"{rho:.2f}" if rho is not None else "not measured"),
-             f"- plots: {BITS_PLOT}, {FRONTIER_PLOT}"]
+             f"counted), about {p['est_mb']:.1f} MB of initializers; {p['seconds']:.0f} s"]
+    if one:
+        o = cfg["one_stage"]
+        lines += [f"- bits learned with the weights: {o['steps']} search steps, "
+                  f"{o['finetune_steps']} fine-tuning steps with the bits fixed, seed "
+                  f"{o['seed']}; candidates {', '.join(cfg['candidates'])}",
+                  "- per format below: -log of the learned probability (the integer "
+                  "program's cost: the most probable choice within the budget)",
+                  f"- plots: {BITS_PLOT}, {ONE_STAGE_PLOT}"]
+    else:
+        lines += [f"- sensitivity: {p['objective']} on {cfg['samples']} calibration items "
+                  f"(FP32 {p['fp32_objective']:.4g}); candidates {', '.join(cfg['candidates'])}",
+                  "- task probes vs layer-output proxy: Spearman "
+                  + (f"{rho:.2f}" if rho is not None else "not measured"),
+                  f"- plots: {BITS_PLOT}, {FRONTIER_PLOT}"]
     for i, r in enumerate(p.get("rounds", ())):
         lines.append(f"- check {i + 1}, {r.get('choice', 'program')}: measured "
                      f"{r['measured']:.4g} with all its formats at once vs predicted "

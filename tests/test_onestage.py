@@ -158,3 +158,21 @@ def test_whisper_task_loss_is_zero_at_the_teachers_weights_and_has_gradients(tin
     value.backward()
     assert float(value.detach()) > 1e-4
     assert bent.grad is not None and float(bent.grad.abs().sum()) > 0
+
+
+def test_report_shows_a_one_stage_search() -> None:
+    from sfc.precision.budget import Budget
+    from sfc.precision.search import LayerChoice, SearchConfig, SearchResult
+    from sfc.report import _precision
+
+    config = SearchConfig(Budget(avg_bits=4.5), method="one-stage",
+                          one_stage=OneStageConfig(steps=7, finetune_steps=3))
+    options = ({"label": "8", "bits": 100, "sensitivity": 2.3, "proxy": None},
+               {"label": "4/32", "bits": 50, "sensitivity": 0.1, "proxy": None})
+    result = SearchResult(config, "one-stage", 0.0, 60.0, 12, 0,
+                          (LayerChoice("decoder", "w", ("/fc1/MatMul",), 12, options, 1),),
+                          None, 1.0)
+    text = "\n".join(_precision(result.to_dict()))
+    assert "## Mixed precision (one-stage)" in text
+    assert "7 search steps, 3 fine-tuning steps" in text
+    assert "**4/32**" in text

@@ -206,9 +206,11 @@ class _Mixed:
         return out
 
     def expected_bits(self) -> torch.Tensor:
+        """Expected bits of the searched weights (exact once the bits are fixed)."""
         import torch
 
-        return sum((torch.softmax(self.logits[n], 0).double() @ self.bits[n]
+        return sum((self.bits[n][self.fixed[n]] if n in self.fixed
+                    else torch.softmax(self.logits[n], 0).double() @ self.bits[n]
                     for n in self.names), torch.zeros((), dtype=torch.float64))
 
     def probs(self) -> dict[str, list[float]]:

@@ -14,10 +14,12 @@ from ..errors import SfcError
 from .budget import WeightOption
 from .solve import solve_choice
 
-__all__ = ["BITS_PLOT", "FRONTIER_PLOT", "frontier", "histogram", "plot_search"]
+__all__ = ["BITS_PLOT", "FRONTIER_PLOT", "ONE_STAGE_PLOT", "frontier", "histogram",
+           "plot_one_stage", "plot_search"]
 
 BITS_PLOT = "plots/bits.png"
 FRONTIER_PLOT = "plots/precision_frontier.png"
+ONE_STAGE_PLOT = "plots/onestage.png"
 
 
 def histogram(result: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -58,8 +60,8 @@ def frontier(result: dict[str, Any], points: int = 13) -> list[tuple[float, floa
     return out
 
 
-def plot_search(result: dict[str, Any], folder: Path) -> None:
-    """Write BITS_PLOT and FRONTIER_PLOT under `folder` (matplotlib, Agg)."""
+def plot_search(result: dict[str, Any], folder: Path, with_frontier: bool = True) -> None:
+    """Write BITS_PLOT and (two-stage) FRONTIER_PLOT under `folder` (matplotlib, Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -75,6 +77,8 @@ def plot_search(result: dict[str, Any], folder: Path) -> None:
     ax.set_title(f"chosen formats: {result['avg_bits']:.3f} average bits")
     fig.tight_layout()
     _save(fig, Path(folder) / BITS_PLOT)
+    if not with_frontier:
+        return
 
     fig = Figure(figsize=(7, 4), dpi=110)
     FigureCanvasAgg(fig)
@@ -95,6 +99,42 @@ def plot_search(result: dict[str, Any], folder: Path) -> None:
     ax.legend(fontsize="small")
     fig.tight_layout()
     _save(fig, Path(folder) / FRONTIER_PLOT)
+
+
+def plot_one_stage(result: dict[str, Any], budget_bits: float, folder: Path) -> None:
+    """ONE_STAGE_PLOT: the search's loss and expected average bits per step, and each
+    candidate format's probability averaged over the searched weights."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    history = result["history"]
+    fig = Figure(figsize=(7, 6), dpi=110)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    steps = [h["step"] for h in history]
+    top.plot(steps, [h["expected_bits"] for h in history], color="C0",
+             label="expected average bits")
+    top.axhline(budget_bits, color="C3", linestyle="--", label="budget")
+    top.set_ylabel("average bits")
+    loss_ax = top.twinx()
+    loss_ax.plot(steps, [h["loss"] for h in history], color="C1", alpha=0.5)
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("KL to FP32 (orange)")
+    top.legend(fontsize="small", loc="upper right")
+    searched = [h for h in history if h.get("probs")]
+    labels = sorted({lab for labs in result["labels"].values() for lab in labs})
+    for label in labels:
+        mean = []
+        for h in searched:
+            vals = [p[labs.index(label)] for w, p in h["probs"].items()
+                    if label in (labs := result["labels"][w])]
+            mean.append(sum(vals) / len(vals))
+        bottom.plot([h["step"] for h in searched], mean, label=label)
+    bottom.set_xlabel("step (fine-tuning with the bits fixed after the last probability)")
+    bottom.set_ylabel("mean probability")
+    bottom.legend(fontsize="small", title="format")
+    fig.tight_layout()
+    _save(fig, Path(folder) / ONE_STAGE_PLOT)
 
 
 def _save(fig: Any, path: Path) -> None:
