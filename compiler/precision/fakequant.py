@@ -49,9 +49,20 @@ def fake_quantize(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tor
         raise SfcError(f"fake quantization does not model pair limits ({spec.describe()})")
     if w.dtype != torch.float32 or scales.dtype != torch.float32:
         raise SfcError("fake quantization works in float32 (the QDQ writer's precision)")
-    s = expand_scales(scales, spec, tuple(w.shape))
-    x = w / s
+    shape = tuple(w.shape)
+    if (spec.granularity == "block" and spec.axis == 0 and spec.block_size is not None
+            and w.ndim == 2 and shape[0] % spec.block_size == 0):
+        # Whole blocks: broadcast [K/b, 1, N] scales over a [K/b, b, N] view rather than
+        # materialising one scale per element (same quotients, far less memory).
+        if tuple(scales.shape) != scale_shape(shape, spec):
+            raise SfcError(f"scales have shape {tuple(scales.shape)}, expected "
+                           f"{scale_shape(shape, spec)} for {spec.describe()}")
+        s = scales.unsqueeze(1)
+        x = w.reshape(shape[0] // spec.block_size, spec.block_size, shape[1]) / s
+    else:
+        s = expand_scales(scales, spec, shape)
+        x = w / s
     # x + (round(x) - x) is exactly round(x) in float32 (Sterbenz), with an identity
     # gradient: the straight-through estimator without changing the forward value.
     q = torch.clamp(x + (torch.round(x) - x).detach(), spec.qmin, spec.qmax)
-    return q * s
+    return (q * s).reshape(shape)

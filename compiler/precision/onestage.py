@@ -192,6 +192,7 @@ class _Mixed:
     def sample(self, tau: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Effective weights: the fixed candidate, or a Gumbel-softmax mix of all."""
         import torch
+        from torch.utils.checkpoint import checkpoint
 
         out = {}
         for n in self.names:
@@ -201,9 +202,20 @@ class _Mixed:
             u = torch.rand(len(self.specs[n]), generator=generator, dtype=torch.float32)
             gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7))).to(self.logits[n].device)
             mix = torch.softmax((self.logits[n] + gumbel) / tau, dim=0)
-            out[n] = sum((mix[i] * self.candidate(n, i) for i in range(len(self.specs[n]))),
-                         torch.zeros_like(self.latent[n]))
+            # Recomputed in the backward pass: the candidates' intermediates would
+            # otherwise hold several copies of every weight per candidate.
+            out[n] = checkpoint(self._mix, n, mix, self.latent[n], *self.scales[n],
+                                use_reentrant=False)
         return out
+
+    def _mix(self, name: str, mix: torch.Tensor, latent: torch.Tensor,
+             *scales: torch.Tensor) -> torch.Tensor:
+        specs = self.specs[name]
+        total = mix[0] * fake_quantize(latent, scales[0].clamp_min(1e-30), specs[0])
+        for i in range(1, len(specs)):
+            total = total + mix[i] * fake_quantize(latent, scales[i].clamp_min(1e-30),
+                                                   specs[i])
+        return total
 
     def expected_bits(self) -> torch.Tensor:
         """Expected bits of the searched weights (exact once the bits are fixed)."""
