@@ -51,6 +51,7 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     interrupted or failed run never replaces any existing file in `out_dir`.
     """
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
     try:
@@ -62,3 +63,5 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
                 os.replace(src, dst)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed run leaves no empty folder it made behind

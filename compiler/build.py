@@ -536,6 +536,14 @@ def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) 
             f"{result.start_objective:.5g}) saved in {folder} (finish with --recipe {folder})")
 
 
+def _check_one_stage(card: ModelCard, config: BuildConfig) -> None:
+    """Before any calibration: the one-stage search needs a zoo Whisper checkpoint."""
+    if config.one_stage and config.recipe is None and (
+            card.family != "whisper" or "zoo" not in card.source):
+        raise SfcError("--search one-stage trains through the PyTorch checkpoint: it needs a "
+                       "zoo Whisper model (e.g. whisper-tiny.en)")
+
+
 def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCard,
                config: BuildConfig, runtime: Any, utterances: list[Any],
                stage: Path) -> SearchResult:
@@ -543,10 +551,7 @@ def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCa
     from .precision.onestage_whisper import choose_one_stage
 
     assert config.search is not None
-    zoo = card.source.get("zoo")
-    if card.family != "whisper" or zoo is None or runtime is None:
-        raise SfcError("--search one-stage trains through the PyTorch checkpoint: it needs a "
-                       "zoo Whisper model (e.g. whisper-tiny.en) and calibration audio")
+    zoo = card.source["zoo"]  # `_check_one_stage` made sure
     result, learned = choose_one_stage(weights, config.search, zoo, runtime, utterances,
                                        cache_dir() / "onestage")
     write_json_atomic(stage / ONE_STAGE_FILE, learned.to_dict())
@@ -622,6 +627,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         else:
             fp32_folder = model_folder(src)
         card = ModelCard.load(fp32_folder)
+        _check_one_stage(card, config)
         graphs: list[GraphBuild] = []
         single = len(card.graphs) == 1
         runtime = None

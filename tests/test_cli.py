@@ -106,6 +106,11 @@ def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
     assert card.family == "generic" and card.objective == "distortion"
     # Shape inference filled in the output shape the source left empty.
     assert card.graphs["model"].outputs[0].shape == ("n", 3)
+    # The one-stage search needs a PyTorch checkpoint: refused before any calibration.
+    _assert_user_error(_sfc("build", str(src), "-o", str(tmp_path / "b"), "--weights",
+                            "mixed", "--avg-bits", "5", "--search", "one-stage"),
+                       "zoo Whisper model")
+    assert not (tmp_path / "b").exists()
 
 
 def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
@@ -129,3 +134,10 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     _assert_user_error(_sfc("build", "-o", out, "--activations", "none", "--act-guard-kl",
                             "0.1"), "quantized activations only")
     _assert_user_error(_sfc("build", str(tmp_path / "missing.onnx"), "-o", out), "not found")
+    _assert_user_error(_sfc("build", "-o", out, "--search", "one-stage"), "--weights mixed only")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                            "--search-steps", "9"), "--search one-stage only")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                            "--search", "three-stage"), "--search must be")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                            "--search", "one-stage", "--search-steps", "0"), "steps >= 1")
