@@ -176,6 +176,8 @@ def build_cmd(
         help="One-stage: joint search steps (4 clips each; default 200)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(
         help="One-stage: fine-tuning steps with the bits fixed (default 100)")] = None,
+    train_device: Annotated[str, typer.Option(
+        help="One-stage: cpu (deterministic) or cuda (a GPU torch can see)")] = "cpu",
     precision: Annotated[Path | None, typer.Option(
         help="Per-layer precision map (JSON: node-name glob -> 8|4|2|float or "
         "{weights, block_size, activations})")] = None,
@@ -258,7 +260,7 @@ def build_cmd(
     from .precision.activations import GuardConfig
     from .precision.budget import Budget
     from .precision.mapfile import load_precision
-    from .precision.onestage import OneStageConfig
+    from .precision.onestage import OneStageConfig, check_device
     from .precision.search import DEFAULT_CANDIDATES, SearchConfig
     from .quant.gptq import GptqConfig
 
@@ -273,15 +275,19 @@ def build_cmd(
     mixed = None
     steps = {k: v for k, v in (("steps", search_steps), ("finetune_steps", finetune_steps))
              if v is not None}
-    if steps and search != "one-stage":
-        raise SfcError("--search-steps and --finetune-steps apply to --search one-stage only")
+    if (steps or train_device != "cpu") and search != "one-stage":
+        raise SfcError("--search-steps, --finetune-steps and --train-device apply to --search "
+                       "one-stage only")
     if avg_bits is not None or size_mb is not None or weights == "mixed":
         if weights != "mixed":
             raise SfcError("--avg-bits and --size-mb apply to --weights mixed only")
         formats = tuple(c.strip() for c in candidates.split(",")) if candidates else \
             DEFAULT_CANDIDATES
         mixed = SearchConfig(Budget(avg_bits, size_mb), formats, sensitivity,
-                             sensitivity_samples, search, OneStageConfig(**steps))
+                             sensitivity_samples, search,
+                             OneStageConfig(**steps, seed=seed, device=train_device))
+        if mixed.method == "one-stage":
+            check_device(train_device)
     elif candidates is not None or search != "two-stage":
         raise SfcError("--candidates and --search apply to --weights mixed only")
     gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order)

@@ -141,3 +141,10 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
                             "--search", "three-stage"), "--search must be")
     _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
                             "--search", "one-stage", "--search-steps", "0"), "steps >= 1")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                            "--search", "one-stage", "--train-device", "tpu"),
+                       "--train-device must be")
+    if not __import__("torch").cuda.is_available():
+        _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                                "--search", "one-stage", "--train-device", "cuda"),
+                           "no CUDA GPU")

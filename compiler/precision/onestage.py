@@ -45,8 +45,14 @@ from .solve import solve_choice
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LearnedWeights", "OneStageConfig", "OneStageResult", "SearchedWeight",
-           "one_stage_search"]
+__all__ = [
+    "LearnedWeights",
+    "OneStageConfig",
+    "OneStageResult",
+    "SearchedWeight",
+    "check_device",
+    "one_stage_search",
+]
 
 TaskLoss = Callable[[int, Mapping[str, "torch.Tensor"]], "torch.Tensor"]
 
@@ -57,7 +63,8 @@ class OneStageConfig:
     Learning rates are Adam's, per parameter kind; the temperature decays geometrically
     from `tau_start` to `tau_end`. The size term is mu * excess + size_weight / 2 *
     max(excess, 0)^2, excess = expected average bits - budget; mu (>= 0, the price of a
-    bit) moves by `dual_lr` * excess after every search step."""
+    bit) moves by `dual_lr` * excess after every search step. `device`: where torch
+    trains ("cpu", deterministic; or "cuda")."""
 
     steps: int = 200
     finetune_steps: int = 100
@@ -70,6 +77,7 @@ class OneStageConfig:
     dual_lr: float = 0.01
     seed: int = 0
     checkpoint_every: int = 25
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("steps", "finetune_steps", "checkpoint_every", "seed"):
@@ -86,6 +94,8 @@ class OneStageConfig:
                 raise SfcError(f"one-stage {name} must be a finite number >= 0, not {value!r}")
         if not 0 < self.tau_end <= self.tau_start:
             raise SfcError("one-stage temperatures need 0 < tau_end <= tau_start")
+        if self.device not in ("cpu", "cuda"):
+            raise SfcError(f"--train-device must be cpu or cuda, not {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,6 +242,15 @@ class _Mixed:
                 for n in self.names}
 
 
+def check_device(device: str) -> None:
+    """SfcError unless torch can train on `device` here."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SfcError("--train-device cuda: torch sees no CUDA GPU here (this torch is "
+                       f"{torch.__version__}); train on cpu")
+
+
 def _optimizer(mixed: _Mixed, config: OneStageConfig, logits: bool) -> torch.optim.Optimizer:
     import torch
 
@@ -263,7 +282,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                      bits_allowed: float, params: int, fixed_bits: float = 0.0,
                      config: OneStageConfig = OneStageConfig(),
                      checkpoints: Path | None = None, key_extra: str = "",
-                     device: str = "cpu", progress: bool = True,
+                     progress: bool = True,
                      stop_after: int | None = None) -> OneStageResult:
     """Learn each weight's format under `budget` and its quantized values.
 
@@ -278,6 +297,8 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     """
     import torch
 
+    device = config.device
+    check_device(device)
     if not weights:
         raise SfcError("one-stage search: no weight to search")
     if len({w.name for w in weights}) != len(weights):

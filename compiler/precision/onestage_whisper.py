@@ -132,7 +132,8 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     names = hf_names(model, {w.name: w.value for w in searched})
     reference = whisper_reference(runtime, utterances, "teacher-forced", batch=BATCH)
     data_key = json.dumps([zoo, [u.id for u in utterances]])
-    result = one_stage_search(searched, whisper_task_loss(model, names, reference.batches),
+    task = whisper_task_loss(model, names, reference.batches, config.one_stage.device)
+    result = one_stage_search(searched, task,
                               bits_allowed=bits_allowed, params=params, fixed_bits=fixed_bits,
                               config=config.one_stage, checkpoints=checkpoints,
                               key_extra=data_key)
