@@ -40,9 +40,10 @@ def _mixed(bits: float, method: str = "gptq", **extra: Any) -> dict[str, Any]:
             "search": SearchConfig(Budget(avg_bits=bits)), **extra}
 
 
-def _one_stage(bits: float, steps: int, finetune: int) -> dict[str, Any]:
+def _one_stage(bits: float, steps: int, finetune: int, augment: int = 0) -> dict[str, Any]:
     search = SearchConfig(Budget(avg_bits=bits), method="one-stage",
-                          one_stage=OneStageConfig(steps=steps, finetune_steps=finetune))
+                          one_stage=OneStageConfig(steps=steps, finetune_steps=finetune,
+                                                   augment=augment))
     return {**NONE, "weights": "mixed", "search": search}
 
 

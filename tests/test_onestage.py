@@ -176,3 +176,36 @@ def test_report_shows_a_one_stage_search() -> None:
     assert "## Mixed precision (one-stage)" in text
     assert "7 search steps, 3 fine-tuning steps" in text
     assert "**4/32**" in text
+
+
+@pytest.mark.slow
+def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Path) -> None:
+    """Two search steps and one fine-tuning step on 4 clips (and their augmented copies):
+    the build goes through the one recipe and QDQ writer, and replays byte for byte."""
+    import json
+
+    from sfc.build import ONE_STAGE_FILE, BuildConfig
+    from sfc.pipeline import compile_model
+    from sfc.precision.budget import Budget
+    from sfc.precision.search import SearchConfig
+
+    search = SearchConfig(Budget(avg_bits=5.0), method="one-stage",
+                          one_stage=OneStageConfig(steps=2, finetune_steps=1))
+    config = BuildConfig(weights="mixed", activations=None, search=search, calib_limit=4)
+    compile_model("whisper-tiny.en", tmp_path / "b", config, eval_data=None)
+    result = json.loads((tmp_path / "b" / ONE_STAGE_FILE).read_text())
+    assert result["avg_bits"] <= 5.0 and len(result["chosen"]) == 65
+    assert result["original_sha256"] != result["learned_sha256"]
+    assert (tmp_path / "b" / "plots" / "onestage.png").is_file()
+    assert "## Mixed precision (one-stage)" in (tmp_path / "b" / "report.md").read_text()
+    for graph in ("encoder", "decoder"):
+        recipe = json.loads((tmp_path / "b" / graph / "recipe.json").read_text())["_data"]
+        methods = {t["method"] for t in recipe["tensors"] if t["kind"] == "weight"}
+        assert "learned" in methods
+        assert recipe["config"]["weights"]["learned"]["learned_sha256"] == \
+            result["learned_sha256"]
+    compile_model("whisper-tiny.en", tmp_path / "r", BuildConfig(recipe=tmp_path / "b"),
+                  eval_data=None)
+    for graph in ("encoder", "decoder"):
+        assert (tmp_path / "r" / graph / "model.qdq.onnx").read_bytes() == \
+            (tmp_path / "b" / graph / "model.qdq.onnx").read_bytes()

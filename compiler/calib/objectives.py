@@ -246,11 +246,14 @@ def score(metric: str, logits: np.ndarray, targets: np.ndarray,
 
 
 def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
-                      *, batch: int = BATCH, progress: bool = True) -> WhisperReference:
+                      *, batch: int = BATCH, progress: bool = True,
+                      audio: Callable[[int, Any], np.ndarray] | None = None
+                      ) -> WhisperReference:
     """FP32 features, greedy transcripts and (for kl / distortion) reference logits.
 
     `runtime`: an FP32 `WhisperRuntime`; `utterances`: manifest entries (first window of
-    each is used).
+    each is used); `audio(index, utterance)`: the samples to use instead of the file's
+    (augmented training audio).
     """
     from ..progress import progress_bar
     from ..runtime.audio import load_audio
@@ -269,7 +272,8 @@ def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
         for first in range(0, len(utterances), batch):
             chunk = utterances[first:first + batch]
             features = np.concatenate(
-                [whisper_windows(load_audio(u.audio), runtime.mel)[:1] for u in chunk])
+                [whisper_windows(load_audio(u.audio) if audio is None else audio(first + i, u),
+                                 runtime.mel)[:1] for i, u in enumerate(chunk)])
             cross_k, cross_v = runtime.encode(features)
             ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, len(chunk)).ids
             seqs = [[*spec.prompt, *s, spec.eot][: spec.max_target_positions] for s in ids]

@@ -64,7 +64,8 @@ class OneStageConfig:
     from `tau_start` to `tau_end`. The size term is mu * excess + size_weight / 2 *
     max(excess, 0)^2, excess = expected average bits - budget; mu (>= 0, the price of a
     bit) moves by `dual_lr` * excess after every search step. `device`: where torch
-    trains ("cpu", deterministic; or "cuda")."""
+    trains ("cpu", deterministic; or "cuda"). `augment`: perturbed copies of each training
+    clip (speed, reverberation, noise; `calib.augment`) added to the training set."""
 
     steps: int = 200
     finetune_steps: int = 100
@@ -78,9 +79,10 @@ class OneStageConfig:
     seed: int = 0
     checkpoint_every: int = 25
     device: str = "cpu"
+    augment: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "finetune_steps", "checkpoint_every", "seed"):
+        for name in ("steps", "finetune_steps", "checkpoint_every", "seed", "augment"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SfcError(f"one-stage {name} must be a non-negative int, not {value!r}")

@@ -8,8 +8,9 @@ tied logits/embedding table included, which the embedding then reads quantized t
 the deployed Gather does). Convolutions stay FP32 in the student; the plan stores them at
 their base format, counted in the budget as fixed bits.
 
-Training data: the calibration clips' first 30 s windows with the teacher's own greedy
-transcripts (`whisper_reference`), teacher-forced; the loss is the mean KL divergence
+Training data: the calibration clips' first 30 s windows, and `augment` perturbed copies of
+each (`calib.augment`), with the teacher's own greedy transcripts (`whisper_reference`),
+teacher-forced; the loss is the mean KL divergence
 from the teacher's to the student's next-token distributions over transcript positions.
 """
 
@@ -106,9 +107,11 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     result in the two-stage search's form (each option's "sensitivity" is -log of its
     learned probability, the integer program's cost) and the learned weights, keyed
     "graph:tensor"."""
+    from ..calib.augment import augment
     from ..calib.objectives import whisper_reference
     from ..models.whisper_hf import load_whisper
     from ..models.zoo import locate_checkpoint
+    from ..runtime.audio import load_audio
 
     started = time.perf_counter()
     searched: list[SearchedWeight] = []
@@ -130,9 +133,16 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     bits_allowed = config.budget.bits_allowed(params, other)
     model = load_whisper(locate_checkpoint(zoo)).model
     names = hf_names(model, {w.name: w.value for w in searched})
-    reference = whisper_reference(runtime, utterances, "teacher-forced", batch=BATCH)
+    batches = list(whisper_reference(runtime, utterances, "teacher-forced",
+                                     batch=BATCH).batches)
+    for copy in range(config.one_stage.augment):
+        def perturbed(index: int, utterance: Any, copy: int = copy) -> np.ndarray:
+            return augment(load_audio(utterance.audio), (config.one_stage.seed, copy, index))
+
+        batches += whisper_reference(runtime, utterances, "teacher-forced", batch=BATCH,
+                                     audio=perturbed).batches
     data_key = json.dumps([zoo, [u.id for u in utterances]])
-    task = whisper_task_loss(model, names, reference.batches, config.one_stage.device)
+    task = whisper_task_loss(model, names, batches, config.one_stage.device)
     result = one_stage_search(searched, task,
                               bits_allowed=bits_allowed, params=params, fixed_bits=fixed_bits,
                               config=config.one_stage, checkpoints=checkpoints,
