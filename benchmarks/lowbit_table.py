@@ -83,6 +83,7 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # One-stage (issue 11), short runs that fit a 2-core session: 4 clips per step.
         "onestage-4.5-s100": _one_stage(4.5, 100, 30),
         "onestage-5-s100": _one_stage(5.0, 100, 30),
+        "onestage-5-s100-aug": _one_stage(5.0, 100, 60, augment=1),
     }
 
 
