@@ -288,7 +288,8 @@ def test_census_counts_fused_ops_and_subgraphs() -> None:
 
 
 def test_ort_failure_leaves_nothing(tmp_path: Path) -> None:
-    """A model ORT rejects (unknown op) is a one-line error; the output folder stays empty."""
+    """A model ORT rejects (unknown op) is a one-line error; no output folder is left (an
+    existing one keeps its files)."""
     graph = helper.make_graph(
         [helper.make_node("NoSuchOp", ["x"], ["y"], domain="sfc.test")], "bad",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
@@ -301,7 +302,12 @@ def test_ort_failure_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(SfcError, match="ONNX Runtime cannot load") as info:
         OrtCpuTarget().lower(src, out)
     assert "\n" not in str(info.value)
-    assert list(out.iterdir()) == []
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    with pytest.raises(SfcError, match="ONNX Runtime cannot load"):
+        OrtCpuTarget().lower(src, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.parametrize(("machine", "flags", "isa"), [
