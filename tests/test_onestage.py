@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfc.errors import SfcError
+from sfc.errors import Interrupted, SfcError
 from sfc.precision.budget import storage_bits
 from sfc.precision.fakequant import fake_quantize
 from sfc.precision.onestage import OneStageConfig, SearchedWeight, one_stage_search
@@ -93,7 +93,7 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path) -> None:
     whole = one_stage_search(weights, task, bits_allowed=allowed, params=params,
                              config=config, progress=False)
     for stop in (10, 23):  # once while searching, once while fine-tuning
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted, match=f"stopped at step {stop} of 30"):
             one_stage_search(weights, task, bits_allowed=allowed, params=params,
                              config=config, checkpoints=tmp_path, progress=False, stop_after=stop)
         assert len(list(tmp_path.glob("onestage-*.pt"))) == 1

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..atomic import atomic_path
-from ..errors import SfcError
+from ..errors import Interrupted, SfcError
 from ..progress import progress_bar
 from ..quant.spec import QuantSpec
 from ..quant.weights import quantize_weight, weight_scales
@@ -391,7 +391,11 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                     save()
     except KeyboardInterrupt:
         save()
-        raise
+        if state_file is None:
+            raise
+        raise Interrupted(f"interrupted: the one-stage search stopped at step {step} of "
+                          f"{total}; its state is in {state_file} (run the same command "
+                          "again to resume)") from None
     chosen = {}
     learned = {}
     for w in weights:
