@@ -233,8 +233,10 @@ class BuildConfig:
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
                 "calibration": calib}
         if self.low_bit:
-            weights: dict[str, Any] = {"method": self.weight_method}
-            if self.weight_method == "gptq":
+            # One-stage builds learn every searched weight; the convs keep absmax INT8.
+            method = LEARNED if self.one_stage else self.weight_method
+            weights: dict[str, Any] = {"method": method}
+            if method == "gptq":
                 weights["gptq"] = self.gptq.to_dict()
             if self.search is not None:
                 weights["search"] = self.search.to_dict()

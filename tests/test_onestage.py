@@ -202,6 +202,8 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
         recipe = json.loads((tmp_path / "b" / graph / "recipe.json").read_text())["_data"]
         methods = {t["method"] for t in recipe["tensors"] if t["kind"] == "weight"}
         assert "learned" in methods
+        assert recipe["config"]["weights"]["method"] == "learned"
+        assert "gptq" not in recipe["config"]["weights"]
         assert recipe["config"]["weights"]["learned"]["learned_sha256"] == \
             result["learned_sha256"]
     compile_model("whisper-tiny.en", tmp_path / "r", BuildConfig(recipe=tmp_path / "b"),

@@ -1,16 +1,17 @@
 """One-stage mixed precision: bit-widths learned together with the quantized weights.
 
 After arXiv 2501.03643. Each searched weight keeps one FP32 latent tensor and one
-learnable scale tensor per candidate format ({8, 4/32, 2/32} by default), each candidate
+learnable scale tensor per candidate format (the build's candidates: 8, 4/32, 4/128 and
+2/32 unless `--candidates` says otherwise), each candidate
 fake-quantized in the exact layout the QDQ writer stores (`fakequant`). A step mixes the
 candidates with Gumbel-softmax weights over learnable per-weight logits at an annealed
 temperature; the loss is the caller's task loss (distillation to the FP32 teacher) plus an
 augmented-Lagrangian size term on the expected average bits over the budget, whose
 multiplier rises while the budget is exceeded: at the end every weight's task gain per
 bit is weighed against one price, so insensitive weights give their bits to sensitive
-ones. The search then fixes each weight's
-format (the most probable assignment that meets the budget exactly, by the same integer
-program as the two-stage search) and fine-tunes weights and scales with the bits fixed.
+ones. The search then fixes each weight's format (the most probable assignment within
+the budget, by the same integer program as the two-stage search) and fine-tunes weights
+and scales with the bits fixed.
 The export is integers and scales per weight: `quantize_weight` of the learned latent
 weight at the learned scale, which is bit for bit the fake-quantized forward value.
 
@@ -286,7 +287,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                      checkpoints: Path | None = None, key_extra: str = "",
                      progress: bool = True,
                      stop_after: int | None = None) -> OneStageResult:
-    """Learn each weight's format under `budget` and its quantized values.
+    """Learn each weight's format within `bits_allowed` and its quantized values.
 
     `task_loss(step, weights)`: the task loss of step `step` with the effective weights
     (ONNX layout, float32 tensors); it must pick its batch from `step` alone, so a resumed
