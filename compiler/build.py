@@ -156,6 +156,9 @@ class BuildConfig:
         if self.weight_method not in WEIGHT_METHODS:
             raise SfcError(f"--weight-method must be one of {', '.join(WEIGHT_METHODS)}, "
                            f"not {self.weight_method!r}")
+        if self.gptq_start and self.weight_method != "gptq":
+            raise SfcError("one-stage fine-tuning starts from GPTQ: it needs --weight-method "
+                           "gptq")
         if self.gptq != GptqConfig() and self.weight_method != "gptq":
             raise SfcError("--gptq-damp and --gptq-act-order apply to --weight-method gptq only")
         # Fail on a bad option before minutes of calibration, not after.
@@ -205,11 +208,17 @@ class BuildConfig:
         return self.mixed and self.search is not None and self.search.method == "one-stage"
 
     @property
+    def gptq_start(self) -> bool:
+        """Whether a one-stage build fine-tunes from GPTQ's integers and scales."""
+        return (self.one_stage and self.search is not None
+                and self.search.one_stage.finetune_init == "gptq")
+
+    @property
     def needs_grams(self) -> bool:
         """Whether calibration also sums each MatMul input's Gram matrix (GPTQ on 4/2-bit
         weights, and the mixed search's layer-output proxy)."""
-        if self.one_stage:
-            return False  # the learned weights need no Gram matrix
+        if self.one_stage:  # only the fine-tuning's GPTQ start needs them
+            return self.gptq_start
         return self.mixed or (self.weight_method == "gptq" and self.low_bit)
 
     def plan_config(self) -> PlanConfig:
@@ -236,7 +245,7 @@ class BuildConfig:
             # One-stage builds learn every searched weight; the convs keep absmax INT8.
             method = LEARNED if self.one_stage else self.weight_method
             weights: dict[str, Any] = {"method": method}
-            if method == "gptq":
+            if method == "gptq" or self.gptq_start:
                 weights["gptq"] = self.gptq.to_dict()
             if self.search is not None:
                 weights["search"] = self.search.to_dict()

@@ -273,9 +273,8 @@ def build_cmd(
     elif weights != "mixed":
         raise SfcError(f"--weights must be 8, 4, 2 or mixed, not {weights!r}")
     mixed = None
-    steps = {k: v for k, v in (("steps", search_steps), ("finetune_steps", finetune_steps))
-             if v is not None}
-    if (steps or train_device != "cpu") and search != "one-stage":
+    if ((search_steps, finetune_steps) != (None, None) or train_device != "cpu") \
+            and search != "one-stage":
         raise SfcError("--search-steps, --finetune-steps and --train-device apply to --search "
                        "one-stage only")
     if avg_bits is not None or size_mb is not None or weights == "mixed":
@@ -285,7 +284,12 @@ def build_cmd(
             DEFAULT_CANDIDATES
         mixed = SearchConfig(Budget(avg_bits, size_mb), formats, sensitivity,
                              sensitivity_samples, search,
-                             OneStageConfig(**steps, seed=seed, device=train_device))
+                             OneStageConfig(
+                                 steps=OneStageConfig.steps if search_steps is None
+                                 else search_steps,
+                                 finetune_steps=OneStageConfig.finetune_steps
+                                 if finetune_steps is None else finetune_steps,
+                                 seed=seed, device=train_device))
         if mixed.method == "one-stage":
             check_device(train_device)
     elif candidates is not None or search != "two-stage":

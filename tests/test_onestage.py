@@ -106,6 +106,48 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path) -> None:
         assert spec2 == spec and np.array_equal(q2, q) and np.array_equal(s2, s)
 
 
+def test_fine_tuning_starts_from_the_callers_integers_and_scales() -> None:
+    """With `start` (the build's GPTQ), the fixed weights restart from its integers and
+    scales: with no fine-tuning step they are exported unchanged, bit for bit."""
+    weights, allowed, params = _problem()
+    values = {w.name: w.value for w in weights}
+    calls = []
+
+    def start(name: str, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+        calls.append((name, spec))
+        # 1.5x the absmax scales: far from the search's own (MSE-initialised) scales.
+        scales = weight_scales(values[name], spec, "absmax") * np.float32(1.5)
+        return quantize_weight(values[name], spec, scales), scales
+
+    task = _task(values["a"], values["b"])
+    config = OneStageConfig(steps=30, finetune_steps=0)
+    result = one_stage_search(weights, task, bits_allowed=allowed, params=params,
+                              config=config, progress=False, start=start)
+    chosen = {n: s for n, (s, _, _) in result.weights.chosen.items()}
+    assert sorted(calls, key=lambda c: c[0]) == sorted(chosen.items())
+    for name, (spec, q, scales) in result.weights.chosen.items():
+        q0, s0 = start(name, spec)
+        assert np.array_equal(scales, s0) and np.array_equal(q, q0)
+    own = one_stage_search(weights, task, bits_allowed=allowed, params=params,
+                           config=config, progress=False)
+    assert any(not np.array_equal(own.weights.chosen[n][2], result.weights.chosen[n][2])
+               for n in chosen)
+    # Fine-tuning from that start moves the integers on.
+    tuned = one_stage_search(weights, task, bits_allowed=allowed, params=params,
+                             config=OneStageConfig(steps=30, finetune_steps=20,
+                                                   lr_finetune=1e-3),
+                             progress=False, start=start)
+    assert any(not np.array_equal(tuned.weights.chosen[n][1], result.weights.chosen[n][1])
+               for n in chosen)
+
+
+@pytest.mark.parametrize("field,value", [("finetune_init", "rtn"), ("lr_finetune", -1.0),
+                                         ("steps", 0), ("augment", -1)])
+def test_config_refuses_bad_values(field: str, value: object) -> None:
+    with pytest.raises(SfcError, match=field):
+        OneStageConfig(**{field: value})  # type: ignore[arg-type]
+
+
 def test_search_refuses_a_budget_below_the_smallest_choice() -> None:
     weights, _, params = _problem()
     floor = sum(storage_bits(w.value.shape, B2) for w in weights)
@@ -188,6 +230,7 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
     from sfc.pipeline import compile_model
     from sfc.precision.budget import Budget
     from sfc.precision.search import SearchConfig
+    from sfc.quant.gptq import GptqConfig
 
     search = SearchConfig(Budget(avg_bits=5.0), method="one-stage",
                           one_stage=OneStageConfig(steps=2, finetune_steps=1))
@@ -203,7 +246,9 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
         methods = {t["method"] for t in recipe["tensors"] if t["kind"] == "weight"}
         assert "learned" in methods
         assert recipe["config"]["weights"]["method"] == "learned"
-        assert "gptq" not in recipe["config"]["weights"]
+        # The fine-tuning started from GPTQ: its settings are part of the recipe.
+        assert recipe["config"]["weights"]["gptq"] == GptqConfig().to_dict()
+        assert recipe["config"]["weights"]["search"]["one_stage"]["finetune_init"] == "gptq"
         assert recipe["config"]["weights"]["learned"]["learned_sha256"] == \
             result["learned_sha256"]
     compile_model("whisper-tiny.en", tmp_path / "r", BuildConfig(recipe=tmp_path / "b"),

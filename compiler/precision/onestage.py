@@ -11,7 +11,8 @@ multiplier rises while the budget is exceeded: at the end every weight's task ga
 bit is weighed against one price, so insensitive weights give their bits to sensitive
 ones. The search then fixes each weight's format (the most probable assignment within
 the budget, by the same integer program as the two-stage search) and fine-tunes weights
-and scales with the bits fixed.
+and scales with the bits fixed, from the caller's starting point (the build's: GPTQ at
+the chosen formats) or from the search's own latents.
 The export is integers and scales per weight: `quantize_weight` of the learned latent
 weight at the learned scale, which is bit for bit the fake-quantized forward value.
 
@@ -40,7 +41,7 @@ from ..progress import progress_bar
 from ..quant.spec import QuantSpec
 from ..quant.weights import quantize_weight, weight_scales
 from .budget import WeightOption, storage_bits
-from .fakequant import fake_quantize
+from .fakequant import expand_scales, fake_quantize
 from .solve import solve_choice
 
 if TYPE_CHECKING:
@@ -51,11 +52,14 @@ __all__ = [
     "OneStageConfig",
     "OneStageResult",
     "SearchedWeight",
+    "StartFn",
     "check_device",
     "one_stage_search",
 ]
 
 TaskLoss = Callable[[int, Mapping[str, "torch.Tensor"]], "torch.Tensor"]
+# (weight name, its fixed format) -> the fine-tuning's starting integers and scales
+StartFn = Callable[[str, QuantSpec], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,12 @@ class OneStageConfig:
     max(excess, 0)^2, excess = expected average bits - budget; mu (>= 0, the price of a
     bit) moves by `dual_lr` * excess after every search step. `device`: where torch
     trains ("cpu", deterministic; or "cuda"). `augment`: perturbed copies of each training
-    clip (speed, reverberation, noise; `calib.augment`) added to the training set."""
+    clip (speed, reverberation, noise; `calib.augment`) added to the training set.
+    `finetune_init`: what the fine-tuning starts from once the bits are fixed: "gptq" (the
+    build's GPTQ integers and scales at each chosen format: the search's latents moved
+    too little at `lr_weights` to beat them) or "search" (the search's own latents and
+    scales). `lr_finetune`: Adam's rate for the latents while fine-tuning (a latent on a
+    grid point must move half a step, ~1e-2 at 4 bits, to change its integer)."""
 
     steps: int = 200
     finetune_steps: int = 100
@@ -81,6 +90,8 @@ class OneStageConfig:
     checkpoint_every: int = 25
     device: str = "cpu"
     augment: int = 1
+    finetune_init: str = "gptq"
+    lr_finetune: float = 1e-4
 
     def __post_init__(self) -> None:
         for name in ("steps", "finetune_steps", "checkpoint_every", "seed", "augment"):
@@ -90,13 +101,16 @@ class OneStageConfig:
         if self.steps < 1 or self.checkpoint_every < 1:
             raise SfcError("one-stage search needs steps >= 1 and checkpoint_every >= 1")
         for name in ("lr_weights", "lr_scales", "lr_logits", "tau_start", "tau_end",
-                     "size_weight", "dual_lr"):
+                     "size_weight", "dual_lr", "lr_finetune"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, int | float)
                     or not math.isfinite(value) or value < 0):
                 raise SfcError(f"one-stage {name} must be a finite number >= 0, not {value!r}")
         if not 0 < self.tau_end <= self.tau_start:
             raise SfcError("one-stage temperatures need 0 < tau_end <= tau_start")
+        if self.finetune_init not in ("gptq", "search"):
+            raise SfcError(f"one-stage finetune_init must be gptq or search, not "
+                           f"{self.finetune_init!r}")
         if self.device not in ("cpu", "cuda"):
             raise SfcError(f"--train-device must be cpu or cuda, not {self.device!r}")
 
@@ -254,13 +268,14 @@ def check_device(device: str) -> None:
                        f"{torch.__version__}); train on cpu")
 
 
-def _optimizer(mixed: _Mixed, config: OneStageConfig, logits: bool) -> torch.optim.Optimizer:
+def _optimizer(mixed: _Mixed, config: OneStageConfig, searching: bool) -> torch.optim.Optimizer:
     import torch
 
-    groups = [{"params": [mixed.latent[n] for n in mixed.names], "lr": config.lr_weights},
+    groups = [{"params": [mixed.latent[n] for n in mixed.names],
+               "lr": config.lr_weights if searching else config.lr_finetune},
               {"params": [s for n in mixed.names for s in mixed.scales[n]],
                "lr": config.lr_scales}]
-    if logits:
+    if searching:
         groups.append({"params": [mixed.logits[n] for n in mixed.names],
                        "lr": config.lr_logits})
     return torch.optim.Adam(groups)
@@ -285,7 +300,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                      bits_allowed: float, params: int, fixed_bits: float = 0.0,
                      config: OneStageConfig = OneStageConfig(),
                      checkpoints: Path | None = None, key_extra: str = "",
-                     progress: bool = True,
+                     progress: bool = True, start: StartFn | None = None,
                      stop_after: int | None = None) -> OneStageResult:
     """Learn each weight's format within `bits_allowed` and its quantized values.
 
@@ -296,6 +311,9 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     fixed-format weights).
     `checkpoints`: the folder of resumable states, one file per run key (weights, specs,
     budget, config and `key_extra`, which names what the caller's data depends on).
+    `start`: where the fine-tuning starts once the bits are fixed: each latent becomes
+    `start`'s integers times its scales, and the chosen candidate's scales its scales
+    (None: the search's own latents and scales go on).
     `stop_after`: end after that many total steps as if interrupted (tests).
     """
     import torch
@@ -322,7 +340,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     history: list[dict[str, Any]] = []
     step = 0
     mu = 0.0  # the size term's multiplier
-    opt = _optimizer(mixed, config, logits=True)
+    opt = _optimizer(mixed, config, searching=True)
     total = config.steps + config.finetune_steps
     state_file = None if checkpoints is None else checkpoints / f"onestage-{key[:32]}.pt"
     if state_file is not None and state_file.is_file():
@@ -336,7 +354,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
             mu = state["mu"]
             generator.set_state(state["generator"])
             if step >= config.steps:
-                opt = _optimizer(mixed, config, logits=False)
+                opt = _optimizer(mixed, config, searching=False)
             opt.load_state_dict(state["optimizer"])
 
     def save() -> None:
@@ -356,6 +374,16 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                       for o, p in zip(options[n], probs[n], strict=True)]
                   for n in mixed.names}
         mixed.fixed = solve_choice(costed, searched_bits)
+        if start is None:
+            return
+        with torch.no_grad():
+            for n, index in mixed.fixed.items():
+                spec = mixed.specs[n][index]
+                ints, scales = start(n, spec)
+                s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
+                mixed.latent[n].copy_(torch.from_numpy(ints.astype(np.float32))
+                                      * expand_scales(s, spec, tuple(ints.shape)))
+                mixed.scales[n][index].copy_(s)
 
     try:
         with progress_bar(enabled=progress, transient=True) as bar:
@@ -387,7 +415,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                     # Bits are fixed once, right after the last search step, before any
                     # checkpoint of the fine-tuning phase is written.
                     fix_bits()
-                    opt = _optimizer(mixed, config, logits=False)
+                    opt = _optimizer(mixed, config, searching=False)
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     save()
     except KeyboardInterrupt:

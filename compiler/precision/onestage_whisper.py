@@ -28,6 +28,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from ..errors import SfcError
+from ..quant.spec import QuantSpec
 from .budget import WeightOption, storage_bits
 from .onestage import OneStageResult, SearchedWeight, TaskLoss, one_stage_search
 from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float_params
@@ -143,10 +144,18 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
                                      audio=perturbed).batches
     data_key = json.dumps([zoo, [u.id for u in utterances]])
     task = whisper_task_loss(model, names, batches, config.one_stage.device)
+    by_graph = {g.name: g for g in graphs}
+
+    def gptq(key: str, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+        gname, tensor = key.split(":", 1)
+        ints, scales, _ = by_graph[gname].quantize(tensor, spec)
+        return ints, scales
+
     result = one_stage_search(searched, task,
                               bits_allowed=bits_allowed, params=params, fixed_bits=fixed_bits,
                               config=config.one_stage, checkpoints=checkpoints,
-                              key_extra=data_key)
+                              key_extra=data_key,
+                              start=gptq if config.one_stage.finetune_init == "gptq" else None)
     layers = []
     for sw in searched:
         gname, q = meta[sw.name]
