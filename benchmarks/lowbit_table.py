@@ -2,6 +2,7 @@
 
     python benchmarks/lowbit_table.py [--model whisper-tiny.en] [--variants a,b,...]
     python benchmarks/lowbit_table.py --show
+    python benchmarks/lowbit_table.py --compare A/precision.json B/precision.json
 
 Every variant is a fresh `sfc build` (bundled calibration set, seed 0) judged on the
 whole eval set with the paired bootstrap against FP32; results go to
@@ -26,7 +27,7 @@ from common import build_variant, machine_info, machine_line, outside_repo, prin
 from sfc.paths import BUNDLED_DATA
 from sfc.precision.budget import Budget, storage_bits
 from sfc.precision.onestage import OneStageConfig
-from sfc.precision.search import SearchConfig
+from sfc.precision.search import DEFAULT_CANDIDATES, SearchConfig
 from sfc.quant.plan import LayerPrecision
 from sfc.quant.recipe import Recipe
 
@@ -41,8 +42,9 @@ def _mixed(bits: float, method: str = "gptq", **extra: Any) -> dict[str, Any]:
 
 
 def _one_stage(bits: float, steps: int, finetune: int, augment: int = 0,
-               **knobs: Any) -> dict[str, Any]:
-    search = SearchConfig(Budget(avg_bits=bits), method="one-stage",
+               candidates: tuple[str, ...] = DEFAULT_CANDIDATES, **knobs: Any
+               ) -> dict[str, Any]:
+    search = SearchConfig(Budget(avg_bits=bits), candidates, method="one-stage",
                           one_stage=OneStageConfig(steps=steps, finetune_steps=finetune,
                                                    augment=augment, **knobs))
     return {**NONE, "weights": "mixed", "search": search}
@@ -92,6 +94,8 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "onestage-4.5-gptq": _one_stage(4.5, 100, 100, augment=1),
         "onestage-5-gptq": _one_stage(5.0, 100, 100, augment=1),
         "onestage-4-gptq": _one_stage(4.0, 100, 100, augment=1),
+        # One candidate: no search, GPTQ 4/32 everywhere fine-tuned by distillation (QAT).
+        "qat-4-32": _one_stage(5.1, 1, 150, augment=1, candidates=("4/32",)),
     }
 
 
@@ -132,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
         row["avg_bits"] = avg_bits(out)
         precision = out / "precision.json"
         if precision.is_file():
-            row["search"] = {k: v for k, v in json.loads(precision.read_text()).items()
-                             if k != "layers"}
+            found = json.loads(precision.read_text())
+            row["search"] = {k: v for k, v in found.items() if k != "layers"}
+            row["chosen"] = _chosen(found)
         for key in ("hypotheses", "errors", "substitutions", "deletions", "insertions",
                     "compute_s", "loop_stops"):
             row.pop(key, None)
@@ -175,6 +180,33 @@ def _group(graph: str, consumers: list[str]) -> str:
     return f"{graph}: {kind}"
 
 
+def _chosen(precision: dict[str, Any]) -> dict[str, str]:
+    """"graph:tensor" -> the format a search chose (precision.json's layers)."""
+    return {f"{c['graph']}:{c['tensor']}": c["chosen"] for c in precision["layers"]}
+
+
+def compare(paths: list[Path]) -> None:
+    """Per-layer formats of two or more mixed builds side by side (precision.json each),
+    then the count of each format by kind of layer."""
+    found = [json.loads(p.read_text()) for p in paths]
+    heads = [f"{f['config'].get('method', 'two-stage')} {f['avg_bits']:.2f}" for f in found]
+    first = found[0]["layers"]
+    choices = [_chosen(f) for f in found]
+    rows, kinds = [], {}
+    for c in first:
+        key = f"{c['graph']}:{c['tensor']}"
+        labels = [ch.get(key, "-") for ch in choices]
+        rows.append([", ".join(c["consumers"])[:40], c["graph"], f"{c['params']:,}", *labels])
+        kind = kinds.setdefault(_group(c["graph"], c["consumers"]),
+                                [dict() for _ in found])
+        for counts, label in zip(kind, labels, strict=True):
+            counts[label] = counts.get(label, 0) + 1
+    print_table("chosen format per weight", ["weight", "graph", "params", *heads], rows)
+    print_table("formats by kind", ["kind", *heads],
+                [[k, *(" ".join(f"{n}x{lab}" for lab, n in sorted(c.items())) for c in v)]
+                 for k, v in sorted(kinds.items())])
+
+
 def layers(path: Path, fmt: str) -> None:
     """Which weights carry the loss at `fmt`: the probes of a mixed build's precision.json."""
     result = json.loads(path.read_text())
@@ -213,7 +245,12 @@ def main() -> int:
     parser.add_argument("--layers", metavar="PRECISION_JSON",
                         help="print which weights carry the loss (a mixed build's probes)")
     parser.add_argument("--format", default="4/32", help="the format --layers ranks by")
+    parser.add_argument("--compare", nargs="+", metavar="PRECISION_JSON",
+                        help="per-layer formats of mixed builds side by side")
     args = parser.parse_args()
+    if args.compare:
+        compare([Path(p) for p in args.compare])
+        return 0
     if args.layers:
         layers(Path(args.layers), args.format)
         return 0
