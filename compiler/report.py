@@ -341,6 +341,8 @@ def _precision(p: dict[str, Any] | None) -> list[str]:
                   f"{o['seed']}; candidates {', '.join(cfg['candidates'])}",
                   "- per format below: -log of the learned probability (the integer "
                   "program's cost: the most probable choice within the budget)",
+                  "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in
+                                              p.get("phase_seconds", {}).items()),
                   f"- plots: {BITS_PLOT}, {ONE_STAGE_PLOT}"]
     else:
         lines += [f"- sensitivity: {p['objective']} on {cfg['samples']} calibration items "

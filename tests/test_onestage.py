@@ -84,6 +84,8 @@ def test_search_gives_the_insensitive_weight_fewer_bits_within_the_budget() -> N
         assert q.dtype == np.int8 and q.min() >= spec.qmin and q.max() <= spec.qmax
         assert scales.dtype == np.float32 and (scales > 0).all()
     assert result.weights.learned_sha256 != result.weights.original_sha256
+    assert set(result.seconds) == {"search", "fixing bits", "fine-tuning", "this_run"}
+    assert result.seconds["search"] > 0 and result.seconds["fine-tuning"] > 0
 
 
 def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path) -> None:
@@ -100,6 +102,8 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path: Path) -> None:
     resumed = one_stage_search(weights, task, bits_allowed=allowed, params=params,
                                config=config, checkpoints=tmp_path, progress=False)
     assert resumed.history == whole.history
+    # Resumed runs add up their phases' wall time rather than restarting the count.
+    assert resumed.seconds["search"] > resumed.seconds["this_run"] / 2
     assert resumed.probs == whole.probs
     for name, (spec, q, s) in whole.weights.chosen.items():
         spec2, q2, s2 = resumed.weights.chosen[name]
@@ -213,9 +217,10 @@ def test_report_shows_a_one_stage_search() -> None:
                {"label": "4/32", "bits": 50, "sensitivity": 0.1, "proxy": None})
     result = SearchResult(config, "one-stage", 0.0, 60.0, 12, 0,
                           (LayerChoice("decoder", "w", ("/fc1/MatMul",), 12, options, 1),),
-                          None, 1.0)
+                          None, 1.0, phases={"search": 41.6, "fine-tuning": 9.2})
     text = "\n".join(_precision(result.to_dict()))
     assert "## Mixed precision (one-stage)" in text
+    assert "wall time: search 42 s, fine-tuning 9 s" in text
     assert "7 search steps, 3 fine-tuning steps" in text
     assert "**4/32**" in text
 

@@ -338,6 +338,8 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     mixed = _Mixed(weights, device)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
+    # Wall seconds per phase, over every run that led here (resumes add up).
+    spent = {"search": 0.0, "fixing bits": 0.0, "fine-tuning": 0.0}
     step = 0
     mu = 0.0  # the size term's multiplier
     opt = _optimizer(mixed, config, searching=True)
@@ -350,6 +352,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 for name, t in mixed.tensors().items():
                     t.copy_(state["tensors"][name])
             step, history = state["step"], state["history"]
+            spent = dict(state["seconds"])
             mixed.fixed = dict(state["fixed"])
             mu = state["mu"]
             generator.set_state(state["generator"])
@@ -360,6 +363,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
     def save() -> None:
         if state_file is not None:
             _save(state_file, {"key": key, "step": step, "history": history,
+                               "seconds": spent,
                                "fixed": mixed.fixed, "generator": generator.get_state(),
                                "mu": mu,
                                "optimizer": opt.state_dict(),
@@ -392,6 +396,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 if stop_after is not None and step >= stop_after:
                     raise KeyboardInterrupt
                 searching = step < config.steps
+                began = time.perf_counter()
                 tau = config.tau(min(step, config.steps - 1))
                 opt.zero_grad(set_to_none=True)
                 loss = task_loss(step, mixed.sample(tau, generator))
@@ -407,6 +412,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                                 "expected_bits": float(avg.detach()),
                                 "probs": None if mixed.fixed else mixed.probs()})
                 step += 1
+                spent["search" if searching else "fine-tuning"] += time.perf_counter() - began
                 last = history[-1]
                 bar.update(task, completed=step, description=(
                     f"one-stage {'search' if searching else 'fine-tune'} loss "
@@ -414,8 +420,10 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 if step == config.steps:
                     # Bits are fixed once, right after the last search step, before any
                     # checkpoint of the fine-tuning phase is written.
+                    began = time.perf_counter()
                     fix_bits()
                     opt = _optimizer(mixed, config, searching=False)
+                    spent["fixing bits"] += time.perf_counter() - began
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     save()
     except KeyboardInterrupt:
@@ -439,5 +447,5 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
         LearnedWeights(chosen, _digest({w.name: w.value for w in weights}), _digest(learned)),
         probs=mixed.probs(), labels={w.name: [_label(s) for s in w.specs] for w in weights},
         avg_bits=used / params, history=history,
-        seconds={"this_run": time.perf_counter() - started})
+        seconds={**spent, "this_run": time.perf_counter() - started})
 

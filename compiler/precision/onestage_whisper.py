@@ -134,6 +134,7 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     bits_allowed = config.budget.bits_allowed(params, other)
     model = load_whisper(locate_checkpoint(zoo)).model
     names = hf_names(model, {w.name: w.value for w in searched})
+    labelled = time.perf_counter()
     batches = list(whisper_reference(runtime, utterances, "teacher-forced",
                                      batch=BATCH).batches)
     for copy in range(config.one_stage.augment):
@@ -142,6 +143,7 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
 
         batches += whisper_reference(runtime, utterances, "teacher-forced", batch=BATCH,
                                      audio=perturbed).batches
+    labelled = time.perf_counter() - labelled
     data_key = json.dumps([zoo, [u.id for u in utterances]])
     task = whisper_task_loss(model, names, batches, config.one_stage.device)
     by_graph = {g.name: g for g in graphs}
@@ -165,6 +167,9 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
                      for s, p in zip(sw.specs, result.probs[sw.name], strict=True))
         layers.append(LayerChoice(gname, q.tensor, q.consumers, sw.value.size, rows,
                                   sw.specs.index(chosen)))
+    phases = {"teacher transcripts": labelled,
+              **{k: v for k, v in result.seconds.items() if k != "this_run"}}
     search = SearchResult(config, "one-stage", 0.0, bits_allowed, params, other,
-                          tuple(layers), None, time.perf_counter() - started, fixed_bits)
+                          tuple(layers), None, time.perf_counter() - started, fixed_bits,
+                          phases=phases)
     return search, result

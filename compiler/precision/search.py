@@ -109,6 +109,7 @@ class SearchResult:
     seconds: float
     float_bits: int = 0  # bits the search does not choose (float weights; one-stage: convs too)
     rounds: tuple[dict[str, Any], ...] = ()  # verification of the chosen mix (`_verified`)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per part (one-stage)
 
     @property
     def bits_used(self) -> int:
@@ -125,7 +126,7 @@ class SearchResult:
                 "avg_bits": self.avg_bits, "other_bytes": self.other_bytes,
                 "est_mb": (self.other_bytes + self.bits_used / 8) / 1e6,
                 "spearman_task_vs_proxy": self.spearman, "seconds": self.seconds,
-                "rounds": list(self.rounds),
+                "rounds": list(self.rounds), "phase_seconds": self.phases,
                 "layers": [{"graph": c.graph, "tensor": c.tensor,
                             "consumers": list(c.consumers), "params": c.params,
                             "options": list(c.options), "chosen": c.label}
