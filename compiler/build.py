@@ -133,6 +133,8 @@ class BuildConfig:
     gptq: GptqConfig = field(default_factory=GptqConfig)
     # Per-layer precision written by hand (--precision FILE); the search never overrides it.
     precision: tuple[LayerPrecision, ...] = ()
+    # One-stage only: more training audio (manifest folders; the teacher labels it).
+    train_data: tuple[Path, ...] = ()
     # weights "mixed" only: the budget and how sensitivities are measured.
     search: SearchConfig | None = None
     # ESC only (calibrator "esc"): see sfc.calib.esc.EscCalib.
@@ -156,6 +158,8 @@ class BuildConfig:
         if self.weight_method not in WEIGHT_METHODS:
             raise SfcError(f"--weight-method must be one of {', '.join(WEIGHT_METHODS)}, "
                            f"not {self.weight_method!r}")
+        if self.train_data and not self.one_stage:
+            raise SfcError("--train-data applies to --search one-stage only")
         if self.gptq_start and self.weight_method != "gptq":
             raise SfcError("one-stage fine-tuning starts from GPTQ: it needs --weight-method "
                            "gptq")
@@ -553,18 +557,21 @@ def _check_one_stage(card: ModelCard, config: BuildConfig) -> None:
             card.family != "whisper" or "zoo" not in card.source):
         raise SfcError("--search one-stage trains through the PyTorch checkpoint: it needs a "
                        "zoo Whisper model (e.g. whisper-tiny.en)")
+    for folder in config.train_data:
+        read_manifest(folder)  # a bad manifest fails now, not after the calibration
 
 
 def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCard,
                config: BuildConfig, runtime: Any, utterances: list[Any],
                stage: Path) -> SearchResult:
     """The one-stage search; the learned integers and scales go to each graph."""
-    from .precision.onestage_whisper import choose_one_stage
+    from .precision.onestage_whisper import audio_digest, choose_one_stage
 
     assert config.search is not None
     zoo = card.source["zoo"]  # `_check_one_stage` made sure
+    extra = [u for folder in config.train_data for u in read_manifest(folder)]
     result, learned = choose_one_stage(weights, config.search, zoo, runtime, utterances,
-                                       cache_dir() / "onestage")
+                                       cache_dir() / "onestage", extra)
     write_json_atomic(stage / ONE_STAGE_FILE, learned.to_dict())
     plot_one_stage(learned.to_dict(), result.bits_allowed / result.params, stage)
     for g in pending:
@@ -572,7 +579,8 @@ def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCa
                      for key, (_, q, s) in learned.weights.chosen.items()
                      if key.split(":", 1)[0] == g.name}
         g.learned_digests = {"original_sha256": learned.weights.original_sha256,
-                             "learned_sha256": learned.weights.learned_sha256}
+                             "learned_sha256": learned.weights.learned_sha256,
+                             "train_data_sha256": audio_digest(extra)}
     return result
 
 

@@ -89,6 +89,27 @@ def export(
 
 
 @command()
+def synth(
+    texts: Annotated[Path, typer.Argument(help="Sentences, one per line ('#' lines skipped)")]
+    = BUNDLED_DATA / "synth" / "texts.txt",
+    out: Annotated[Path, typer.Option("-o", "--out", help="New manifest folder")]
+    = Path("synth"),
+    held_out: Annotated[list[Path] | None, typer.Option(
+        "--held-out", help="Evaluation manifests no sentence may come from (repeatable; "
+        "default: the bundled eval set)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the per-sentence speaking rates")] = 0,
+) -> None:
+    """Render sentences to speech (piper-tts) as training audio for --train-data."""
+    from .calib.synth import read_texts, synthesize
+
+    sentences = read_texts(texts)
+    folder = synthesize(sentences, out, held_out=held_out or [BUNDLED_DATA / "eval"],
+                        seed=seed)
+    console.print(f"wrote {len(sentences)} clips and their manifest to {folder}",
+                  highlight=False, markup=False)
+
+
+@command()
 def transcribe(
     model: ModelArg,
     audio: Annotated[list[Path], typer.Argument(help="Audio files (any rate; resampled)")],
@@ -176,6 +197,9 @@ def build_cmd(
         help="One-stage: joint search steps (4 clips each; default 200)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(
         help="One-stage: fine-tuning steps with the bits fixed (default 100)")] = None,
+    train_data: Annotated[list[Path] | None, typer.Option(
+        help="One-stage: more training audio, a manifest folder (repeatable; e.g. sfc "
+        "synth's); the FP32 teacher labels it")] = None,
     train_device: Annotated[str, typer.Option(
         help="One-stage: cpu (deterministic) or cuda (a GPU torch can see)")] = "cpu",
     precision: Annotated[Path | None, typer.Option(
@@ -309,7 +333,8 @@ def build_cmd(
                          quantize_attention=quantize_attention, seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
-                         act_guard=guard, engine_limits=limits)
+                         act_guard=guard, engine_limits=limits,
+                         train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
     console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)

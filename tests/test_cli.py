@@ -148,3 +148,8 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
         _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
                                 "--search", "one-stage", "--train-device", "cuda"),
                            "no CUDA GPU")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                            "--train-data", str(tmp_path)), "--search one-stage only")
+    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
+                            "--search", "one-stage", "--train-data", str(tmp_path)),
+                       "manifest not found")

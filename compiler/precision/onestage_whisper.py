@@ -8,8 +8,9 @@ tied logits/embedding table included, which the embedding then reads quantized t
 the deployed Gather does). Convolutions stay FP32 in the student; the plan stores them at
 their base format, counted in the budget as fixed bits.
 
-Training data: the calibration clips' first 30 s windows, and `augment` perturbed copies of
-each (`calib.augment`), with the teacher's own greedy transcripts (`whisper_reference`),
+Training data: the first 30 s windows of the calibration clips and of any `--train-data`
+clips (e.g. `sfc synth`'s), and `augment` perturbed copies of each (`calib.augment`), with
+the teacher's own greedy transcripts (`whisper_reference`),
 teacher-forced; the loss is the mean KL divergence
 from the teacher's to the student's next-token distributions over transcript positions.
 """
@@ -36,7 +37,7 @@ from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["choose_one_stage", "hf_names", "whisper_task_loss"]
+__all__ = ["audio_digest", "choose_one_stage", "hf_names", "whisper_task_loss"]
 
 BATCH = 4  # training clips per step
 
@@ -101,13 +102,22 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
     return loss
 
 
+def audio_digest(utterances: Sequence[Any]) -> str:
+    """sha256 over the ids and audio bytes of `utterances` (training data's identity)."""
+    h = hashlib.sha256()
+    for u in utterances:
+        h.update(u.id.encode() + b"\0" + hashlib.sha256(Path(u.audio).read_bytes()).digest())
+    return h.hexdigest()
+
+
 def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: str,
-                     runtime: Any, utterances: Sequence[Any], checkpoints: Path | None
-                     ) -> tuple[SearchResult, OneStageResult]:
+                     runtime: Any, utterances: Sequence[Any], checkpoints: Path | None,
+                     extra: Sequence[Any] = ()) -> tuple[SearchResult, OneStageResult]:
     """Learn every searched weight's format and values on zoo checkpoint `zoo`; the
     result in the two-stage search's form (each option's "sensitivity" is -log of its
     learned probability, the integer program's cost) and the learned weights, keyed
-    "graph:tensor"."""
+    "graph:tensor". `extra`: more training clips (`--train-data`), beside the
+    calibration `utterances` (which are also GPTQ's)."""
     from ..calib.augment import augment
     from ..calib.objectives import whisper_reference
     from ..models.whisper_hf import load_whisper
@@ -135,16 +145,16 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     model = load_whisper(locate_checkpoint(zoo)).model
     names = hf_names(model, {w.name: w.value for w in searched})
     labelled = time.perf_counter()
-    batches = list(whisper_reference(runtime, utterances, "teacher-forced",
-                                     batch=BATCH).batches)
+    clips = [*utterances, *extra]
+    batches = list(whisper_reference(runtime, clips, "teacher-forced", batch=BATCH).batches)
     for copy in range(config.one_stage.augment):
         def perturbed(index: int, utterance: Any, copy: int = copy) -> np.ndarray:
             return augment(load_audio(utterance.audio), (config.one_stage.seed, copy, index))
 
-        batches += whisper_reference(runtime, utterances, "teacher-forced", batch=BATCH,
+        batches += whisper_reference(runtime, clips, "teacher-forced", batch=BATCH,
                                      audio=perturbed).batches
     labelled = time.perf_counter() - labelled
-    data_key = json.dumps([zoo, [u.id for u in utterances]])
+    data_key = json.dumps([zoo, [u.id for u in utterances], audio_digest(extra)])
     task = whisper_task_loss(model, names, batches, config.one_stage.device)
     by_graph = {g.name: g for g in graphs}
 
