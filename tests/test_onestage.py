@@ -139,10 +139,26 @@ def test_fine_tuning_starts_from_the_callers_integers_and_scales() -> None:
     # Fine-tuning from that start moves the integers on.
     tuned = one_stage_search(weights, task, bits_allowed=allowed, params=params,
                              config=OneStageConfig(steps=30, finetune_steps=20,
-                                                   lr_finetune=1e-3),
+                                                   lr_finetune=0.1),
                              progress=False, start=start)
     assert any(not np.array_equal(tuned.weights.chosen[n][1], result.weights.chosen[n][1])
                for n in chosen)
+
+
+def test_scales_move_relative_to_their_size_at_every_bit_width() -> None:
+    """An INT8 channel's scale (~1e-3) moves no faster, relatively, than an INT2 block's:
+    Adam's step on log-scales bounds the drift by about lr_scales per step."""
+    weights, allowed, params = _problem()
+    config = OneStageConfig(steps=40, finetune_steps=10, lr_scales=1e-3)
+    result = one_stage_search(weights, _task(weights[0].value, weights[1].value),
+                              bits_allowed=allowed, params=params, config=config,
+                              progress=False)
+    bound = np.exp(3 * 1e-3 * 50) - 1  # Adam's update is at most ~3 lr per step
+    values = {w.name: w.value for w in weights}
+    for name, (spec, _, scales) in result.weights.chosen.items():
+        drift = np.abs(scales / weight_scales(values[name], spec, None) - 1)
+        assert drift.max() <= bound, (spec.describe(), drift.max())
+        assert drift.max() > 0  # they do learn
 
 
 @pytest.mark.parametrize("field,value", [("finetune_init", "rtn"), ("lr_finetune", -1.0),

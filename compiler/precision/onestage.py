@@ -65,7 +65,9 @@ StartFn = Callable[[str, QuantSpec], tuple[np.ndarray, np.ndarray]]
 @dataclass(frozen=True)
 class OneStageConfig:
     """The search's knobs. `steps` of joint search, then `finetune_steps` with bits fixed.
-    Learning rates are Adam's, per parameter kind; the temperature decays geometrically
+    Learning rates are Adam's, per parameter kind: `lr_weights` for the FP32 latents while
+    searching (absolute); `lr_scales` for the log of every scale (relative: 1e-3 moves a
+    scale by at most about 0.1% a step); the temperature decays geometrically
     from `tau_start` to `tau_end`. The size term is mu * excess + size_weight / 2 *
     max(excess, 0)^2, excess = expected average bits - budget; mu (>= 0, the price of a
     bit) moves by `dual_lr` * excess after every search step. `device`: where torch
@@ -74,13 +76,14 @@ class OneStageConfig:
     `finetune_init`: what the fine-tuning starts from once the bits are fixed: "gptq" (the
     build's GPTQ integers and scales at each chosen format: the search's latents moved
     too little at `lr_weights` to beat them) or "search" (the search's own latents and
-    scales). `lr_finetune`: Adam's rate for the latents while fine-tuning (a latent on a
-    grid point must move half a step, ~1e-2 at 4 bits, to change its integer)."""
+    scales). `lr_finetune`: Adam's rate for the latents while fine-tuning, in quantization
+    steps of each weight's chosen format (its mean scale): a latent on a grid point must
+    move half a step to change its integer, so 0.01 allows that in about 50 steps."""
 
     steps: int = 200
     finetune_steps: int = 100
     lr_weights: float = 1e-5
-    lr_scales: float = 1e-4
+    lr_scales: float = 1e-3
     lr_logits: float = 0.05
     tau_start: float = 2.0
     tau_end: float = 0.1
@@ -91,7 +94,7 @@ class OneStageConfig:
     device: str = "cpu"
     augment: int = 1
     finetune_init: str = "gptq"
-    lr_finetune: float = 1e-4
+    lr_finetune: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("steps", "finetune_steps", "checkpoint_every", "seed", "augment"):
@@ -191,9 +194,13 @@ class _Mixed:
         self.specs = {w.name: w.specs for w in weights}
         self.latent = {w.name: torch.tensor(w.value, device=device, requires_grad=True)
                        for w in weights}
-        self.scales = {w.name: [torch.tensor(weight_scales(w.value, s, None),
-                                             device=device, requires_grad=True)
-                                for s in w.specs] for w in weights}
+        # A candidate's scales are base * exp(log_scale): Adam moves them by a fraction of
+        # themselves, so an INT8 channel's ~1e-3 scale and an INT2 block's ~1e-1 learn at
+        # the same relative rate (an absolute rate doubled INT8 scales within 50 steps).
+        self.base = {w.name: [torch.tensor(weight_scales(w.value, s, None), device=device)
+                              for s in w.specs] for w in weights}
+        self.log_scales = {w.name: [torch.zeros_like(b, requires_grad=True)
+                                    for b in self.base[w.name]] for w in weights}
         self.logits = {w.name: torch.zeros(len(w.specs), device=device, requires_grad=True)
                        for w in weights}
         self.bits = {w.name: torch.tensor([float(storage_bits(w.value.shape, s))
@@ -208,12 +215,18 @@ class _Mixed:
         for n in self.names:
             out[f"latent:{n}"] = self.latent[n]
             out[f"logits:{n}"] = self.logits[n]
-            for i, s in enumerate(self.scales[n]):
-                out[f"scale{i}:{n}"] = s
+            for i, (b, g) in enumerate(zip(self.base[n], self.log_scales[n], strict=True)):
+                out[f"base{i}:{n}"], out[f"logscale{i}:{n}"] = b, g
         return out
 
+    def scale(self, name: str, index: int) -> torch.Tensor:
+        """Candidate `index`'s scales (what the forward pass and the export both use)."""
+        import torch
+
+        return self.base[name][index] * torch.exp(self.log_scales[name][index])
+
     def candidate(self, name: str, index: int) -> torch.Tensor:
-        return fake_quantize(self.latent[name], self.scales[name][index].clamp_min(1e-30),
+        return fake_quantize(self.latent[name], self.scale(name, index),
                              self.specs[name][index])
 
     def sample(self, tau: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -231,16 +244,18 @@ class _Mixed:
             mix = torch.softmax((self.logits[n] + gumbel) / tau, dim=0)
             # Recomputed in the backward pass: the candidates' intermediates would
             # otherwise hold several copies of every weight per candidate.
-            out[n] = checkpoint(self._mix, n, mix, self.latent[n], *self.scales[n],
+            out[n] = checkpoint(self._mix, n, mix, self.latent[n], *self.log_scales[n],
                                 use_reentrant=False)
         return out
 
     def _mix(self, name: str, mix: torch.Tensor, latent: torch.Tensor,
-             *scales: torch.Tensor) -> torch.Tensor:
-        specs = self.specs[name]
-        total = mix[0] * fake_quantize(latent, scales[0].clamp_min(1e-30), specs[0])
+             *log_scales: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        specs, base = self.specs[name], self.base[name]
+        total = mix[0] * fake_quantize(latent, base[0] * torch.exp(log_scales[0]), specs[0])
         for i in range(1, len(specs)):
-            total = total + mix[i] * fake_quantize(latent, scales[i].clamp_min(1e-30),
+            total = total + mix[i] * fake_quantize(latent, base[i] * torch.exp(log_scales[i]),
                                                    specs[i])
         return total
 
@@ -271,10 +286,13 @@ def check_device(device: str) -> None:
 def _optimizer(mixed: _Mixed, config: OneStageConfig, searching: bool) -> torch.optim.Optimizer:
     import torch
 
-    groups = [{"params": [mixed.latent[n] for n in mixed.names],
-               "lr": config.lr_weights if searching else config.lr_finetune},
-              {"params": [s for n in mixed.names for s in mixed.scales[n]],
-               "lr": config.lr_scales}]
+    if searching:
+        groups = [{"params": [mixed.latent[n] for n in mixed.names], "lr": config.lr_weights}]
+    else:  # per weight: `lr_finetune` quantization steps of its chosen format
+        groups = [{"params": [mixed.latent[n]], "lr": config.lr_finetune * float(
+            mixed.scale(n, mixed.fixed[n]).detach().mean())} for n in mixed.names]
+    groups.append({"params": [g for n in mixed.names for g in mixed.log_scales[n]],
+                   "lr": config.lr_scales})
     if searching:
         groups.append({"params": [mixed.logits[n] for n in mixed.names],
                        "lr": config.lr_logits})
@@ -387,7 +405,8 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
                 mixed.latent[n].copy_(torch.from_numpy(ints.astype(np.float32))
                                       * expand_scales(s, spec, tuple(ints.shape)))
-                mixed.scales[n][index].copy_(s)
+                mixed.base[n][index].copy_(s)
+                mixed.log_scales[n][index].zero_()
 
     try:
         with progress_bar(enabled=progress, transient=True) as bar:
@@ -439,7 +458,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
         index = mixed.fixed[w.name]
         spec = w.specs[index]
         latent = mixed.latent[w.name].detach().cpu().numpy()
-        scales = mixed.scales[w.name][index].detach().cpu().clamp_min(1e-30).numpy()
+        scales = mixed.scale(w.name, index).detach().cpu().numpy()
         chosen[w.name] = (spec, quantize_weight(latent, spec, scales), scales)
         learned[w.name] = latent
     used = sum(options[n][i].bits for n, i in mixed.fixed.items()) + fixed_bits
