@@ -50,8 +50,6 @@ def _one_stage(bits: float, steps: int, finetune: int, augment: int = 0,
     return {**NONE, "weights": "mixed", "search": search}
 
 
-SEARCH_START: dict[str, Any] = {"finetune_init": "search", "lr_finetune": 1e-5}
-
 # The MatMul that reads the tied logits/embedding table (the decoder's last MatMul).
 TABLE = {"whisper-tiny.en": "/MatMul_16", "whisper-base": "/MatMul_24"}
 
@@ -86,11 +84,11 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "mixed-4.5-a8-sim": _mixed(4.5, activations=8, calibrator="esc", target="sim"),
         "w8a8-esc": {"weights": 8, "activations": 8, "calibrator": "esc"},
         # One-stage (issue 11), short runs that fit a 2-core session: 4 clips per step.
-        # The first runs fine-tuned the search's own latents at the search's rate.
-        "onestage-4.5-s100": _one_stage(4.5, 100, 30, **SEARCH_START),
-        "onestage-5-s100": _one_stage(5.0, 100, 30, **SEARCH_START),
-        "onestage-5-s100-aug": _one_stage(5.0, 100, 60, augment=1, **SEARCH_START),
-        # Fine-tuning from GPTQ at the chosen formats (the default since).
+        # The first one-stage runs (onestage-4.5-s100, onestage-5-s100-aug in
+        # results/lowbit_whisper-tiny.en-onestage.json) ran the code of commit 3304fde:
+        # absolute-rate scales and fine-tuning from the search's own latents. This code
+        # no longer has that parameterization, so they are not variants here any more.
+        # Fine-tuning from GPTQ at the chosen formats, relative-rate scales:
         "onestage-4.5-gptq": _one_stage(4.5, 100, 100, augment=1),
         "onestage-5-gptq": _one_stage(5.0, 100, 100, augment=1),
         "onestage-4-gptq": _one_stage(4.0, 100, 100, augment=1),
