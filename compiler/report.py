@@ -223,7 +223,9 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         lowered = g.lowering.artifact if g.lowering.artifact.endswith(".onnx") else "model.qdq.onnx"
         optimized = onnx.load(str(out / g.name / lowered), load_external_data=False)
         layers += layer_rows(g.name, recipe, optimized)
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    cfg = {k: (str(v) if isinstance(v, Path) else
+               [str(p) for p in v] if k == "train_data" else v)
+           for k, v in asdict(config).items()}
     esc = None
     if config.uses_esc and config.recipe is None and (out / ESC_RESULT).is_file():
         esc = EscSummary.of(EscResult.load(out / ESC_RESULT), ESC_PLOT)

@@ -246,16 +246,29 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
     """Two search steps and one fine-tuning step on 4 clips (and their augmented copies):
     the build goes through the one recipe and QDQ writer, and replays byte for byte."""
     import json
+    import shutil
 
     from sfc.build import ONE_STAGE_FILE, BuildConfig
+    from sfc.eval import read_manifest
+    from sfc.paths import BUNDLED_DATA
     from sfc.pipeline import compile_model
     from sfc.precision.budget import Budget
+    from sfc.precision.onestage_whisper import audio_digest
     from sfc.precision.search import SearchConfig
     from sfc.quant.gptq import GptqConfig
 
+    # Extra training audio (--train-data): two clips in a manifest folder of their own.
+    extra = tmp_path / "extra"
+    (extra / "audio").mkdir(parents=True)
+    rows = []
+    for u in read_manifest(BUNDLED_DATA / "calib")[-2:]:
+        shutil.copy(u.audio, extra / "audio" / u.audio.name)
+        rows.append(json.dumps({"audio": f"audio/{u.audio.name}", "text": "unused"}))
+    (extra / "manifest.jsonl").write_text("\n".join(rows) + "\n")
     search = SearchConfig(Budget(avg_bits=5.0), method="one-stage",
                           one_stage=OneStageConfig(steps=2, finetune_steps=1))
-    config = BuildConfig(weights="mixed", activations=None, search=search, calib_limit=4)
+    config = BuildConfig(weights="mixed", activations=None, search=search, calib_limit=4,
+                         train_data=(extra,))
     compile_model("whisper-tiny.en", tmp_path / "b", config, eval_data=None)
     result = json.loads((tmp_path / "b" / ONE_STAGE_FILE).read_text())
     assert result["avg_bits"] <= 5.0 and len(result["chosen"]) == 65
@@ -272,6 +285,8 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
         assert recipe["config"]["weights"]["search"]["one_stage"]["finetune_init"] == "gptq"
         assert recipe["config"]["weights"]["learned"]["learned_sha256"] == \
             result["learned_sha256"]
+        assert recipe["config"]["weights"]["learned"]["train_data_sha256"] == \
+            audio_digest(read_manifest(extra))
     compile_model("whisper-tiny.en", tmp_path / "r", BuildConfig(recipe=tmp_path / "b"),
                   eval_data=None)
     for graph in ("encoder", "decoder"):
