@@ -31,7 +31,7 @@ from sfc.precision.budget import Budget, WeightOption, parse_format, storage_bit
 from sfc.precision.mapfile import load_precision
 from sfc.precision.probe import run_probes, switchable
 from sfc.precision.search import SearchConfig, candidate_specs
-from sfc.precision.solve import solve_choice
+from sfc.precision.solve import fill_budget, solve_choice
 from sfc.quant.plan import LayerPrecision, PlanConfig, exact_pattern, make_plan
 from sfc.quant.qdq import write_qdq
 from sfc.quant.recipe import Recipe
@@ -85,6 +85,23 @@ def test_program_meets_budget_and_is_optimal(seed: int) -> None:
     assert used <= allowed
     total = sum(options[w][k].sensitivity for w, k in chosen.items())
     assert total == pytest.approx(_brute(options, allowed), abs=1e-6)
+
+
+def test_fill_budget_spends_what_the_program_left_on_the_cheapest_upgrades() -> None:
+    # -log p costs: the program takes the most probable choice within 250 bits (a at 100,
+    # b at 50: 150 bits), leaving 100 unspent.
+    options = {"a": [WeightOption(None, 100, 0.1), WeightOption(None, 200, 3.0)],
+               "b": [WeightOption(None, 50, 0.2), WeightOption(None, 100, 2.0),
+                     WeightOption(None, 150, 2.5)]}
+    chosen = solve_choice(options, 250)
+    assert chosen == {"a": 0, "b": 0}
+    filled = fill_budget(options, chosen, 250)
+    # b to 150 bits costs 2.3 for 100 bits (0.023 per bit): cheaper per bit than a's
+    # upgrade (2.9 for 100) and than b's first step (1.8 for 50: 0.036 per bit).
+    assert filled == {"a": 0, "b": 2}
+    assert sum(options[n][i].bits for n, i in filled.items()) == 250
+    # Nothing fits: unchanged. The input is not modified.
+    assert fill_budget(options, chosen, 160) == chosen == {"a": 0, "b": 0}
 
 
 def test_program_refuses_an_impossible_budget() -> None:

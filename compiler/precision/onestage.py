@@ -10,7 +10,8 @@ augmented-Lagrangian size term on the expected average bits over the budget, who
 multiplier rises while the budget is exceeded: at the end every weight's task gain per
 bit is weighed against one price, so insensitive weights give their bits to sensitive
 ones. The search then fixes each weight's format (the most probable assignment within
-the budget, by the same integer program as the two-stage search) and fine-tunes weights
+the budget, by the same integer program as the two-stage search, then its unspent bits
+given to the least improbable upgrades) and fine-tunes weights
 and scales with the bits fixed, from the caller's starting point (the build's: GPTQ at
 the chosen formats) or from the search's own latents.
 The export is integers and scales per weight: `quantize_weight` of the learned latent
@@ -42,7 +43,7 @@ from ..quant.spec import QuantSpec
 from ..quant.weights import quantize_weight, weight_scales
 from .budget import WeightOption, storage_bits
 from .fakequant import expand_scales, fake_quantize
-from .solve import solve_choice
+from .solve import fill_budget, solve_choice
 
 if TYPE_CHECKING:
     import torch
@@ -395,7 +396,9 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
         costed = {n: [WeightOption(o.spec, o.bits, -math.log(max(p, 1e-12)))
                       for o, p in zip(options[n], probs[n], strict=True)]
                   for n in mixed.names}
-        mixed.fixed = solve_choice(costed, searched_bits)
+        # The program lands under the budget when the argmax is over it (downgrades cost
+        # less probability than the bits they free): the rest is given back by `fill_budget`.
+        mixed.fixed = fill_budget(costed, solve_choice(costed, searched_bits), searched_bits)
         if start is None:
             return
         with torch.no_grad():

@@ -11,7 +11,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from ..errors import SfcError
 from .budget import WeightOption
 
-__all__ = ["solve_choice"]
+__all__ = ["fill_budget", "solve_choice"]
 
 
 def solve_choice(options: Mapping[str, Sequence[WeightOption]],
@@ -62,3 +62,27 @@ def solve_choice(options: Mapping[str, Sequence[WeightOption]],
     if used > bits_allowed:  # HiGHS tolerances: never hand back an over-budget choice
         raise SfcError("the bit-width program returned a choice over the budget")
     return out
+
+
+def fill_budget(options: Mapping[str, Sequence[WeightOption]], chosen: Mapping[str, int],
+                bits_allowed: float) -> dict[str, int]:
+    """`chosen` with the bits it leaves unspent given away: repeatedly, the upgrade (a
+    weight to an option with more bits that still fits) with the least added cost per
+    added bit, until none fits. Deterministic (ties go to the first weight in order)."""
+    out = dict(chosen)
+    spare = bits_allowed - sum(options[n][i].bits for n, i in out.items())
+    while True:
+        best: tuple[float, str, int] | None = None
+        for n, i in out.items():
+            here = options[n][i]
+            for j, o in enumerate(options[n]):
+                extra = o.bits - here.bits
+                if 0 < extra <= spare:
+                    rate = (o.sensitivity - here.sensitivity) / extra
+                    if best is None or rate < best[0]:
+                        best = (rate, n, j)
+        if best is None:
+            return out
+        _, n, j = best
+        spare -= options[n][j].bits - options[n][out[n]].bits
+        out[n] = j
