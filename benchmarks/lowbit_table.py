@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             found = json.loads(precision.read_text())
             row["search"] = {k: v for k, v in found.items() if k != "layers"}
             row["chosen"] = _chosen(found)
-        for key in ("hypotheses", "errors", "substitutions", "deletions", "insertions",
+        # Per-utterance word errors stay: two variants can then be compared paired.
+        for key in ("hypotheses", "substitutions", "deletions", "insertions",
                     "compute_s", "loop_stops"):
             row.pop(key, None)
         results.setdefault("variants", {})[name] = row
