@@ -90,10 +90,9 @@ def export(
 
 @command()
 def synth(
+    out: Annotated[Path, typer.Option("-o", "--out", help="New manifest folder (required)")],
     texts: Annotated[Path, typer.Argument(help="Sentences, one per line ('#' lines skipped)")]
     = BUNDLED_DATA / "synth" / "texts.txt",
-    out: Annotated[Path, typer.Option("-o", "--out", help="New manifest folder")]
-    = Path("synth"),
     held_out: Annotated[list[Path] | None, typer.Option(
         "--held-out", help="Evaluation manifests no sentence may come from (repeatable; "
         "default: the bundled eval set)")] = None,
