@@ -24,6 +24,8 @@ from typing import Any
 import onnx
 from common import build_variant, machine_info, machine_line, outside_repo, print_table
 
+from sfc.eval.manifest import read_manifest
+from sfc.eval.wer import count_errors, paired_bootstrap_delta
 from sfc.paths import BUNDLED_DATA
 from sfc.precision.budget import Budget, storage_bits
 from sfc.precision.onestage import OneStageConfig
@@ -93,7 +95,10 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "onestage-5-gptq": _one_stage(5.0, 100, 100, augment=1),
         "onestage-4-gptq": _one_stage(4.0, 100, 100, augment=1),
         # One candidate: no search, GPTQ 4/32 everywhere fine-tuned by distillation (QAT).
-        "qat-4-32": _one_stage(5.1, 1, 150, augment=1, candidates=("4/32",)),
+        "qat-4-32": _one_stage(5.1, 1, 150, augment=1, candidates=("4/32",),
+                               finetune_schedule="constant"),
+        # Longer, on three augmented copies of each clip, the rate decayed linearly.
+        "qat-4-32-300": _one_stage(5.1, 1, 300, augment=3, candidates=("4/32",)),
     }
 
 
@@ -230,6 +235,22 @@ def layers(path: Path, fmt: str) -> None:
                  for k, v in sorted(groups.items(), key=lambda kv: -kv[1])])
 
 
+def paired(a: str, b: str) -> None:
+    """WER(b) - WER(a) with its paired 95% CI over the eval utterances; each of `a`, `b` is
+    RESULTS_JSON:VARIANT (rows keep per-utterance errors from commit 8f8933d on)."""
+    rows = []
+    for ref in (a, b):
+        path, _, name = ref.rpartition(":")
+        found = json.loads(Path(path).read_text())["variants"].get(name)
+        if found is None or "errors" not in found:
+            raise SystemExit(f"{ref}: no such variant with per-utterance errors")
+        rows.append(found)
+    words = [count_errors(u.text, "").ref_words for u in read_manifest(BUNDLED_DATA / "eval")]
+    d = paired_bootstrap_delta(rows[0]["errors"], rows[1]["errors"], words)
+    print(f"{b} - {a}: {100 * d.delta:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}] "
+          f"WER points, p = {d.p_value:.3g}, {len(words)} utterances")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="whisper-tiny.en")
@@ -246,7 +267,12 @@ def main() -> int:
     parser.add_argument("--format", default="4/32", help="the format --layers ranks by")
     parser.add_argument("--compare", nargs="+", metavar="PRECISION_JSON",
                         help="per-layer formats of mixed builds side by side")
+    parser.add_argument("--paired", nargs=2, metavar="JSON:VARIANT",
+                        help="the paired WER difference of two variants' rows (B - A)")
     args = parser.parse_args()
+    if args.paired:
+        paired(*args.paired)
+        return 0
     if args.compare:
         compare([Path(p) for p in args.compare])
         return 0

@@ -161,8 +161,23 @@ def test_scales_move_relative_to_their_size_at_every_bit_width() -> None:
         assert drift.max() > 0  # they do learn
 
 
+def test_linear_schedule_decays_each_groups_own_rate_and_constant_keeps_it() -> None:
+    import torch
+
+    from sfc.precision.onestage import _decay
+
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    for schedule, expect in (("linear", [1.0, 0.75, 0.5, 0.25]), ("constant", [1.0] * 4)):
+        opt = torch.optim.Adam([{"params": [a], "lr": 0.2}, {"params": [b], "lr": 0.02}])
+        config = OneStageConfig(steps=1, finetune_steps=4, finetune_schedule=schedule)
+        for k, frac in enumerate(expect):
+            _decay(opt, config, k)
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2 * frac, 0.02 * frac])
+
+
 @pytest.mark.parametrize("field,value", [("finetune_init", "rtn"), ("lr_finetune", -1.0),
-                                         ("steps", 0), ("augment", -1)])
+                                         ("steps", 0), ("augment", -1),
+                                         ("finetune_schedule", "cosine")])
 def test_config_refuses_bad_values(field: str, value: object) -> None:
     with pytest.raises(SfcError, match=field):
         OneStageConfig(**{field: value})  # type: ignore[arg-type]

@@ -79,7 +79,10 @@ class OneStageConfig:
     too little at `lr_weights` to beat them) or "search" (the search's own latents and
     scales). `lr_finetune`: Adam's rate for the latents while fine-tuning, in quantization
     steps of each weight's chosen format (its mean scale): a latent on a grid point must
-    move half a step to change its integer, so 0.01 allows that in about 50 steps."""
+    move half a step to change its integer, so 0.01 allows that in about 50 steps.
+    `finetune_schedule`: "linear" decays every fine-tuning rate towards 0 (step k of n at
+    (n - k) / n of it: the integers settle instead of flipping on the last batches'
+    noise), "constant" keeps it."""
 
     steps: int = 200
     finetune_steps: int = 100
@@ -96,6 +99,7 @@ class OneStageConfig:
     augment: int = 1
     finetune_init: str = "gptq"
     lr_finetune: float = 0.01
+    finetune_schedule: str = "linear"
 
     def __post_init__(self) -> None:
         for name in ("steps", "finetune_steps", "checkpoint_every", "seed", "augment"):
@@ -115,6 +119,9 @@ class OneStageConfig:
         if self.finetune_init not in ("gptq", "search"):
             raise SfcError(f"one-stage finetune_init must be gptq or search, not "
                            f"{self.finetune_init!r}")
+        if self.finetune_schedule not in ("linear", "constant"):
+            raise SfcError(f"one-stage finetune_schedule must be linear or constant, not "
+                           f"{self.finetune_schedule!r}")
         if self.device not in ("cpu", "cuda"):
             raise SfcError(f"--train-device must be cpu or cuda, not {self.device!r}")
 
@@ -300,6 +307,14 @@ def _optimizer(mixed: _Mixed, config: OneStageConfig, searching: bool) -> torch.
     return torch.optim.Adam(groups)
 
 
+def _decay(opt: torch.optim.Optimizer, config: OneStageConfig, k: int) -> None:
+    """Set fine-tuning step `k`'s rates from each group's first rate (kept in the group,
+    so a resumed run's optimizer state carries it)."""
+    left = 1.0 if config.finetune_schedule == "constant" else 1 - k / config.finetune_steps
+    for group in opt.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * left
+
+
 def _run_key(weights: Sequence[SearchedWeight], config: OneStageConfig, bits_allowed: float,
              fixed_bits: float, params: int, extra: str) -> str:
     data = [config.to_dict(), bits_allowed, fixed_bits, params, extra,
@@ -427,6 +442,8 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 size = mu * excess + config.size_weight / 2 * torch.relu(excess) ** 2
                 total_loss = loss + size.float() if searching else loss
                 total_loss.backward()
+                if not searching:
+                    _decay(opt, config, step - config.steps)
                 opt.step()
                 if searching:
                     mu = max(0.0, mu + config.dual_lr * float(excess.detach()))
