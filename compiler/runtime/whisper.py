@@ -1,8 +1,9 @@
 """The edge Whisper runtime: audio -> log-mel -> encoder -> greedy KV-cached decoder -> text.
 
-Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` only.
-Audio longer than one window (30 s) is cut into consecutive windows that are decoded
-independently and joined with a space; windows follow OpenAI's convention (see
+Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` only, or its
+TensorRT engines (`trt_session`). Audio longer than one window (30 s) is cut into
+consecutive windows that are decoded independently (batched, see `WhisperRuntime.limits`)
+and joined with a space; windows follow OpenAI's convention (see
 `features.whisper_windows`).
 """
 
@@ -20,17 +21,21 @@ from ..errors import SfcError
 from .decoding import LOOP_GUARD, DecoderStep, LoopGuard, greedy_decode
 from .features import LogMelSpec, whisper_windows
 from .session import open_session
+from .trt_session import ResidentLoop, TrtSession, open_engine
+
+__all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime"]
+
+# The decoder's outputs that are the next step's cache inputs (sfc's Whisper export).
+CACHE = {"present_key": "past_key", "present_value": "past_value"}
 
 
-def _open(folder: Path, graph: GraphSpec, threads: int | None) -> Any:
+def _open(folder: Path, graph: GraphSpec, threads: int | None,
+          providers: list[str] | None) -> Any:
     """An ORT session, or a TensorRT engine runner for a `.plan` (same `run` interface)."""
     if graph.path.endswith(".plan"):
-        from .trt_session import open_engine
-
         return open_engine(folder / graph.path)
-    return open_session(folder / graph.path, threads=threads, optimization=graph.optimization)
-
-__all__ = ["Transcript", "WhisperRuntime"]
+    return open_session(folder / graph.path, threads=threads, providers=providers,
+                        optimization=graph.optimization)
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,12 @@ class WhisperRuntime:
 
     @classmethod
     def open(cls, folder: str | Path, *, threads: int | None = None,
-             guard: LoopGuard | None = LOOP_GUARD) -> WhisperRuntime:
-        """Open an export or build folder (its `card.json` says which file is which)."""
+             guard: LoopGuard | None = LOOP_GUARD,
+             providers: list[str] | None = None) -> WhisperRuntime:
+        """Open an export or build folder (its `card.json` says which file is which).
+
+        `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU).
+        """
         folder = Path(folder)
         card = ModelCard.load(folder)
         if card.family != "whisper" or card.decoding is None or card.tokenizer is None:
@@ -72,19 +81,45 @@ class WhisperRuntime:
             card=card,
             decoding=card.decoding,
             mel=LogMelSpec.from_dict(card.preprocessing or {}),
-            encoder=_open(folder, card.graphs["encoder"], threads),
-            decoder=_open(folder, card.graphs["decoder"], threads),
+            encoder=_open(folder, card.graphs["encoder"], threads, providers),
+            decoder=_open(folder, card.graphs["decoder"], threads, providers),
             tokenizer=Tokenizer.from_file(str(tok_path)),
             guard=guard,
         )
 
+    def limits(self) -> tuple[int, int | None]:
+        """(windows per batch, most new tokens per window) the runtime sends.
+
+        The one place the runtime's batching meets the engines' optimisation profiles: a
+        TensorRT engine accepts only the shapes its profile was built for (`sfc build
+        --max-batch`, default 1 to spare edge memory; `--max-decoder-steps`), an ORT
+        session any. Reading the limits from the engines rather than assuming them keeps
+        every engine usable: one built for batch 1 decodes long audio a window at a time.
+        """
+        batch, tokens = self.max_batch, None
+        if isinstance(self.encoder, TrtSession):
+            batch = min(batch, self.encoder.profile_max("input_features")[0])
+        if isinstance(self.decoder, TrtSession):
+            batch = min(batch, self.decoder.profile_max("tokens")[0])
+            # Step i > 0 reads a cache of prompt + i - 1 positions (step 0 reads none).
+            past = self.decoder.profile_max("past_key")[3]
+            tokens = past - len(self.decoding.prompt) + 2
+        return batch, tokens
+
     def encode(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the encoder on [B, n_mels, frames]; return the cross-attention K and V."""
-        _, cross_k, cross_v = self.encoder.run(None, {"input_features": features})
+        cross_k, cross_v = self.encoder.run(["cross_key", "cross_value"],
+                                            {"input_features": features})
         return cross_k, cross_v
 
     def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray) -> DecoderStep:
-        """A decoder step with this utterance's cross-attention K/V bound."""
+        """A decoder step with this utterance's cross-attention K/V bound.
+
+        On a TensorRT engine the K/V cache stays on the device (`DeviceCacheStep`); an ORT
+        session gets and returns it as arrays.
+        """
+        if isinstance(self.decoder, TrtSession):
+            return DeviceCacheStep(self.decoder, cross_k, cross_v)
 
         def step(tokens: np.ndarray, past_k: np.ndarray,
                  past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,13 +131,14 @@ class WhisperRuntime:
         return step
 
     def decode_windows(self, windows: np.ndarray) -> list[Transcript]:
-        """Transcribe encoder inputs [W, n_mels, frames], batched up to `max_batch`."""
+        """Transcribe encoder inputs [W, n_mels, frames], in batches `limits` allows."""
         out: list[Transcript] = []
-        for start in range(0, len(windows), self.max_batch):
-            batch = windows[start : start + self.max_batch]
+        size, new_tokens = self.limits()
+        for start in range(0, len(windows), size):
+            batch = windows[start : start + size]
             cross_k, cross_v = self.encode(batch)
             dec = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch),
-                                guard=self.guard)
+                                max_new_tokens=new_tokens, guard=self.guard)
             for seq, looped in zip(dec.ids, dec.looped, strict=True):
                 text = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
                 out.append(Transcript(text, int(looped)))
@@ -113,3 +149,29 @@ class WhisperRuntime:
         windows = self.decode_windows(whisper_windows(audio, self.mel))
         return Transcript(" ".join(w.text for w in windows if w.text),
                           sum(w.loop_stops for w in windows))
+
+
+class DeviceCacheStep:
+    """A `DecoderStep` on a TensorRT decoder whose K/V cache never leaves the device.
+
+    The cross-attention K/V are copied in once per decode; each step copies in only the
+    tokens and brings back only the logits (`TrtSession.loop`). `greedy_decode` hands a
+    step back whatever cache it returned, so the step returns the arrays the decode
+    started with as stand-ins: called with them again it continues on the device, called
+    with any other cache (a new decode) it starts over from that one.
+    """
+
+    def __init__(self, decoder: TrtSession, cross_k: np.ndarray, cross_v: np.ndarray) -> None:
+        self._decoder = decoder
+        self._cross = {"cross_key": cross_k, "cross_value": cross_v}
+        self._state: tuple[ResidentLoop, np.ndarray, np.ndarray] | None = None  # + start
+
+    def __call__(self, tokens: np.ndarray, past_k: np.ndarray,
+                 past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits [B, T, V] for `tokens`; the cache arguments only say continue or start."""
+        if self._state is None or self._state[1] is not past_k or self._state[2] is not past_v:
+            loop = self._decoder.loop(
+                self._cross, {"past_key": past_k, "past_value": past_v}, CACHE)
+            self._state = (loop, past_k, past_v)
+        (logits,) = self._state[0].run({"tokens": tokens}, ["logits"])
+        return logits, past_k, past_v

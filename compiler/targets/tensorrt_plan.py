@@ -90,8 +90,11 @@ class ProfileLimits:
 
     Whisper: `max_batch` windows of 30 s at once (longer audio is several windows);
     decoder steps up to `max_decoder_steps` (default: the card's max_target_positions),
-    tuned for `opt_decoder_steps`. `dims`: sizes for other symbolic dimensions of generic
-    models (min = opt = max; 1 when not given).
+    tuned for `opt_decoder_steps`. The runtime reads these limits back from the engines
+    and batches and decodes within them (`sfc.runtime.whisper.WhisperRuntime.limits`), so
+    the default batch of 1 (an edge device's memory) decodes long audio a window at a
+    time and `--max-batch 8` lets it batch as on ONNX Runtime. `dims`: sizes for other
+    symbolic dimensions of generic models (min = opt = max; 1 when not given).
     """
 
     max_batch: int = 1
