@@ -348,8 +348,12 @@ def build_cmd(
 
 @command()
 def bench(
-    artifacts: Annotated[list[Path], typer.Argument(help="Build/export folders or .onnx files")],
-    device: Annotated[str, typer.Option(help="cpu (cuda, jetson: planned)")] = "cpu",
+    artifacts: Annotated[list[Path] | None, typer.Argument(
+        help="Build/export folders or .onnx files")] = None,
+    device: Annotated[str, typer.Option(
+        help="cpu; cuda (TensorRT engine folders, or ONNX Runtime's CUDA provider; CUDA-event "
+        "timing, NVML memory and clocks); jetson (as cuda, plus tegrastats RAM, GPU/EMC load, "
+        "power and energy per utterance, L4T release, nvpmodel mode)")] = "cpu",
     baseline: Annotated[str | None, typer.Option(
         help="Baseline folder or zoo name (default: the FP32 zoo export for Whisper)")] = None,
     threads: ThreadsOpt = None,
@@ -357,18 +361,63 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Interleaved rounds (one process each)")] = 3,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here")]
     = None,
+    host: Annotated[str | None, typer.Option(
+        help="Run on USER@HOST over SSH (artifacts are copied there by content; the table is "
+        "made here)")] = None,
+    ssh_key: Annotated[Path | None, typer.Option(
+        help="SSH private key file (default: ssh-agent and ~/.ssh keys)")] = None,
+    ssh_port: Annotated[int | None, typer.Option(
+        help="SSH port (default: ~/.ssh/config or 22)")] = None,
+    known_hosts: Annotated[Path | None, typer.Option(
+        help="known_hosts file (default ~/.ssh/known_hosts)")] = None,
+    insecure_no_host_check: Annotated[bool, typer.Option(
+        "--insecure-no-host-check", help="Accept any host key (lab machines only)")] = False,
+    remote_python: Annotated[str, typer.Option(
+        help="Python with sfc on the host (absolute, or relative to the login directory)")]
+    = "python3",
+    docker_image: Annotated[str | None, typer.Option(
+        help="With --host: run the worker in this Docker image on the host")] = None,
+    trtexec_log: Annotated[Path | None, typer.Option(
+        "--trtexec-log", help="Print the performance summary of a trtexec log instead "
+        "(TensorRT 8.4-10.x; --json writes it)")] = None,
 ) -> None:
     """Latency percentiles, throughput, peak RSS, bytes and RTF, side by side with FP32."""
+    import shlex
+
     from .bench import bench as run_bench
+    from .bench.devices import Device, get_device
     from .bench.results import render as render_bench
     from .card import CARD_NAME, ModelCard
     from .models import ZOO, model_folder
+
+    if trtexec_log is not None:
+        from .atomic import write_json_atomic
+        from .bench.trtexec import load_trtexec, render_trtexec
+
+        if artifacts:
+            raise SfcError("--trtexec-log reads a log: give it without artifacts")
+        summary = load_trtexec(trtexec_log)
+        console.print(render_trtexec(summary, title=f"trtexec: {trtexec_log.name}"))
+        if json_out is not None:
+            write_json_atomic(json_out, summary.to_dict())
+            console.print(f"trtexec summary: {json_out}")
+        return
+    artifacts = artifacts or []
+    if host is None and (docker_image or ssh_key or ssh_port or known_hosts
+                         or insecure_no_host_check or remote_python != "python3"):
+        raise SfcError("--ssh-key, --ssh-port, --known-hosts, --insecure-no-host-check, "
+                       "--remote-python and --docker-image apply with --host only")
+    dev: str | Device = device
+    if host is not None:
+        dev = get_device(device, host=host, port=ssh_port, key=ssh_key,
+                         known_hosts=known_hosts, check_host_key=not insecure_no_host_check,
+                         python=tuple(shlex.split(remote_python)), docker_image=docker_image)
 
     base = model_folder(baseline) if baseline else None
     names = {ModelCard.load(a).name for a in artifacts if (a / CARD_NAME).is_file()}
     if base is None and len(names) == 1 and (name := names.pop()) in ZOO:
         base = model_folder(name)  # builds of a zoo model are compared with its FP32 export
-    report = run_bench(artifacts, device=device, threads=threads, runs=runs, rounds=rounds,
+    report = run_bench(artifacts, device=dev, threads=threads, runs=runs, rounds=rounds,
                        baseline=base, console=err_console)
     console.print(render_bench(report))
     if json_out is not None:

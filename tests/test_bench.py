@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sfc.bench import BenchReport, CpuDevice, bench, get_device, render
+from sfc.bench import BenchReport, LocalDevice, bench, get_device, render
 from sfc.bench.results import (
     WorkerArgs,
     WorkerResult,
@@ -24,7 +24,7 @@ from sfc.bench.results import (
     parse_output,
     summarize_variant,
 )
-from sfc.bench.worker import random_feed
+from sfc.bench.worker import ort_inputs, random_feed
 from sfc.errors import SfcError
 
 FAST = {"runs": 15, "warmup": 2, "progress": False}
@@ -65,7 +65,8 @@ def test_generic_bench_against_itself(tiny: Path, tmp_path: Path) -> None:
     assert ratio is not None and 0.5 < ratio < 2.0  # same artifact: 1 up to timing noise
     assert report.variants[0].bytes == tiny.stat().st_size
     assert report.device == "cpu" and report.device_info["cores"] >= 1
-    assert report.device_info["onnxruntime"]
+    assert report.device_info["onnxruntime"] and report.device_info["timing"] == "wall clock"
+    assert all(v.device_stats is None for v in report.variants)  # no GPU, no tegrastats
     # Round trip through JSON, exactly.
     report.save(tmp_path / "bench.json")
     assert BenchReport.load(tmp_path / "bench.json") == report
@@ -96,21 +97,18 @@ def test_lowered_artifacts_bench(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_devices() -> None:
-    assert isinstance(get_device("cpu"), CpuDevice)
-    with pytest.raises(SfcError, match=r"device 'jetson' is not implemented yet \(planned: "
-                                       r"local or over SSH, tegrastats\)"):
-        get_device("jetson")
-    with pytest.raises(SfcError, match="device 'cuda' is not implemented yet"):
-        get_device("cuda")
+    for kind in ("cpu", "cuda", "jetson"):
+        dev = get_device(kind)
+        assert isinstance(dev, LocalDevice) and dev.kind == kind == dev.name
     with pytest.raises(SfcError, match="unknown device 'tpu'; choose from cpu, cuda, jetson"):
         get_device("tpu")
+    with pytest.raises(SfcError, match="unknown device kind 'tpu'"):
+        WorkerArgs(device="tpu")
 
 
 def test_bad_settings_and_paths(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(SfcError, match="unknown device"):
         bench([tiny], device="tpu", **FAST)
-    with pytest.raises(SfcError, match="jetson"):
-        bench([tiny], device="jetson", **FAST)
     with pytest.raises(SfcError, match="runs >= 1"):
         bench([tiny], runs=0, progress=False)
     with pytest.raises(SfcError, match="artifact not found"):
@@ -170,11 +168,11 @@ def test_ratio_is_median_of_per_round_ratios() -> None:
 def testrandom_feed_uses_dims() -> None:
     metas = [SimpleNamespace(name="x", type="tensor(float)", shape=["batch", 80, None]),
              SimpleNamespace(name="ids", type="tensor(int64)", shape=["batch", "seq"])]
-    feed = random_feed(metas, {"batch": 3}, seed=0)
+    feed = random_feed(ort_inputs(metas), {"batch": 3}, seed=0)
     assert feed["x"].shape == (3, 80, 1) and feed["x"].dtype == np.float32
     assert feed["ids"].shape == (3, 1) and feed["ids"].dtype == np.int64
     with pytest.raises(SfcError, match=r"give its values in an \.npz"):
-        random_feed([SimpleNamespace(name="s", type="tensor(string)", shape=[1])], {}, 0)
+        ort_inputs([SimpleNamespace(name="s", type="tensor(string)", shape=[1])])
 
 
 def test_report_rejects_foreign_json(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 The worker (`python -m sfc.bench.worker --json-args ...`) prints one JSON line, so a device
 only has to (1) say where a local file is as the worker sees it (`stage`), (2) run the
-worker's argv (`run_worker`) and (3) describe the machine (`describe`, itself a worker run).
-`CpuDevice` runs it in a local subprocess; a Jetson device will run the same argv over SSH
-(`ssh host python3 -m sfc.bench.worker ...`, files staged with rsync) and add tegrastats.
+worker's argv (`run_worker`) and (3) describe the machine (`describe`, itself a worker run,
+`describe_device`). Its `kind` ("cpu", "cuda", "jetson") tells the worker how to run and
+measure there (`backends`): everything kind-specific (CUDA events, NVML, tegrastats,
+nvpmodel) happens inside the worker on the device, so any way of running the worker's argv
+there gets it. `LocalDevice` runs it in a local subprocess; `remote.SshDevice` over SSH.
 """
 
 from __future__ import annotations
@@ -12,30 +14,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import SfcError
+from .backends import KINDS
 from .results import WorkerArgs, bench_payload, parse_output
 
 __all__ = [
     "WORKER_MODULE",
-    "CpuDevice",
     "Device",
+    "LocalDevice",
     "available_devices",
+    "describe_device",
     "get_device",
 ]
 
 WORKER_MODULE = "sfc.bench.worker"
 DEFAULT_TIMEOUT_S = 1800.0
-
-# Registered so that asking for them says what is coming instead of "unknown device".
-_PLANNED: dict[str, str] = {
-    "cuda": "ONNX Runtime CUDA / TensorRT execution on a local GPU, nvidia-smi memory",
-    "jetson": "local or over SSH, tegrastats",
-}
 
 
 @runtime_checkable
@@ -44,7 +42,12 @@ class Device(Protocol):
 
     @property
     def name(self) -> str:
-        """Short name recorded in reports ("cpu", "jetson", ...)."""
+        """Short name recorded in reports ("cpu", "cuda@orin.local", ...)."""
+        ...
+
+    @property
+    def kind(self) -> str:
+        """What the worker runs as there: one of `backends.KINDS`."""
         ...
 
     def stage(self, path: Path) -> str:
@@ -57,7 +60,8 @@ class Device(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]:
-        """CPU model, cores, flags, ORT version and providers of this device."""
+        """The machine as the worker sees it (`describe_device`): CPU, ORT, providers,
+        timing; GPU (NVML) and Jetson board, release and power mode where they apply."""
         ...
 
 
@@ -67,15 +71,20 @@ def _last_line(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class CpuDevice:
-    """This machine's CPU: each worker is a fresh local Python process."""
+class LocalDevice:
+    """This machine, as a device of `kind`: each worker is a fresh local Python process."""
 
+    kind: str = "cpu"
     python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SfcError(f"unknown device {self.kind!r}; choose from {', '.join(KINDS)}")
 
     @property
     def name(self) -> str:
-        """Registry name."""
-        return "cpu"
+        """Registry name: the kind."""
+        return self.kind
 
     def stage(self, path: Path) -> str:
         """Local paths need no copying; absolute so the worker's cwd does not matter."""
@@ -99,7 +108,7 @@ class CpuDevice:
 
     def describe(self) -> dict[str, Any]:
         """Ask a worker (the same code a remote device runs) to describe this machine."""
-        return call_worker(self, WorkerArgs(mode="describe"), expect="DeviceInfo")
+        return describe_device(self)
 
 
 def call_worker(device: Device, args: WorkerArgs, *, expect: str,
@@ -120,22 +129,31 @@ def call_worker(device: Device, args: WorkerArgs, *, expect: str,
     return bench_payload(obj, expect)
 
 
+def describe_device(device: Device, *,
+                    timeout_s: float | None = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """A describe worker of `device.kind` run on `device`; a device that lacks what its kind
+    needs (no GPU, no tegrastats) fails here with the worker's one-line reason."""
+    return call_worker(device, WorkerArgs(mode="describe", device=device.kind),
+                       expect="DeviceInfo", timeout_s=timeout_s)
+
+
 def available_devices() -> tuple[str, ...]:
-    """Every device name, implemented or planned."""
-    return tuple(sorted({*_DEVICES, *_PLANNED}))
+    """Every device name."""
+    return KINDS
 
 
-_DEVICES: dict[str, Callable[[], Device]] = {"cpu": CpuDevice}
+def get_device(name: str, *, host: str | None = None, **ssh: Any) -> Device:
+    """This machine as the device `name` ("cpu", "cuda" or "jetson"), or with `host`
+    ("user@host") that machine over SSH (`remote.SshDevice`, its options in `ssh`).
 
-
-def get_device(name: str) -> Device:
-    """The device registered as `name`; planned devices and unknown names raise SfcError.
-
-    A suffix after ':' (a future `jetson:user@host`) is ignored for the lookup.
+    Whether the machine has what the kind needs is found by its first worker (`describe`).
     """
-    base = name.split(":", 1)[0].strip().lower()
-    if base in _DEVICES:
-        return _DEVICES[base]()
-    if base in _PLANNED:
-        raise SfcError(f"device {base!r} is not implemented yet (planned: {_PLANNED[base]})")
-    raise SfcError(f"unknown device {name!r}; choose from {', '.join(available_devices())}")
+    base = name.strip().lower()
+    if base not in KINDS:
+        raise SfcError(f"unknown device {name!r}; choose from {', '.join(available_devices())}")
+    if host is not None:
+        # Imported here: a worker on the device imports this package and needs no asyncssh.
+        from .remote import SshDevice
+
+        return SshDevice(host, kind=base, **ssh)
+    return LocalDevice(base)

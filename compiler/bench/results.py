@@ -22,9 +22,13 @@ from rich.table import Table
 from ..atomic import write_json_atomic
 from ..errors import SfcError
 from ..serial import read_text, unwrap
+from .backends import KINDS
+from .cuda import GpuSnapshot
+from .tegrastats import TegraSummary
 
 __all__ = [
     "BenchReport",
+    "DeviceStats",
     "LatencyStats",
     "VariantResult",
     "WorkerArgs",
@@ -34,6 +38,7 @@ __all__ = [
     "latency_stats",
     "parse_output",
     "render",
+    "summarize_device",
     "summarize_variant",
 ]
 
@@ -62,10 +67,12 @@ class WorkerArgs:
 
     `dims` gives symbolic input dimensions a size (others become 1). `inputs` is an .npz
     keyed by input name, used instead of random inputs. Paths are as the device sees them.
+    `device` is the kind of device the worker runs as (`backends.KINDS`).
     """
 
     artifact: str = ""
     mode: str = "bench"  # "bench" or "describe"
+    device: str = "cpu"
     threads: int | None = None
     runs: int = 20
     warmup: int = 3
@@ -77,6 +84,8 @@ class WorkerArgs:
     def __post_init__(self) -> None:
         if self.mode not in ("bench", "describe"):
             raise SfcError(f"unknown worker mode {self.mode!r} (bench or describe)")
+        if self.device not in KINDS:
+            raise SfcError(f"unknown device kind {self.device!r} (expected {', '.join(KINDS)})")
         if self.runs < 1 or self.warmup < 0:
             raise SfcError(f"runs must be >= 1 and warmup >= 0 (got {self.runs}, {self.warmup})")
         if self.threads is not None and self.threads < 1:
@@ -121,7 +130,9 @@ class WorkerResult:
     (generic). `decoder_step_ms`: every step of one greedy decode of a real clip (the first
     step runs the whole prompt). `transcribe_s` / `audio_s`: end-to-end transcription of
     the clips (features, encoder, decoder; file reading excluded). `peak_rss_kib`: the
-    worker's peak resident memory after the run (ru_maxrss).
+    worker's peak resident memory after the run (ru_maxrss). `gpu`: NVML right after the
+    timed runs, the sessions still open (cuda; jetson where NVML exists). `tegrastats`:
+    Jetson telemetry over the transcription of the clips (Whisper) or the timed runs.
     """
 
     artifact: str
@@ -133,6 +144,8 @@ class WorkerResult:
     decoder_step_ms: tuple[float, ...] = ()
     audio_s: float = 0.0
     transcribe_s: float = 0.0
+    gpu: GpuSnapshot | None = None
+    tegrastats: TegraSummary | None = None
 
     @property
     def rtf(self) -> float | None:
@@ -155,6 +168,8 @@ class WorkerResult:
             decoder_step_ms=tuple(float(x) for x in d.get("decoder_step_ms", ())),
             audio_s=float(d.get("audio_s", 0.0)),
             transcribe_s=float(d.get("transcribe_s", 0.0)),
+            gpu=None if d.get("gpu") is None else GpuSnapshot(**d["gpu"]),
+            tegrastats=None if d.get("tegrastats") is None else TegraSummary(**d["tegrastats"]),
         )
 
     @classmethod
@@ -203,6 +218,55 @@ def _median_stats(per_round: Sequence[LatencyStats]) -> LatencyStats:
 
 
 @dataclass(frozen=True)
+class DeviceStats:
+    """A variant's GPU and Jetson readings over its rounds; None where not measured.
+
+    `gpu_mem_mib`: NVML's memory of the worker process (device-wide use where NVML lists no
+    processes), the largest over rounds; clocks: NVML right after the timed runs, median.
+    tegrastats (medians over rounds, except `ram_used_mib`, the largest): RAM used by CPU
+    and GPU together, GR3D (GPU) and EMC (memory controller) load, mean power on
+    `power_rail` and energy per utterance (Whisper) or per inference (other graphs).
+    """
+
+    gpu_mem_mib: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    ram_used_mib: float | None = None
+    gpu_load_pct: float | None = None
+    emc_load_pct: float | None = None
+    power_rail: str | None = None
+    power_w: float | None = None
+    energy_mj: float | None = None
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    real = [v for v in values if v is not None]
+    return statistics.median(real) if real else None
+
+
+def summarize_device(rounds: Sequence[WorkerResult]) -> DeviceStats | None:
+    """`DeviceStats` of one variant's rounds; None when no round read a GPU or tegrastats."""
+    gpus = [r.gpu for r in rounds if r.gpu is not None]
+    tegra = [r.tegrastats for r in rounds if r.tegrastats is not None]
+    if not gpus and not tegra:
+        return None
+    mems = [g.process_memory_mib if g.process_memory_mib is not None else g.memory_used_mib
+            for g in gpus]
+    power = _median([t.power_mw for t in tegra])
+    return DeviceStats(
+        gpu_mem_mib=max(mems) if mems else None,
+        sm_clock_mhz=_median([g.sm_clock_mhz for g in gpus]),
+        mem_clock_mhz=_median([g.mem_clock_mhz for g in gpus]),
+        ram_used_mib=max((t.ram_used_mb for t in tegra), default=None),
+        gpu_load_pct=_median([t.gpu_load_pct for t in tegra]),
+        emc_load_pct=_median([t.emc_load_pct for t in tegra]),
+        power_rail=next((t.power_rail for t in tegra if t.power_rail), None),
+        power_w=power / 1000.0 if power is not None else None,
+        energy_mj=_median([t.energy_mj_per_item for t in tegra]),
+    )
+
+
+@dataclass(frozen=True)
 class VariantResult:
     """One benchmarked artifact summarised over rounds.
 
@@ -224,6 +288,7 @@ class VariantResult:
     ratio: float | None = None
     rtf_ratio: float | None = None
     rounds: tuple[WorkerResult, ...] = ()
+    device_stats: DeviceStats | None = None
 
     @classmethod
     def from_data(cls, d: Mapping[str, Any]) -> VariantResult:
@@ -238,6 +303,8 @@ class VariantResult:
                           else LatencyStats(**d["decoder_step"])),
             rtf=opt(d.get("rtf")), ratio=opt(d.get("ratio")), rtf_ratio=opt(d.get("rtf_ratio")),
             rounds=tuple(WorkerResult.from_data(r) for r in d.get("rounds", ())),
+            device_stats=(None if d.get("device_stats") is None
+                          else DeviceStats(**d["device_stats"])),
         )
 
 
@@ -273,6 +340,7 @@ def summarize_variant(label: str, artifact: str, size: int, rounds: Sequence[Wor
         decoder_step=_median_stats(steps) if steps else None,
         rtf=statistics.median(rtfs) if rtfs else None,
         ratio=ratio, rtf_ratio=rtf_ratio, rounds=tuple(rounds),
+        device_stats=summarize_device(rounds),
     )
 
 
@@ -349,20 +417,57 @@ def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def render(report: BenchReport) -> Table:
-    """A rich table: size, latency percentiles, throughput, decoder step, RTF, memory, ratio."""
+def _title(report: BenchReport) -> str:
+    """Device, hardware and software in one line: the CPU, and the GPU or Jetson board."""
     info = report.device_info
     threads = "ORT default" if report.threads is None else str(report.threads)
+    parts = [f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores)"]
+    jetson, gpu = info.get("jetson"), info.get("gpu")
+    if isinstance(jetson, dict):
+        parts = [f"{jetson.get('model') or 'Jetson'}, L4T {jetson.get('l4t') or '?'}, "
+                 f"power mode {jetson.get('power_mode') or '?'}"]
+    if isinstance(gpu, dict):
+        parts.append(f"{gpu.get('name')} ({float(gpu.get('memory_total_mib', 0)) / 1024:.0f} "
+                     f"GiB, SM max {gpu.get('sm_clock_max_mhz')} MHz), driver {gpu.get('driver')}")
+    timing = f", {info['timing']}" if info.get("timing") else ""
+    return (f"{report.device}: {'; '.join(parts)}, ORT {info.get('onnxruntime', '?')}, "
+            f"threads {threads}{timing}")
+
+
+# Device columns: (header, DeviceStats field, format); shown when any variant has a value.
+_DEVICE_COLUMNS = (
+    ("GPU MiB", "gpu_mem_mib", ".0f"),
+    ("SM MHz", "sm_clock_mhz", ".0f"),
+    ("RAM MiB", "ram_used_mib", ".0f"),
+    ("GR3D %", "gpu_load_pct", ".0f"),
+    ("EMC %", "emc_load_pct", ".0f"),
+    ("W", "power_w", ".2f"),
+    ("mJ/item", "energy_mj", ".1f"),
+)
+
+
+def render(report: BenchReport) -> Table:
+    """A rich table: size, latency percentiles, throughput, decoder step, RTF, memory, ratio,
+    and the GPU/Jetson columns the report has."""
+    stats = [v.device_stats for v in report.variants]
+    device_cols = [c for c in _DEVICE_COLUMNS
+                   if any(s is not None and getattr(s, c[1]) is not None for s in stats)]
+    notes = []
+    rail = next((s.power_rail for s in stats if s is not None and s.power_rail), None)
+    if rail is not None:
+        item = "utterance" if any(v.kind == "whisper" for v in report.variants) else "inference"
+        notes.append(f"W and mJ/item: the {rail} rail (tegrastats) over the measured part, "
+                     f"energy per {item}; RAM: CPU and GPU together")
     table = Table(
-        title=(f"{report.device}: {info.get('cpu', '?')} ({info.get('cores', '?')} cores), "
-               f"ORT {info.get('onnxruntime', '?')}, threads {threads}"),
+        title=_title(report),
         caption=(f"{report.rounds} rounds x {report.runs} runs (warm-up {report.warmup}), "
                  f"{report.order} order, one process per variant per round; statistics are "
                  f"medians over rounds; ratio = median per-round p50 / baseline p50"
+                 + "".join(f"\n{n}" for n in notes)
                  + "".join(f"\n[yellow]warning:[/] {w}" for w in report.warnings)),
     )
     for col in ("variant", "MB", "p50 ms", "p90 ms", "p99 ms", "mean ms", "win/s",
-                "dec step ms", "RTF", "RSS MiB", "x baseline"):
+                "dec step ms", "RTF", "RSS MiB", *(c[0] for c in device_cols), "x baseline"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in report.variants:
         label = f"{v.label} (baseline)" if v.label == report.baseline else v.label
@@ -371,6 +476,8 @@ def render(report: BenchReport) -> Table:
             label, f"{v.bytes / 1e6:.1f}", _fmt(v.latency.p50), _fmt(v.latency.p90),
             _fmt(v.latency.p99), _fmt(v.latency.mean), _fmt(v.throughput, ".2f"),
             _fmt(step, ".2f"), _fmt(v.rtf, ".3f"), f"{v.peak_rss_kib / 1024:.0f}",
+            *(_fmt(getattr(v.device_stats, f) if v.device_stats else None, spec)
+              for _, f, spec in device_cols),
             _fmt(v.ratio, ".2f"),
         )
     return table

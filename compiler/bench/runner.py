@@ -20,6 +20,7 @@ from ..errors import SfcError
 from ..paths import BUNDLED_DATA
 from ..progress import progress_bar
 from ..targets.base import artifact_bytes
+from .backends import check_runs_on
 from .devices import Device, call_worker, get_device
 from .results import BenchReport, WorkerArgs, WorkerResult, summarize_variant
 
@@ -62,6 +63,9 @@ def _check_artifact(path: Path) -> Path:
             raise SfcError(f"{path} has no {CARD_NAME}; benchmark an sfc folder or an .onnx file")
     elif not path.is_file():
         raise SfcError(f"artifact not found: {path}")
+    elif path.suffix == ".plan":
+        raise SfcError(f"{path}: benchmark a TensorRT engine through its build folder, whose "
+                       "card.json gives its inputs")
     elif path.suffix not in (".onnx", ".ort"):
         raise SfcError(f"{path} is not an .onnx or .ort file")
     return path
@@ -108,15 +112,16 @@ def bench(
 ) -> BenchReport:
     """Benchmark `artifacts` (and `baseline`, first) on `device`; return the report.
 
-    Each artifact is a Whisper/generic folder with a card, or an .onnx / .ort file. Whisper
-    folders are timed on `clips` (default: a few bundled evaluation clips); other artifacts
-    on `inputs` (.npz) or random inputs with symbolic dims from `dims` (else 1). Every
-    (round, variant) pair is one worker process; `timeout_s` bounds each. `progress` shows
-    a rich progress bar on `console` (default: rich's stdout console).
+    Each artifact is a Whisper/generic folder with a card (TensorRT engine folders only on
+    a cuda or jetson device), or an .onnx / .ort file. Whisper folders are timed on `clips`
+    (default: a few bundled evaluation clips); other artifacts on `inputs` (.npz) or random
+    inputs with symbolic dims from `dims` (else 1). Every (round, variant) pair is one
+    worker process; `timeout_s` bounds each. `progress` shows a rich progress bar on
+    `console` (default: rich's stdout console).
 
     Raises:
-        SfcError: bad settings, a missing artifact or clip, an unknown or unimplemented
-            device, or a worker that failed (its message is kept).
+        SfcError: bad settings, a missing artifact or clip, an unknown device or one that
+            lacks what its kind needs, or a worker that failed (its message is kept).
     """
     if runs < 1 or warmup < 0 or rounds < 1:
         raise SfcError(f"need runs >= 1, warmup >= 0, rounds >= 1 "
@@ -129,6 +134,8 @@ def bench(
         paths.insert(0, _check_artifact(Path(baseline)))
     if not paths:
         raise SfcError("nothing to benchmark: give at least one artifact")
+    for p in paths:
+        check_runs_on(p, dev.kind)
     labels = _labels(paths)
     kinds = [artifact_kind(p) for p in paths]
     if baseline is not None and len(set(kinds)) > 1:
@@ -152,7 +159,7 @@ def bench(
             artifact=dev.stage(path), threads=threads, runs=runs, warmup=warmup,
             clips=tuple(dev.stage(c) for c in clip_paths) if kind == "whisper" else (),
             inputs=dev.stage(Path(inputs)) if inputs is not None else None,
-            dims=dict(dims or {}), seed=seed,
+            dims=dict(dims or {}), seed=seed, device=dev.kind,
         )
         for label, path, kind in zip(labels, paths, kinds, strict=True)
     }
