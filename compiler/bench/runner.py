@@ -187,7 +187,8 @@ def bench(
         device=dev.name, device_info=info, threads=threads, runs=runs, warmup=warmup,
         rounds=rounds, clips=tuple(str(c) for c in clip_paths),
         baseline=labels[0] if baseline is not None else None, variants=variants,
-        order="alternating", created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        order="alternating",
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         warnings=tuple(warnings),
     )
 

@@ -64,9 +64,12 @@ def manifest(path: Path) -> Manifest:
         raise SfcError(f"nothing to copy at {path}")
     entries = []
     for f in files:
+        h = hashlib.sha256()  # chunked by hand: hashlib.file_digest is Python 3.11+
         with f.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        entries.append((f.relative_to(path.parent).as_posix(), f.stat().st_size, digest))
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        entries.append((f.relative_to(path.parent).as_posix(), f.stat().st_size,
+                        h.hexdigest()))
     return Manifest(name=path.name, files=tuple(entries))
 
 

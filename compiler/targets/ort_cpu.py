@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import onnx
 
@@ -114,7 +114,7 @@ class OrtCpuTarget:
         """ORT's own fusions at load: the deployment path."""
         return "all"
 
-    def for_graph(self, card: Any, graph: str) -> Self:
+    def for_graph(self, card: Any, graph: str) -> OrtCpuTarget:
         """Nothing graph-specific: the same target."""
         return self
 

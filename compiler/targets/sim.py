@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import onnx
 
@@ -49,7 +49,7 @@ class SimTarget:
         """no QDQ rewrites: the Q/DQ nodes are the numerics under test."""
         return "basic"
 
-    def for_graph(self, card: Any, graph: str) -> Self:
+    def for_graph(self, card: Any, graph: str) -> SimTarget:
         """Nothing graph-specific: the same target."""
         return self
 
