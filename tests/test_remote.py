@@ -1,25 +1,16 @@
-"""`SshDevice` against a real SSH server: asyncssh's, started by these tests on loopback.
-
-The server authenticates one key pair made here, runs each requested command in a local
-shell the way sshd does (the "device" is this machine, so the worker really runs: at the
-other end of a real SSH connection) and serves SFTP on the local file system. Its knobs
-fake a small disk, a disk that fills during a copy, or a connection cut during a copy or
-a run. Like sshd, it closes the command's stdin when the connection goes.
-"""
+"""`SshDevice` against a real SSH server: asyncssh's, started by these tests on loopback
+(`sshd.LoopbackSshd`: a key pair made here, commands run in a local shell, SFTP on the local
+file system, knobs that fake a full disk or a dropped connection)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import getpass
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,162 +19,33 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from sshd import LoopbackSshd, pids_with
 
 from sfc.bench import BenchReport, bench, render
-from sfc.bench.remote import SshDevice, remote_command
+from sfc.bench.remote import DEFAULT_REMOTE_CACHE, SshDevice, remote_command
 from sfc.bench.results import WorkerArgs
 from sfc.bench.staging import manifest
 from sfc.errors import SfcError
 
 FAST = {"runs": 10, "warmup": 1, "rounds": 1, "threads": 1, "dims": {"batch": 32},
         "progress": False}
-# Errors of a stream whose connection a test cut on purpose.
-_CUT = (OSError, asyncssh.Error)
 # Whether a job is still running is read from /proc (Linux).
 needs_proc = pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="needs /proc")
 
 
-@dataclass
-class _Knobs:
-    """What the server fakes. `write_limit`: bytes written over SFTP before the next write
-    `on_limit`s: "drop" cuts the connection, "full" fails it and reports no free space,
-    "fail" fails it with space left. `free`: the free bytes statvfs reports (None: real).
-    `drop_marker`: cut the connection once a worker whose command line holds it runs."""
-
-    write_limit: int | None = None
-    on_limit: str = "drop"
-    written: int = 0
-    free: int | None = None
-    drop_marker: str | None = None
-
-
-def _pids_with(marker: str) -> dict[int, list[str]]:
-    """Live processes whose command line contains `marker`: pid -> argv."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            if any(marker in a for a in argv):
-                found[int(entry.name)] = argv
-    return found
-
-
-class _Sftp(asyncssh.SFTPServer):
-    def __init__(self, chan: Any, knobs: _Knobs) -> None:
-        super().__init__(chan)
-        self.knobs = knobs
-
-    def write(self, file_obj: object, offset: int, data: bytes) -> Any:
-        k = self.knobs
-        if k.write_limit is not None and k.written + len(data) > k.write_limit:
-            room = max(k.write_limit - k.written, 0)
-            super().write(file_obj, offset, data[:room])
-            k.written += room
-            if k.on_limit == "drop":
-                self.connection.abort()
-            elif k.on_limit == "full":
-                k.free = 0
-            raise asyncssh.SFTPFailure("Failure")  # what OpenSSH says for ENOSPC (SFTP v3)
-        k.written += len(data)
-        return super().write(file_obj, offset, data)
-
-    def statvfs(self, path: bytes) -> Any:
-        if self.knobs.free is None:
-            return super().statvfs(path)
-        return asyncssh.SFTPVFSAttrs(bsize=4096, frsize=1, bfree=self.knobs.free,
-                                     bavail=self.knobs.free)
-
-
-class _Server:
-    """asyncssh's server in a thread with its own event loop."""
-
-    def __init__(self, root: Path) -> None:
-        self.home = root / "home"
-        self.home.mkdir()
-        self.knobs = _Knobs()
-        host_key = asyncssh.generate_private_key("ssh-ed25519")
-        client_key = asyncssh.generate_private_key("ssh-ed25519")
-        self.key = root / "id_ed25519"
-        client_key.write_private_key(str(self.key))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        authorized = asyncssh.import_authorized_keys(client_key.export_public_key().decode())
-
-        async def start() -> Any:
-            return await asyncssh.create_server(
-                asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[host_key],
-                authorized_client_keys=authorized, process_factory=self._handle,
-                sftp_factory=lambda chan: _Sftp(chan, self.knobs), encoding=None)
-
-        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.known_hosts = root / "known_hosts"
-        self.known_hosts.write_text(
-            f"[127.0.0.1]:{self.port} {host_key.export_public_key().decode()}")
-
-    async def _handle(self, process: Any) -> None:
-        if not process.command:
-            process.exit(1)
-            return
-        proc = await asyncio.create_subprocess_shell(
-            process.command, cwd=self.home, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
-        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
-        assert stdin is not None and stdout is not None and stderr is not None
-
-        async def pump_in() -> None:
-            with contextlib.suppress(*_CUT):
-                async for chunk in process.stdin:
-                    stdin.write(chunk)
-            stdin.close()  # the channel ended (EOF or a lost connection), as in sshd
-
-        async def pump_out(src: asyncio.StreamReader, dst: Any) -> None:
-            with contextlib.suppress(*_CUT):
-                while data := await src.read(65536):
-                    dst.write(data)
-
-        async def drop_when_running(marker: str) -> None:
-            while not any(argv[1:2] == ["-m"] for argv in _pids_with(marker).values()):
-                await asyncio.sleep(0.05)
-            process.channel.get_connection().abort()
-
-        watcher = None
-        if self.knobs.drop_marker and self.knobs.drop_marker in process.command:
-            watcher = asyncio.ensure_future(drop_when_running(self.knobs.drop_marker))
-        feeder = asyncio.ensure_future(pump_in())
-        await asyncio.gather(pump_out(stdout, process.stdout), pump_out(stderr, process.stderr))
-        code = await proc.wait()
-        for task in (watcher, feeder):
-            if task is not None:
-                task.cancel()
-        with contextlib.suppress(*_CUT):
-            process.exit(code)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
-    srv = _Server(tmp_path_factory.mktemp("ssh"))
-    yield srv
-    srv.close()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSshd]:
+    with LoopbackSshd(tmp_path_factory.mktemp("ssh")) as srv:
+        yield srv
 
 
 @pytest.fixture
-def ssh(server: _Server) -> _Server:
-    for f in fields(_Knobs):
-        setattr(server.knobs, f.name, getattr(_Knobs(), f.name))
+def ssh(server: LoopbackSshd) -> LoopbackSshd:
+    server.reset()
     return server
 
 
-def _device(srv: _Server, cache: Path, **kw: Any) -> SshDevice:
+def _device(srv: LoopbackSshd, cache: Path, **kw: Any) -> SshDevice:
     opts: dict[str, Any] = {"port": srv.port, "key": srv.key, "known_hosts": srv.known_hosts,
                             "python": (sys.executable,), "cache": str(cache)}
     return SshDevice(f"{getpass.getuser()}@127.0.0.1", **(opts | kw))
@@ -208,14 +70,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _wait_gone(marker: str, deadline_s: float = 30.0) -> dict[int, list[str]]:
     """Processes still holding `marker` once they are all gone or the deadline passes."""
     end = time.monotonic() + deadline_s
-    while (left := _pids_with(marker)) and time.monotonic() < end:
+    while (left := pids_with(marker)) and time.monotonic() < end:
         time.sleep(0.1)
     return left
 
 
 # --- end to end --------------------------------------------------------------------------------
 
-def test_remote_bench_matches_local(ssh: _Server, tiny: Path, tmp_path: Path) -> None:
+def test_remote_bench_matches_local(ssh: LoopbackSshd, tiny: Path, tmp_path: Path) -> None:
     cache = tmp_path / "remote cache"
     dev = _device(ssh, cache)
     remote = bench([tiny], baseline=tiny, device=dev, **FAST)
@@ -242,7 +104,7 @@ def test_remote_bench_matches_local(ssh: _Server, tiny: Path, tmp_path: Path) ->
     assert not (ssh.home / "PWNED").exists() and not Path("PWNED").exists()
 
 
-def test_stderr_streams_while_the_job_runs(ssh: _Server, tmp_path: Path) -> None:
+def test_stderr_streams_while_the_job_runs(ssh: LoopbackSshd, tmp_path: Path) -> None:
     """The job waits for a file that only the streamed "ready" line creates: it can end
     well only if its stderr reached us while it was still running."""
     flag = tmp_path / "seen"
@@ -279,7 +141,7 @@ def _same_tree(a: Path, b: Path) -> bool:
     return files == other and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
-def test_stage_copies_by_content_once(ssh: _Server, tmp_path: Path) -> None:
+def test_stage_copies_by_content_once(ssh: LoopbackSshd, tmp_path: Path) -> None:
     art = _folder(tmp_path)
     dev = _device(ssh, tmp_path / "cache")
     first = dev.upload(art)
@@ -291,6 +153,17 @@ def test_stage_copies_by_content_once(ssh: _Server, tmp_path: Path) -> None:
     changed = dev.upload(art)
     assert changed.remote != first.remote and changed.bytes_sent == manifest(art).size
     assert _same_tree(art, Path(changed.remote))
+
+
+def test_default_cache_is_under_the_login_directory(ssh: LoopbackSshd, tmp_path: Path) -> None:
+    """The CLI's relative cache lands in the login directory, where commands also run (as
+    with sshd), not in the server's working directory."""
+    dev = _device(ssh, Path(DEFAULT_REMOTE_CACHE))
+    up = dev.upload(_folder(tmp_path))
+    assert Path(up.remote).is_relative_to(ssh.home / DEFAULT_REMOTE_CACHE)
+    assert _same_tree(tmp_path / "build", Path(up.remote))
+    cwd = dev.run([sys.executable, "-c", "import os; print(os.getcwd())"]).stdout
+    assert Path(cwd.strip()) == ssh.home
 
 
 def test_manifest_addresses_content_and_name(tmp_path: Path) -> None:
@@ -305,7 +178,7 @@ def test_manifest_addresses_content_and_name(tmp_path: Path) -> None:
         manifest(tmp_path / "none")
 
 
-def test_interrupted_copy_resumes(ssh: _Server, tmp_path: Path) -> None:
+def test_interrupted_copy_resumes(ssh: LoopbackSshd, tmp_path: Path) -> None:
     art = tmp_path / "big.bin"
     art.write_bytes(np.random.default_rng(2).bytes(3_000_000))
     cache = tmp_path / "cache"
@@ -322,7 +195,7 @@ def test_interrupted_copy_resumes(ssh: _Server, tmp_path: Path) -> None:
     assert not list(cache.glob("*.part"))
 
 
-def test_disk_full_is_found_before_copying(ssh: _Server, tmp_path: Path) -> None:
+def test_disk_full_is_found_before_copying(ssh: LoopbackSshd, tmp_path: Path) -> None:
     art = _folder(tmp_path)
     cache = tmp_path / "cache"
     ssh.knobs.free = 1000
@@ -338,7 +211,7 @@ def test_disk_full_is_found_before_copying(ssh: _Server, tmp_path: Path) -> None
     ("full", r"^disk full on .* while copying build/encoder/model\.onnx: 0 bytes free, "),
     ("fail", r"^copying build/encoder/model\.onnx to .* failed: Failure$"),
 ])
-def test_failed_write(ssh: _Server, tmp_path: Path, on_limit: str, message: str) -> None:
+def test_failed_write(ssh: LoopbackSshd, tmp_path: Path, on_limit: str, message: str) -> None:
     ssh.knobs.write_limit, ssh.knobs.on_limit = 100_000, on_limit
     with pytest.raises(SfcError, match=message):
         _device(ssh, tmp_path / "cache").upload(_folder(tmp_path))
@@ -346,7 +219,7 @@ def test_failed_write(ssh: _Server, tmp_path: Path, on_limit: str, message: str)
 
 # --- failures of the connection and the device ------------------------------------------------
 
-def test_wrong_key_is_an_auth_failure(ssh: _Server, tmp_path: Path) -> None:
+def test_wrong_key_is_an_auth_failure(ssh: LoopbackSshd, tmp_path: Path) -> None:
     other = tmp_path / "other_key"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(other))
     with pytest.raises(SfcError, match=r"^SSH authentication to .*@127\.0\.0\.1:\d+ failed "
@@ -356,7 +229,7 @@ def test_wrong_key_is_an_auth_failure(ssh: _Server, tmp_path: Path) -> None:
         _device(ssh, tmp_path / "c", key=tmp_path / "missing").describe()
 
 
-def test_closed_port_is_unreachable(tmp_path: Path, server: _Server) -> None:
+def test_closed_port_is_unreachable(tmp_path: Path, server: LoopbackSshd) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -364,7 +237,7 @@ def test_closed_port_is_unreachable(tmp_path: Path, server: _Server) -> None:
         _device(server, tmp_path / "c", port=port).describe()
 
 
-def test_unknown_host_key(ssh: _Server, tmp_path: Path) -> None:
+def test_unknown_host_key(ssh: LoopbackSshd, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with pytest.raises(SfcError, match=rf"^host key of .*127\.0\.0\.1:{ssh.port} is not "
@@ -375,7 +248,7 @@ def test_unknown_host_key(ssh: _Server, tmp_path: Path) -> None:
     assert dev.run([sys.executable, "-c", "print('ok')"]).stdout == "ok\n"
 
 
-def test_missing_sfc_on_the_device(ssh: _Server, tmp_path: Path) -> None:
+def test_missing_sfc_on_the_device(ssh: LoopbackSshd, tmp_path: Path) -> None:
     # -S: no site-packages, so no sfc (the worker's own imports fail first).
     without = _device(ssh, tmp_path / "c", python=(sys.executable, "-S"))
     with pytest.raises(SfcError, match=r"^sfc is not installed on .*127\.0\.0\.1:\d+ "
@@ -387,7 +260,7 @@ def test_missing_sfc_on_the_device(ssh: _Server, tmp_path: Path) -> None:
 
 
 @needs_proc
-def test_dropped_connection_stops_the_remote_job(ssh: _Server, tiny: Path,
+def test_dropped_connection_stops_the_remote_job(ssh: LoopbackSshd, tiny: Path,
                                                   tmp_path: Path) -> None:
     cache = tmp_path / "drop-cache"
     dev = _device(ssh, cache)
@@ -402,7 +275,7 @@ def test_dropped_connection_stops_the_remote_job(ssh: _Server, tiny: Path,
 
 
 @needs_proc
-def test_timeout_stops_the_remote_job(ssh: _Server, tmp_path: Path) -> None:
+def test_timeout_stops_the_remote_job(ssh: LoopbackSshd, tmp_path: Path) -> None:
     marker = f"sfc-test-sleeper-{tmp_path.name}"
     dev = _device(ssh, tmp_path / "c")
     with pytest.raises(SfcError, match=r"timed out after 1 s; it was stopped on the device"):
