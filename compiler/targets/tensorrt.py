@@ -2,7 +2,9 @@
 
 Lowering, in order:
 1. `model.trt.onnx`: the QDQ graph with sub-4-bit layers replaced by the W2A16 plugin node
-   (`trt_rewrites.substitute_plugins`); written everywhere, TensorRT or not.
+   (`trt_rewrites.substitute_plugins`) and FP16 float layers, FP32 where a rule of
+   `trt_float.RULES` says (`trt_float.lower_float`: a strongly typed engine computes each
+   layer in the graph's type); written everywhere, TensorRT or not.
 2. `model.plan`: where TensorRT is importable, the engine, built by the decisions of
    `tensorrt_plan.engine_settings` (strongly typed from 10.12; weakly typed with
    INT8/INT4/FP16 flags for 10.3 on JetPack 6), one optimisation profile from the model
@@ -39,6 +41,7 @@ from .tensorrt_plan import (
     engine_settings,
     precision_table,
 )
+from .trt_float import FLOAT_TYPES, lower_float
 from .trt_rewrites import substitute_plugins
 
 __all__ = ["ENGINE", "TRT_ONNX", "TensorRTTarget", "installed_version", "tensorrt_available"]
@@ -86,7 +89,8 @@ class TensorRTTarget:
 
     `version`: None means the installed TensorRT's, else 10.16. `card`/`graph` give the
     optimisation profile (None: the QDQ file's own fixed shapes, `limits.dims` for
-    symbolic ones).
+    symbolic ones). `float_type`: the type of the float layers in the TensorRT-ready graph
+    (fp16; bf16 on GPUs that have it, sm_80 on; fp32 as exported).
     """
 
     version: TrtVersion | None = None
@@ -94,6 +98,12 @@ class TensorRTTarget:
     workspace_bytes: int = 1 << 30
     card: ModelCard | None = None
     graph: str | None = None
+    float_type: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if self.float_type not in FLOAT_TYPES:
+            raise SfcError(f"unknown float type {self.float_type!r} for TensorRT (expected "
+                           f"one of {', '.join(FLOAT_TYPES)})")
 
     @property
     def name(self) -> str:
@@ -129,6 +139,7 @@ class TensorRTTarget:
             raise SfcError(f"{qdq_path} is not an ONNX model: {exc}") from None
         version = self.resolved_version()
         n_plugins = substitute_plugins(model)
+        model, floats = lower_float(model, self.float_type)
         card = self.card or _generic_card(model, stem)
         graph = self.graph or next(iter(card.graphs))
         settings = engine_settings(model, card, graph, version, self.limits,
@@ -137,6 +148,7 @@ class TensorRTTarget:
         notes = [f"TensorRT {version}: " + json.dumps(settings.to_dict(), sort_keys=True)]
         if n_plugins:
             notes.append(f"{n_plugins} INT2 layer(s) as the sfc::W2A16MatMul plugin")
+        notes.append(floats.note())
         with staging_dir(out_dir) as stage:
             onnx.save(model, str(stage / TRT_ONNX))
         census = fusion_census(model)
