@@ -146,6 +146,8 @@ class BuildConfig:
     act_guard: GuardConfig | None = field(default_factory=GuardConfig)
     # TensorRT only: the dynamic-shape ranges its engines serve.
     engine_limits: ProfileLimits = field(default_factory=ProfileLimits)
+    # TensorRT only: the type of the TensorRT-ready graph's float layers (`trt_float`).
+    trt_float: str = "fp16"
 
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
@@ -181,7 +183,7 @@ class BuildConfig:
 
     def lowering_target(self) -> Target:
         """The target this build lowers with, carrying the engine limits where it has any."""
-        return with_limits(get_target(self.target), self.engine_limits)
+        return with_limits(get_target(self.target), self.engine_limits, self.trt_float)
 
     @property
     def uses_esc(self) -> bool:
@@ -717,17 +719,20 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
     return built, graphs
 
 
-def with_limits(target: Target, limits: ProfileLimits) -> Target:
-    """`target` with TensorRT profile `limits` (other targets have no dynamic-shape limits)."""
+def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16") -> Target:
+    """`target` with TensorRT profile `limits` and float-layer type (other targets have no
+    dynamic-shape limits and keep the graph's float type)."""
     if isinstance(target, TensorRTTarget):
-        return replace(target, limits=limits)
+        return replace(target, limits=limits, float_type=float_type)
     if limits != ProfileLimits():
         raise SfcError(f"engine limits ({limits.cli_args()}) apply to --target tensorrt only")
+    if float_type != "fp16":
+        raise SfcError("--trt-float applies to --target tensorrt only")
     return target
 
 
 def lower_qdq(qdq: Path, out: Path, target: str,
-              limits: ProfileLimits | None = None) -> LoweringResult:
+              limits: ProfileLimits | None = None, float_type: str = "fp16") -> LoweringResult:
     """`sfc build --from-qdq`: lower an existing QDQ (or TensorRT-ready) ONNX file into `out`.
 
     Inside a build folder (`out` is `<build>/<graph>`), the build's model card gives the
@@ -736,7 +741,7 @@ def lower_qdq(qdq: Path, out: Path, target: str,
     qdq, out = Path(qdq), Path(out)
     if not qdq.is_file():
         raise SfcError(f"QDQ model not found: {qdq}")
-    lowering = with_limits(get_target(target), limits or ProfileLimits())
+    lowering = with_limits(get_target(target), limits or ProfileLimits(), float_type)
     card_folder = out.parent
     if (card_folder / "card.json").is_file():
         card = ModelCard.load(card_folder)

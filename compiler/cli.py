@@ -259,6 +259,9 @@ def build_cmd(
     dim: Annotated[list[str] | None, typer.Option(
         help="TensorRT: NAME=SIZE for another symbolic dimension (repeatable; default 1)")]
     = None,
+    trt_float: Annotated[str, typer.Option(
+        help="TensorRT: type of the float layers, fp16, bf16 (sm_80 on, e.g. Orin) or fp32; "
+        "LayerNorm, softmax, reductions and logits stay fp32 by rule")] = "fp16",
     threads: ThreadsOpt = None,
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
@@ -271,7 +274,7 @@ def build_cmd(
                            opt_decoder_steps=opt_decoder_steps,
                            dims=ProfileLimits.parse_dims(dim or ()))
     if from_qdq is not None:
-        result = lower_qdq(from_qdq, out, target, limits)
+        result = lower_qdq(from_qdq, out, target, limits, trt_float)
         for note in result.notes:
             console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
         if not (out / result.artifact).is_file():
@@ -332,7 +335,7 @@ def build_cmd(
                          quantize_attention=quantize_attention, seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
-                         act_guard=guard, engine_limits=limits,
+                         act_guard=guard, engine_limits=limits, trt_float=trt_float,
                          train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)

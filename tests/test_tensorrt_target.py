@@ -198,6 +198,12 @@ def test_engine_limits_reach_the_tensorrt_target_and_nothing_else() -> None:
     assert isinstance(target, TensorRTTarget) and target.limits == limits
     with pytest.raises(SfcError, match=r"--max-batch 4.*--target tensorrt only"):
         BuildConfig(target="ort-cpu", engine_limits=limits)
+    bf16 = BuildConfig(target="tensorrt:10.16", activations=None, trt_float="bf16")
+    assert bf16.lowering_target().float_type == "bf16"
+    with pytest.raises(SfcError, match=r"--trt-float applies to --target tensorrt only"):
+        BuildConfig(target="ort-cpu", trt_float="bf16")
+    with pytest.raises(SfcError, match=r"unknown float type 'fp8'"):
+        BuildConfig(target="tensorrt:10.16", trt_float="fp8")
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="checks the stop on machines without TensorRT")
