@@ -30,8 +30,7 @@ from sfc.errors import SfcError
 FAST = {"runs": 15, "warmup": 2, "progress": False}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model() -> onnx.ModelProto:
     """y = relu(x @ W), x [batch, 256]: well under a millisecond, well above timer noise."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), "W")
@@ -41,8 +40,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "tiny.onnx"
-    onnx.save(model, str(path))
+    onnx.save(tiny_model(), str(path))
     return path
 
 

@@ -18,8 +18,8 @@ import asyncssh
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from sshd import LoopbackSshd, pids_with
+from test_bench import tiny_model
 
 from sfc.bench import BenchReport, bench, render
 from sfc.bench.remote import DEFAULT_REMOTE_CACHE, SshDevice, remote_command
@@ -53,17 +53,9 @@ def _device(srv: LoopbackSshd, cache: Path, **kw: Any) -> SshDevice:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """y = relu(x @ W), x [batch, 256], saved under a name that shells would expand."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
+    """The bench tests' model, saved under a name that shells would expand."""
     path = tmp_path_factory.mktemp("art") / "it's $(touch PWNED) tiny.onnx"
-    onnx.save(model, str(path))
+    onnx.save(tiny_model(), str(path))
     return path
 
 
