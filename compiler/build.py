@@ -657,7 +657,8 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
         if card.family == "whisper" and needs_data and config.recipe is None:
             from .runtime.whisper import WhisperRuntime
 
-            runtime = WhisperRuntime.open(fp32_folder)
+            # No arena: the build holds this runtime while its other sessions run.
+            runtime = WhisperRuntime.open(fp32_folder, arena=False)
             utterances = read_manifest(config.calib)[: config.calib_limit]
         prepared = [_prepare(name, onnx.load(str(fp32_folder / spec.path)), config, caps,
                              single) for name, spec in card.graphs.items()]

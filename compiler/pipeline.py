@@ -9,6 +9,7 @@ from .build import BuildConfig, build
 from .card import ModelCard
 from .eval import evaluate, read_manifest
 from .eval.results import EvalResult
+from .memory import peak_rss_kib
 from .report import (
     BuildReport,
     Distortion,
@@ -83,7 +84,8 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
             distortion = measure_distortion(
                 out / graph.fp32, out / graph.name / graph.lowering.artifact, feeds_dir,
                 [t.name for t in card.graphs[graph.name].inputs], graph.lowering.optimization)
-    report = make_report(src, config, out, graphs, wer, build_s, distortion)
+    report = make_report(src, config, out, graphs, wer, build_s, distortion,
+                         peak_rss_kib() / 1024)
     report.save(out)
     ModelCard.load(out)  # the folder must stay loadable as a deployable
     return report

@@ -141,6 +141,8 @@ class BuildReport:
     esc: EscSummary | None = None
     precision: dict[str, Any] | None = None  # the mixed search (precision.json)
     guard: dict[str, Any] | None = None  # the activation guard (act_guard.json)
+    # The build process's peak resident memory (MiB), its WER check included.
+    peak_rss_mib: float | None = None
 
     @property
     def compression(self) -> float:
@@ -213,7 +215,8 @@ def compare_wer(fp32: EvalResult, built: EvalResult, seed: int = 0) -> WerCompar
 
 def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[GraphBuild],
                 wer: WerComparison | None, build_s: float,
-                distortion: Distortion | None = None) -> BuildReport:
+                distortion: Distortion | None = None,
+                peak_rss_mib: float | None = None) -> BuildReport:
     """Assemble the report from what the build saved in `out`."""
     layers: list[LayerRow] = []
     for g in graphs:
@@ -250,6 +253,7 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         esc=esc,
         precision=precision,
         guard=guard,
+        peak_rss_mib=peak_rss_mib,
     )
 
 
@@ -269,6 +273,8 @@ def render_markdown(report: BuildReport) -> str:
         f"target {c['target']})",
         "",
         f"- build time: {report.build_s:.1f} s",
+        *([f"- peak resident memory: {report.peak_rss_mib:.0f} MiB (this build process, "
+           "its WER check included)"] if report.peak_rss_mib is not None else []),
         f"- size: {report.fp32_bytes / 1e6:.1f} MB FP32 -> {report.artifact_bytes / 1e6:.1f} MB "
         f"artifact ({report.compression:.2f}x, real bytes on disk)",
     ]

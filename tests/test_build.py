@@ -67,6 +67,8 @@ def test_same_inputs_and_seed_give_identical_bytes(tmp_path: Path) -> None:
 def test_generic_build_reports_fusion_unsupported_ops_and_distortion(tmp_path: Path) -> None:
     src, feeds = _mlp(tmp_path / "mlp.onnx", external=True), _feeds(tmp_path / "feeds")
     config = BuildConfig(calib=feeds, calibrator="max")
+    rss_mib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text()
+                   .splitlines() if line.startswith("VmRSS:")) / 1024
     report = compile_model(str(src), tmp_path / "out", config, eval_data=None)
     graph = report.graphs[0]
     # The census accounts for both MatMuls: fused into an integer kernel or named as float
@@ -78,6 +80,9 @@ def test_generic_build_reports_fusion_unsupported_ops_and_distortion(tmp_path: P
     assert 0 < report.distortion.rel_l2["z"] < 0.15 and report.distortion.cosine["z"] > 0.99
     md = (tmp_path / "out" / "report.md").read_text()
     assert "relative L2" in md and "| model | `w1` | weight |" in md
+    # The build's peak memory: this process's, so at least what it held before the build.
+    assert report.peak_rss_mib is not None and report.peak_rss_mib >= rss_mib
+    assert f"peak resident memory: {report.peak_rss_mib:.0f} MiB" in md
 
 
 def test_nan_statistics_stop_the_build_naming_the_tensor(tmp_path: Path) -> None:

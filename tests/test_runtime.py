@@ -13,6 +13,7 @@ import pytest
 
 from sfc.eval import read_manifest
 from sfc.runtime.audio import load_audio
+from sfc.runtime.features import whisper_windows
 from sfc.runtime.whisper import WhisperRuntime
 from tests.conftest import EVAL_DATA
 
@@ -139,3 +140,37 @@ def test_whisper_base_exports_and_transcribes(tmp_path: Path) -> None:
     audio = load_audio(EVAL_DATA / "audio/eval_0005.flac")
     text = WhisperRuntime.open(tmp_path).transcribe(audio).text
     assert "music" in text.lower()
+
+
+def test_encoder_runs_a_window_at_a_time_on_the_cpu_with_the_batch_result(
+        tiny_export: Path) -> None:
+    """The runtime's per-window encoder calls (its CPU memory bound) give the cross K/V of
+    one batched call, in window order."""
+    runtime = WhisperRuntime.open(tiny_export)
+    assert runtime.encoder_batch == 1
+    clips = [load_audio(u.audio) for u in read_manifest(EVAL_DATA)[:3]]
+    windows = np.concatenate([whisper_windows(a, runtime.mel)[:1] for a in clips])
+    chunked = runtime.encode(windows)
+    runtime.encoder_batch = None
+    whole = runtime.encode(windows)
+    assert chunked[0].shape == whole[0].shape and chunked[0].shape[1] == 3
+    for a, b in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Window order kept: each chunk is the encoder of that window alone.
+    alone = runtime.encode(windows[2:3])
+    np.testing.assert_allclose(chunked[0][:, 2:3], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_transcribe_many_gives_each_recording_its_own_text(tiny_export: Path) -> None:
+    """Throughput mode batches the windows of several recordings (one of two windows)
+    through the decoder; each recording still gets the text it gets alone."""
+    runtime = WhisperRuntime.open(tiny_export)
+    clips = [load_audio(u.audio) for u in read_manifest(EVAL_DATA)[:4]]
+    # A 33 s recording: two windows, the second a different clip's speech.
+    clips.append(np.concatenate([clips[0], np.zeros(16000 * 30 - len(clips[0]), np.float32),
+                                 clips[1]]))
+    alone = [runtime.transcribe(a) for a in clips]
+    together = runtime.transcribe_many(clips)
+    assert [t.text for t in together] == [t.text for t in alone]
+    assert len({t.text for t in alone}) == len(clips)  # distinct texts: order is checked
+    assert runtime.transcribe_many([]) == []

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 from ..card import GraphSpec, ModelCard, TensorSpec
 from ..errors import SfcError
+from ..memory import peak_rss_kib
 from .backends import Backend, Timer, check_providers, check_runs_on, engine_graphs, open_backend
 from .results import WorkerArgs, WorkerResult, envelope
 
@@ -50,22 +50,6 @@ _ORT_DTYPES: Mapping[str, type[np.generic]] = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
     "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
 }
-
-
-def _peak_rss_kib() -> int:
-    """This process's peak resident set size in KiB.
-
-    Linux: VmHWM from /proc/self/status, which starts afresh at exec; ru_maxrss does not
-    (a worker forked from a large parent reported the parent's peak). Elsewhere ru_maxrss
-    (KiB on Linux, bytes on macOS).
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak // 1024) if sys.platform == "darwin" else int(peak)
 
 
 def _warm(fn: Callable[[], object], n: int) -> None:
@@ -135,7 +119,7 @@ def _bench_whisper(folder: Path, args: WorkerArgs, be: Backend) -> tuple[WorkerR
     w1 = time.monotonic()
     result = WorkerResult(
         artifact=str(folder), kind="whisper", threads=args.threads, load_s=load_s,
-        latency_ms=latency, peak_rss_kib=_peak_rss_kib(), decoder_step_ms=tuple(steps),
+        latency_ms=latency, peak_rss_kib=peak_rss_kib(), decoder_step_ms=tuple(steps),
         audio_s=sum(c.shape[0] for c in clips) / rt.mel.sample_rate, transcribe_s=w1 - w0,
         gpu=be.gpu(),  # sessions still open: their memory is counted
     )
@@ -229,7 +213,7 @@ def _bench_generic(path: Path, args: WorkerArgs, be: Backend) -> tuple[WorkerRes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SfcError(f"running {graph} failed: {first}") from None
     result = WorkerResult(artifact=str(path), kind="generic", threads=args.threads,
-                          load_s=load_s, latency_ms=latency, peak_rss_kib=_peak_rss_kib(),
+                          load_s=load_s, latency_ms=latency, peak_rss_kib=peak_rss_kib(),
                           gpu=be.gpu())
     return result, (w0, w1, args.runs)
 

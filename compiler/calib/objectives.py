@@ -35,7 +35,8 @@ from ..errors import SfcError
 from ..quant.qdq import scale_input_name, write_qdq
 from ..quant.recipe import Recipe
 from ..quant.stored import StoredWeights
-from ..runtime.session import OPTIMIZATION
+from ..runtime.session import session_options
+from ..runtime.whisper import encode_in_chunks
 from .esc import quantizer_key
 
 __all__ = [
@@ -93,12 +94,8 @@ class ScaledSession:
                         stored=setup.stored)
         if setup.rewrite is not None:
             qdq = setup.rewrite(qdq)
-        options = ort.SessionOptions()
         # The level the target's artifact runs at: the search sees the deployed numerics.
-        options.graph_optimization_level = OPTIMIZATION[optimization]
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options = session_options(threads=threads, optimization=optimization, arena=False)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         source: str | bytes
         if qdq.ByteSize() > _MAX_INLINE_BYTES:
@@ -308,9 +305,13 @@ class WhisperObjective:
     def _encode(self, scales: Mapping[str, float]) -> list[list[np.ndarray]]:
         key = tuple((k, v.tobytes()) for k, v in sorted(self.encoder.scale_feed(scales).items()))
         if self._encoded is None or self._encoded[0] != key:
-            outs = [self.encoder.run(["cross_key", "cross_value"],
-                                     {"input_features": b.features}, scales)
-                    for b in self.reference.batches]
+            self._encoded = None  # the old outputs go before the new ones are made
+            # One window per call, as the runtime does on the CPU: a batch's arena is
+            # several times one window's (WhisperRuntime.encoder_batch).
+            outs = [list(encode_in_chunks(
+                lambda chunk: self.encoder.run(["cross_key", "cross_value"],
+                                               {"input_features": chunk}, scales),
+                b.features, 1)) for b in self.reference.batches]
             self._encoded = (key, outs)
         return self._encoded[1]
 

@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from ..errors import SfcError
 from ..progress import progress_bar
+from ..runtime.session import session_options
 
 __all__ = ["DEFAULT_BINS", "StatsSnapshot", "TensorStats", "collect_stats"]
 
@@ -243,13 +244,9 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str], large: bool) -> 
 
 def _session(model: onnx.ModelProto, threads: int | None, large: bool,
              tmp: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
     # Basic optimisations only: constant folding and the like, no fusions that would
     # reorder float arithmetic around the tensors being observed.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options = session_options(threads=threads, optimization="basic", arena=False)
     source: str | bytes
     if large:
         path = tmp / "calib.onnx"

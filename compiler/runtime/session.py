@@ -8,7 +8,7 @@ import onnxruntime as ort
 
 from ..errors import SfcError
 
-__all__ = ["OPTIMIZATION", "open_session"]
+__all__ = ["OPTIMIZATION", "open_session", "session_options"]
 
 # Graph optimisation levels a model card may ask for. "basic" (constant folding, no QDQ
 # fusion) keeps fake-quant graphs exact: onnxruntime 1.31's extended rewrites drop a Relu in
@@ -21,24 +21,40 @@ OPTIMIZATION = {
 }
 
 
-def open_session(path: Path, *, threads: int | None = None,
-                 providers: list[str] | None = None,
-                 optimization: str = "all") -> ort.InferenceSession:
-    """Open `path` in ONNX Runtime; a file ORT cannot load is a one-line user error.
+def session_options(*, threads: int | None = None, optimization: str = "all",
+                    arena: bool = True) -> ort.SessionOptions:
+    """The options every sfc session starts from.
 
-    `optimization`: a key of `OPTIMIZATION` (the model card's choice for the graph).
+    `optimization`: a key of `OPTIMIZATION`. `threads`: intra-op threads (None: ORT's
+    default, one per core). `arena`: ORT's CPU memory arena, which keeps the largest
+    footprint any run needed for the session's life; the build's own sessions run
+    without it so that its peak is one run's, not the sum of every session's largest
+    (BENCHMARKS.md, issue 13).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SfcError(f"model file not found: {path}")
     if optimization not in OPTIMIZATION:
         raise SfcError(f"unknown graph optimization level {optimization!r} "
                        f"(expected one of {', '.join(OPTIMIZATION)})")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[optimization]
+    options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    return options
+
+
+def open_session(path: Path, *, threads: int | None = None,
+                 providers: list[str] | None = None,
+                 optimization: str = "all", arena: bool = True) -> ort.InferenceSession:
+    """Open `path` in ONNX Runtime; a file ORT cannot load is a one-line user error.
+
+    `optimization`: a key of `OPTIMIZATION` (the model card's choice for the graph);
+    `arena`: see `session_options`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SfcError(f"model file not found: {path}")
+    options = session_options(threads=threads, optimization=optimization, arena=arena)
     try:
         return ort.InferenceSession(str(path), sess_options=options,
                                     providers=providers or ["CPUExecutionProvider"])

@@ -9,6 +9,7 @@ and joined with a space; windows follow OpenAI's convention (see
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,34 @@ from .features import LogMelSpec, whisper_windows
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
 
-__all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime"]
+__all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime", "encode_in_chunks"]
 
 # The decoder's outputs that are the next step's cache inputs (sfc's Whisper export).
 CACHE = {"present_key": "past_key", "present_value": "past_value"}
 
 
 def _open(folder: Path, graph: GraphSpec, threads: int | None,
-          providers: list[str] | None) -> Any:
+          providers: list[str] | None, arena: bool) -> Any:
     """An ORT session, or a TensorRT engine runner for a `.plan` (same `run` interface)."""
     if graph.path.endswith(".plan"):
         return open_engine(folder / graph.path)
     return open_session(folder / graph.path, threads=threads, providers=providers,
-                        optimization=graph.optimization)
+                        optimization=graph.optimization, arena=arena)
+
+
+def encode_in_chunks(run: Callable[[np.ndarray], Sequence[np.ndarray]],
+                     features: np.ndarray, chunk: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Cross K/V of windows [B, n_mels, frames], `run` on `chunk` windows at a time.
+
+    `run(windows)` returns (cross_key, cross_value), each [layers, b, heads, frames,
+    head_dim]; the chunks' outputs are joined on the batch axis. `chunk` None: one call.
+    """
+    step = chunk or len(features)
+    parts = [run(features[i:i + step]) for i in range(0, len(features), step)]
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1]
+    return (np.concatenate([p[0] for p in parts], axis=1),
+            np.concatenate([p[1] for p in parts], axis=1))
 
 
 @dataclass(frozen=True)
@@ -58,14 +74,19 @@ class WhisperRuntime:
     tokenizer: Tokenizer
     max_batch: int = 8
     guard: LoopGuard | None = LOOP_GUARD
+    # Windows per encoder call; None: the whole batch. One on ORT's CPU provider: a batch
+    # of 8 windows held 1.17 GB of arena (8 attention maps of 54 MB each, and their
+    # neighbours) against 0.40 GB for one, and ran no faster (BENCHMARKS.md, issue 13).
+    encoder_batch: int | None = 1
 
     @classmethod
     def open(cls, folder: str | Path, *, threads: int | None = None,
              guard: LoopGuard | None = LOOP_GUARD,
-             providers: list[str] | None = None) -> WhisperRuntime:
+             providers: list[str] | None = None, arena: bool = True) -> WhisperRuntime:
         """Open an export or build folder (its `card.json` says which file is which).
 
-        `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU).
+        `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU);
+        `arena`: ORT's CPU memory arena (`session.session_options`).
         """
         folder = Path(folder)
         card = ModelCard.load(folder)
@@ -81,10 +102,12 @@ class WhisperRuntime:
             card=card,
             decoding=card.decoding,
             mel=LogMelSpec.from_dict(card.preprocessing or {}),
-            encoder=_open(folder, card.graphs["encoder"], threads, providers),
-            decoder=_open(folder, card.graphs["decoder"], threads, providers),
+            encoder=_open(folder, card.graphs["encoder"], threads, providers, arena),
+            decoder=_open(folder, card.graphs["decoder"], threads, providers, arena),
             tokenizer=Tokenizer.from_file(str(tok_path)),
             guard=guard,
+            encoder_batch=1 if providers in (None, ["CPUExecutionProvider"])
+            and not card.graphs["encoder"].path.endswith(".plan") else None,
         )
 
     def limits(self) -> tuple[int, int | None]:
@@ -108,9 +131,10 @@ class WhisperRuntime:
 
     def encode(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the encoder on [B, n_mels, frames]; return the cross-attention K and V."""
-        cross_k, cross_v = self.encoder.run(["cross_key", "cross_value"],
-                                            {"input_features": features})
-        return cross_k, cross_v
+        return encode_in_chunks(
+            lambda chunk: self.encoder.run(["cross_key", "cross_value"],
+                                           {"input_features": chunk}),
+            features, self.encoder_batch)
 
     def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray) -> DecoderStep:
         """A decoder step with this utterance's cross-attention K/V bound.
@@ -146,9 +170,26 @@ class WhisperRuntime:
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Text of 16 kHz mono float32 audio of any length."""
-        windows = self.decode_windows(whisper_windows(audio, self.mel))
-        return Transcript(" ".join(w.text for w in windows if w.text),
-                          sum(w.loop_stops for w in windows))
+        return self.transcribe_many([audio])[0]
+
+    def transcribe_many(self, audios: Sequence[np.ndarray]) -> list[Transcript]:
+        """Texts of several recordings, their windows decoded together (throughput mode).
+
+        The windows of all recordings go through `decode_windows` in order, so the decoder
+        steps several rows at once (`limits` sets how many). A row's tokens depend only on
+        its own window: a recording's text is the one `transcribe` gives it alone, up to the
+        float rounding of batched kernels.
+        """
+        per_audio = [whisper_windows(a, self.mel) for a in audios]
+        if not per_audio:
+            return []
+        decoded = iter(self.decode_windows(np.concatenate(per_audio)))
+        out = []
+        for windows in per_audio:
+            mine = [next(decoded) for _ in range(len(windows))]
+            out.append(Transcript(" ".join(w.text for w in mine if w.text),
+                                  sum(w.loop_stops for w in mine)))
+        return out
 
 
 class DeviceCacheStep:
