@@ -27,9 +27,9 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
 
     `optimization`: a key of `OPTIMIZATION`. `threads`: intra-op threads (None: ORT's
     default, one per core). `arena`: ORT's CPU memory arena, which keeps the largest
-    footprint any run needed for the session's life; the build's own sessions run
-    without it so that its peak is one run's, not the sum of every session's largest
-    (BENCHMARKS.md, issue 13).
+    footprint any run needed for the session's life; the build runs the sessions it
+    keeps open but idle (its FP32 runtime) and its one-pass statistics without it, so
+    their footprints do not add up under ESC's (BENCHMARKS.md, issue 13).
     """
     if optimization not in OPTIMIZATION:
         raise SfcError(f"unknown graph optimization level {optimization!r} "
