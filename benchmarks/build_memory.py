@@ -78,7 +78,7 @@ def measure(args: argparse.Namespace) -> int:
                      "report_peak_rss_mib": report.get("peak_rss_mib"),
                      "wall_s": wall, "build_s": report["build_s"],
                      "eval_n": wer.get("n"), "delta_wer": wer.get("delta"),
-                     "ci": [wer.get("ci_lo"), wer.get("ci_hi")],
+                     "ci": [wer.get("delta_lo"), wer.get("delta_hi")],
                      "lossless": wer.get("lossless")})
         if not args.keep:
             shutil.rmtree(out)

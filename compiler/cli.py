@@ -114,6 +114,8 @@ def transcribe(
     audio: Annotated[list[Path], typer.Argument(help="Audio files (any rate; resampled)")],
     threads: ThreadsOpt = None,
     loop_guard: LoopGuardOpt = True,
+    batch: Annotated[int, typer.Option(
+        min=1, help="Throughput mode: decode the windows of N files together")] = 1,
 ) -> None:
     """Print the transcript of each audio file."""
     from .models import model_folder
@@ -123,12 +125,17 @@ def transcribe(
 
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None)
-    for path in audio:
-        out = runtime.transcribe(load_audio(path))
-        console.print(f"{path}: {out.text}" if len(audio) > 1 else out.text, highlight=False)
-        if out.loop_stops:
-            err_console.print(f"{path}: decoding fell into a repetition loop in "
-                              f"{out.loop_stops} window(s); one copy kept", highlight=False)
+    runtime.max_batch = max(runtime.max_batch, batch)
+    for first in range(0, len(audio), batch):
+        paths = audio[first:first + batch]
+        for path, out in zip(paths, runtime.transcribe_many([load_audio(p) for p in paths]),
+                             strict=True):
+            console.print(f"{path}: {out.text}" if len(audio) > 1 else out.text,
+                          highlight=False, markup=False, soft_wrap=True)
+            if out.loop_stops:
+                err_console.print(f"{path}: decoding fell into a repetition loop in "
+                                  f"{out.loop_stops} window(s); one copy kept",
+                                  highlight=False, markup=False, soft_wrap=True)
 
 
 @command("eval")

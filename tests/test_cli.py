@@ -153,3 +153,24 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
                             "--search", "one-stage", "--train-data", str(tmp_path)),
                        "manifest not found")
+
+
+def test_transcribe_batch_prints_each_file_in_order_and_paths_literally(
+        tiny_export: Path, tmp_path: Path) -> None:
+    """`--batch 2` decodes files together; each line is its own file's text, and a path
+    that looks like rich markup is printed as it is."""
+    utts = read_manifest(EVAL_DATA)[:3]
+    paths = []
+    for i, utt in enumerate(utts):
+        path = tmp_path / (f"[bold]clip{i}[red].flac" if i == 1 else f"clip{i}.flac")
+        path.write_bytes(Path(utt.audio).read_bytes())
+        paths.append(path)
+    one = _sfc("transcribe", str(tiny_export), *map(str, paths))
+    batched = _sfc("transcribe", str(tiny_export), "--batch", "2", *map(str, paths))
+    assert batched.returncode == 0, batched.stderr
+    assert batched.stdout == one.stdout
+    lines = batched.stdout.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [str(p) for p in paths]
+    for line, utt in zip(lines, utts, strict=True):
+        counts = count_errors(utt.text, line.split(": ", 1)[1])
+        assert counts.errors / counts.ref_words <= 0.3, (utt.text, line)
