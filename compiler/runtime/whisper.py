@@ -74,9 +74,10 @@ class WhisperRuntime:
     tokenizer: Tokenizer
     max_batch: int = 8
     guard: LoopGuard | None = LOOP_GUARD
-    # Windows per encoder call; None: the whole batch. One on ORT's CPU provider: a batch
-    # of 8 windows held 1.17 GB of arena (8 attention maps of 54 MB each, and their
-    # neighbours) against 0.40 GB for one, and ran no faster (BENCHMARKS.md, issue 13).
+    # Windows per ONNX Runtime encoder call; None: the whole batch (a TensorRT engine
+    # always takes the whole batch). One on ORT's CPU provider: a batch of 8 windows held
+    # 1.17 GB of arena (8 attention maps of 54 MB each, and their neighbours) against
+    # 0.40 GB for one, and ran no faster (BENCHMARKS.md, issue 13).
     encoder_batch: int | None = 1
 
     @classmethod
@@ -106,8 +107,7 @@ class WhisperRuntime:
             decoder=_open(folder, card.graphs["decoder"], threads, providers, arena),
             tokenizer=Tokenizer.from_file(str(tok_path)),
             guard=guard,
-            encoder_batch=1 if providers in (None, ["CPUExecutionProvider"])
-            and not card.graphs["encoder"].path.endswith(".plan") else None,
+            encoder_batch=1 if providers in (None, ["CPUExecutionProvider"]) else None,
         )
 
     def limits(self) -> tuple[int, int | None]:
@@ -134,7 +134,7 @@ class WhisperRuntime:
         return encode_in_chunks(
             lambda chunk: self.encoder.run(["cross_key", "cross_value"],
                                            {"input_features": chunk}),
-            features, self.encoder_batch)
+            features, None if isinstance(self.encoder, TrtSession) else self.encoder_batch)
 
     def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray) -> DecoderStep:
         """A decoder step with this utterance's cross-attention K/V bound.
