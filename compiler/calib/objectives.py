@@ -95,8 +95,8 @@ class ScaledSession:
         if setup.rewrite is not None:
             qdq = setup.rewrite(qdq)
         # The level the target's artifact runs at: the search sees the deployed numerics.
-        # With ORT's arena: without it every candidate re-faults its buffers, and ESC ran
-        # 45% longer for 0.4 GB less peak (BENCHMARKS.md, issue 13).
+        # With ORT's arena: without it ESC ran 45% longer for 0.4 GB less peak
+        # (BENCHMARKS.md, issue 13).
         options = session_options(threads=threads, optimization=optimization)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         source: str | bytes
