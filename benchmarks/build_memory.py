@@ -12,7 +12,7 @@ another, never two at once. Its peak resident set size is the kernel's own count
 process (`os.wait4`'s ru_maxrss: the child is a fresh exec of a small parent), next to the
 peak the build writes in its report.md; the wall time is the whole command's, and
 `build_s` (the report's) leaves the WER check out. The calibration clips default to
-`../shared/datasets/speech-calib` (150 clips; the repository bundles its first 100).
+`../shared/datasets/speech-calib` (150 clips; the repository bundles 100 of them).
 Builds land under `--work` (outside the repository), and are deleted unless `--keep`.
 """
 
