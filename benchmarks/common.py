@@ -19,7 +19,7 @@ from sfc.info import machine_info as sfc_machine_info
 __all__ = [
     "build_variant", "eval_summary", "faster_whisper_model", "faster_whisper_transcriber",
     "machine_info", "machine_line", "outside_repo", "per_utterance", "print_table",
-    "run_or_show",
+    "run_marked_worker", "run_or_show",
 ]
 
 
@@ -166,3 +166,20 @@ def run_or_show(args: argparse.Namespace, run: Callable[[argparse.Namespace], in
         show(json.loads(Path(args.json).read_text()))
         return 0
     return run(args)
+
+
+def run_marked_worker(cmd: Sequence[str], what: str, marker: str) -> Any:
+    """Run a worker command; return the JSON after `marker` on its last marked stdout line.
+
+    Workers print exactly one such line; libraries may print others around it.
+    """
+    import subprocess
+
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"worker {what} failed (exit {proc.returncode}):\n{tail}")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    raise RuntimeError(f"worker {what} printed no result line:\n{proc.stdout[-2000:]}")

@@ -52,7 +52,6 @@ import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +64,7 @@ from unittest import mock
 
 import numpy as np
 import onnx
-from common import machine_info, machine_line, print_table
+from common import machine_info, machine_line, print_table, run_marked_worker
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
@@ -547,14 +546,7 @@ def _select(data: Path, limit: int) -> list[Any]:
 def spawn(args: Sequence[str], what: str) -> Any:
     """Run this script as a worker in a fresh interpreter and return its parsed result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        raise RuntimeError(f"worker {what} failed (exit {proc.returncode}):\n{tail}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    raise RuntimeError(f"worker {what} printed no result line:\n{proc.stdout[-2000:]}")
+    return run_marked_worker(cmd, what, RESULT_MARKER)
 
 
 def _gemms(entries: Iterable[Mapping[str, Any]]) -> list[Gemm]:

@@ -76,7 +76,6 @@ import os
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -91,6 +90,7 @@ from common import (
     machine_info,
     machine_line,
     print_table,
+    run_marked_worker,
 )
 
 from sfc.eval.wer import PairedDelta
@@ -356,15 +356,8 @@ def spawn_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     ]
     for label, folder in args.sfc_build:
         cmd += ["--sfc-build", f"{label}={folder}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        raise RuntimeError(f"worker {variant} failed (exit {proc.returncode}):\n{tail}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            result: dict[str, Any] = json.loads(line[len(RESULT_MARKER):])
-            return result
-    raise RuntimeError(f"worker {variant} printed no result line:\n{proc.stdout[-2000:]}")
+    result: dict[str, Any] = run_marked_worker(cmd, variant, RESULT_MARKER)
+    return result
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
