@@ -80,8 +80,10 @@ def test_generic_build_reports_fusion_unsupported_ops_and_distortion(tmp_path: P
     assert 0 < report.distortion.rel_l2["z"] < 0.15 and report.distortion.cosine["z"] > 0.99
     md = (tmp_path / "out" / "report.md").read_text()
     assert "relative L2" in md and "| model | `w1` | weight |" in md
-    # The build's peak memory: this process's, so at least what it held before the build.
-    assert report.peak_rss_mib is not None and report.peak_rss_mib >= rss_mib
+    # The build's peak memory: this process's, so at least what it held before the build
+    # (less 1 MiB: the kernel syncs per-thread RSS counters into the high-water mark
+    # lazily, so VmRSS was once read 32 KiB above it).
+    assert report.peak_rss_mib is not None and report.peak_rss_mib >= rss_mib - 1
     assert f"peak resident memory: {report.peak_rss_mib:.0f} MiB" in md
 
 

@@ -24,6 +24,7 @@ from sfc.build import target_caps
 from sfc.errors import SfcError
 from sfc.quant import (
     ORT_CPU_CAPS,
+    TENSORRT_CAPS,
     PlanConfig,
     Recipe,
     make_plan,
@@ -145,23 +146,33 @@ def test_weights_replaced_and_every_reader_dequantizes() -> None:
     inits = {t.name: t for t in qdq.graph.initializer}
     for name in ("q.w", "fc1.w", "E", "conv.w", "o.w"):
         assert name not in inits  # no float copy left
-    assert inits["E_quantized"].data_type == TensorProto.INT4
-    assert "E_quantized_1" not in inits
+    assert inits["E_quantized_0"].data_type == TensorProto.INT4
     assert inits["conv.w_quantized"].data_type == TensorProto.INT8  # INT8 fallback
     nodes = {n.name: n for n in qdq.graph.node}
     # E has two readers (lm_head, then the Gather): one DQ each. The weight-only MatMul
-    # gets a private copy of the integers (MatMulNBits fusion needs one), the rest share.
+    # gets a private copy of the integers (MatMulNBits fusion needs one); on ort-cpu the
+    # Gather reads its own INT8 per-row copy (ORT's Gather has no 4-bit kernel).
     assert nodes["lm_head"].input[1] == "E_dequantized_0"
     assert nodes["embed"].input[0] == "E_dequantized_1"
     assert list(nodes["E_DequantizeLinear_0"].input) == ["E_quantized_0", "E_scale_0"]
+    assert list(nodes["E_DequantizeLinear_1"].input) == ["E_quantized_1", "E_scale_1"]
+    assert inits["E_quantized_1"].data_type == TensorProto.INT8
+    assert list(inits["E_scale_float16_0"].dims) == [2, 64]  # [ceil(K / 32), N], float16
+    assert {a.name: a.i for a in nodes["E_DequantizeLinear_0"].attribute} == {
+        "axis": 0, "block_size": 32}
+    assert {a.name: a.i for a in nodes["E_DequantizeLinear_1"].attribute} == {"axis": 0}
+    assert {a.name: a.i for a in nodes["o.w_DequantizeLinear"].attribute} == {"axis": 0}
+    # Without the Gather copy (TensorRT caps) the Gather shares one float32-scaled copy.
+    config = PlanConfig(weight_bits=4)
+    plan = make_plan(model, config, TENSORRT_CAPS)
+    scales = absmax_scales(model, feeds_for(model), [q.tensor for q in plan.activations])
+    trt = write_qdq(model, recipe_from_plan(plan, scales, model_sha256(model), 0,
+                                            config.to_dict()))
+    inits = {t.name: t for t in trt.graph.initializer}
+    nodes = {n.name: n for n in trt.graph.node}
     assert list(nodes["E_DequantizeLinear_1"].input) == ["E_quantized", "E_scale"]
     assert inits["E_quantized_0"].raw_data == inits["E_quantized"].raw_data
-    assert list(inits["E_scale"].dims) == [2, 64]  # [ceil(K / 32), N]
-    for k in (0, 1):
-        dq = nodes[f"E_DequantizeLinear_{k}"]
-        attrs = {a.name: a.i for a in dq.attribute}
-        assert attrs == {"axis": 0, "block_size": 32}
-    assert {a.name: a.i for a in nodes["o.w_DequantizeLinear"].attribute} == {"axis": 0}
+    assert list(inits["E_scale"].dims) == [2, 64]
 
 
 def test_activation_qdq_feeds_only_its_consumers() -> None:

@@ -218,6 +218,10 @@ class Quantizer:
 
     For a weight, every reader of the initializer reads its dequantized form (so no
     float copy remains); `consumers` lists the weighted ops that asked for it.
+    `gather_spec`: for a block-quantized weight that Gathers also read (a tied embedding
+    table) on a target whose Gather runs only INT8 (`TargetCaps.gather_copy_int8`), the
+    INT8 per-channel spec along the gather axis of the Gathers' own copy; None: the
+    Gathers read `spec` like every other reader.
     """
 
     tensor: str
@@ -226,6 +230,7 @@ class Quantizer:
     consumers: tuple[str, ...]
     op_types: tuple[str, ...]
     note: str = ""
+    gather_spec: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("weight", "activation"):
@@ -423,7 +428,8 @@ class WeightedOpRule:
                                 pair_limit=caps.int8_weight_pair_limit)
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
-        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size)
+        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size,
+                          scale_bits=16 if caps.half_block_scales else 32)
         multiple, last = caps.last_dim_multiple(bits), int(tensor.dims[-1])
         if op not in caps.block_weight_ops:
             why = f"{caps.name} has no block-quantized {op}"
@@ -633,10 +639,25 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
     quantizers = []
     for kind, tensor in order:
         acc = (weight_q if kind == "weight" else act_q)[tensor]
-        quantizers.append(
-            Quantizer(tensor, kind, acc.spec, tuple(acc.consumers), tuple(acc.op_types), acc.note)
-        )
+        gather = _gather_spec(tensor, acc.spec, ctx, graph) if kind == "weight" else None
+        quantizers.append(Quantizer(tensor, kind, acc.spec, tuple(acc.consumers),
+                                    tuple(acc.op_types), acc.note, gather))
     return Plan(tuple(quantizers), tuple(skipped))
+
+
+def _gather_spec(weight: str, spec: QuantSpec, ctx: _Context,
+                 graph: onnx.GraphProto) -> QuantSpec | None:
+    """The INT8 per-channel spec of the Gathers' own copy of a block-quantized `weight`
+    (see `Quantizer.gather_spec`), or None."""
+    if not ctx.caps.gather_copy_int8 or spec.granularity != "block":
+        return None
+    readers = (graph.node[i] for i in ctx.facts.readers.get(weight, ()))
+    axes = {int_attr(n, "axis", 0) for n in readers
+            if n.op_type == "Gather" and n.input[0] == weight}
+    if len(axes) != 1:
+        return None  # no Gather reader, or Gathers on different axes: they share `spec`
+    rank = len(ctx.facts.initializers[weight].dims)
+    return QuantSpec(8, "channel", axis=axes.pop() % rank)
 
 
 @dataclass

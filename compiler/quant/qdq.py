@@ -73,6 +73,8 @@ class QdqNames:
     dequantized: str  # DQ output
     q_node: str
     dq_node: str
+    scale_float16: str  # a float16-scale weight's stored scales (Cast to `scale`)
+    scale_cast: str
 
 
 def qdq_names(tensor: str, reader: int | None = None) -> QdqNames:
@@ -89,6 +91,8 @@ def qdq_names(tensor: str, reader: int | None = None) -> QdqNames:
         dequantized=f"{tensor}_dequantized{suffix}",
         q_node=f"{tensor}_QuantizeLinear{suffix}",
         dq_node=f"{tensor}_DequantizeLinear{suffix}",
+        scale_float16=f"{tensor}_scale_float16{suffix}",
+        scale_cast=f"{tensor}_scale_Cast{suffix}",
     )
 
 
@@ -151,6 +155,20 @@ def _int_tensor(values: np.ndarray, bits: int, name: str) -> onnx.TensorProto:
 
 def _float_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
+
+
+def _weight_copy(q: np.ndarray, scales: np.ndarray, spec: QuantSpec, names: QdqNames
+                 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """The initializers of one integer copy of a weight, and the nodes that make its
+    float32 scale: none, or a Cast of the stored float16 scales (`spec.scale_bits` 16;
+    the scales are float16 values already, so the Cast is exact)."""
+    ints = _int_tensor(q, spec.bits, names.quantized)
+    if spec.scale_bits == 32:
+        return [ints, _float_tensor(scales, names.scale)], []
+    half = numpy_helper.from_array(np.asarray(scales).astype(np.float16), names.scale_float16)
+    cast = helper.make_node("Cast", [names.scale_float16], [names.scale],
+                            name=names.scale_cast, to=onnx.TensorProto.FLOAT)
+    return [ints, half], [cast]
 
 
 class _Writer:
@@ -233,26 +251,46 @@ class _Writer:
         tensors: list[onnx.TensorProto] = []
         for k, i in enumerate(readers):
             names = qdq_names(name, k if several else None)
-            if not several or self.weight_only_matmul(i, name):
+            node_spec, source = spec, names  # source: the copy this reader's DQ reads
+            if entry.gather_spec is not None and self.gathers(i, name):
+                # The Gathers' own INT8 copy, from the float weights (gather_copy_int8).
+                node_spec = entry.gather_spec
+                g_scales = weight_scales(w, node_spec, "absmax")
+                g_ints = quantize_weight(w, node_spec, g_scales)
+                tensors += self.copy(i, g_ints, g_scales, node_spec, names)
+            elif not several or self.weight_only_matmul(i, name):
                 # A private integer + scale copy: ORT fuses DQ -> MatMul into MatMulNBits
                 # only if the DQ's integer initializer is read by that DQ alone.
-                ints, scale = names.quantized, names.scale
-                self.claim(ints, scale)
-                tensors += [_int_tensor(q, spec.bits, ints), _float_tensor(scales, scale)]
+                tensors += self.copy(i, q, scales, spec, names)
             else:
-                ints, scale = shared.quantized, shared.scale
+                source = shared
                 if not shared_written:
-                    self.claim(ints, scale)
-                    tensors += [_int_tensor(q, spec.bits, ints), _float_tensor(scales, scale)]
+                    tensors += self.copy(i, q, scales, spec, shared)
                     shared_written = True
             self.claim(names.dequantized, names.dq_node)
             node = helper.make_node(
-                "DequantizeLinear", [ints, scale], [names.dequantized],
-                name=names.dq_node, **_dq_attrs(spec),
+                "DequantizeLinear", [source.quantized, source.scale], [names.dequantized],
+                name=names.dq_node, **_dq_attrs(node_spec),
             )  # fmt: skip
             self.before[i].append(node)
             self.renames[i][name] = names.dequantized
         self.replaced[name] = tensors
+
+    def copy(self, index: int, q: np.ndarray, scales: np.ndarray, spec: QuantSpec,
+             names: QdqNames) -> list[onnx.TensorProto]:
+        """One integer copy of a weight: claims its names, puts its scale's Cast (if any)
+        before node `index`, returns its initializers."""
+        inits, nodes = _weight_copy(q, scales, spec, names)
+        self.claim(*(t.name for t in inits), *(n.name for n in nodes),
+                   *(out for n in nodes for out in n.output))
+        self.before[index] += nodes
+        return inits
+
+    def gathers(self, index: int, weight: str) -> bool:
+        """Whether node `index` is a Gather reading `weight` as its data (a table lookup)."""
+        node = self.graph.node[index]
+        return node.op_type == "Gather" and node.domain in _DEFAULT_DOMAINS \
+            and node.input[0] == weight
 
     def weight_only_matmul(self, index: int, weight: str) -> bool:
         """Whether node `index` is a MatMul reading `weight` as B with a float A input."""

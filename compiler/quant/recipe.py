@@ -64,6 +64,7 @@ class TensorRecipe:
     scale: float | None = None
     stats: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    gather_spec: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         name = self.tensor
@@ -87,12 +88,16 @@ class TensorRecipe:
                 raise SfcError(
                     f"activation scale for '{name}' is {self.scale!r}: must be finite and > 0"
                 )
+        if self.gather_spec is not None and (
+                self.kind != "weight" or self.gather_spec.granularity != "channel"):
+            raise SfcError(f"'{name}': a gather_spec is a per-channel spec of a weight")
         bad = [k for k, v in self.stats.items() if not isinstance(k, str) or not _finite_number(v)]
         if bad:
             raise SfcError(f"'{name}': stats {bad} are not finite numbers")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON form; `gather_spec` only when set, so other recipes keep their bytes."""
+        data: dict[str, Any] = {
             "tensor": self.tensor,
             "kind": self.kind,
             "spec": self.spec.to_dict(),
@@ -102,13 +107,17 @@ class TensorRecipe:
             "stats": dict(self.stats),
             "note": self.note,
         }
+        if self.gather_spec is not None:
+            data["gather_spec"] = self.gather_spec.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> TensorRecipe:
         keys = {"tensor", "kind", "spec", "method", "consumers", "scale", "stats", "note"}
-        if not isinstance(data, dict) or set(data) != keys:
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"gather_spec"}:
             shown = sorted(data) if isinstance(data, dict) else data
             raise SfcError(f"malformed tensor recipe: {shown!r}")
+        gather = data.get("gather_spec")
         return cls(
             tensor=data["tensor"],
             kind=data["kind"],
@@ -118,6 +127,7 @@ class TensorRecipe:
             scale=data["scale"],
             stats=dict(data["stats"]),
             note=data["note"],
+            gather_spec=None if gather is None else QuantSpec.from_dict(gather),
         )
 
 
@@ -255,7 +265,8 @@ def recipe_from_plan(
         if q.kind == "weight":
             method = overrides.get(q.tensor, default_method(q.spec))
             tensors.append(
-                TensorRecipe(q.tensor, "weight", q.spec, method, q.consumers, note=q.note)
+                TensorRecipe(q.tensor, "weight", q.spec, method, q.consumers, note=q.note,
+                             gather_spec=q.gather_spec)
             )
             continue
         if q.tensor not in activation_scales:
