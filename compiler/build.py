@@ -599,7 +599,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         def quantize(tensor: str, spec: Any, g: _Graph = g) -> tuple[Any, Any, str]:
             return g.quantize(tensor, spec, config.weight_method, config.gptq)
 
-        weights.append(GraphWeights(g.name, g.model, g.plan, g.specs, g.grams, quantize))
+        weights.append(GraphWeights(g.name, g.model, g.plan, g.specs, g.grams, quantize, caps))
 
     def objective(built: dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]) -> Any:
         setups = {name: GraphSetup(model, Recipe(model_sha256(model), config.seed, {}, ()),

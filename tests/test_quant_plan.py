@@ -114,7 +114,7 @@ def test_int4_blocks_on_matmul_and_int8_fallback_with_reason() -> None:
     plan = make_plan(speech_model(), PlanConfig(weight_bits=4, block_size=32), ORT_CPU_CAPS)
     q = _by_tensor(plan)
     for name in ("q.w", "k.w", "v.w", "fc1.w", "fc2.w", "E"):
-        assert q[name].spec == QuantSpec(4, "block", axis=0, block_size=32, scale_bits=16), name
+        assert q[name].spec == QuantSpec(4, "block", axis=0, block_size=32), name
         assert "weight-only" in q[name].note
     # Conv and Gemm are not in ort-cpu's block_weight_ops: INT8 per-channel, and why.
     assert q["conv.w"].spec == QuantSpec(8, "channel", axis=0)
@@ -130,8 +130,7 @@ def test_placement_reads_caps_not_target_names() -> None:
         ORT_CPU_CAPS, name="anything", block_weight_ops=frozenset({"MatMul", "Gemm"})
     )
     q = _by_tensor(make_plan(speech_model(), PlanConfig(weight_bits=4), caps))
-    # K is axis 1 of [N, K]
-    assert q["o.w"].spec == QuantSpec(4, "block", axis=1, block_size=32, scale_bits=16)
+    assert q["o.w"].spec == QuantSpec(4, "block", axis=1, block_size=32)  # K is axis 1 of [N, K]
     old = dataclasses.replace(ORT_CPU_CAPS, max_opset=20)
     q = _by_tensor(make_plan(speech_model(), PlanConfig(weight_bits=4), old))
     assert q["q.w"].spec == QuantSpec(8, "channel", axis=1)

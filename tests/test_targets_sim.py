@@ -47,8 +47,7 @@ def _dequantized_weight(qdq: onnx.ModelProto, matmul: str) -> np.ndarray:
     mm = next(n for n in qdq.graph.node if n.name == matmul)
     dq = nodes[mm.input[1]]
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
-    scale_source = nodes[dq.input[1]].input[0] if dq.input[1] in nodes else dq.input[1]
-    scale = numpy_helper.to_array(inits[scale_source]).astype(np.float32)  # float16 via Cast
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
     block = next(a.i for a in dq.attribute if a.name == "block_size")
     return q * np.repeat(scale, block, axis=0)[: q.shape[0]]
 

@@ -11,7 +11,6 @@ included. Nothing here changes the model.
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from ..errors import SfcError
 
@@ -98,31 +97,6 @@ def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
     return None  # sparse or string constants: never a scale or zero point
 
 
-_FOLD_LIMIT = 1 << 22  # elements: scales fold; a user's Cast of a whole weight is not copied
-
-
-def _fold_casts(nodes: list[tuple[str, onnx.NodeProto]], constants: dict[str, TensorProto],
-                base_dir: Path | None) -> frozenset[str]:
-    """Add to `constants` the output of every Cast of a constant (sfc writes float16 block
-    scales as a Cast to float32, which ONNX Runtime folds at load); return their names."""
-    folded = set()
-    for _, node in nodes:
-        if node.op_type != "Cast" or node.domain not in DEFAULT_DOMAINS or not node.output:
-            continue
-        source = constants.get(node.input[0]) if node.input else None
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if source is None or to is None or math.prod(source.dims) > _FOLD_LIMIT:
-            continue
-        try:
-            value = numpy_helper.to_array(source, base_dir=str(base_dir or ""))
-            dtype = helper.tensor_dtype_to_np_dtype(int(to))
-        except Exception:  # unreadable data or an exotic type: not a foldable constant
-            continue
-        constants[node.output[0]] = numpy_helper.from_array(value.astype(dtype), node.output[0])
-        folded.add(node.output[0])
-    return frozenset(folded)
-
-
 def _value_infos(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Declared value infos plus those onnx's shape inference adds (when it runs at all)."""
     graph = model.graph
@@ -149,7 +123,6 @@ class GraphView:
     elem_types: dict[str, int]
     shapes: dict[str, Shape]
     qdq: tuple[QdqNode, ...] = ()
-    cast_constants: frozenset[str] = frozenset()  # constants made by a Cast of a constant
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -178,7 +151,6 @@ class GraphView:
                     value = _constant_value(node)
                     if value is not None and node.output:
                         constants[node.output[0]] = value
-        cast_constants = _fold_casts(nodes, constants, base_dir)
         elem_types: dict[str, int] = {}
         shapes: dict[str, Shape] = {}
         for info in _value_infos(model):
@@ -197,7 +169,7 @@ class GraphView:
         view = cls(model=model, base_dir=base_dir, nodes=tuple(nodes), names=names,
                    constants=constants, producers=producers,
                    consumers={k: tuple(v) for k, v in consumers.items()},
-                   elem_types=elem_types, shapes=shapes, cast_constants=cast_constants)
+                   elem_types=elem_types, shapes=shapes)
         return replace(view, qdq=_find_qdq(view))
 
     @property

@@ -220,13 +220,6 @@ class ScaleRule(Rule):
                         "constant scales, so this runs as float fake quantization",
                         "write scales as initializers")
                 continue
-            if profile.is_tensorrt and q.scale in view.cast_constants:
-                yield self.finding(
-                    "error", q.name,
-                    f"scale '{q.scale}' is a Cast of a constant: unconfirmed for TensorRT's "
-                    "parser (sfc writes float16 block scales only for ONNX Runtime)",
-                    "build for a tensorrt target, which stores float32 scale initializers")
-                continue
             scale = view.array(q.scale)
             if scale is None:
                 continue

@@ -1,8 +1,9 @@
 """What a weight format costs, and the budget a mixed build must meet.
 
-Bits are counted as stored: every integer at its width plus one scale per block or
-channel at its stored width (so INT4 in blocks of 32 costs 5.0 bits per weight with
-float32 scales and 4.5 with float16 ones, INT8 per-channel 8 + 32/K). The average is
+Bits are counted as stored: every integer at its width plus one float32 scale per
+block or channel (so INT4 in blocks of 32 costs 5.0 bits per weight, INT8 per-channel
+8 + 32/K; ONNX Runtime's MatMulNBits takes its scales in the activations' type, so an
+FP32 graph deploys float32 scales). The average is
 over the parameters of the weights the build can quantize (each tensor once, a tied
 embedding included); weights kept float count 32 bits. Not counted: the INT8 copy a
 Gather reads on a target with `gather_copy_int8` (ONNX Runtime's Gather has no 4/2-bit
@@ -31,7 +32,7 @@ def storage_bits(shape: tuple[int, ...], spec: QuantSpec | None) -> int:
     numel = math.prod(shape)
     if spec is None:
         return numel * FLOAT_BITS
-    return numel * spec.bits + math.prod(scale_shape(shape, spec)) * spec.scale_bits
+    return numel * spec.bits + math.prod(scale_shape(shape, spec)) * 32
 
 
 def parse_format(text: str) -> tuple[int, int | None]:

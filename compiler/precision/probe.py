@@ -32,32 +32,52 @@ def gate_name(tensor: str, k: int) -> str:
     return f"{tensor}__probe{k}"
 
 
-def switchable(model: onnx.ModelProto, deltas: Mapping[str, Sequence[np.ndarray]]
+def switchable(model: onnx.ModelProto, deltas: Mapping[str, Sequence[np.ndarray]],
+               gathered: Mapping[str, Sequence[np.ndarray]] | None = None,
                ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """A copy of `model` where each weight in `deltas` reads W + sum_k gate_k * delta_k;
-    returns it and the gate input names (all default to nothing: feed 0.0 for FP32)."""
+    returns it and the gate input names (all default to nothing: feed 0.0 for FP32).
+
+    `gathered`: for weights whose Gather readers read another copy than the rest (the
+    INT8 copy of `TargetCaps.gather_copy_int8`), the Gathers' delta per format, switched by
+    the same gates (one constant per distinct array object)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     nodes: list[onnx.NodeProto] = []
     gates: list[str] = []
     renamed: dict[str, str] = {}
-    for tensor, options in deltas.items():
-        terms = [tensor]
+    renamed_gather: dict[str, str] = {}
+
+    def switched(tensor: str, options: Sequence[np.ndarray], suffix: str) -> str:
+        terms, consts = [tensor], {}
         for k, delta in enumerate(options):
-            gate, const, term = gate_name(tensor, k), f"{tensor}__delta{k}", f"{tensor}__term{k}"
-            graph.initializer.append(numpy_helper.from_array(
-                np.asarray(delta, dtype=np.float32), const))
-            graph.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
-            nodes.append(helper.make_node("Mul", [const, gate], [term], name=f"{term}_Mul"))
+            gate = gate_name(tensor, k)
+            if id(delta) not in consts:
+                consts[id(delta)] = f"{tensor}__{suffix}delta{k}"
+                graph.initializer.append(numpy_helper.from_array(
+                    np.asarray(delta, dtype=np.float32), consts[id(delta)]))
+            term = f"{tensor}__{suffix}term{k}"
+            nodes.append(helper.make_node("Mul", [consts[id(delta)], gate], [term],
+                                          name=f"{term}_Mul"))
             terms.append(term)
-            gates.append(gate)
-        renamed[tensor] = f"{tensor}__probed"
-        nodes.append(helper.make_node("Sum", terms, [renamed[tensor]],
-                                      name=f"{tensor}__probed_Sum"))
+        name = f"{tensor}__{suffix}probed"
+        nodes.append(helper.make_node("Sum", terms, [name], name=f"{name}_Sum"))
+        return name
+
+    for tensor, options in deltas.items():
+        for k in range(len(options)):
+            gates.append(gate_name(tensor, k))
+            graph.input.append(helper.make_tensor_value_info(
+                gate_name(tensor, k), onnx.TensorProto.FLOAT, []))
+        renamed[tensor] = switched(tensor, options, "")
+        if gathered and tensor in gathered:
+            renamed_gather[tensor] = switched(tensor, gathered[tensor], "gather_")
     for node in graph.node:
         for j, name in enumerate(node.input):
-            if name in renamed:
+            if j == 0 and node.op_type == "Gather" and name in renamed_gather:
+                node.input[j] = renamed_gather[name]
+            elif name in renamed:
                 node.input[j] = renamed[name]
     existing = list(graph.node)
     del graph.node[:]

@@ -27,9 +27,16 @@ from scipy.stats import spearmanr
 from ..atomic import write_json_atomic
 from ..errors import SfcError
 from ..progress import progress_bar
-from ..quant.plan import LayerPrecision, Plan, PlanConfig, exact_pattern, make_plan
+from ..quant.plan import (
+    LayerPrecision,
+    Plan,
+    PlanConfig,
+    exact_pattern,
+    gather_copy_spec,
+    make_plan,
+)
 from ..quant.spec import QuantSpec, TargetCaps
-from ..quant.weights import dequantize_weight
+from ..quant.weights import dequantize_weight, quantize_weight, weight_scales
 from .budget import Budget, WeightOption, parse_format, storage_bits
 from .onestage import OneStageConfig
 from .probe import output_error, run_probes, switchable
@@ -218,6 +225,12 @@ class GraphWeights:
     specs: dict[str, list[QuantSpec]]
     grams: Mapping[str, Any]  # weight tensor -> GramAccumulator of its MatMul input
     quantize: Callable[[str, QuantSpec], tuple[np.ndarray, np.ndarray, str]]
+    caps: TargetCaps  # the target's: which formats give Gathers their own copy
+
+    def gather_specs(self, tensor: str) -> list[QuantSpec | None]:
+        """Per candidate format of `tensor`, the spec of its Gathers' own copy (or None)."""
+        return [gather_copy_spec(self.model.graph, tensor, spec, self.caps)
+                for spec in self.specs[tensor]]
 
 
 def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> str:
@@ -229,6 +242,9 @@ def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> st
         h.update(g.model.SerializeToString(deterministic=True))
         h.update(repr(sorted((t, [s.to_dict() for s in v]) for t, v in g.specs.items()))
                  .encode())
+        copies = {t: [c.to_dict() if c else None for c in g.gather_specs(t)] for t in g.specs}
+        if any(any(v) for v in copies.values()):  # keeps earlier probe files' keys otherwise
+            h.update(repr(sorted(copies.items())).encode())
     return h.hexdigest()
 
 
@@ -247,6 +263,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     meta: dict[str, tuple[str, Any, int]] = {}
     proxies: dict[str, list[float | None]] = {}
     deltas: dict[str, dict[str, list[np.ndarray]]] = {}
+    gathered: dict[str, dict[str, list[np.ndarray]]] = {}
     params = other = kept_params = 0
     bar = progress_bar(transient=True)
     bar.start()
@@ -256,23 +273,31 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
         inits = {t.name: t for t in g.model.graph.initializer}
         kept, rest = float_params(g.model, g.plan)
         params, other, kept_params = params + kept, other + rest, kept_params + kept
-        deltas[g.name] = {}
+        deltas[g.name], gathered[g.name] = {}, {}
         for q in bar.track(g.plan.weights, task_id=task):
             w = numpy_helper.to_array(inits[q.tensor])
             key = f"{g.name}:{q.tensor}"
             meta[key] = (g.name, q, w.size)
             params += w.size
-            opts, prox, ds = [], [], []
-            for spec in g.specs[q.tensor]:
+            opts, prox, ds, gds = [], [], [], []
+            copies: dict[QuantSpec, np.ndarray] = {}  # one array per Gather copy spec
+            for spec, copy in zip(g.specs[q.tensor], g.gather_specs(q.tensor), strict=True):
                 ints, scales, _ = g.quantize(q.tensor, spec)
                 delta = dequantize_weight(ints, spec, scales) - w
                 gram = g.grams.get(q.tensor)
                 prox.append(None if gram is None else output_error(delta, gram.gram, gram.count))
                 opts.append(WeightOption(spec, storage_bits(w.shape, spec)))
                 ds.append(delta)
+                if copy is not None and copy not in copies:
+                    g_scales = weight_scales(w, copy, "absmax")
+                    copies[copy] = dequantize_weight(quantize_weight(w, copy, g_scales),
+                                                     copy, g_scales) - w
+                gds.append(delta if copy is None else copies[copy])
             options[key], proxies[key] = opts, prox
             if len(opts) > 1:
                 deltas[g.name][q.tensor] = ds
+                if copies:
+                    gathered[g.name][q.tensor] = gds
     # Weights a precision entry keeps float are fixed: in the average at 32 bits each.
     bar.stop()
     float_bits = kept_params * 32
@@ -280,10 +305,11 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     objective_name, fp32 = "proxy", 0.0
     rounds: list[dict[str, Any]] = []
     if config.sensitivity == "task" and any(deltas.values()):
-        built = {g.name: switchable(g.model, deltas[g.name]) for g in graphs}
+        built = {g.name: switchable(g.model, deltas[g.name], gathered[g.name])
+                 for g in graphs}
         gates = {g.name: {t: [n for n in built[g.name][1] if n.startswith(f"{t}__probe")]
                           for t in deltas[g.name]} for g in graphs}
-        del deltas
+        del deltas, gathered
         objective = make_objective(built)
         try:
             objective_name = objective.name

@@ -43,6 +43,7 @@ __all__ = [
     "Quantizer",
     "Skipped",
     "WeightedOpRule",
+    "gather_copy_spec",
     "make_plan",
     "name_nodes",
     "subgraph_reads",
@@ -428,8 +429,7 @@ class WeightedOpRule:
                                 pair_limit=caps.int8_weight_pair_limit)
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
-        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size,
-                          scale_bits=16 if caps.half_block_scales else 32)
+        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size)
         multiple, last = caps.last_dim_multiple(bits), int(tensor.dims[-1])
         if op not in caps.block_weight_ops:
             why = f"{caps.name} has no block-quantized {op}"
@@ -639,25 +639,25 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
     quantizers = []
     for kind, tensor in order:
         acc = (weight_q if kind == "weight" else act_q)[tensor]
-        gather = _gather_spec(tensor, acc.spec, ctx, graph) if kind == "weight" else None
+        gather = gather_copy_spec(graph, tensor, acc.spec, caps) if kind == "weight" else None
         quantizers.append(Quantizer(tensor, kind, acc.spec, tuple(acc.consumers),
                                     tuple(acc.op_types), acc.note, gather))
     return Plan(tuple(quantizers), tuple(skipped))
 
 
-def _gather_spec(weight: str, spec: QuantSpec, ctx: _Context,
-                 graph: onnx.GraphProto) -> QuantSpec | None:
-    """The INT8 per-channel spec of the Gathers' own copy of a block-quantized `weight`
-    (see `Quantizer.gather_spec`), or None."""
-    if not ctx.caps.gather_copy_int8 or spec.granularity != "block":
+def gather_copy_spec(graph: onnx.GraphProto, weight: str, spec: QuantSpec,
+                     caps: TargetCaps) -> QuantSpec | None:
+    """The INT8 per-channel spec of the Gathers' own copy of `weight` when it takes `spec`
+    on a target with `caps` (see `Quantizer.gather_spec`), or None: not block-quantized,
+    no copy on this target, no Gather reading it, or Gathers on different axes."""
+    if not caps.gather_copy_int8 or spec.granularity != "block":
         return None
-    readers = (graph.node[i] for i in ctx.facts.readers.get(weight, ()))
-    axes = {int_attr(n, "axis", 0) for n in readers
-            if n.op_type == "Gather" and n.input[0] == weight}
-    if len(axes) != 1:
-        return None  # no Gather reader, or Gathers on different axes: they share `spec`
-    rank = len(ctx.facts.initializers[weight].dims)
-    return QuantSpec(8, "channel", axis=axes.pop() % rank)
+    axes = {int_attr(n, "axis", 0) for n in graph.node
+            if n.op_type == "Gather" and n.input and n.input[0] == weight}
+    init = next((t for t in graph.initializer if t.name == weight), None)
+    if len(axes) != 1 or init is None:
+        return None
+    return QuantSpec(8, "channel", axis=axes.pop() % len(init.dims))
 
 
 @dataclass

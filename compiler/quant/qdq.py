@@ -9,11 +9,13 @@ between quantization and lowering. What it writes:
   (a Gather on a tied embedding included), so no float copy remains. Each reader gets
   its own DQ node. When a weight has several readers, those that are weight-only
   MatMuls (B = this weight, A not quantized: the MatMulNBits candidates) get private
-  copies of the integers and scale, and the other readers share one copy: ORT fuses
-  DQ -> MatMul into MatMulNBits only when the DQ has one consumer and its integer
-  initializer feeds that DQ alone (measured, onnxruntime 1.31). Weight zero points
-  are omitted (ONNX: zero), which TensorRT's parser accepts as symmetric and which
-  keeps MatMulNBits on its default-zero-point kernel.
+  copies of the integers and scale, Gathers get a private INT8 copy when the recipe
+  gives one (`TensorRecipe.gather_spec`, quantized from the float weights), and the
+  other readers share one copy: ORT fuses DQ -> MatMul into MatMulNBits only when the
+  DQ has one consumer and its integer initializer feeds that DQ alone (measured,
+  onnxruntime 1.31). Weight zero points are omitted (ONNX: zero), which TensorRT's
+  parser accepts as symmetric and which keeps MatMulNBits on its default-zero-point
+  kernel.
 - Activations: Q -> DQ (INT8, scalar scale, explicit int8 zero point 0: the zero
   point's type is what makes Q produce int8) right after the producer, read only by
   the recipe's consumers. A tensor with several quantized consumers gets one Q -> DQ
@@ -73,8 +75,6 @@ class QdqNames:
     dequantized: str  # DQ output
     q_node: str
     dq_node: str
-    scale_float16: str  # a float16-scale weight's stored scales (Cast to `scale`)
-    scale_cast: str
 
 
 def qdq_names(tensor: str, reader: int | None = None) -> QdqNames:
@@ -91,8 +91,6 @@ def qdq_names(tensor: str, reader: int | None = None) -> QdqNames:
         dequantized=f"{tensor}_dequantized{suffix}",
         q_node=f"{tensor}_QuantizeLinear{suffix}",
         dq_node=f"{tensor}_DequantizeLinear{suffix}",
-        scale_float16=f"{tensor}_scale_float16{suffix}",
-        scale_cast=f"{tensor}_scale_Cast{suffix}",
     )
 
 
@@ -155,20 +153,6 @@ def _int_tensor(values: np.ndarray, bits: int, name: str) -> onnx.TensorProto:
 
 def _float_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
-
-
-def _weight_copy(q: np.ndarray, scales: np.ndarray, spec: QuantSpec, names: QdqNames
-                 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """The initializers of one integer copy of a weight, and the nodes that make its
-    float32 scale: none, or a Cast of the stored float16 scales (`spec.scale_bits` 16;
-    the scales are float16 values already, so the Cast is exact)."""
-    ints = _int_tensor(q, spec.bits, names.quantized)
-    if spec.scale_bits == 32:
-        return [ints, _float_tensor(scales, names.scale)], []
-    half = numpy_helper.from_array(np.asarray(scales).astype(np.float16), names.scale_float16)
-    cast = helper.make_node("Cast", [names.scale_float16], [names.scale],
-                            name=names.scale_cast, to=onnx.TensorProto.FLOAT)
-    return [ints, half], [cast]
 
 
 class _Writer:
@@ -257,15 +241,15 @@ class _Writer:
                 node_spec = entry.gather_spec
                 g_scales = weight_scales(w, node_spec, "absmax")
                 g_ints = quantize_weight(w, node_spec, g_scales)
-                tensors += self.copy(i, g_ints, g_scales, node_spec, names)
+                tensors += self.copy(g_ints, g_scales, node_spec, names)
             elif not several or self.weight_only_matmul(i, name):
                 # A private integer + scale copy: ORT fuses DQ -> MatMul into MatMulNBits
                 # only if the DQ's integer initializer is read by that DQ alone.
-                tensors += self.copy(i, q, scales, spec, names)
+                tensors += self.copy(q, scales, spec, names)
             else:
                 source = shared
                 if not shared_written:
-                    tensors += self.copy(i, q, scales, spec, shared)
+                    tensors += self.copy(q, scales, spec, shared)
                     shared_written = True
             self.claim(names.dequantized, names.dq_node)
             node = helper.make_node(
@@ -276,15 +260,11 @@ class _Writer:
             self.renames[i][name] = names.dequantized
         self.replaced[name] = tensors
 
-    def copy(self, index: int, q: np.ndarray, scales: np.ndarray, spec: QuantSpec,
+    def copy(self, q: np.ndarray, scales: np.ndarray, spec: QuantSpec,
              names: QdqNames) -> list[onnx.TensorProto]:
-        """One integer copy of a weight: claims its names, puts its scale's Cast (if any)
-        before node `index`, returns its initializers."""
-        inits, nodes = _weight_copy(q, scales, spec, names)
-        self.claim(*(t.name for t in inits), *(n.name for n in nodes),
-                   *(out for n in nodes for out in n.output))
-        self.before[index] += nodes
-        return inits
+        """The initializers of one integer copy of a weight (its names claimed)."""
+        self.claim(names.quantized, names.scale)
+        return [_int_tensor(q, spec.bits, names.quantized), _float_tensor(scales, names.scale)]
 
     def gathers(self, index: int, weight: str) -> bool:
         """Whether node `index` is a Gather reading `weight` as its data (a table lookup)."""

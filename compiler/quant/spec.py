@@ -47,10 +47,6 @@ class QuantSpec:
     `pair_limit`: a per-channel weight's integers, flattened along the axes other than
     `axis` (the GEMM reduction K), obey |q[2k]| + |q[2k+1]| <= pair_limit (128 on CPUs
     whose INT8 kernels add product pairs in int16; see `TargetCaps`).
-    `scale_bits`: how the scales are stored: 32 (float32) or 16 (float16, block
-    quantizers only: at INT4 in blocks of 32 a float32 scale is 1 of every 5 stored bits,
-    a float16 one 0.5 of 4.5, as llama.cpp's q4_0 and NNCF store them). Scales are then
-    float16 values, so the integers are computed against exactly what is stored.
     """
 
     bits: int
@@ -58,7 +54,6 @@ class QuantSpec:
     axis: int | None = None
     block_size: int | None = None
     pair_limit: int | None = None
-    scale_bits: int = 32
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in INT_RANGES:
@@ -89,10 +84,6 @@ class QuantSpec:
                 raise SfcError(
                     f"a block quantizer needs block_size a power of two >= {_MIN_BLOCK}, not {bs!r}"
                 )
-        if self.scale_bits not in (32, 16) or isinstance(self.scale_bits, bool):
-            raise SfcError(f"scale_bits must be 32 or 16, not {self.scale_bits!r}")
-        if self.scale_bits == 16 and self.granularity != "block":
-            raise SfcError("float16 scales (scale_bits 16) are for block quantizers only")
 
     @property
     def qmin(self) -> int:
@@ -105,34 +96,28 @@ class QuantSpec:
         return INT_RANGES[self.bits][1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (every key, None where unused; `scale_bits` only when 16, so recipes
-        with float32 scales keep their earlier bytes)."""
-        data: dict[str, Any] = {
+        """JSON form (every key, None where unused)."""
+        return {
             "bits": self.bits,
             "granularity": self.granularity,
             "axis": self.axis,
             "block_size": self.block_size,
             "pair_limit": self.pair_limit,
         }
-        if self.scale_bits != 32:
-            data["scale_bits"] = self.scale_bits
-        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> QuantSpec:
-        """Inverse of `to_dict` (recipes without `pair_limit` predate it: no limit; without
-        `scale_bits`: float32 scales); malformed input raises SfcError."""
+        """Inverse of `to_dict` (recipes without `pair_limit` predate it: no limit);
+        malformed input raises SfcError."""
         keys = {"bits", "granularity", "axis", "block_size"}
-        optional = {"pair_limit", "scale_bits"}
-        if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"pair_limit"}:
             raise SfcError(f"malformed quantizer spec: {data!r}")
         return cls(data["bits"], data["granularity"], data["axis"], data["block_size"],
-                   data.get("pair_limit"), data.get("scale_bits", 32))
+                   data.get("pair_limit"))
 
     def describe(self) -> str:
         """Short human form, e.g. 'INT4 block(axis 0, 32)'."""
         narrow = f", pairs <= {self.pair_limit}" if self.pair_limit else ""
-        narrow += ", fp16 scales" if self.scale_bits == 16 else ""
         if self.granularity == "tensor":
             return f"INT{self.bits} per-tensor{narrow}"
         if self.granularity == "channel":
@@ -173,10 +158,6 @@ class TargetCaps:
     k = 0) is exact there; sizing each channel's scale for its largest pair
     (`weight_scales`) gives a finer step than 7-bit weights (ONNX Runtime's
     `reduce_range`).
-    `half_block_scales`: block-quantized weights store float16 scales (behind a Cast to
-    float32 that the runtime folds at load; ORT still fuses DQ -> MatMul into
-    MatMulNBits). TensorRT keeps float32: its parser's handling of a Cast scale is
-    unconfirmed, and its FP16 path (trt_float) retypes scales itself.
     `gather_copy_int8`: the runtime's Gather has no 4/2-bit kernel, so a Gather reading a
     block-quantized weight (a tied embedding table) runs on an INT8 per-channel copy along
     the gather axis anyway; the plan then quantizes that copy from the float weights
@@ -192,7 +173,6 @@ class TargetCaps:
     block_last_dim_multiple: tuple[tuple[int, int], ...] = ()
     plugin_weight_bits: frozenset[int] = frozenset()
     int8_weight_pair_limit: int | None = None
-    half_block_scales: bool = False
     gather_copy_int8: bool = False
 
     def last_dim_multiple(self, bits: int) -> int:
@@ -229,7 +209,6 @@ ORT_CPU_CAPS = TargetCaps(
     block_weight_ops=frozenset({"MatMul"}),
     max_opset=25,
     block_last_dim_multiple=((2, 4),),
-    half_block_scales=True,
     gather_copy_int8=True,
 )
 
@@ -249,7 +228,6 @@ SIM_CAPS = TargetCaps(
     max_opset=25,
     block_weight_only=False,
     block_last_dim_multiple=((2, 4),),
-    half_block_scales=True,
 )
 
 # TensorRT >= 10 (../shared/guide/tensorrt.md): INT8 per-tensor activations and per-channel

@@ -27,7 +27,6 @@ __all__ = [
     "pairs_over",
     "quantize_weight",
     "scale_shape",
-    "storable_scales",
     "weight_scales",
 ]
 
@@ -98,20 +97,6 @@ def _chunks(rows: np.ndarray) -> Iterator[slice]:
         yield slice(start, start + step)
 
 
-# Smallest and largest positive finite float16 (2^-24 is a subnormal: coarse, but only an
-# all-but-zero block gets a scale that small).
-_F16_RANGE = (np.float32(2.0 ** -24), np.float32(65504.0))
-
-
-def storable_scales(scales: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """`scales` as float32 holding exactly the values the spec stores: float16-rounded
-    (and kept positive and finite) when `spec.scale_bits` is 16, unchanged otherwise."""
-    scales = np.asarray(scales, dtype=np.float32)
-    if spec.scale_bits == 32:
-        return scales
-    return np.clip(scales, *_F16_RANGE).astype(np.float16).astype(np.float32)
-
-
 def _sq_error(rows: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """Per-row squared error of round-to-nearest at `scale` (float32, as stored)."""
     s = scale[:, None]
@@ -128,8 +113,7 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     pairs inside the limit without clipping (a finer step than 7-bit weights' |w|max / 63).
     mse: per group, the scale (|w|max * r / qmax for r in 1.00, 0.99, ..., 0.50) with
     the least squared round-to-nearest error; clipping a few outliers buys resolution
-    for the rest, which matters at 4 and 2 bits. Deterministic and vectorised. Every
-    scale, MSE candidates included, is a value the spec can store (`storable_scales`).
+    for the rest, which matters at 4 and 2 bits. Deterministic and vectorised.
     """
     method = method or default_method(spec)
     if method not in METHODS:
@@ -146,14 +130,14 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
         steps = np.float32(min(spec.qmax, spec.pair_limit - 1))
     # An all-zero group quantizes exactly at any scale; 1.0 keeps scales strictly positive.
     safe = np.where(top > 0, top, steps).astype(np.float32)
-    scales = storable_scales(safe / steps, spec)
+    scales = (safe / steps).astype(np.float32)
     if method == "mse":
         for part in _chunks(rows):
             block, base = rows[part], safe[part]
             best_scale = scales[part].copy()
             best_err = _sq_error(block, best_scale, spec)
             for ratio in _MSE_RATIOS[1:]:
-                cand = storable_scales(base * np.float32(ratio) / steps, spec)
+                cand = (base * np.float32(ratio) / steps).astype(np.float32)
                 err = _sq_error(block, cand, spec)
                 better = err < best_err  # strict: ties keep the larger ratio
                 best_err = np.where(better, err, best_err)
