@@ -237,6 +237,37 @@ def test_whisper_task_loss_is_zero_at_the_teachers_weights_and_has_gradients(tin
     assert bent.grad is not None and float(bent.grad.abs().sum()) > 0
 
 
+def test_whisper_task_loss_feeds_the_gather_copy_to_the_embedding_only(tiny_hf) -> None:
+    from types import SimpleNamespace
+
+    from sfc.precision.onestage_whisper import whisper_task_loss
+
+    model = tiny_hf.model
+    name = "model.decoder.embed_tokens.weight"
+    table = dict(model.named_parameters())[name].detach().T.clone()  # ONNX [K, N]
+    rng = np.random.default_rng(1)
+    batch = SimpleNamespace(features=rng.normal(size=(1, 80, 3000)).astype(np.float32),
+                            tokens=np.array([[50257, 50362, 400, 318, 257, 50256]]),
+                            mask=np.array([[False, True, True, True, True]]))
+    noise = 0.05 * rng.normal(size=tuple(table.shape)).astype(np.float32)
+
+    def kl(copy: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
+        loss = whisper_task_loss(model, {"t": name}, [batch], gathered={"t": copy})
+        return loss(0, {"t": weight})
+
+    assert float(kl(table.numpy(), table)) == pytest.approx(0.0, abs=1e-6)
+    # The embedding reads the copy (the weight is the teacher's)...
+    assert float(kl(table.numpy() + noise, table)) > 1e-4
+    # ...and the logits read the weight (the copy is the teacher's), with gradients.
+    bent = (table + torch.from_numpy(noise)).requires_grad_(True)
+    value = kl(table.numpy(), bent)
+    value.backward()
+    assert float(value.detach()) > 1e-4
+    assert bent.grad is not None and float(bent.grad.abs().sum()) > 0
+    # The model's own tied parameter is untouched.
+    assert torch.equal(dict(model.named_parameters())[name].detach().T, table)
+
+
 def test_report_shows_a_one_stage_search() -> None:
     from sfc.precision.budget import Budget
     from sfc.precision.search import LayerChoice, SearchConfig, SearchResult

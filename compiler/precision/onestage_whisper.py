@@ -4,9 +4,11 @@ The student is the checkpoint's `WhisperForConditionalGeneration` with every sea
 MatMul weight replaced (`torch.func.functional_call`) by its fake-quantized mix; the
 teacher is the same model with its own FP32 weights. Searched weights are found in the
 PyTorch model by value: an exported MatMul weight is its Linear's weight transposed (the
-tied logits/embedding table included, which the embedding then reads quantized too, as
-the deployed Gather does). Convolutions stay FP32 in the student; the plan stores them at
-their base format, counted in the budget as fixed bits.
+tied logits/embedding table included). Its embedding reads what the deployed Gather
+reads: the same mix on targets where the Gather shares the MatMul's copy, and the fixed
+INT8 per-row copy of the float table where it gets its own (`gather_copy_int8`,
+ort-cpu). Convolutions stay FP32 in the student; the plan stores them at their base
+format, counted in the budget as fixed bits.
 
 Training data: the first 30 s windows of the calibration clips and of any `--train-data`
 clips (e.g. `sfc synth`'s), and `augment` perturbed copies of each (`calib.augment`), with
@@ -30,6 +32,7 @@ from onnx import numpy_helper
 
 from ..errors import SfcError
 from ..quant.spec import QuantSpec
+from ..quant.weights import dequantize_weight, quantize_weight, weight_scales
 from .budget import WeightOption, storage_bits
 from .onestage import OneStageResult, SearchedWeight, TaskLoss, one_stage_search
 from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float_params
@@ -75,10 +78,29 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def _embedding_uses(model: torch.nn.Module, name: str) -> tuple[list[str], list[str]]:
+    """(names under which parameter `name` is an nn.Embedding's weight, its other names):
+    a tied table is one tensor under several names."""
+    import torch
+
+    target = dict(model.named_parameters())[name]
+    embedding: list[str] = []
+    other: list[str] = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param is target:
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                (embedding if isinstance(module, torch.nn.Embedding) else other).append(full)
+    return embedding, other
+
+
 def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
-                      batches: Sequence[Any], device: str = "cpu") -> TaskLoss:
+                      batches: Sequence[Any], device: str = "cpu",
+                      gathered: Mapping[str, np.ndarray] | None = None) -> TaskLoss:
     """The task loss of step `step`: KL to the teacher on batch `step % len(batches)`
-    (`batches`: `whisper_reference` batches: features, tokens, mask)."""
+    (`batches`: `whisper_reference` batches: features, tokens, mask). `gathered`: ONNX
+    weight name -> the fixed copy (ONNX [K, N] layout) its embedding uses read instead of
+    the student's weight (the Gathers' own copy)."""
     import torch
 
     if not batches:
@@ -86,6 +108,15 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    # Untied: each use of a gathered table named explicitly (functional_call would
+    # otherwise give every tied name the student's weight).
+    fixed: dict[str, torch.Tensor] = {}
+    linear_uses: dict[str, list[str]] = {}
+    for onnx_name, copy in (gathered or {}).items():
+        embedding, other = _embedding_uses(model, names[onnx_name])
+        fixed.update({e: torch.from_numpy(np.ascontiguousarray(copy.T)).to(device)
+                      for e in embedding})
+        linear_uses[onnx_name] = other
 
     def loss(step: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         batch = batches[step % len(batches)]
@@ -95,11 +126,33 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
         kwargs = {"input_features": features, "decoder_input_ids": tokens}
         with torch.no_grad():
             teacher = model(**kwargs).logits
-        params = {names[n]: w.T for n, w in weights.items()}
-        student = torch.func.functional_call(model, params, (), kwargs).logits
+        params = dict(fixed)
+        for n, w in weights.items():
+            params.update({use: w.T for use in linear_uses.get(n, [names[n]])})
+        student = torch.func.functional_call(model, params, (), kwargs,
+                                             tie_weights=not fixed).logits
         return _kl(teacher, student, mask)
 
     return loss
+
+
+def _gather_copies(graphs: Sequence[GraphWeights], searched: Sequence[SearchedWeight]
+                   ) -> dict[str, np.ndarray]:
+    """Searched weight ("graph:tensor") -> the dequantized copy its Gathers read on this
+    target, for weights whose Gathers get their own copy under some candidate. One copy
+    for all candidates: it is INT8 per row of the float table under every block format,
+    and a Whisper table's INT8 per-channel format quantizes the same rows (its MatMul N
+    is the gather axis)."""
+    by_graph = {g.name: g for g in graphs}
+    out = {}
+    for sw in searched:
+        gname, tensor = sw.name.split(":", 1)
+        spec = next((c for c in by_graph[gname].gather_specs(tensor) if c is not None), None)
+        if spec is not None:
+            scales = weight_scales(sw.value, spec, "absmax")
+            out[sw.name] = dequantize_weight(quantize_weight(sw.value, spec, scales), spec,
+                                             scales)
+    return out
 
 
 def audio_digest(utterances: Sequence[Any]) -> str:
@@ -154,8 +207,11 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
         batches += whisper_reference(runtime, clips, "teacher-forced", batch=BATCH,
                                      audio=perturbed).batches
     labelled = time.perf_counter() - labelled
-    data_key = json.dumps([zoo, [u.id for u in utterances], audio_digest(extra)])
-    task = whisper_task_loss(model, names, batches, config.one_stage.device)
+    copies = _gather_copies(graphs, searched)
+    # The student differs with the Gathers' copies, so their weights are in the key.
+    data_key = json.dumps([zoo, [u.id for u in utterances], audio_digest(extra)]
+                          + ([sorted(copies)] if copies else []))
+    task = whisper_task_loss(model, names, batches, config.one_stage.device, copies)
     by_graph = {g.name: g for g in graphs}
 
     def gptq(key: str, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
