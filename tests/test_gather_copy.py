@@ -17,6 +17,7 @@ from sfc.quant import (
     PlanConfig,
     QuantSpec,
     Recipe,
+    gather_copy_spec,
     make_plan,
     model_sha256,
     recipe_from_plan,
@@ -26,7 +27,8 @@ from sfc.quant.spec import TargetCaps
 from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
 from sfc.targets.ort_rewrites import apply_rewrites
 
-ROW_INT8 = QuantSpec(8, "channel", axis=0)  # speech_model's Gather reads rows (axis 0)
+# speech_model's Gather reads rows (axis 0) of 64: INT8 in blocks of 32 along each row
+GATHER_INT8 = QuantSpec(8, "block", axis=1, block_size=32)
 
 
 def _w4_recipe(model: onnx.ModelProto, caps: TargetCaps = ORT_CPU_CAPS,
@@ -40,16 +42,16 @@ def _table(model: onnx.ModelProto) -> np.ndarray:
     return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "E"))
 
 
-def _rows_int8(table: np.ndarray) -> np.ndarray:
-    scales = weight_scales(table, ROW_INT8, "absmax")
-    return dequantize_weight(quantize_weight(table, ROW_INT8, scales), ROW_INT8, scales)
+def _gather_int8(table: np.ndarray) -> np.ndarray:
+    scales = weight_scales(table, GATHER_INT8, "absmax")
+    return dequantize_weight(quantize_weight(table, GATHER_INT8, scales), GATHER_INT8, scales)
 
 
 def test_plan_gives_ort_cpu_block_tables_a_gather_copy_and_nothing_else() -> None:
     model = speech_model()
     entries = {t.tensor: t for t in _w4_recipe(model).tensors}
     assert entries["E"].spec.granularity == "block"
-    assert entries["E"].gather_spec == ROW_INT8  # along the Gather's axis
+    assert entries["E"].gather_spec == GATHER_INT8  # blocks along the gathered rows
     assert entries["fc1.w"].gather_spec is None  # no Gather reads it
     text = _w4_recipe(model).to_json()
     assert Recipe.from_json(text).to_json() == text
@@ -63,21 +65,33 @@ def test_plan_gives_ort_cpu_block_tables_a_gather_copy_and_nothing_else() -> Non
     assert '"gather_spec"' not in int8.to_json()
 
 
-def test_gather_reads_int8_rows_of_the_float_table_closer_than_the_blocks() -> None:
+def test_gather_copy_falls_back_to_one_scale_per_row_when_32_does_not_divide() -> None:
+    table = numpy_helper.from_array(np.ones((10, 48), np.float32), "T")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["T", "i"], ["y"], axis=0, name="g")], "g",
+        [onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [table])
+    block4 = QuantSpec(4, "block", axis=1, block_size=16)
+    assert gather_copy_spec(graph, "T", block4, ORT_CPU_CAPS) == QuantSpec(8, "channel", axis=0)
+    assert gather_copy_spec(graph, "T", block4, TENSORRT_CAPS) is None
+    assert gather_copy_spec(graph, "T", QuantSpec(8, "channel", axis=0), ORT_CPU_CAPS) is None
+
+
+def test_gather_reads_int8_blocks_of_the_float_table_closer_than_the_4_bit_blocks() -> None:
     model = speech_model()
     recipe = _w4_recipe(model)
     qdq = write_qdq(model, recipe)
     onnx.checker.check_model(qdq, full_check=True)
     feeds = feeds_for(model)
     emb = session(qdq, optimize=False).run(["emb"], feeds)[0]
-    np.testing.assert_allclose(emb, _rows_int8(_table(model))[feeds["ids"]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(emb, _gather_int8(_table(model))[feeds["ids"]], rtol=0, atol=1e-6)
     shared = write_qdq(model, replace(recipe, tensors=tuple(
         replace(t, gather_spec=None) for t in recipe.tensors)))
     float_emb = run(model, feeds)[1]
     shared_err = np.abs(run(shared, feeds)[1] - float_emb).max()
     assert np.abs(emb - float_emb).max() < shared_err / 3
-    # The ort-cpu rewrite takes the INT8 per-row copy as it is (its exact path), and the
-    # lm_head MatMul still reads the 4-bit blocks.
+    # The ort-cpu rewrite takes the INT8 copy as it is (its exact path), and the lm_head
+    # MatMul still reads the 4-bit blocks.
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(qdq)
     assert apply_rewrites(rewritten)["gather-of-dequantized"] == 1
@@ -92,12 +106,12 @@ def test_probes_switch_the_gather_copy_with_the_same_gate() -> None:
     model = speech_model()
     table = _table(model)
     block = np.full_like(table, 0.01)  # any delta for the MatMul's copy
-    rows = _rows_int8(table) - table
+    rows = _gather_int8(table) - table
     probed, gates = switchable(model, {"E": [block]}, {"E": [rows]})
     feeds = feeds_for(model)
     off = session(probed).run(None, {**feeds, gates[0]: np.array(0, np.float32)})
     on = session(probed).run(None, {**feeds, gate_name("E", 0): np.array(1, np.float32)})
     float_out = run(model, feeds)
     np.testing.assert_allclose(off[1], float_out[1], atol=1e-6)
-    np.testing.assert_allclose(on[1], _rows_int8(table)[feeds["ids"]], atol=1e-6)
+    np.testing.assert_allclose(on[1], _gather_int8(table)[feeds["ids"]], atol=1e-6)
     assert not np.allclose(on[0], float_out[0], atol=1e-4)  # lm_head reads E + block

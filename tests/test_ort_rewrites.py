@@ -48,6 +48,25 @@ def test_int8_per_channel_table_is_exact(gather_axis: int) -> None:
     assert [t.name for t in int8] == ["t"]
 
 
+@pytest.mark.parametrize("gather_axis", [0, 1])
+def test_int8_table_in_blocks_along_the_other_axis_is_exact(gather_axis: int) -> None:
+    rng = np.random.default_rng(2)
+    shape = (64, 24) if gather_axis == 1 else (24, 64)  # K = 64 in blocks of 16
+    table = rng.integers(-127, 128, size=shape).astype(np.int8)
+    k_axis = 1 - gather_axis
+    scale_shape = list(shape)
+    scale_shape[k_axis] = 4
+    scale = rng.uniform(0.01, 0.1, size=scale_shape).astype(np.float32)
+    model = _model(table, scale, gather_axis, {"axis": k_axis, "block_size": 16}, 21, 10)
+    idx = rng.integers(0, 24, size=(2, 3))
+    expected = _run(model, idx)
+    assert apply_rewrites(model) == {"gather-of-dequantized": 1}
+    assert "DequantizeLinear" not in {n.op_type for n in model.graph.node}
+    np.testing.assert_array_equal(_run(model, idx), expected)
+    int8 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT8]
+    assert [t.name for t in int8] == ["t"]  # used as it is, not re-rounded
+
+
 def test_int4_block_table_becomes_int8_rows() -> None:
     rng = np.random.default_rng(1)
     table = rng.integers(-8, 8, size=(64, 24)).astype(ml_dtypes.int4)

@@ -151,7 +151,7 @@ def test_weights_replaced_and_every_reader_dequantizes() -> None:
     nodes = {n.name: n for n in qdq.graph.node}
     # E has two readers (lm_head, then the Gather): one DQ each. The weight-only MatMul
     # gets a private copy of the integers (MatMulNBits fusion needs one); on ort-cpu the
-    # Gather reads its own INT8 per-row copy (ORT's Gather has no 4-bit kernel).
+    # Gather reads its own INT8 copy (ORT's Gather has no 4-bit kernel).
     assert nodes["lm_head"].input[1] == "E_dequantized_0"
     assert nodes["embed"].input[0] == "E_dequantized_1"
     assert list(nodes["E_DequantizeLinear_0"].input) == ["E_quantized_0", "E_scale_0"]
@@ -160,7 +160,8 @@ def test_weights_replaced_and_every_reader_dequantizes() -> None:
     assert list(inits["E_scale_0"].dims) == [2, 64]  # [ceil(K / 32), N]
     assert {a.name: a.i for a in nodes["E_DequantizeLinear_0"].attribute} == {
         "axis": 0, "block_size": 32}
-    assert {a.name: a.i for a in nodes["E_DequantizeLinear_1"].attribute} == {"axis": 0}
+    assert {a.name: a.i for a in nodes["E_DequantizeLinear_1"].attribute} == {
+        "axis": 1, "block_size": 32}  # blocks along the Gather's rows
     assert {a.name: a.i for a in nodes["o.w_DequantizeLinear"].attribute} == {"axis": 0}
     # Without the Gather copy (TensorRT caps) the Gather shares one float32-scaled copy.
     config = PlanConfig(weight_bits=4)

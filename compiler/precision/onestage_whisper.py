@@ -6,9 +6,9 @@ teacher is the same model with its own FP32 weights. Searched weights are found 
 PyTorch model by value: an exported MatMul weight is its Linear's weight transposed (the
 tied logits/embedding table included). Its embedding reads what the deployed Gather
 reads: the same mix on targets where the Gather shares the MatMul's copy, and the fixed
-INT8 per-row copy of the float table where it gets its own (`gather_copy_int8`,
-ort-cpu). Convolutions stay FP32 in the student; the plan stores them at their base
-format, counted in the budget as fixed bits.
+INT8 copy of the float table where it gets its own (`gather_copy_int8`, ort-cpu).
+Convolutions stay FP32 in the student; the plan stores them at their base format,
+counted in the budget as fixed bits.
 
 Training data: the first 30 s windows of the calibration clips and of any `--train-data`
 clips (e.g. `sfc synth`'s), and `augment` perturbed copies of each (`calib.augment`), with
@@ -140,9 +140,9 @@ def _gather_copies(graphs: Sequence[GraphWeights], searched: Sequence[SearchedWe
                    ) -> dict[str, np.ndarray]:
     """Searched weight ("graph:tensor") -> the dequantized copy its Gathers read on this
     target, for weights whose Gathers get their own copy under some candidate. One copy
-    for all candidates: it is INT8 per row of the float table under every block format,
-    and a Whisper table's INT8 per-channel format quantizes the same rows (its MatMul N
-    is the gather axis)."""
+    for all candidates: the same INT8 copy of the float table under every block format.
+    Under the INT8 per-channel candidate the Gathers would read that instead (per vocab
+    row on a Whisper table); the student does not switch its embedding per candidate."""
     by_graph = {g.name: g for g in graphs}
     out = {}
     for sw in searched:

@@ -5,7 +5,7 @@ Flow: `make_plan(fp32_model, PlanConfig(...), caps)` -> calibrate `plan.activati
 -> `write_qdq(fp32_model, recipe)`. No torch.
 """
 
-from .plan import Plan, PlanConfig, Quantizer, Skipped, make_plan, name_nodes
+from .plan import Plan, PlanConfig, Quantizer, Skipped, gather_copy_spec, make_plan, name_nodes
 from .qdq import QdqNames, qdq_names, qdq_versions, scale_input_name, write_qdq
 from .recipe import Recipe, TensorRecipe, model_sha256, recipe_from_plan
 from .spec import (
@@ -45,6 +45,7 @@ __all__ = [
     "broadcast_scales",
     "default_method",
     "dequantize_weight",
+    "gather_copy_spec",
     "make_plan",
     "min_opset",
     "model_sha256",

@@ -88,9 +88,8 @@ class TensorRecipe:
                 raise SfcError(
                     f"activation scale for '{name}' is {self.scale!r}: must be finite and > 0"
                 )
-        if self.gather_spec is not None and (
-                self.kind != "weight" or self.gather_spec.granularity != "channel"):
-            raise SfcError(f"'{name}': a gather_spec is a per-channel spec of a weight")
+        if self.gather_spec is not None and (self.kind != "weight" or self.gather_spec.bits != 8):
+            raise SfcError(f"'{name}': a gather_spec is an INT8 spec of a weight")
         bad = [k for k, v in self.stats.items() if not isinstance(k, str) or not _finite_number(v)]
         if bad:
             raise SfcError(f"'{name}': stats {bad} are not finite numbers")

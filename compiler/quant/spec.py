@@ -159,9 +159,9 @@ class TargetCaps:
     (`weight_scales`) gives a finer step than 7-bit weights (ONNX Runtime's
     `reduce_range`).
     `gather_copy_int8`: the runtime's Gather has no 4/2-bit kernel, so a Gather reading a
-    block-quantized weight (a tied embedding table) runs on an INT8 per-channel copy along
-    the gather axis anyway; the plan then quantizes that copy from the float weights
-    (`Quantizer.gather_spec`) instead of letting lowering re-round the block integers.
+    block-quantized weight (a tied embedding table) runs on an INT8 copy anyway; the plan
+    gives the Gathers their own INT8 copy, quantized from the float weights
+    (`Quantizer.gather_spec`), instead of letting lowering re-round the block integers.
     """
 
     name: str
