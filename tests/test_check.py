@@ -514,15 +514,20 @@ def test_ort_qoperator_format_is_rejected_by_tensorrt(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("caps", [ORT_CPU_CAPS, TENSORRT_CAPS], ids=lambda c: c.name)
-def test_sfc_qdq_output_passes_tensorrt(bits: int, caps: TargetCaps) -> None:
+def test_sfc_qdq_output_passes_its_targets(bits: int, caps: TargetCaps) -> None:
     model = speech_model()
     config = PlanConfig(weight_bits=bits, activation_bits=8)
     plan = make_plan(model, config, caps)
     scales = absmax_scales(model, feeds_for(model), [q.tensor for q in plan.activations])
     qdq = write_qdq(model, recipe_from_plan(plan, scales, model_sha256(model), 0,
                                             config.to_dict()))
+    # ort-cpu gives a 4-bit tied table's Gather its own INT8 copy in blocks (exact on ORT),
+    # which TensorRT does not block-quantize: that DQ alone keeps the file off TensorRT.
+    gather_copy = {("block", "E_DequantizeLinear_1")} if (
+        caps.gather_copy_int8 and bits == 4) else set()
     for target in ("tensorrt:10.16", "tensorrt:11", "ort-cpu"):
-        assert errors(qdq, target) == set(), target
+        expected = gather_copy if target.startswith("tensorrt") else set()
+        assert errors(qdq, target) == expected, target
     int4 = {n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"} & {
         i.name for i in qdq.graph.initializer if i.data_type == TensorProto.INT4}
     assert bool(int4) == (bits == 4)  # the INT4 path was exercised
