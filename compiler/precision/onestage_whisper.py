@@ -32,7 +32,7 @@ from onnx import numpy_helper
 
 from ..errors import SfcError
 from ..quant.spec import QuantSpec
-from ..quant.weights import dequantize_weight, quantize_weight, weight_scales
+from ..quant.weights import dequantize_weight, round_to_nearest
 from .budget import WeightOption, storage_bits
 from .onestage import OneStageResult, SearchedWeight, TaskLoss, one_stage_search
 from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float_params
@@ -149,9 +149,8 @@ def _gather_copies(graphs: Sequence[GraphWeights], searched: Sequence[SearchedWe
         gname, tensor = sw.name.split(":", 1)
         spec = next((c for c in by_graph[gname].gather_specs(tensor) if c is not None), None)
         if spec is not None:
-            scales = weight_scales(sw.value, spec, "absmax")
-            out[sw.name] = dequantize_weight(quantize_weight(sw.value, spec, scales), spec,
-                                             scales)
+            ints, scales = round_to_nearest(sw.value, spec, "absmax")
+            out[sw.name] = dequantize_weight(ints, spec, scales)
     return out
 
 

@@ -36,7 +36,7 @@ from ..quant.plan import (
     make_plan,
 )
 from ..quant.spec import QuantSpec, TargetCaps
-from ..quant.weights import dequantize_weight, quantize_weight, weight_scales
+from ..quant.weights import dequantize_weight, round_to_nearest
 from .budget import Budget, WeightOption, parse_format, storage_bits
 from .onestage import OneStageConfig
 from .probe import output_error, run_probes, switchable
@@ -289,9 +289,8 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
                 opts.append(WeightOption(spec, storage_bits(w.shape, spec)))
                 ds.append(delta)
                 if copy is not None and copy not in copies:
-                    g_scales = weight_scales(w, copy, "absmax")
-                    copies[copy] = dequantize_weight(quantize_weight(w, copy, g_scales),
-                                                     copy, g_scales) - w
+                    g_ints, g_scales = round_to_nearest(w, copy, "absmax")
+                    copies[copy] = dequantize_weight(g_ints, copy, g_scales) - w
                 gds.append(delta if copy is None else copies[copy])
             options[key], proxies[key] = opts, prox
             if len(opts) > 1:

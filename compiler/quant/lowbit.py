@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import SfcError
 from .gptq import GptqConfig, gptq_quantize
 from .spec import QuantSpec
-from .weights import default_method, quantize_weight, weight_scales
+from .weights import default_method, round_to_nearest
 
 __all__ = ["WEIGHT_METHODS", "quantize_layer", "recipe_method"]
 
@@ -51,8 +51,7 @@ def quantize_layer(w: np.ndarray, spec: QuantSpec, method: str,
         q, scales = gptq_quantize(np.asarray(w, np.float32), gram.gram, gram.count, spec,
                                   gptq or GptqConfig())
         return q, scales, name
-    scales = weight_scales(w, spec, name)
-    return quantize_weight(w, spec, scales), scales, name
+    return (*round_to_nearest(w, spec, name), name)
 
 
 def stored_only(quantized: Mapping[str, tuple[np.ndarray, np.ndarray, str]]

@@ -58,7 +58,7 @@ from .plan import subgraph_reads
 from .recipe import Recipe, TensorRecipe, model_sha256
 from .spec import QuantSpec, min_opset
 from .stored import STORED_METHODS, StoredWeights
-from .weights import quantize_weight, weight_scales
+from .weights import round_to_nearest
 
 __all__ = ["QdqNames", "qdq_names", "qdq_versions", "scale_input_name", "write_qdq"]
 
@@ -225,8 +225,7 @@ class _Writer:
                 assert self.stored is not None  # write_qdq checks
                 q, scales = self.stored.get(name, spec, tuple(w.shape))
             else:
-                scales = weight_scales(w, spec, entry.method)
-                q = quantize_weight(w, spec, scales)
+                q, scales = round_to_nearest(w, spec, entry.method)
         except SfcError as exc:
             raise SfcError(f"weight '{name}': {exc}") from None
         readers = self.readers[name]
@@ -239,9 +238,7 @@ class _Writer:
             if entry.gather_spec is not None and self.gathers(i, name):
                 # The Gathers' own INT8 copy, from the float weights (gather_copy_int8).
                 node_spec = entry.gather_spec
-                g_scales = weight_scales(w, node_spec, "absmax")
-                g_ints = quantize_weight(w, node_spec, g_scales)
-                tensors += self.copy(g_ints, g_scales, node_spec, names)
+                tensors += self.copy(*round_to_nearest(w, node_spec, "absmax"), node_spec, names)
             elif not several or self.weight_only_matmul(i, name):
                 # A private integer + scale copy: ORT fuses DQ -> MatMul into MatMulNBits
                 # only if the DQ's integer initializer is read by that DQ alone.

@@ -26,6 +26,7 @@ __all__ = [
     "limit_pairs",
     "pairs_over",
     "quantize_weight",
+    "round_to_nearest",
     "scale_shape",
     "weight_scales",
 ]
@@ -219,6 +220,13 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.nd
         assert spec.axis is not None  # pair limits are per-channel (QuantSpec checks)
         q = limit_pairs(q, spec.axis, spec.pair_limit)
     return q
+
+
+def round_to_nearest(w: np.ndarray, spec: QuantSpec, method: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(integers, scales) of `w` rounded to nearest at `weight_scales(w, spec, method)`."""
+    scales = weight_scales(w, spec, method)
+    return quantize_weight(w, spec, scales), scales
 
 
 def dequantize_weight(q: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.ndarray:
