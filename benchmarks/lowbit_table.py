@@ -80,6 +80,11 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "mixed-4": _mixed(4.0),
         "mixed-3.5": _mixed(3.5),
         "mixed-3": _mixed(3.0),
+        # With 4/64 among the candidates (uniform 4/64 measured better than the 4.5-bit mix).
+        "mixed-4.5-c64": _mixed(4.5, search=SearchConfig(
+            Budget(avg_bits=4.5), candidates=("8", "4/32", "4/64", "4/128", "2/32"))),
+        "mixed-5-c64": _mixed(5.0, search=SearchConfig(
+            Budget(avg_bits=5.0), candidates=("8", "4/32", "4/64", "4/128", "2/32"))),
         # W{2,4,8}A8: ESC activations on top of the mixed weights (ort-cpu runs the 4/2-bit
         # layers weight-only, sim quantizes every input).
         "mixed-4.5-a8": _mixed(4.5, activations=8, calibrator="esc"),
