@@ -3,9 +3,9 @@
 Bits are counted as stored: every integer at its width plus one float32 scale per
 block or channel (so INT4 in blocks of 32 costs 5.0 bits per weight, INT8 per-channel
 8 + 32/K; ONNX Runtime's MatMulNBits takes its scales in the activations' type, so an
-FP32 graph deploys float32 scales). The average is
-over the parameters of the weights the build can quantize (each tensor once, a tied
-embedding included); weights kept float count 32 bits. Not counted: the INT8 copy a
+FP32 graph deploys float32 scales). The average is over the parameters of the weights
+the build can quantize (each tensor once, a tied embedding included); weights kept float
+count 32 bits. Not counted: the INT8 copy a
 Gather reads on a target with `gather_copy_int8` (ONNX Runtime's Gather has no 4/2-bit
 kernel, so that copy exists whatever the bits); a build's real bytes include it.
 """

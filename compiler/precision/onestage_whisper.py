@@ -207,7 +207,8 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
                                      audio=perturbed).batches
     labelled = time.perf_counter() - labelled
     copies = _gather_copies(graphs, searched)
-    # The student differs with the Gathers' copies, so their weights are in the key.
+    # The student differs with the Gathers' copies, so which tables read one is in the key
+    # (a copy itself follows from the checkpoint's weights, already pinned).
     data_key = json.dumps([zoo, [u.id for u in utterances], audio_digest(extra)]
                           + ([sorted(copies)] if copies else []))
     task = whisper_task_loss(model, names, batches, config.one_stage.device, copies)
