@@ -127,6 +127,7 @@ class BuildConfig:
     exclude: tuple[str, ...] = ()
     block_size: int = 32
     quantize_attention: bool = False
+    symmetric_blocks: bool = False  # no zero points even where the target runs them
     seed: int = 0
     # How sub-8-bit integers are chosen (quant.lowbit), and GPTQ's knobs.
     weight_method: str = "gptq"  # measured better than mse on tiny.en and base (BENCHMARKS.md)
@@ -236,7 +237,7 @@ class BuildConfig:
         return PlanConfig(weight_bits=bits, activation_bits=self.activations,
                           block_size=self.block_size,
                           quantize_attention=self.quantize_attention, exclude=self.exclude,
-                          precision=self.precision)
+                          precision=self.precision, symmetric_blocks=self.symmetric_blocks)
 
     def recipe_config(self, plan: PlanConfig | None = None) -> dict[str, Any]:
         """What goes into recipe.json: machine-independent settings only (`plan`: the plan

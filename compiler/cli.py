@@ -229,6 +229,9 @@ def build_cmd(
     = None,
     block_size: Annotated[int, typer.Option(help="Block size for 4/2-bit weights")] = 32,
     quantize_attention: Annotated[bool, typer.Option(help="Also quantize QK^T and AV")] = False,
+    symmetric_blocks: Annotated[bool, typer.Option(
+        help="No zero points in 4/2-bit blocks even where the target runs them (ort-cpu, "
+             "sim); TensorRT's are always symmetric")] = False,
     seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
     esc_budget: Annotated[int, typer.Option(help="ESC: candidate evaluations")] = 100,
     esc_popsize: Annotated[int | None, typer.Option(
@@ -339,7 +342,8 @@ def build_cmd(
                          precision=load_precision(precision) if precision else (),
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,
-                         quantize_attention=quantize_attention, seed=seed,
+                         quantize_attention=quantize_attention,
+                         symmetric_blocks=symmetric_blocks, seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
                          act_guard=guard, engine_limits=limits, trt_float=trt_float,

@@ -135,9 +135,10 @@ def test_precision_map_is_applied_exactly(tmp_path: Path) -> None:
     config = PlanConfig(weight_bits=4, precision=entries)
     plan = make_plan(speech_model(), config, SIM_CAPS)
     specs = {q.tensor: q.spec for q in plan.weights}
-    assert specs["q.w"] == QuantSpec(2, "block", 0, 32)
-    assert specs["k.w"] == QuantSpec(4, "block", 0, 16)
-    assert specs["v.w"] == QuantSpec(4, "block", 0, 32)  # the uniform setting
+    # (sim runs a zero point per block)
+    assert specs["q.w"] == QuantSpec(2, "block", 0, 32, zero_point=True)
+    assert specs["k.w"] == QuantSpec(4, "block", 0, 16, zero_point=True)
+    assert specs["v.w"] == QuantSpec(4, "block", 0, 32, zero_point=True)  # the uniform setting
     skipped = {s.node: s.reason for s in plan.skipped}
     assert "precision entry 'fc*'" in skipped["fc1"] and "fc*" in skipped["fc2"]
     assert plan.get("fc1.w") is None and plan.get("fc2.w") is None
@@ -282,7 +283,8 @@ def test_impossible_budget_fails_before_calibration(tmp_path: Path) -> None:
     search = SearchConfig(Budget(avg_bits=2.5), candidates=("8", "4/32", "2/32"))
     # No calibration data at all: the budget error must come first.
     config = _config(tmp_path / "missing", weights="mixed", search=search)
-    with pytest.raises(SfcError, match=r"--avg-bits 3 at least"):
+    # INT2 in blocks of 32 with a zero point each: 2 + 32/32 + 2/32 bits.
+    with pytest.raises(SfcError, match=r"--avg-bits 3.07 at least"):
         compile_model(str(src), tmp_path / "x", config, eval_data=None)
 
 

@@ -12,6 +12,7 @@ from sfc.errors import SfcError
 from sfc.quant import (
     ORT_CPU_CAPS,
     ORT_CPU_SATURATING_CAPS,
+    TENSORRT_CAPS,
     PlanConfig,
     QuantSpec,
     TargetCaps,
@@ -114,7 +115,8 @@ def test_int4_blocks_on_matmul_and_int8_fallback_with_reason() -> None:
     plan = make_plan(speech_model(), PlanConfig(weight_bits=4, block_size=32), ORT_CPU_CAPS)
     q = _by_tensor(plan)
     for name in ("q.w", "k.w", "v.w", "fc1.w", "fc2.w", "E"):
-        assert q[name].spec == QuantSpec(4, "block", axis=0, block_size=32), name
+        assert q[name].spec == QuantSpec(4, "block", axis=0, block_size=32,
+                                         zero_point=True), name
         assert "weight-only" in q[name].note
     # Conv and Gemm are not in ort-cpu's block_weight_ops: INT8 per-channel, and why.
     assert q["conv.w"].spec == QuantSpec(8, "channel", axis=0)
@@ -130,7 +132,8 @@ def test_placement_reads_caps_not_target_names() -> None:
         ORT_CPU_CAPS, name="anything", block_weight_ops=frozenset({"MatMul", "Gemm"})
     )
     q = _by_tensor(make_plan(speech_model(), PlanConfig(weight_bits=4), caps))
-    assert q["o.w"].spec == QuantSpec(4, "block", axis=1, block_size=32)  # K is axis 1 of [N, K]
+    # K is axis 1 of [N, K]
+    assert q["o.w"].spec == QuantSpec(4, "block", axis=1, block_size=32, zero_point=True)
     old = dataclasses.replace(ORT_CPU_CAPS, max_opset=20)
     q = _by_tensor(make_plan(speech_model(), PlanConfig(weight_bits=4), old))
     assert q["q.w"].spec == QuantSpec(8, "channel", axis=1)
@@ -253,7 +256,29 @@ def test_quant_spec_ranges_and_json() -> None:
     old = {"bits": 8, "granularity": "channel", "axis": 1, "block_size": None}
     assert QuantSpec.from_dict(old) == QuantSpec(8, "channel", axis=1)
     with pytest.raises(SfcError, match="malformed"):
-        QuantSpec.from_dict({**old, "zero_point": 3})
+        QuantSpec.from_dict({**old, "zero": 3})
+    # Zero points: block specs of 4/2 bits only; JSON key only when set; the carried range.
+    zp = QuantSpec(4, "block", axis=0, block_size=32, zero_point=True)
+    assert zp.to_dict()["zero_point"] is True and "zero_point" not in spec.to_dict()
+    assert QuantSpec.from_dict(zp.to_dict()) == zp
+    assert (zp.span, zp.int_bounds, spec.int_bounds) == (15, (-15, 15), (-2, 1))
+    for bad in ({**old, "zero_point": True}, {**old, "zero_point": 3}):
+        with pytest.raises(SfcError, match="zero points are for 4/2-bit block"):
+            QuantSpec.from_dict(bad)
+
+
+def test_symmetric_blocks_turn_zero_points_off_and_tensorrt_never_gets_them() -> None:
+    model = speech_model()
+    for caps, config, zero in ((ORT_CPU_CAPS, PlanConfig(weight_bits=4), True),
+                               (ORT_CPU_CAPS, PlanConfig(weight_bits=4, symmetric_blocks=True),
+                                False),
+                               (TENSORRT_CAPS, PlanConfig(weight_bits=4), False)):
+        q = _by_tensor(make_plan(model, config, caps))
+        assert q["q.w"].spec.zero_point is zero, (caps.name, config)
+    config = PlanConfig(weight_bits=4, symmetric_blocks=True)
+    assert config.to_dict()["symmetric_blocks"] is True
+    assert "symmetric_blocks" not in PlanConfig().to_dict()
+    assert PlanConfig.from_dict(config.to_dict()) == config
 
 
 def test_avx2_class_limits_int8_weight_pairs_and_refuses_attention() -> None:

@@ -124,7 +124,7 @@ def test_int8_weight_only_fuses_to_matmulnbits(tmp_path: Path) -> None:
 
 
 def test_zero_points_are_zero_and_weights_have_none() -> None:
-    qdq = _qdq(speech_model(), weight_bits=4, quantize_attention=True)
+    qdq = _qdq(speech_model(), weight_bits=4, quantize_attention=True, symmetric_blocks=True)
     inits = {t.name: t for t in qdq.graph.initializer}
     checked = 0
     for node in qdq.graph.node:
@@ -154,7 +154,8 @@ def test_weights_replaced_and_every_reader_dequantizes() -> None:
     # Gather reads its own INT8 copy (ORT's Gather has no 4-bit kernel).
     assert nodes["lm_head"].input[1] == "E_dequantized_0"
     assert nodes["embed"].input[0] == "E_dequantized_1"
-    assert list(nodes["E_DequantizeLinear_0"].input) == ["E_quantized_0", "E_scale_0"]
+    assert list(nodes["E_DequantizeLinear_0"].input) == ["E_quantized_0", "E_scale_0",
+                                                         "E_zero_point_0"]
     assert list(nodes["E_DequantizeLinear_1"].input) == ["E_quantized_1", "E_scale_1"]
     assert inits["E_quantized_1"].data_type == TensorProto.INT8
     assert list(inits["E_scale_0"].dims) == [2, 64]  # [ceil(K / 32), N]

@@ -49,6 +49,9 @@ def _dequantized_weight(qdq: onnx.ModelProto, matmul: str) -> np.ndarray:
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
     block = next(a.i for a in dq.attribute if a.name == "block_size")
+    if len(dq.input) > 2:  # sim runs block zero points
+        zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32)
+        q = q - np.repeat(zero, block, axis=0)[: q.shape[0]]
     return q * np.repeat(scale, block, axis=0)[: q.shape[0]]
 
 

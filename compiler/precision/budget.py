@@ -3,7 +3,8 @@
 Bits are counted as stored: every integer at its width plus one float32 scale per
 block or channel (so INT4 in blocks of 32 costs 5.0 bits per weight, INT8 per-channel
 8 + 32/K; ONNX Runtime's MatMulNBits takes its scales in the activations' type, so an
-FP32 graph deploys float32 scales). The average is over the parameters of the weights
+FP32 graph deploys float32 scales; a zero point per block adds its integer's width: INT4
+in blocks of 32 with zero points costs 5.125). The average is over the parameters of the weights
 the build can quantize (each tensor once, a tied embedding included); weights kept float
 count 32 bits. Not counted: the INT8 copy a
 Gather reads on a target with `gather_copy_int8` (ONNX Runtime's Gather has no 4/2-bit
@@ -32,7 +33,8 @@ def storage_bits(shape: tuple[int, ...], spec: QuantSpec | None) -> int:
     numel = math.prod(shape)
     if spec is None:
         return numel * FLOAT_BITS
-    return numel * spec.bits + math.prod(scale_shape(shape, spec)) * 32
+    per_group = 32 + (spec.bits if spec.zero_point else 0)  # scale, and zero point
+    return numel * spec.bits + math.prod(scale_shape(shape, spec)) * per_group
 
 
 def parse_format(text: str) -> tuple[int, int | None]:

@@ -1,7 +1,8 @@
 """Differentiable fake quantization (torch) in exactly the layouts the QDQ writer stores.
 
 The forward value is bit for bit `dequantize_weight(quantize_weight(w, spec, s), spec, s)`:
-the same float32 division, round half to even, clip and product. Gradients follow LSQ
+the same float32 division, round half to even, clip (each zero-point block to its own
+integer window, computed the same way) and product. Gradients follow LSQ
 (Esser et al. 2020): straight through the rounding to the weight inside the range, and
 to the scale through both the division and the product. Weights are in ONNX layout
 (MatMul B [K, N]); block specs group K (axis 0), channel specs have one scale per N.
@@ -50,19 +51,48 @@ def fake_quantize(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tor
     if w.dtype != torch.float32 or scales.dtype != torch.float32:
         raise SfcError("fake quantization works in float32 (the QDQ writer's precision)")
     shape = tuple(w.shape)
-    if (spec.granularity == "block" and spec.axis == 0 and spec.block_size is not None
-            and w.ndim == 2 and shape[0] % spec.block_size == 0):
-        # Whole blocks: broadcast [K/b, 1, N] scales over a [K/b, b, N] view rather than
-        # materialising one scale per element (same quotients, far less memory).
+    if spec.granularity == "block" and spec.axis == 0 and w.ndim == 2:
+        # Blocks: broadcast [K/b, 1, N] scales over a [K/b, b, N] view rather than
+        # materialising one scale per element (same quotients, far less memory); a partial
+        # last block is padded with zeros, as `quant.weights` pads it.
+        assert spec.block_size is not None
         if tuple(scales.shape) != scale_shape(shape, spec):
             raise SfcError(f"scales have shape {tuple(scales.shape)}, expected "
                            f"{scale_shape(shape, spec)} for {spec.describe()}")
+        pad = -shape[0] % spec.block_size
+        padded = torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
+        blocks = padded.reshape(-1, spec.block_size, shape[1])
         s = scales.unsqueeze(1)
-        x = w.reshape(shape[0] // spec.block_size, spec.block_size, shape[1]) / s
-    else:
-        s = expand_scales(scales, spec, shape)
-        x = w / s
+        lo, hi = _bounds(blocks, s, spec)
+        return (_round_clip(blocks / s, lo, hi) * s).reshape(-1, shape[1])[:shape[0]]
+    if spec.zero_point:
+        raise SfcError(f"fake quantization models zero points on 2-D block(axis 0) weights "
+                       f"only, not {spec.describe()} of shape {shape}")
+    s = expand_scales(scales, spec, shape)
+    lo, hi = _bounds(w, s, spec)
+    return (_round_clip(w / s, lo, hi) * s).reshape(shape)
+
+
+def _round_clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # x + (round(x) - x) is exactly round(x) in float32 (Sterbenz), with an identity
     # gradient: the straight-through estimator without changing the forward value.
-    q = torch.clamp(x + (torch.round(x) - x).detach(), spec.qmin, spec.qmax)
-    return (q * s).reshape(shape)
+    return torch.clamp(x + (torch.round(x) - x).detach(), lo, hi)
+
+
+def _bounds(blocks: torch.Tensor, s: torch.Tensor, spec: QuantSpec
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's integer window (`quant.weights.integer_bounds`, same float32 steps),
+    outside the gradient; the spec's range when it has no zero point."""
+    import torch
+
+    if not spec.zero_point:
+        return (torch.tensor(float(spec.qmin), device=s.device),
+                torch.tensor(float(spec.qmax), device=s.device))
+    with torch.no_grad():
+        low = torch.clamp(blocks.amin(dim=1, keepdim=True), max=0.0)
+        high = torch.clamp(blocks.amax(dim=1, keepdim=True), min=0.0)
+        mid = (low + high) / (2 * s)
+        lo = torch.clamp(torch.round(mid - spec.span / 2), -spec.span, 0)
+    return lo, lo + spec.span

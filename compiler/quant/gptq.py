@@ -29,6 +29,8 @@ Algorithm (per MatMul):
    decreasing diag(H), the most informative inputs first) groups are static: all scales come
    from the original W up front (llm-compressor's actorder "weight"), and each row is rounded
    with its own group's scale. Per-channel (8-bit) scales also come from W up front.
+   Zero-point specs round each group into its own integer window (`integer_bounds`),
+   chosen with the group's scale.
 
 The returned q (int8 within the spec's range) and float32 scales are the stored values:
 `dequantize_weight(q, spec, scales)` is what the QDQ model's DequantizeLinear computes.
@@ -46,7 +48,7 @@ from scipy.linalg import solve_triangular
 
 from ..errors import SfcError
 from .spec import QuantSpec
-from .weights import METHODS, dequantize_weight, quantize_weight, scale_shape, weight_scales
+from .weights import METHODS, integer_bounds, round_clip, scale_shape, weight_scales
 
 __all__ = ["GptqConfig", "GramAccumulator", "gptq_quantize"]
 
@@ -225,18 +227,20 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, count: int, spec: QuantSpec,
     # Row order of the walk; static (up-front) scales unless groups follow the walk.
     perm = np.argsort(-np.diagonal(h), kind="stable") if config.act_order else np.arange(k)
     static = not block or config.act_order
-    scales = (weight_scales(w, spec, method) if static
-              else np.empty(scale_shape(w.shape, spec), dtype=np.float32))
-    # The scale row each walked row uses (channel specs: the one [N] vector).
+    if static:
+        scales = weight_scales(w, spec, method)
+        lows, highs = integer_bounds(w, spec, scales)
+    else:
+        scales = np.empty(scale_shape(w.shape, spec), dtype=np.float32)
+        lows, highs = np.empty_like(scales), np.empty_like(scales)
+    # The scale row each walked row uses (channel specs: the one [N] vector); views.
     scale_row = perm // g if g is not None else np.zeros(k, dtype=np.intp)
-    scales_2d: np.ndarray = scales if block else scales.reshape(1, n)  # a view either way
+    scales_2d, lows_2d, highs_2d = ((a if block else a.reshape(1, n))
+                                    for a in (scales, lows, highs))
 
     u = _inverse_cholesky(h[np.ix_(perm, perm)], config.damp)
     work = np.asarray(w, dtype=np.float64)[perm]  # a copy, updated in place
     q_walk = np.empty((k, n), dtype=np.int8)
-    # Each row [1, N] has one scale per column: a per-channel quantizer on axis 1, whatever
-    # the weight's spec, so the rounding is exactly quantize_weight's.
-    row_spec = QuantSpec(spec.bits, "channel", axis=1)
 
     step = config.lazy_block
     if g is not None and not static:
@@ -251,13 +255,18 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, count: int, spec: QuantSpec,
         for i in range(i2 - i1):
             r = i1 + i
             if g is not None and not static and r % g == 0:
-                scales_2d[r // g] = weight_scales(batch[i:i + g], spec, method)[0]
-            s = scales_2d[scale_row[r]]
-            row = batch[i:i + 1]
-            q_row = quantize_weight(row, row_spec, s)
-            deq = dequantize_weight(q_row, row_spec, s)[0].astype(np.float64)
-            q_walk[r] = q_row[0]
-            err = (row[0] - deq) / u[r, r]
+                group = batch[i:i + g]
+                scales_2d[r // g] = weight_scales(group, spec, method)[0]
+                bounds = integer_bounds(group, spec, scales_2d[r // g:r // g + 1])
+                lows_2d[r // g], highs_2d[r // g] = bounds[0][0], bounds[1][0]
+            c = scale_row[r]
+            s = scales_2d[c]
+            row = batch[i]
+            # float32 quotient and product, as quantize_weight and DequantizeLinear compute.
+            q_row = round_clip(row.astype(np.float32) / s, lows_2d[c], highs_2d[c])
+            deq = (q_row.astype(np.float32) * s).astype(np.float64)
+            q_walk[r] = q_row.astype(np.int8)
+            err = (row - deq) / u[r, r]
             if i + 1 < i2 - i1:
                 batch[i + 1:] -= np.outer(u[r, r + 1:i2], err)
             errs[i] = err

@@ -142,6 +142,9 @@ class PlanConfig:
     `exclude`: fnmatch patterns on node names; matching nodes stay float (and a weight
     shared with an excluded node stays float for all its consumers).
     `precision`: per-layer settings that override the uniform ones (`LayerPrecision`).
+    `symmetric_blocks`: keep 4/2-bit block weights symmetric even on a target that runs
+    a zero point per block (`TargetCaps.block_zero_point`), e.g. to compare the two or to
+    keep one file's weights what TensorRT would take.
     """
 
     weight_bits: int = 8
@@ -150,6 +153,7 @@ class PlanConfig:
     quantize_attention: bool = False
     exclude: tuple[str, ...] = ()
     precision: tuple[LayerPrecision, ...] = ()
+    symmetric_blocks: bool = False
 
     def __post_init__(self) -> None:
         _check_weight_bits(self.weight_bits, "weight_bits")
@@ -158,8 +162,9 @@ class PlanConfig:
         if not isinstance(self.precision, tuple) or not all(
                 isinstance(p, LayerPrecision) for p in self.precision):
             raise SfcError("precision must be a tuple of LayerPrecision entries")
-        if not isinstance(self.quantize_attention, bool):
-            raise SfcError("quantize_attention must be a bool")
+        for flag in ("quantize_attention", "symmetric_blocks"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SfcError(f"{flag} must be a bool")
         # A bare string would silently become one pattern per character.
         if not isinstance(self.exclude, tuple) or not all(
             isinstance(p, str) and p for p in self.exclude
@@ -184,8 +189,8 @@ class PlanConfig:
         return weights, block, acts
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (for the recipe's `config`); `precision` only when set, so recipes
-        of uniform builds keep their earlier bytes."""
+        """JSON form (for the recipe's `config`); `precision` and `symmetric_blocks` only
+        when set, so recipes of earlier builds keep their bytes."""
         data: dict[str, Any] = {
             "weight_bits": self.weight_bits,
             "activation_bits": self.activation_bits,
@@ -195,13 +200,15 @@ class PlanConfig:
         }
         if self.precision:
             data["precision"] = [p.to_dict() for p in self.precision]
+        if self.symmetric_blocks:
+            data["symmetric_blocks"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:
         """Inverse of `to_dict`; unknown keys raise SfcError."""
         known = {"weight_bits", "activation_bits", "block_size", "quantize_attention", "exclude",
-                 "precision"}
+                 "precision", "symmetric_blocks"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SfcError(f"unknown plan settings: {', '.join(unknown)}")
@@ -429,7 +436,8 @@ class WeightedOpRule:
                                 pair_limit=caps.int8_weight_pair_limit)
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
-        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size)
+        block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size,
+                          zero_point=caps.block_zero_point and not ctx.config.symmetric_blocks)
         multiple, last = caps.last_dim_multiple(bits), int(tensor.dims[-1])
         if op not in caps.block_weight_ops:
             why = f"{caps.name} has no block-quantized {op}"

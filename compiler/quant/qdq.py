@@ -14,8 +14,10 @@ between quantization and lowering. What it writes:
   other readers share one copy: ORT fuses DQ -> MatMul into MatMulNBits only when the
   DQ has one consumer and its integer initializer feeds that DQ alone (measured,
   onnxruntime 1.31). Weight zero points are omitted (ONNX: zero), which TensorRT's
-  parser accepts as symmetric and which keeps MatMulNBits on its default-zero-point
-  kernel.
+  parser accepts as symmetric, except for zero-point block specs
+  (`QuantSpec.zero_point`, targets with `TargetCaps.block_zero_point`): their DQ takes
+  a zero-point initializer of the integers' type, one per block, which ONNX Runtime
+  fuses into MatMulNBits (measured for INT4 and INT2, onnxruntime 1.32).
 - Activations: Q -> DQ (INT8, scalar scale, explicit int8 zero point 0: the zero
   point's type is what makes Q produce int8) right after the producer, read only by
   the recipe's consumers. A tensor with several quantized consumers gets one Q -> DQ
@@ -58,7 +60,7 @@ from .plan import subgraph_reads
 from .recipe import Recipe, TensorRecipe, model_sha256
 from .spec import QuantSpec, min_opset
 from .stored import STORED_METHODS, StoredWeights
-from .weights import round_to_nearest
+from .weights import round_to_nearest, split_zero_points
 
 __all__ = ["QdqNames", "qdq_names", "qdq_versions", "scale_input_name", "write_qdq"]
 
@@ -249,8 +251,11 @@ class _Writer:
                     tensors += self.copy(q, scales, spec, shared)
                     shared_written = True
             self.claim(names.dequantized, names.dq_node)
+            params = [source.quantized, source.scale]
+            if node_spec.zero_point:
+                params.append(source.zero_point)
             node = helper.make_node(
-                "DequantizeLinear", [source.quantized, source.scale], [names.dequantized],
+                "DequantizeLinear", params, [names.dequantized],
                 name=names.dq_node, **_dq_attrs(node_spec),
             )  # fmt: skip
             self.before[i].append(node)
@@ -259,9 +264,17 @@ class _Writer:
 
     def copy(self, q: np.ndarray, scales: np.ndarray, spec: QuantSpec,
              names: QdqNames) -> list[onnx.TensorProto]:
-        """The initializers of one integer copy of a weight (its names claimed)."""
+        """The initializers of one integer copy of a weight (its names claimed); a
+        zero-point spec's carried integers are split into stored integers and zero points."""
         self.claim(names.quantized, names.scale)
-        return [_int_tensor(q, spec.bits, names.quantized), _float_tensor(scales, names.scale)]
+        if not spec.zero_point:
+            return [_int_tensor(q, spec.bits, names.quantized),
+                    _float_tensor(scales, names.scale)]
+        self.claim(names.zero_point)
+        stored, zero = split_zero_points(q, spec)
+        return [_int_tensor(stored, spec.bits, names.quantized),
+                _float_tensor(scales, names.scale),
+                _int_tensor(zero, spec.bits, names.zero_point)]
 
     def gathers(self, index: int, weight: str) -> bool:
         """Whether node `index` is a Gather reading `weight` as its data (a table lookup)."""

@@ -1,8 +1,11 @@
 """What one quantizer is (`QuantSpec`) and what a target runs natively (`TargetCaps`).
 
-Every sfc quantizer is symmetric and signed with a zero point of 0: TensorRT rejects any
-other zero point ("TensorRT only supports symmetric quantization"), and ORT's fused
-kernels lose nothing by it. So a spec is only bits, granularity, axis and block size.
+sfc quantizers are signed and symmetric (zero point 0) except block weights on targets
+that run zero points (`TargetCaps.block_zero_point`): TensorRT rejects any other zero
+point ("TensorRT only supports symmetric quantization"), while ONNX Runtime's
+MatMulNBits takes one per block, and a zero point halves INT4's squared rounding error on
+Whisper's weights (whose blocks are rarely centred on 0). So a spec is bits, granularity,
+axis, block size and whether blocks have a zero point.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A symmetric, signed, zero-point-free quantizer.
+    """A signed quantizer, symmetric unless `zero_point`.
 
     `granularity`: "tensor" (one scale), "channel" (one scale per index of `axis`) or
     "block" (one scale per `block_size` consecutive elements along `axis`, per index of
@@ -54,6 +57,7 @@ class QuantSpec:
     axis: int | None = None
     block_size: int | None = None
     pair_limit: int | None = None
+    zero_point: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in INT_RANGES:
@@ -84,6 +88,10 @@ class QuantSpec:
                 raise SfcError(
                     f"a block quantizer needs block_size a power of two >= {_MIN_BLOCK}, not {bs!r}"
                 )
+        if not isinstance(self.zero_point, bool) or (
+                self.zero_point and (self.granularity != "block" or self.bits == 8)):
+            raise SfcError(f"zero points are for 4/2-bit block quantizers, not "
+                           f"{self.zero_point!r} on INT{self.bits} {self.granularity}")
 
     @property
     def qmin(self) -> int:
@@ -95,25 +103,42 @@ class QuantSpec:
         """Largest integer value (2^(bits-1) - 1); absmax scales map |x|max onto it."""
         return INT_RANGES[self.bits][1]
 
+    @property
+    def span(self) -> int:
+        """How far apart a block's carried integers may lie (qmax - qmin with a zero point,
+        else the range itself)."""
+        return self.qmax - self.qmin
+
+    @property
+    def int_bounds(self) -> tuple[int, int]:
+        """The range of the integers sfc carries: (qmin, qmax), or (-span, span) for
+        zero-point specs (q - z with q and z both in range)."""
+        return (-self.span, self.span) if self.zero_point else (self.qmin, self.qmax)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (every key, None where unused)."""
-        return {
+        """JSON form (every key, None where unused; `zero_point` only when set, so recipes
+        of symmetric builds keep their earlier bytes)."""
+        data: dict[str, Any] = {
             "bits": self.bits,
             "granularity": self.granularity,
             "axis": self.axis,
             "block_size": self.block_size,
             "pair_limit": self.pair_limit,
         }
+        if self.zero_point:
+            data["zero_point"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> QuantSpec:
         """Inverse of `to_dict` (recipes without `pair_limit` predate it: no limit);
         malformed input raises SfcError."""
         keys = {"bits", "granularity", "axis", "block_size"}
-        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"pair_limit"}:
+        optional = {"pair_limit", "zero_point"}
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
             raise SfcError(f"malformed quantizer spec: {data!r}")
         return cls(data["bits"], data["granularity"], data["axis"], data["block_size"],
-                   data.get("pair_limit"))
+                   data.get("pair_limit"), data.get("zero_point", False))
 
     def describe(self) -> str:
         """Short human form, e.g. 'INT4 block(axis 0, 32)'."""
@@ -122,7 +147,8 @@ class QuantSpec:
             return f"INT{self.bits} per-tensor{narrow}"
         if self.granularity == "channel":
             return f"INT{self.bits} per-channel(axis {self.axis}{narrow})"
-        return f"INT{self.bits} block(axis {self.axis}, {self.block_size}{narrow})"
+        zero = ", zero points" if self.zero_point else ""
+        return f"INT{self.bits} block(axis {self.axis}, {self.block_size}{zero})"
 
 
 def min_opset(spec: QuantSpec) -> int:
@@ -162,6 +188,9 @@ class TargetCaps:
     block-quantized weight (a tied embedding table) runs on an INT8 copy anyway; the plan
     gives the Gathers their own INT8 copy, quantized from the float weights
     (`Quantizer.gather_spec`), instead of letting lowering re-round the block integers.
+    `block_zero_point`: block-quantized weights may carry a zero point per block
+    (`QuantSpec.zero_point`); ONNX Runtime fuses DQ with INT4/INT2 zero points into
+    MatMulNBits, TensorRT takes only symmetric weights.
     """
 
     name: str
@@ -174,6 +203,7 @@ class TargetCaps:
     plugin_weight_bits: frozenset[int] = frozenset()
     int8_weight_pair_limit: int | None = None
     gather_copy_int8: bool = False
+    block_zero_point: bool = False
 
     def last_dim_multiple(self, bits: int) -> int:
         """What the last dimension of a `bits`-bit block-quantized weight must divide by."""
@@ -210,6 +240,7 @@ ORT_CPU_CAPS = TargetCaps(
     max_opset=25,
     block_last_dim_multiple=((2, 4),),
     gather_copy_int8=True,
+    block_zero_point=True,
 )
 
 # ORT CPU on an x86 CPU without VNNI (AVX2, or AVX-512 without VNNI): INT8 weight pairs
@@ -228,6 +259,7 @@ SIM_CAPS = TargetCaps(
     max_opset=25,
     block_weight_only=False,
     block_last_dim_multiple=((2, 4),),
+    block_zero_point=True,
 )
 
 # TensorRT >= 10 (../shared/guide/tensorrt.md): INT8 per-tensor activations and per-channel

@@ -20,7 +20,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import SfcError
 from .spec import QuantSpec
-from .weights import scale_shape
+from .weights import check_integers, scale_shape
 
 __all__ = ["LEARNED", "STORED_FILE", "STORED_METHODS", "StoredWeights"]
 
@@ -31,7 +31,8 @@ STORED_FILE = "weights.npz"
 
 @dataclass(frozen=True)
 class StoredWeights:
-    """tensor -> (int8 integers in the spec's range, float32 scales in DQ layout)."""
+    """tensor -> (int8 integers as sfc carries them, `check_integers`; float32 scales in DQ
+    layout)."""
 
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]]
 
@@ -56,8 +57,9 @@ class StoredWeights:
         if q.shape != shape or scales.shape != scale_shape(shape, spec):
             raise SfcError(f"stored weights for '{tensor}' have shapes {q.shape} / "
                            f"{scales.shape}, expected {shape} / {scale_shape(shape, spec)}")
-        if q.dtype != np.int8 or q.min(initial=0) < spec.qmin or q.max(initial=0) > spec.qmax:
-            raise SfcError(f"stored integers for '{tensor}' are outside INT{spec.bits}")
+        reason = check_integers(q, spec)
+        if reason is not None:
+            raise SfcError(f"stored integers for '{tensor}': {reason}")
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise SfcError(f"stored scales for '{tensor}' must be finite and > 0")
         return q, scales

@@ -5,6 +5,11 @@ Scales have the layout ONNX DequantizeLinear expects: a scalar (per-tensor), sha
 ceil(K / block_size) (block-wise). Integers are stored as int8 holding values inside the
 spec's range; `sfc.kernels.packing` packs INT4 / INT2 (the ONNX layout the kernels read)
 when the QDQ writer stores the tensor.
+
+Zero-point block specs (`QuantSpec.zero_point`) carry d = q - z instead: each block rounds
+into its own window [lo, lo + span] of integers, centred on the block's mid-range and
+always holding 0 (`integer_bounds`), and the writer splits d into q and z
+(`split_zero_points`).
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ __all__ = [
     "METHODS",
     "Method",
     "broadcast_scales",
+    "check_integers",
     "default_method",
     "dequantize_weight",
+    "integer_bounds",
     "limit_pairs",
     "pairs_over",
     "quantize_weight",
+    "round_clip",
     "round_to_nearest",
     "scale_shape",
+    "split_zero_points",
     "weight_scales",
 ]
 
@@ -98,10 +107,37 @@ def _chunks(rows: np.ndarray) -> Iterator[slice]:
         yield slice(start, start + step)
 
 
+def _with_zero(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A group's value range widened to hold 0 (zero-point windows always hold it)."""
+    zero = np.float32(0)
+    return (np.minimum(low, zero).astype(np.float32), np.maximum(high, zero).astype(np.float32))
+
+
+def _window(low: np.ndarray, high: np.ndarray, scale: np.ndarray, spec: QuantSpec
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) integer bounds per group of a spec, from each group's min / max value and
+    scale: the spec's range, or for zero points the window of `span` + 1 integers centred
+    on the mid-range of the group's values and 0 (lo in [-span, 0], so 0 is in it)."""
+    if not spec.zero_point:
+        lo = np.full(np.shape(scale), spec.qmin, dtype=np.float32)
+        return lo, lo + np.float32(spec.span)
+    half = np.float32(spec.span / 2)
+    low, high = _with_zero(low, high)
+    mid = (low + high) / (np.float32(2) * scale)
+    lo = np.clip(np.rint(mid - half), -spec.span, 0).astype(np.float32)
+    return lo, lo + np.float32(spec.span)
+
+
+def round_clip(x: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
+    """Round half to even, then clip to [lo, hi]: the one rounding every quantizer uses."""
+    return np.clip(np.rint(x), lo, hi)
+
+
 def _sq_error(rows: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """Per-row squared error of round-to-nearest at `scale` (float32, as stored)."""
     s = scale[:, None]
-    q = np.clip(np.rint(rows / s), spec.qmin, spec.qmax)
+    lo, hi = _window(rows.min(axis=1), rows.max(axis=1), scale, spec)
+    q = round_clip(rows / s, lo[:, None], hi[:, None])
     diff = (q * s - rows).astype(np.float64)
     return np.einsum("ij,ij->i", diff, diff)
 
@@ -115,6 +151,7 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     mse: per group, the scale (|w|max * r / qmax for r in 1.00, 0.99, ..., 0.50) with
     the least squared round-to-nearest error; clipping a few outliers buys resolution
     for the rest, which matters at 4 and 2 bits. Deterministic and vectorised.
+    Zero-point specs size the step for the group's range instead: (max - min) / span.
     """
     method = method or default_method(spec)
     if method not in METHODS:
@@ -123,6 +160,11 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     _check(w, spec)
     rows = _groups(w, spec)
     top, steps = np.abs(rows).max(axis=1), np.float32(spec.qmax)
+    if spec.zero_point:
+        low, high = _with_zero(rows.min(axis=1), rows.max(axis=1))
+        spread = high - low
+        # A constant group (spread 0) keeps |w|max / qmax, which holds it exactly.
+        top = np.where(spread > 0, spread / np.float32(spec.span) * steps, top)
     if spec.pair_limit is not None:
         # Room for every K-adjacent pair: |a| + |b| <= (limit - 1) steps, so the two
         # roundings (half a step each) keep |q_a| + |q_b| <= limit; no value is clipped.
@@ -207,15 +249,32 @@ def limit_pairs(q: np.ndarray, channel_axis: int, limit: int) -> np.ndarray:
     return np.moveaxis(rows.reshape(moved), 0, channel_axis).astype(np.asarray(q).dtype)
 
 
+def integer_bounds(w: np.ndarray, spec: QuantSpec, scales: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) float32 integer bounds of each group of `w` at `scales`, in the scales'
+    layout: the spec's range, or each zero-point block's window (see the module doc)."""
+    w = np.asarray(w, dtype=np.float32)
+    scales = np.asarray(scales, dtype=np.float32)
+    rows = _groups(w, spec)
+    flat = scales.reshape(-1)
+    if flat.shape[0] != rows.shape[0]:
+        raise SfcError(f"scales have shape {scales.shape}, expected "
+                       f"{scale_shape(w.shape, spec)} for {spec.describe()}")
+    lo, hi = _window(rows.min(axis=1), rows.max(axis=1), flat, spec)
+    return lo.reshape(scales.shape), hi.reshape(scales.shape)
+
+
 def quantize_weight(w: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.ndarray:
-    """Round half to even of w / scale, clipped to the spec's range (and its pair limit),
-    as int8."""
+    """Round half to even of w / scale, clipped to the spec's range (each zero-point
+    block's window; the pair limit), as int8."""
     w = np.asarray(w, dtype=np.float32)
     _check(w, spec)
     s = broadcast_scales(scales, spec, w.shape)
     if not (np.isfinite(s).all() and (s > 0).all()):
         raise SfcError("weight scales must be finite and > 0")
-    q = np.clip(np.rint(w / s), spec.qmin, spec.qmax).astype(np.int8)
+    lo, hi = integer_bounds(w, spec, scales)
+    q = round_clip(w / s, broadcast_scales(lo, spec, w.shape),
+                   broadcast_scales(hi, spec, w.shape)).astype(np.int8)
     if spec.pair_limit is not None:
         assert spec.axis is not None  # pair limits are per-channel (QuantSpec checks)
         q = limit_pairs(q, spec.axis, spec.pair_limit)
@@ -227,6 +286,34 @@ def round_to_nearest(w: np.ndarray, spec: QuantSpec, method: str | None = None
     """(integers, scales) of `w` rounded to nearest at `weight_scales(w, spec, method)`."""
     scales = weight_scales(w, spec, method)
     return quantize_weight(w, spec, scales), scales
+
+
+def check_integers(q: np.ndarray, spec: QuantSpec) -> str | None:
+    """Why int8 integers `q` cannot be a weight's under `spec` (None: they can): outside
+    the carried range, or a zero-point block whose integers lie more than `span` apart."""
+    q = np.asarray(q)
+    lo, hi = spec.int_bounds
+    if q.dtype != np.int8 or q.min(initial=0) < lo or q.max(initial=0) > hi:
+        return f"integers outside [{lo}, {hi}] (INT{spec.bits})"
+    if spec.zero_point:
+        rows = _groups(q.astype(np.float32), spec)
+        if (rows.max(axis=1) - rows.min(axis=1) > spec.span).any():
+            return f"a block's integers lie more than {spec.span} apart (no zero point fits)"
+    return None
+
+
+def split_zero_points(d: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(stored integers q, zero points z in the scales' layout) with q - z = d, both in the
+    spec's range; z is the one nearest 0 (0 wherever d already fits)."""
+    d = np.asarray(d)
+    reason = check_integers(d, spec)
+    if reason is not None:
+        raise SfcError(reason)
+    rows = _groups(d.astype(np.float32), spec)
+    z = np.clip(0, spec.qmin - rows.min(axis=1), spec.qmax - rows.max(axis=1))
+    z = z.reshape(scale_shape(d.shape, spec))
+    q = d.astype(np.int16) + broadcast_scales(z, spec, d.shape).astype(np.int16)
+    return q.astype(np.int8), z.astype(np.int8)
 
 
 def dequantize_weight(q: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ class GatherOfDequantized:
             if len(dq.input) > 2 and dq.input[2]:
                 zp = numpy_helper.to_array(inits[dq.input[2]])
                 if np.any(zp != 0):
-                    continue  # asymmetric: sfc never writes it; leave it to ORT
+                    continue  # zero-point blocks: ORT runs the DQ, then the Gather
             table = numpy_helper.to_array(inits[dq.input[0]])
             if table.ndim != 2:
                 continue
