@@ -59,9 +59,10 @@ def measure_distortion(fp32_model: Path, artifact: Path, feeds_dir: Path,
 def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path | None,
                   eval_limit: int | None = None, threads: int | None = None) -> BuildReport:
     """Build `src` into `out`, evaluate it against FP32 (Whisper), write report.json/.md."""
-    from .models import model_folder
+    from .models import export_peak_mib, model_folder, zoo_export_cached
 
     start = time.perf_counter()
+    exports_here = not zoo_export_cached(src)
     card, graphs = build(src, out, config)
     build_s = time.perf_counter() - start
     release_free_memory()  # the WER check's runtimes then start from a small footprint
@@ -85,8 +86,10 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
             distortion = measure_distortion(
                 out / graph.fp32, out / graph.name / graph.lowering.artifact, feeds_dir,
                 [t.name for t in card.graphs[graph.name].inputs], graph.lowering.optimization)
+    export_peak = export_peak_mib(model_folder(src)) if exports_here and zoo_export_cached(
+        src) else None
     report = make_report(src, config, out, graphs, wer, build_s, distortion,
-                         peak_rss_kib() / 1024)
+                         peak_rss_kib() / 1024, export_peak)
     report.save(out)
     ModelCard.load(out)  # the folder must stay loadable as a deployable
     return report

@@ -143,6 +143,9 @@ class BuildReport:
     guard: dict[str, Any] | None = None  # the activation guard (act_guard.json)
     # The build process's peak resident memory (MiB), its WER check included.
     peak_rss_mib: float | None = None
+    # The peak of the separate process that exported the zoo model first (this build
+    # made the export; None otherwise).
+    export_peak_rss_mib: float | None = None
 
     @property
     def compression(self) -> float:
@@ -216,7 +219,8 @@ def compare_wer(fp32: EvalResult, built: EvalResult, seed: int = 0) -> WerCompar
 def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[GraphBuild],
                 wer: WerComparison | None, build_s: float,
                 distortion: Distortion | None = None,
-                peak_rss_mib: float | None = None) -> BuildReport:
+                peak_rss_mib: float | None = None,
+                export_peak_rss_mib: float | None = None) -> BuildReport:
     """Assemble the report from what the build saved in `out`."""
     layers: list[LayerRow] = []
     for g in graphs:
@@ -254,6 +258,7 @@ def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[Graph
         precision=precision,
         guard=guard,
         peak_rss_mib=peak_rss_mib,
+        export_peak_rss_mib=export_peak_rss_mib,
     )
 
 
@@ -275,6 +280,9 @@ def render_markdown(report: BuildReport) -> str:
         f"- build time: {report.build_s:.1f} s",
         *([f"- peak resident memory: {report.peak_rss_mib:.0f} MiB (this build process, "
            "its WER check included)"] if report.peak_rss_mib is not None else []),
+        *([f"- the zoo export this build made first ran in its own process: "
+           f"{report.export_peak_rss_mib:.0f} MiB peak"]
+          if report.export_peak_rss_mib is not None else []),
         f"- size: {report.fp32_bytes / 1e6:.1f} MB FP32 -> {report.artifact_bytes / 1e6:.1f} MB "
         f"artifact ({report.compression:.2f}x, real bytes on disk)",
     ]

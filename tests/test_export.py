@@ -65,3 +65,24 @@ def test_encoder_and_cached_decoder_match_pytorch(tiny_export: Path, tiny_hf,  #
     diff = np.abs(logits - ref.logits.numpy()).max()
     assert diff <= 2e-3, f"logits differ from PyTorch by {diff}"
     assert pk.shape == (4, 2, 6, tokens.shape[1], 64)
+
+
+def test_zoo_export_runs_in_its_own_process(tmp_path: Path) -> None:
+    """A first use of a zoo name exports in a child process: the caller never loads torch
+    (its ~1.1 GB stay out of a build's peak), and the child's peak is recorded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from sfc.models import model_folder, export_peak_mib; "
+            "f = model_folder('whisper-tiny.en'); "
+            "print(json.dumps(['torch' in sys.modules, export_peak_mib(f), str(f)]))")
+    env = {**os.environ, "SFC_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", "import json; " + code], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    torch_loaded, peak, folder = json.loads(done.stdout.strip().splitlines()[-1])
+    assert torch_loaded is False
+    assert peak is not None and 300 < peak < 8000  # MiB: torch and the model were loaded
+    assert Path(folder) == tmp_path / "cache" / "exports" / "whisper-tiny.en"
+    ModelCard.load(Path(folder))

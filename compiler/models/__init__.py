@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..card import CARD_NAME, ModelCard
 from ..errors import SfcError
+from ..memory import peak_rss_kib
 from ..paths import cache_dir
 from .zoo import ZOO
 
-__all__ = ["ZOO", "export_source", "model_folder"]
+__all__ = ["EXPORT_FACTS", "ZOO", "export_peak_mib", "export_source", "model_folder",
+           "zoo_export_cached"]
+
+EXPORT_FACTS = "export.json"  # how a cached zoo export was made (its process's peak memory)
 
 
 def export_source(src: str, out_dir: Path) -> ModelCard:
@@ -27,16 +35,50 @@ def export_source(src: str, out_dir: Path) -> ModelCard:
                    "or a path to an .onnx file")
 
 
+def _export_child(src: str, out: str) -> float:
+    """The child process's job: export, then report its own peak resident memory (MiB)."""
+    export_source(src, Path(out))
+    return peak_rss_kib() / 1024
+
+
+def _export_in_child(src: str, out: Path) -> None:
+    """Export a zoo model in a fresh process, so that torch's memory (about 1.1 GB for
+    whisper-tiny.en) is given back before the caller builds or transcribes, and record
+    that process's peak in `out/export.json`."""
+    context = multiprocessing.get_context("spawn")  # no fork of a parent holding sessions
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        peak = pool.submit(_export_child, src, str(out)).result()
+    with atomic_path(out / EXPORT_FACTS) as tmp:
+        tmp.write_text(json.dumps({"peak_rss_mib": round(peak, 1)}) + "\n")
+
+
+def _zoo_folder(model: str) -> Path:
+    return cache_dir() / "exports" / model
+
+
+def zoo_export_cached(model: str) -> bool:
+    """Whether zoo model `model` is already exported in the cache (False for other names)."""
+    return model in ZOO and (_zoo_folder(model) / CARD_NAME).is_file()
+
+
+def export_peak_mib(folder: Path) -> float | None:
+    """The peak resident memory of the process that exported `folder` (None: unrecorded)."""
+    try:
+        return float(json.loads((Path(folder) / EXPORT_FACTS).read_text())["peak_rss_mib"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def model_folder(model: str) -> Path:
     """An export/build folder for `model`: the folder itself, or a zoo name's cached export
-    (made on first use)."""
+    (made on first use, in a separate process)."""
     path = Path(model)
     if path.is_dir():
         return path
     if model in ZOO:
-        folder = cache_dir() / "exports" / model
-        if not (folder / CARD_NAME).is_file():
-            export_source(model, folder)
+        folder = _zoo_folder(model)
+        if not zoo_export_cached(model):
+            _export_in_child(model, folder)
         return folder
     raise SfcError(f"{model} is neither an sfc export/build folder nor a zoo model "
                    f"({', '.join(sorted(ZOO))})")
