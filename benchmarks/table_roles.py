@@ -75,13 +75,14 @@ def main() -> int:
     work = outside_repo(parser, args.work, REPO)
     reference = args.build / "eval.json"
     if not reference.is_file():
-        parser.error(f"{reference} not found: run `sfc eval {args.build}` first")
+        parser.error(f"{reference} not found: build it with `sfc build` (which writes "
+                     f"eval.json) or run `sfc eval {args.build} --json {reference}`")
     base_errors, words = _errors(reference)
     for role in ROLES:
         out = work / f"{role}-float"
         float_role(args.build, out, role)
-        subprocess.run([sys.executable, "-m", "sfc.cli", "eval", str(out), "--threads", "1"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "sfc.cli", "eval", str(out), "--threads", "1",
+                        "--json", str(out / "eval.json")], check=True, stdout=subprocess.DEVNULL)
         errors, same_words = _errors(out / "eval.json")
         assert same_words == words
         d = paired_bootstrap_delta(base_errors, errors, words)

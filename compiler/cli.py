@@ -1,7 +1,8 @@
 """The `sfc` command line: a thin typer layer over the Python API.
 
 User errors (`SfcError`) print one line and exit 2; Ctrl-C exits 130 without a traceback
-(with one line saying what was saved, when a long pass saved partial results).
+(with one line saying what was saved, when a long pass saved partial results). User data
+(paths, transcripts, names) is printed as `rich.text.Text`, never read as rich markup.
 Heavy modules (torch, onnxruntime) are imported inside commands, so `sfc transcribe`
 never loads torch and `sfc --help` is fast.
 """
@@ -18,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import Interrupted, SfcError
 from .paths import BUNDLED_DATA
@@ -57,6 +59,34 @@ def command(name: str | None = None) -> Callable[[_F], _F]:
 
     return register
 
+
+def _say(text: str, to: Console = console) -> None:
+    """Print `text` as it is: as `Text` it is never read as markup or emoji codes, nor
+    highlighted, and soft wrapping leaves long lines to the terminal."""
+    to.print(Text(text), soft_wrap=True)
+
+
+def _plain_row(table: Table, *cells: str) -> None:
+    """Add a row of user data (paths, names) that the table must not read as markup."""
+    table.add_row(*(Text(cell) for cell in cells))
+
+
+def _print_version(value: bool) -> None:
+    """`--version`: the installed distribution's version, then exit before any command."""
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"sfc {version('sfc')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print sfc's version and exit")] = False) -> None:
+    """Edge deployment compiler for speech foundation models."""
+
+
 DEFAULT_MODEL = "whisper-tiny.en"
 ModelArg = Annotated[str, typer.Argument(
     help="An sfc export/build folder, or a zoo name (exported to the cache on first use).")]
@@ -76,15 +106,15 @@ def export(
     """Export FP32 ONNX graphs and a model card (card.json) into OUT."""
     from .models import export_source
 
-    with console.status(f"exporting {src}"):
+    with console.status(Text(f"exporting {src}")):
         card = export_source(src, out)
-    table = Table(title=f"{card.name} -> {out}")
+    table = Table(title=Text(f"{card.name} -> {out}"))
     for col in ("graph", "file", "MB", "inputs", "outputs"):
         table.add_column(col)
     for key, g in card.graphs.items():
         size = (out / g.path).stat().st_size / 1e6
-        table.add_row(key, g.path, f"{size:.1f}", ", ".join(t.name for t in g.inputs),
-                      ", ".join(t.name for t in g.outputs))
+        _plain_row(table, key, g.path, f"{size:.1f}", ", ".join(t.name for t in g.inputs),
+                   ", ".join(t.name for t in g.outputs))
     console.print(table)
 
 
@@ -104,14 +134,29 @@ def synth(
     sentences = read_texts(texts)
     folder = synthesize(sentences, out, held_out=held_out or [BUNDLED_DATA / "eval"],
                         seed=seed)
-    console.print(f"wrote {len(sentences)} clips and their manifest to {folder}",
-                  highlight=False, markup=False)
+    _say(f"wrote {len(sentences)} clips and their manifest to {folder}")
+
+
+# Tabs and line breaks inside a transcript would break the one-line-per-file contract.
+_FLAT = str.maketrans("\t\r\n", "   ")
+
+
+def _print_transcript(path: Path, text: str, several: bool) -> None:
+    """One file's transcript on stdout. Piped: `text`, or `path<TAB>text` for several
+    files, written as is for scripts; on a terminal: `path: text`, never read as markup."""
+    if sys.stdout.isatty():
+        _say(f"{path}: {text}" if several else text)
+        return
+    flat = text.translate(_FLAT)
+    sys.stdout.write(f"{path}\t{flat}\n" if several else f"{flat}\n")
+    sys.stdout.flush()  # a reader downstream gets each file as soon as it is decoded
 
 
 @command()
 def transcribe(
     model: ModelArg,
-    audio: Annotated[list[Path], typer.Argument(help="Audio files (any rate; resampled)")],
+    audio: Annotated[list[Path], typer.Argument(
+        help="Audio files (any rate; resampled); - reads one file from stdin")],
     threads: ThreadsOpt = None,
     loop_guard: LoopGuardOpt = True,
     batch: Annotated[int, typer.Option(
@@ -119,10 +164,12 @@ def transcribe(
 ) -> None:
     """Print the transcript of each audio file."""
     from .models import model_folder
-    from .runtime.audio import load_audio
+    from .runtime.audio import STDIN, load_audio
     from .runtime.decoding import LOOP_GUARD
     from .runtime.whisper import WhisperRuntime
 
+    if sum(str(p) == STDIN for p in audio) > 1:
+        raise SfcError(f"{STDIN} (stdin) may be given once: stdin holds one audio file")
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None)
     runtime.max_batch = max(runtime.max_batch, batch)
@@ -130,22 +177,22 @@ def transcribe(
         paths = audio[first:first + batch]
         for path, out in zip(paths, runtime.transcribe_many([load_audio(p) for p in paths]),
                              strict=True):
-            console.print(f"{path}: {out.text}" if len(audio) > 1 else out.text,
-                          highlight=False, markup=False, soft_wrap=True)
+            _print_transcript(path, out.text, several=len(audio) > 1)
             if out.loop_stops:
-                err_console.print(f"{path}: decoding fell into a repetition loop in "
-                                  f"{out.loop_stops} window(s); one copy kept",
-                                  highlight=False, markup=False, soft_wrap=True)
+                _say(f"{path}: decoding fell into a repetition loop in {out.loop_stops} "
+                     "window(s); one copy kept", to=err_console)
 
 
 @command("eval")
 def eval_cmd(
     model: ModelArg = DEFAULT_MODEL,
-    data: Annotated[Path, typer.Option(help="Manifest folder or .jsonl")] = BUNDLED_DATA / "eval",
+    data: Annotated[Path, typer.Option(
+        "--data", "--eval-data", help="Manifest folder or .jsonl")] = BUNDLED_DATA / "eval",
     json_out: Annotated[Path | None, typer.Option(
-        "--json", help="Write the full result (per utterance) here; default MODEL/eval.json "
-        "for folders")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N utterances")] = None,
+        "--json", help="Write the full result (per utterance) here (default: not written)")]
+    = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", "--eval-limit", help="Only the first N utterances")] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed")] = 0,
     threads: ThreadsOpt = None,
     loop_guard: LoopGuardOpt = True,
@@ -165,9 +212,29 @@ def eval_cmd(
     result = evaluate(runtime.transcribe, utterances, model=runtime.card.name, data=str(data),
                       seed=seed)
     console.print(render(result))
-    target = json_out or folder / "eval.json"
-    result.save(target)
-    console.print(f"per-utterance results: {target}")
+    if json_out is not None:
+        result.save(json_out)
+        _say(f"per-utterance results: {json_out}")
+
+
+def _weight_bits(weights: str) -> int | str:
+    """--weights as BuildConfig takes it; `int4` and `4` name one format, as in
+    --activations."""
+    bare = weights.removeprefix("int")
+    if bare in ("8", "4", "2"):
+        return int(bare)
+    if weights == "mixed":
+        return weights
+    raise SfcError(f"--weights must be 8, 4, 2 (int8, int4, int2) or mixed, not {weights!r}")
+
+
+def _activation_bits(activations: str) -> int | None:
+    """--activations as BuildConfig takes it (None: float); `int8` and `8` alike."""
+    bits = {"8": 8, "4": 4, "none": None}
+    bare = activations.removeprefix("int")
+    if bare not in bits:
+        raise SfcError(f"--activations must be int8, int4 (8, 4) or none, not {activations!r}")
+    return bits[bare]
 
 
 @command("build")
@@ -179,8 +246,9 @@ def build_cmd(
         "(fake-quant accuracy check, any bit-width) or tensorrt[:10.3|10.16|11]")]
     = "ort-cpu",
     weights: Annotated[str, typer.Option(
-        help="Weight bits: 8, 4, 2, or mixed (per layer from {8, 4, 2} under --avg-bits or "
-        "--size-mb: sensitivity probes, then an integer program)")] = "8",
+        help="Weight bits: 8, 4, 2 (int8, int4, int2 alike), or mixed (per layer from "
+        "{8, 4, 2} under --avg-bits or --size-mb: sensitivity probes, then an integer "
+        "program)")] = "8",
     weight_method: Annotated[str, typer.Option(
         help="How 4/2-bit weights are rounded: gptq (second-order, from the calibration "
         "inputs' Gram matrices; the default), mse (clipped scales, no data) or rtn "
@@ -216,7 +284,8 @@ def build_cmd(
     gptq_act_order: Annotated[bool, typer.Option(help="GPTQ: walk inputs by decreasing "
                                                  "diag H (static groups)")] = True,
     activations: Annotated[str, typer.Option(
-        help="Activations: int8, int4 (fake-quant --target sim only) or none")] = "int8",
+        help="Activations: int8, int4 (fake-quant --target sim only) or none; 8 and 4 "
+        "alike")] = "int8",
     calibrator: Annotated[str, typer.Option(
         help="max, percentile, entropy, mse, or esc (MSE start refined by CMA-ES against the "
         "task objective; the default: lossless W8A8 on whisper-tiny.en)")] = "esc",
@@ -249,7 +318,8 @@ def build_cmd(
         "activations may add to the quantized weights' own (default 0.02)")] = None,
     act_guard_max: Annotated[int | None, typer.Option(
         help="Activation guard: most activations kept in float (default 8)")] = None,
-    eval_data: Annotated[Path | None, typer.Option("--eval", help="WER check against FP32")]
+    eval_data: Annotated[Path | None, typer.Option(
+        "--eval-data", "--eval", help="WER check against FP32: manifest folder or .jsonl")]
     = BUNDLED_DATA / "eval",
     eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
     = None,
@@ -286,11 +356,11 @@ def build_cmd(
     if from_qdq is not None:
         result = lower_qdq(from_qdq, out, target, limits, trt_float)
         for note in result.notes:
-            console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
+            _say(f"- {note}")
         if not (out / result.artifact).is_file():
             raise SfcError(f"{out / result.artifact} was not built: TensorRT is not installed "
                            "here (run this inside the docker/tensorrt image or on the device)")
-        console.print(f"wrote {out / result.artifact} ({result.bytes / 1e6:.1f} MB)")
+        _say(f"wrote {out / result.artifact} ({result.bytes / 1e6:.1f} MB)")
         return
 
     from .precision.activations import GuardConfig
@@ -300,14 +370,8 @@ def build_cmd(
     from .precision.search import DEFAULT_CANDIDATES, SearchConfig
     from .quant.gptq import GptqConfig
 
-    acts = {"int8": 8, "int4": 4, "none": None}
-    if activations not in acts:
-        raise SfcError(f"--activations must be int8, int4 or none, not {activations!r}")
-    bits: int | str = weights
-    if weights in ("8", "4", "2"):
-        bits = int(weights)
-    elif weights != "mixed":
-        raise SfcError(f"--weights must be 8, 4, 2 or mixed, not {weights!r}")
+    act_bits = _activation_bits(activations)
+    bits = _weight_bits(weights)
     mixed = None
     if ((search_steps, finetune_steps) != (None, None) or train_device != "cpu") \
             and search != "one-stage":
@@ -337,7 +401,7 @@ def build_cmd(
             raise SfcError("--act-guard-kl and --act-guard-max apply with --act-guard only")
         guard = GuardConfig(guard.allowance if act_guard_kl is None else act_guard_kl,
                             guard.max_float if act_guard_max is None else act_guard_max)
-    config = BuildConfig(target=target, weights=bits, activations=acts[activations],
+    config = BuildConfig(target=target, weights=bits, activations=act_bits,
                          weight_method=weight_method, gptq=gptq, search=mixed,
                          precision=load_precision(precision) if precision else (),
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
@@ -350,9 +414,9 @@ def build_cmd(
                          train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
-    console.print((out / "report.md").read_text().split("\n## Layers")[0], highlight=False)
-    console.print(f"build folder: {out} (report.md, report.json); "
-                  f"{report.compression:.2f}x smaller than FP32")
+    _say((out / "report.md").read_text().split("\n## Layers")[0])
+    _say(f"build folder: {out} (report.md, report.json); "
+         f"{report.compression:.2f}x smaller than FP32")
     pending = pending_engines(report)
     if pending:  # the QDQ/TensorRT-ready ONNX is written; the engines need TensorRT
         raise SfcError(f"TensorRT is not installed here, so {out} holds the TensorRT-ready "
@@ -411,10 +475,10 @@ def bench(
         if artifacts:
             raise SfcError("--trtexec-log reads a log: give it without artifacts")
         summary = load_trtexec(trtexec_log)
-        console.print(render_trtexec(summary, title=f"trtexec: {trtexec_log.name}"))
+        console.print(render_trtexec(summary, title=Text(f"trtexec: {trtexec_log.name}")))
         if json_out is not None:
             write_json_atomic(json_out, summary.to_dict())
-            console.print(f"trtexec summary: {json_out}")
+            _say(f"trtexec summary: {json_out}")
         return
     artifacts = artifacts or []
     if host is None and (docker_image or ssh_key or ssh_port or known_hosts
@@ -436,7 +500,7 @@ def bench(
     console.print(render_bench(report))
     if json_out is not None:
         report.save(json_out)
-        console.print(f"bench report: {json_out}")
+        _say(f"bench report: {json_out}")
 
 
 @command()
@@ -450,17 +514,17 @@ def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = Fal
         console.print_json(json.dumps(mi.to_dict()))
         return
     table = Table(title="sfc info", show_header=False)
-    table.add_row("python", f"{mi.python} ({mi.platform})")
-    table.add_row("cpu", f"{mi.cpu}, {mi.cores} cores")
-    table.add_row("cpu features", " ".join(mi.cpu_flags) or "-")
-    table.add_row("ort-cpu class", f"{mi.ort_cpu_class}: {ISAS[mi.ort_cpu_class]}")
-    table.add_row("onnxruntime providers", ", ".join(mi.onnxruntime_providers))
-    table.add_row("tensorrt", mi.tensorrt or "not installed (TensorRT targets unavailable)")
-    table.add_row("cuda gpu", mi.cuda_gpu or "none found (no nvidia-smi)")
+    _plain_row(table, "python", f"{mi.python} ({mi.platform})")
+    _plain_row(table, "cpu", f"{mi.cpu}, {mi.cores} cores")
+    _plain_row(table, "cpu features", " ".join(mi.cpu_flags) or "-")
+    _plain_row(table, "ort-cpu class", f"{mi.ort_cpu_class}: {ISAS[mi.ort_cpu_class]}")
+    _plain_row(table, "onnxruntime providers", ", ".join(mi.onnxruntime_providers))
+    _plain_row(table, "tensorrt", mi.tensorrt or "not installed (TensorRT targets unavailable)")
+    _plain_row(table, "cuda gpu", mi.cuda_gpu or "none found (no nvidia-smi)")
     for name, version in mi.packages.items():
-        table.add_row(name, version or "-")
+        _plain_row(table, name, version or "-")
     for name, ok in mi.zoo.items():
-        table.add_row(f"zoo: {name}", "installed" if ok else "package missing")
+        _plain_row(table, f"zoo: {name}", "installed" if ok else "package missing")
     console.print(table)
 
 
@@ -485,11 +549,11 @@ def check_cmd(
 
     report = check_model(model, target, arch=arch)
     for finding in report.findings:
-        console.print(finding.line(), highlight=False, markup=False, soft_wrap=True)
-    console.print(report.summary(), highlight=False, markup=False, soft_wrap=True)
+        _say(finding.line())
+    _say(report.summary())
     if json_out is not None:
         report.save(json_out)
-        console.print(f"check report: {json_out}", highlight=False, markup=False)
+        _say(f"check report: {json_out}")
     if not report.passed:  # SystemExit: main() runs typer non-standalone, so Exit is swallowed
         raise SystemExit(1)
 
@@ -499,13 +563,14 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SfcError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message carries user data (paths): only the label is styled.
+        err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), soft_wrap=True)
         sys.exit(2)
     except _CtrlC as exc:
-        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        _say(str(exc), to=err_console)
         sys.exit(130)
     except KeyboardInterrupt:  # outside a command (while parsing options)
-        err_console.print("interrupted; no partial outputs were written")
+        _say("interrupted; no partial outputs were written", to=err_console)
         sys.exit(130)
     except (typer.Abort, typer.Exit) as exc:
         sys.exit(getattr(exc, "exit_code", 1))

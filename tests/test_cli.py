@@ -170,7 +170,7 @@ def test_transcribe_batch_prints_each_file_in_order_and_paths_literally(
     assert batched.returncode == 0, batched.stderr
     assert batched.stdout == one.stdout
     lines = batched.stdout.splitlines()
-    assert [line.split(": ", 1)[0] for line in lines] == [str(p) for p in paths]
+    assert [line.split("\t", 1)[0] for line in lines] == [str(p) for p in paths]
     for line, utt in zip(lines, utts, strict=True):
-        counts = count_errors(utt.text, line.split(": ", 1)[1])
+        counts = count_errors(utt.text, line.split("\t", 1)[1])
         assert counts.errors / counts.ref_words <= 0.3, (utt.text, line)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
@@ -417,7 +418,7 @@ def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _title(report: BenchReport) -> str:
+def _title(report: BenchReport) -> Text:
     """Device, hardware and software in one line: the CPU, and the GPU or Jetson board."""
     info = report.device_info
     threads = "ORT default" if report.threads is None else str(report.threads)
@@ -430,8 +431,8 @@ def _title(report: BenchReport) -> str:
         parts.append(f"{gpu.get('name')} ({float(gpu.get('memory_total_mib', 0)) / 1024:.0f} "
                      f"GiB, SM max {gpu.get('sm_clock_max_mhz')} MHz), driver {gpu.get('driver')}")
     timing = f", {info['timing']}" if info.get("timing") else ""
-    return (f"{report.device}: {'; '.join(parts)}, ORT {info.get('onnxruntime', '?')}, "
-            f"threads {threads}{timing}")
+    return Text(f"{report.device}: {'; '.join(parts)}, ORT {info.get('onnxruntime', '?')}, "
+                f"threads {threads}{timing}")
 
 
 # Device columns: (header, DeviceStats field, format); shown when any variant has a value.
@@ -460,11 +461,12 @@ def render(report: BenchReport) -> Table:
                      f"energy per {item}; RAM: CPU and GPU together")
     table = Table(
         title=_title(report),
-        caption=(f"{report.rounds} rounds x {report.runs} runs (warm-up {report.warmup}), "
-                 f"{report.order} order, one process per variant per round; statistics are "
-                 f"medians over rounds; ratio = median per-round p50 / baseline p50"
-                 + "".join(f"\n{n}" for n in notes)
-                 + "".join(f"\n[yellow]warning:[/] {w}" for w in report.warnings)),
+        caption=Text.assemble(
+            f"{report.rounds} rounds x {report.runs} runs (warm-up {report.warmup}), "
+            f"{report.order} order, one process per variant per round; statistics are "
+            f"medians over rounds; ratio = median per-round p50 / baseline p50"
+            + "".join(f"\n{n}" for n in notes),
+            *(part for w in report.warnings for part in ("\n", ("warning:", "yellow"), f" {w}"))),
     )
     for col in ("variant", "MB", "p50 ms", "p90 ms", "p99 ms", "mean ms", "win/s",
                 "dec step ms", "RTF", "RSS MiB", *(c[0] for c in device_cols), "x baseline"):
@@ -473,7 +475,7 @@ def render(report: BenchReport) -> Table:
         label = f"{v.label} (baseline)" if v.label == report.baseline else v.label
         step = v.decoder_step.p50 if v.decoder_step else None
         table.add_row(
-            label, f"{v.bytes / 1e6:.1f}", _fmt(v.latency.p50), _fmt(v.latency.p90),
+            Text(label), f"{v.bytes / 1e6:.1f}", _fmt(v.latency.p50), _fmt(v.latency.p90),
             _fmt(v.latency.p99), _fmt(v.latency.mean), _fmt(v.throughput, ".2f"),
             _fmt(step, ".2f"), _fmt(v.rtf, ".3f"), f"{v.peak_rss_kib / 1024:.0f}",
             *(_fmt(getattr(v.device_stats, f) if v.device_stats else None, spec)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import SfcError
 from ..serial import read_text, unwrap
@@ -150,7 +151,7 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def render_trtexec(summary: TrtexecSummary, title: str = "trtexec") -> Table:
+def render_trtexec(summary: TrtexecSummary, title: str | Text = "trtexec") -> Table:
     """A rich table: one row per timed quantity, columns min/median/mean/max and every
     printed percentile."""
     rows = [(label, getattr(summary, f)) for label, f in _STATS.items()]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
@@ -219,7 +220,7 @@ def _pct(x: float) -> str:
 def render(result: EvalResult) -> Table:
     """A rich table: overall WER with its 95% CI and RTF, then per condition and voice."""
     table = Table(
-        title=(
+        title=Text(  # the data path is user data: never read as markup
             f"{result.model} on {result.data}: WER {_pct(result.wer)} "
             f"(95% CI [{_pct(result.ci_lo)}, {_pct(result.ci_hi)}]), RTF {result.rtf:.3f}"
         ),
@@ -249,7 +250,7 @@ def render(result: EvalResult) -> Table:
         for i, name in enumerate(names):
             g = groups[name]
             table.add_row(
-                f"{label}={name}",
+                Text(f"{label}={name}"),  # manifest names are user data
                 str(g.n),
                 str(g.ref_words),
                 _pct(g.wer),

@@ -1,14 +1,18 @@
 """Audio loading for the runtime: any soundfile-readable file to float32 mono at 16 kHz.
 
 Everything a user can get wrong about an input file (missing, not audio, empty, silent)
-surfaces here as a one-line `SfcError`, so later stages can assume clean samples.
+surfaces here as a one-line `SfcError`, so later stages can assume clean samples. The path
+`-` reads one file's bytes from standard input.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 from math import gcd
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -17,6 +21,9 @@ from scipy.signal import resample_poly
 from ..errors import SfcError
 
 SAMPLE_RATE = 16000
+
+# The path that stands for standard input, as in most Unix tools.
+STDIN = "-"
 
 # Peaks below -70 dBFS carry no speech worth decoding; models hallucinate on them instead.
 SILENCE_DBFS = -70.0
@@ -75,22 +82,42 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as float32 mono samples in [-1, 1] at `sample_rate` Hz.
 
-    Multi-channel audio is averaged to mono; other sample rates are resampled.
+    Multi-channel audio is averaged to mono; other sample rates are resampled. `path`
+    `-` (`STDIN`) reads one audio file's bytes from standard input, in any format
+    soundfile reads.
 
     Raises:
-        SfcError: the path is missing or a directory, soundfile cannot decode it, or the
-            audio is empty, non-finite or silent.
+        SfcError: the path is missing or a directory, standard input is a terminal or
+            empty, soundfile cannot decode it, or the audio is empty, non-finite or silent.
     """
+    if str(path) == STDIN:
+        return _decode(io.BytesIO(_read_stdin()), "stdin", sample_rate)
     p = Path(path)
     if not p.exists():
         raise SfcError(f"{p} does not exist")
     if p.is_dir():
         raise SfcError(f"{p} is a directory, not an audio file")
+    return _decode(str(p), str(p), sample_rate)
+
+
+def _read_stdin() -> bytes:
+    """All of standard input's bytes; refuses a terminal, where nobody would pipe audio."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise SfcError("- reads audio from stdin, but stdin is a terminal; pipe an audio "
+                       "file in")
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise SfcError("stdin is empty (0 bytes); pipe an audio file in")
+    return data
+
+
+def _decode(source: str | BinaryIO, name: str, sample_rate: int) -> np.ndarray:
+    """Decode `source` (a path or a file object) with soundfile; `name` is for errors."""
     try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, ValueError) as err:  # LibsndfileError is a RuntimeError
         # libsndfile's own message repeats the path; its error_string is the short reason.
-        reason = getattr(err, "error_string", None) or str(err)
-        raise SfcError(f"{p} is not an audio file sfc can read ({_one_line(reason)})") from err
-    mono = check_audio(data, str(p))
+        reason = _one_line(getattr(err, "error_string", None) or str(err))
+        raise SfcError(f"{name} is not an audio file sfc can read ({reason})") from err
+    mono = check_audio(data, name)
     return resample(mono, int(rate), sample_rate)
