@@ -36,7 +36,8 @@ from .calib.esc import (
     split_key,
     start_scales,
 )
-from .calib.feeds import Feed, npz_feeds, whisper_feeds
+from .calib.feeds import Feed, whisper_feeds
+from .calib.inferred_feeds import FeedSource, NoFeeds, feed_source
 from .calib.methods import compute_scale, method_from_name
 from .calib.stats import StatsSnapshot, collect_stats
 from .card import GraphSpec, ModelCard
@@ -261,6 +262,16 @@ class BuildConfig:
 
 
 @dataclass(frozen=True)
+class Built:
+    """What `build` made: the model's card, each graph's build, and the config as applied
+    (a model without calibration feeds builds weights-only, whatever was asked)."""
+
+    card: ModelCard
+    graphs: list[GraphBuild]
+    config: BuildConfig
+
+
+@dataclass(frozen=True)
 class GraphBuild:
     """What a build made of one graph."""
 
@@ -307,7 +318,7 @@ def _grams(model: onnx.ModelProto, plan: Plan) -> dict[str, GramAccumulator]:
     return out
 
 
-def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int,
+def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int | None,
            graph: str, grams: dict[str, GramAccumulator]) -> dict[str, StatsSnapshot]:
     tensors = [q.tensor for q in plan.activations]
     if not tensors and not grams:
@@ -356,6 +367,7 @@ class _Graph:
     # weight -> (integers, scales) the one-stage search learned, and its weight digests
     learned: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     learned_digests: dict[str, str] = field(default_factory=dict)
+    feeds: FeedSource | None = None  # a generic graph's calibration feeds
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -472,7 +484,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
         setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored)
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     objective = make_objective(method.objective, card, setups, samples=method.samples,
-                               runtime=runtime, utterances=utterances, feeds_dir=config.calib,
+                               runtime=runtime, utterances=utterances, feeds=_sources(graphs),
                                optimization=get_target(config.target).optimization)
     try:
         result = esc_search(start, objective, method, config.seed, objective_name=objective.name)
@@ -609,7 +621,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         kind = "kl" if card.family == "whisper" else "auto"
         assert config.search is not None
         return make_objective(kind, card, setups, samples=config.search.samples,
-                              runtime=runtime, utterances=utterances, feeds_dir=config.calib)
+                              runtime=runtime, utterances=utterances, feeds=_sources(pending))
 
     if config.search.method == "one-stage":
         result = _one_stage(weights, pending, card, config, runtime, utterances, stage)
@@ -635,7 +647,29 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
             g.stats = {q.tensor: g.stats[q.tensor] for q in plan.activations}
 
 
-def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[GraphBuild]]:
+def _sources(graphs: list[_Graph]) -> dict[str, FeedSource]:
+    return {g.name: g.feeds for g in graphs if g.feeds is not None}
+
+
+def _generic_feeds(card: ModelCard, folder: Path, config: BuildConfig
+                   ) -> tuple[BuildConfig, dict[str, FeedSource]]:
+    """Each graph's calibration feeds (`.npz`, or inferred from the calibration audio);
+    when a graph has none, the build goes weights-only (float activations, no GPTQ)."""
+    sources = {}
+    for name, spec in card.graphs.items():
+        source = feed_source(config.calib, folder / spec.path, spec.inputs, config.calib_limit)
+        if isinstance(source, NoFeeds):
+            if config.mixed:
+                raise SfcError(f"--weights mixed needs calibration feeds: {source.reason}")
+            logger.warning("weights only: %s", source.reason)
+            return replace(config, activations=None, weight_method="mse"
+                           if config.needs_grams else config.weight_method), {}
+        logger.warning("%s", source.description)
+        sources[name] = source
+    return config, sources
+
+
+def build(src: str, out: Path, config: BuildConfig) -> Built:
     """Build `src` (zoo name, export folder or .onnx file) into the build folder `out`."""
     from .models import model_folder
     from .models.onnx_source import export_onnx_file
@@ -650,6 +684,10 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
             fp32_folder = model_folder(src)
         card = ModelCard.load(fp32_folder)
         _check_one_stage(card, config)
+        sources: dict[str, FeedSource] = {}
+        if card.family != "whisper" and config.recipe is None and (
+                config.activations is not None or config.needs_grams):
+            config, sources = _generic_feeds(card, fp32_folder, config)
         graphs: list[GraphBuild] = []
         single = len(card.graphs) == 1
         runtime = None
@@ -677,13 +715,12 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
                 graphs.append(_emit(g, g.replay, config, stage, card))
                 continue
             feeds: Iterator[Feed] | None = None
-            total = 0
+            total: int | None = 0
             if runtime is not None:
                 feeds, total = whisper_feeds(runtime, utterances, g.name), len(utterances)
-            elif card.family != "whisper" and needs_data:
-                names = [t.name for t in card.graphs[g.name].inputs]
-                feeds = npz_feeds(config.calib, names)
-                total = len(list(Path(config.calib).glob("*.npz")))
+            elif g.name in sources:
+                g.feeds = sources[g.name]
+                feeds, total = g.feeds.make(), g.feeds.count
             started = time.perf_counter()
             if config.needs_grams:
                 g.grams = _grams(g.model, g.plan)
@@ -718,7 +755,7 @@ def build(src: str, out: Path, config: BuildConfig) -> tuple[ModelCard, list[Gra
             shutil.copyfile(fp32_folder / card.tokenizer, stage / card.tokenizer)
         built.save(stage)
         shutil.rmtree(stage / "_source", ignore_errors=True)
-    return built, graphs
+    return Built(built, graphs, config)
 
 
 def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16") -> Target:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .build import BuildConfig, build
-from .card import ModelCard
+from .calib.feeds import Feed
+from .calib.inferred_feeds import FeedSource, feed_source
+from .card import ModelCard, TensorSpec
 from .eval import evaluate, read_manifest
 from .eval.results import EvalResult
 from .memory import peak_rss_kib, release_free_memory
@@ -31,19 +34,18 @@ def _evaluate_folder(folder: Path, data: Path, limit: int | None, threads: int |
     return evaluate(runtime.transcribe, utterances, model=label, data=str(data))
 
 
-def measure_distortion(fp32_model: Path, artifact: Path, feeds_dir: Path,
-                       input_names: list[str], optimization: str = "all") -> Distortion:
-    """Run FP32 and the built artifact on every .npz feed; compare their outputs."""
+def measure_distortion(fp32_model: Path, artifact: Path, feeds: Iterable[Feed],
+                       optimization: str = "all") -> Distortion:
+    """Run FP32 and the built artifact on every feed; compare their outputs."""
     import numpy as np
 
-    from .calib.feeds import npz_feeds
     from .runtime.session import open_session
 
     ref, built = open_session(fp32_model), open_session(artifact, optimization=optimization)
     names = [o.name for o in ref.get_outputs()]
     rel: dict[str, list[float]] = {n: [] for n in names}
     cos: dict[str, list[float]] = {n: [] for n in names}
-    for feed in npz_feeds(feeds_dir, input_names):
+    for feed in feeds:
         for name, a, b in zip(names, ref.run(None, feed), built.run(None, feed), strict=True):
             a64 = np.asarray(a, np.float64).ravel()
             b64 = np.asarray(b, np.float64).ravel()
@@ -56,6 +58,17 @@ def measure_distortion(fp32_model: Path, artifact: Path, feeds_dir: Path,
                       cosine={k: float(np.mean(v)) for k, v in cos.items()})
 
 
+def _distortion_feeds(fp32_model: Path, inputs: Sequence[TensorSpec],
+                      folders: list[tuple[Path | None, int | None]]) -> FeedSource | None:
+    """The first of `folders` (held-out data first) that gives feeds, if any."""
+    for folder, limit in folders:
+        if folder is not None and Path(folder).is_dir():
+            source = feed_source(Path(folder), fp32_model, inputs, limit)
+            if isinstance(source, FeedSource):
+                return source
+    return None
+
+
 def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path | None,
                   eval_limit: int | None = None, threads: int | None = None) -> BuildReport:
     """Build `src` into `out`, evaluate it against FP32 (Whisper), write report.json/.md."""
@@ -63,7 +76,8 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
 
     start = time.perf_counter()
     exports_here = not zoo_export_cached(src)
-    card, graphs = build(src, out, config)
+    made = build(src, out, config)
+    card, graphs, config = made.card, made.graphs, made.config
     build_s = time.perf_counter() - start
     release_free_memory()  # the WER check's runtimes then start from a small footprint
     wer: WerComparison | None = None
@@ -80,12 +94,12 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
     distortion = None
     if card.family != "whisper" and runnable:
         graph = graphs[0]
-        candidates = [d for d in (eval_data, config.calib) if d is not None and Path(d).is_dir()]
-        feeds_dir = next((d for d in candidates if any(Path(d).glob("*.npz"))), None)
-        if feeds_dir is not None:
+        source = _distortion_feeds(out / graph.fp32, card.graphs[graph.name].inputs,
+                                   [(eval_data, eval_limit), (config.calib, None)])
+        if source is not None:
             distortion = measure_distortion(
-                out / graph.fp32, out / graph.name / graph.lowering.artifact, feeds_dir,
-                [t.name for t in card.graphs[graph.name].inputs], graph.lowering.optimization)
+                out / graph.fp32, out / graph.name / graph.lowering.artifact, source.make(),
+                graph.lowering.optimization)
     export_peak = export_peak_mib(model_folder(src)) if exports_here and zoo_export_cached(
         src) else None
     report = make_report(src, config, out, graphs, wer, build_s, distortion,

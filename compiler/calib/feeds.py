@@ -48,9 +48,11 @@ def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance],
                "cross_key": cross_k, "cross_value": cross_v}
 
 
-def npz_feeds(folder: Path, input_names: Sequence[str]) -> Iterator[Feed]:
-    """Yield the `.npz` files of `folder` (sorted by name), each holding every graph input."""
-    files = sorted(Path(folder).glob("*.npz"))
+def npz_feeds(folder: Path, input_names: Sequence[str],
+              limit: int | None = None) -> Iterator[Feed]:
+    """Yield the `.npz` files of `folder` (sorted by name; the first `limit`), each holding
+    every graph input."""
+    files = sorted(Path(folder).glob("*.npz"))[:limit]
     if not files:
         raise SfcError(f"{folder} holds no .npz calibration files (one per feed, keyed by "
                        f"input name: {', '.join(input_names)})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ..quant.stored import StoredWeights
 from ..runtime.session import session_options
 from ..runtime.whisper import encode_in_chunks
 from .esc import quantizer_key
+from .inferred_feeds import FeedSource
 
 __all__ = [
     "BATCH",
@@ -356,16 +358,14 @@ def resolve_objective(kind: str, card: ModelCard) -> str:
 
 def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
                    samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
-                   feeds_dir: Path | None = None, progress: bool = True,
+                   feeds: Mapping[str, FeedSource] | None = None, progress: bool = True,
                    optimization: str = "all") -> Any:
     """The objective `kind` ("auto" reads the card) for ESC over `graphs`.
 
     Whisper needs the FP32 `runtime` and calibration `utterances`; other models read the
-    `.npz` feeds in `feeds_dir`. `optimization`: the ORT level the quantized sessions run
-    at (the target's). The result has `name`, `__call__(scales)` and `close()`.
+    first `samples` of each graph's `feeds`. `optimization`: the ORT level the quantized
+    sessions run at (the target's). The result has `name`, `__call__(scales)` and `close()`.
     """
-    from .feeds import npz_feeds
-
     kind = resolve_objective(kind, card)
     if card.family == "whisper":
         if runtime is None:
@@ -379,23 +379,17 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
                             for g in ("encoder", "decoder"))
         return WhisperObjective(kind, encoder, decoder, reference,
                                 runtime.decoding)
-    if feeds_dir is None:
-        raise SfcError("the distortion objective needs a folder of .npz feeds")
-    sessions, feeds, references = [], [], []
+    lacking = sorted(set(graphs) - set(feeds or {}))
+    if feeds is None or lacking:
+        raise SfcError(f"the distortion objective needs calibration feeds for {lacking}")
+    sessions, chosen_feeds, references = [], [], []
     for name, setup in graphs.items():
-        initializers = {t.name for t in setup.model.graph.initializer}
-        names = [i.name for i in setup.model.graph.input
-                 if i.name not in initializers and i.name not in setup.gates]
-        chosen = []
-        for feed in npz_feeds(feeds_dir, names):
-            chosen.append(feed)
-            if len(chosen) == samples:
-                break
+        chosen = list(islice(feeds[name].make(), samples))
         fp32 = ort.InferenceSession(setup.model.SerializeToString(),
                                     providers=["CPUExecutionProvider"])
         off = {g: np.zeros((), np.float32) for g in setup.gates}  # probes: FP32 weights
         references.append([fp32.run(None, {**f, **off}) for f in chosen])
         del fp32
         sessions.append(ScaledSession(name, setup, optimization=optimization))
-        feeds.append(chosen)
-    return DistortionObjective(sessions, feeds, references)
+        chosen_feeds.append(chosen)
+    return DistortionObjective(sessions, chosen_feeds, references)
