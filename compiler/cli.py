@@ -152,6 +152,21 @@ def _print_transcript(path: Path, text: str, several: bool) -> None:
     sys.stdout.flush()  # a reader downstream gets each file as soon as it is decoded
 
 
+def _output_paths(audio: list[Path], folder: Path, ext: str) -> list[Path]:
+    """One output file per input in `folder`, named by the input's stem (stdin: `stdin`);
+    two inputs that would write the same file are refused before any decoding."""
+    from .runtime.audio import STDIN
+
+    paths = [folder / f"{'stdin' if str(p) == STDIN else p.stem}.{ext}" for p in audio]
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(audio, paths, strict=True):
+        if dst in seen:
+            raise SfcError(f"{seen[dst]} and {src} would both be written to {dst}; "
+                           "give inputs with different names")
+        seen[dst] = src
+    return paths
+
+
 @command()
 def transcribe(
     model: ModelArg,
@@ -161,23 +176,45 @@ def transcribe(
     loop_guard: LoopGuardOpt = True,
     batch: Annotated[int, typer.Option(
         min=1, help="Throughput mode: decode the windows of N files together")] = 1,
+    output_format: Annotated[str, typer.Option(
+        "--output-format", "-f", help="txt (text decoded without timestamps), or json, srt, "
+        "vtt, tsv (segments from Whisper's timestamp tokens)")] = "txt",
+    output_dir: Annotated[Path | None, typer.Option(
+        "--output-dir", "-o", help="Write one file per input here (INPUT-STEM.FORMAT; stdin: "
+        "stdin.FORMAT), each replaced only once complete; default: stdout")] = None,
 ) -> None:
-    """Print the transcript of each audio file."""
+    """Print or write the transcript of each audio file."""
+    from .atomic import write_text_atomic
     from .models import model_folder
     from .runtime.audio import STDIN, load_audio
     from .runtime.decoding import LOOP_GUARD
+    from .runtime.subtitles import FORMATS
     from .runtime.whisper import WhisperRuntime
 
     if sum(str(p) == STDIN for p in audio) > 1:
         raise SfcError(f"{STDIN} (stdin) may be given once: stdin holds one audio file")
+    if output_format not in FORMATS:
+        raise SfcError(f"--output-format must be one of {', '.join(FORMATS)}, "
+                       f"not {output_format!r}")
+    fmt = FORMATS[output_format]
+    if output_dir is None and output_format != "txt" and len(audio) > 1:
+        raise SfcError(f"{output_format} for several files needs --output-dir (one file each)")
+    targets = (_output_paths(audio, output_dir, output_format) if output_dir is not None
+               else [None] * len(audio))
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None)
     runtime.max_batch = max(runtime.max_batch, batch)
     for first in range(0, len(audio), batch):
         paths = audio[first:first + batch]
-        for path, out in zip(paths, runtime.transcribe_many([load_audio(p) for p in paths]),
-                             strict=True):
-            _print_transcript(path, out.text, several=len(audio) > 1)
+        outs = runtime.transcribe_many([load_audio(p) for p in paths], fmt.timestamps)
+        for path, target, out in zip(paths, targets[first:first + batch], outs, strict=True):
+            if target is not None:
+                write_text_atomic(target, fmt.render(out))
+                _say(f"wrote {target}", to=err_console)
+            elif output_format == "txt":
+                _print_transcript(path, out.text, several=len(audio) > 1)
+            else:
+                sys.stdout.write(fmt.render(out))
             if out.loop_stops:
                 _say(f"{path}: decoding fell into a repetition loop in {out.loop_stops} "
                      "window(s); one copy kept", to=err_console)

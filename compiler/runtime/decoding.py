@@ -2,7 +2,9 @@
 
 The decoder graph is a function (tokens, past K/V, cross K/V) -> (logits, present K/V);
 this module only decides which token comes next, so the same loop runs over an ORT
-session, a TensorRT engine, or a test double.
+session, a TensorRT engine, or a test double. Decoding is without timestamps unless a
+`TimestampRules` is given: then the prompt drops <|notimestamps|> and OpenAI's timestamp
+rules shape every step (`TimestampRules.apply`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from functools import lru_cache
 import numpy as np
 
 from ..card import WhisperDecoding
+from ..errors import SfcError
 
-__all__ = ["LOOP_GUARD", "Decoded", "DecoderStep", "LoopGuard", "greedy_decode", "suppression_mask"]
+__all__ = ["LOOP_GUARD", "TIMESTAMP_RULES", "TIME_PRECISION", "Decoded", "DecoderStep",
+           "LoopGuard", "TimestampRules", "decoding_prompt", "greedy_decode",
+           "suppression_mask"]
+
+# Seconds per timestamp token: the encoder's 1500 positions over a 30 s window.
+TIME_PRECISION = 0.02
 
 # (tokens [B, T], past_key, past_value) -> (logits [B, T, V], present_key, present_value);
 # the cross-attention K/V are bound by the caller.
@@ -57,6 +65,69 @@ class LoopGuard:
 LOOP_GUARD = LoopGuard()
 
 
+def _guard_cut(guard: LoopGuard, seq: list[int], timestamp_begin: int) -> int | None:
+    """`guard.cut` on the text tokens of `seq`, as a length of `seq` to keep.
+
+    Timestamps are left out so that a loop whose copies sit in segments of their own
+    (different, rising timestamps between them) is still seen; without timestamps the text
+    tokens are the whole sequence and this is `guard.cut(seq)`.
+    """
+    text_at = [i for i, t in enumerate(seq) if t < timestamp_begin]
+    keep = guard.cut([seq[i] for i in text_at])
+    return None if keep is None else text_at[keep]
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) over the last axis; -inf for rows that are all -inf."""
+    top = x.max(axis=-1)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(x - safe[..., None]).sum(axis=-1))
+
+
+@dataclass(frozen=True)
+class TimestampRules:
+    """OpenAI Whisper's timestamp logit rules (`ApplyTimestampRules` in whisper/decoding.py).
+
+    On the logits of the next token, given each row's generated tokens so far: the first
+    token is a timestamp of at most `max_initial` seconds; timestamps come in pairs (a
+    segment's end, then the next one's start; a lone timestamp only right before the end of
+    text); timestamps never decrease and a segment ends after it starts; and when the
+    timestamps' summed probability exceeds that of every text token, the next token is a
+    timestamp.
+    """
+
+    max_initial: float | None = 1.0
+
+    def apply(self, logits: np.ndarray, generated: Sequence[Sequence[int]],
+              spec: WhisperDecoding) -> None:
+        """Mask `logits` [B, vocab] in place; `generated[b]` is row b's tokens so far."""
+        begin = spec.timestamp_begin
+        for row, seq in zip(logits, generated, strict=True):
+            if not seq:
+                row[:begin] = -np.inf
+                if self.max_initial is not None:
+                    row[begin + round(self.max_initial / TIME_PRECISION) + 1:] = -np.inf
+                continue
+            last = seq[-1] >= begin
+            penultimate = len(seq) < 2 or seq[-2] >= begin
+            if last and penultimate:  # a segment's start (or a pair): text must follow
+                row[begin:] = -np.inf
+            elif last:  # a segment's end: the next start, or the end of text
+                row[:spec.eot] = -np.inf
+            stamps = [t for t in seq if t >= begin]
+            if stamps:
+                # The next start may equal the last end; an end must pass its start.
+                floor = stamps[-1] if last and not penultimate else stamps[-1] + 1
+                row[begin:floor] = -np.inf
+        # Softmax normalisation cancels out of the comparison, so raw logits suffice.
+        text_wins = logits[:, :begin].max(axis=-1) >= _logsumexp(logits[:, begin:])
+        logits[~text_wins, :begin] = -np.inf
+
+
+TIMESTAMP_RULES = TimestampRules()
+
+
 @dataclass(frozen=True)
 class Decoded:
     """Generated ids per row (prompt and eot removed) and which rows the loop guard ended."""
@@ -65,40 +136,56 @@ class Decoded:
     looped: list[bool]
 
 
-@lru_cache(maxsize=8)
-def suppression_mask(spec: WhisperDecoding, first: bool) -> np.ndarray:
+@lru_cache(maxsize=16)
+def suppression_mask(spec: WhisperDecoding, first: bool, timestamps: bool = False) -> np.ndarray:
     """Boolean [vocab] mask of tokens that may not be emitted.
 
     Suppressed always: the checkpoint's non-speech symbols and every special token above
-    <|endoftext|> (start, languages, tasks, <|notimestamps|> and all timestamps, since sfc
-    transcribes without timestamps). For the first token also blank and <|endoftext|>.
+    <|endoftext|> (start, languages, tasks, <|notimestamps|>), and the timestamps too
+    unless `timestamps`. For the first token also blank and <|endoftext|>.
     """
     mask = np.zeros(spec.vocab_size, dtype=bool)
     mask[list(spec.suppress)] = True
-    mask[spec.eot + 1 :] = True
+    mask[spec.eot + 1 : spec.timestamp_begin if timestamps else None] = True
     if first:
         mask[list(spec.suppress_begin)] = True
     return mask
 
 
+def decoding_prompt(spec: WhisperDecoding, timestamps: bool) -> tuple[int, ...]:
+    """The prompt to decode with: the card's, without its final <|notimestamps|> when
+    decoding with timestamps (the token is what tells the model to emit none)."""
+    if not timestamps:
+        return spec.prompt
+    if spec.prompt[-1] != spec.timestamp_begin - 1:
+        raise SfcError("the model card's prompt does not end with <|notimestamps|>; "
+                       "cannot decode with timestamps")
+    return spec.prompt[:-1]
+
+
 def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
                   max_new_tokens: int | None = None,
-                  guard: LoopGuard | None = LOOP_GUARD) -> Decoded:
-    """Decode `batch` sequences greedily, ending looping rows by `guard` (None: never)."""
-    limit = spec.max_target_positions - len(spec.prompt)
+                  guard: LoopGuard | None = LOOP_GUARD,
+                  timestamps: TimestampRules | None = None) -> Decoded:
+    """Decode `batch` sequences greedily, ending looping rows by `guard` (None: never);
+    with `timestamps`, the output interleaves timestamp tokens by those rules."""
+    prompt = decoding_prompt(spec, timestamps is not None)
+    limit = spec.max_target_positions - len(prompt)
     if max_new_tokens is not None:
         limit = min(limit, max_new_tokens)
     shape = (spec.n_layers, batch, spec.n_heads, 0, spec.head_dim)
     past_k = np.zeros(shape, dtype=np.float32)
     past_v = np.zeros(shape, dtype=np.float32)
-    tokens = np.tile(np.asarray(spec.prompt, dtype=np.int64), (batch, 1))
+    tokens = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
     out: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     looped = [False] * batch
     for i in range(limit):
         logits, past_k, past_v = step(tokens, past_k, past_v)
         last = logits[:, -1, :].astype(np.float32, copy=True)
-        last[:, suppression_mask(spec, i == 0)] = -np.inf
+        last[:, suppression_mask(spec, i == 0, timestamps is not None)] = -np.inf
+        if timestamps is not None:
+            timestamps.apply(last, out, spec)
         nxt = last.argmax(axis=-1)
         nxt[done] = spec.eot  # finished rows keep feeding eot; their output is ignored
         for b in np.flatnonzero(~done):
@@ -106,7 +193,8 @@ def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
                 done[b] = True
                 continue
             out[b].append(int(nxt[b]))
-            keep = guard.cut(out[b]) if guard is not None else None
+            keep = (_guard_cut(guard, out[b], spec.timestamp_begin)
+                    if guard is not None else None)
             if keep is not None:
                 del out[b][keep:]
                 done[b] = looped[b] = True

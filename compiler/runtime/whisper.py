@@ -4,7 +4,9 @@ Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` onl
 TensorRT engines (`trt_session`). Audio longer than one window (30 s) is cut into
 consecutive windows that are decoded independently (batched, see `WhisperRuntime.limits`)
 and joined with a space; windows follow OpenAI's convention (see
-`features.whisper_windows`).
+`features.whisper_windows`). Asked for timestamps, each window is decoded with Whisper's
+timestamp tokens instead and its segments are placed in the recording's time
+(`segments`); without, decoding and text are exactly those of the default path.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from tokenizers import Tokenizer
 
 from ..card import GraphSpec, ModelCard, WhisperDecoding
 from ..errors import SfcError
-from .decoding import LOOP_GUARD, DecoderStep, LoopGuard, greedy_decode
+from .decoding import LOOP_GUARD, TIMESTAMP_RULES, DecoderStep, LoopGuard, greedy_decode
 from .features import LogMelSpec, whisper_windows
+from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
 
@@ -56,10 +59,12 @@ def encode_in_chunks(run: Callable[[np.ndarray], Sequence[np.ndarray]],
 
 @dataclass(frozen=True)
 class Transcript:
-    """The text of one recording and how many of its windows the loop guard ended."""
+    """The text of one recording, how many of its windows the loop guard ended and, when
+    decoded with timestamps, its segments (None: decoded without)."""
 
     text: str
     loop_stops: int = 0
+    segments: tuple[Segment, ...] | None = None
 
 
 @dataclass
@@ -154,42 +159,72 @@ class WhisperRuntime:
 
         return step
 
-    def decode_windows(self, windows: np.ndarray) -> list[Transcript]:
-        """Transcribe encoder inputs [W, n_mels, frames], in batches `limits` allows."""
+    def decode_windows(self, windows: np.ndarray, timestamps: bool = False) -> list[Transcript]:
+        """Transcribe encoder inputs [W, n_mels, frames], in batches `limits` allows.
+
+        With `timestamps`, each window's segments are in window time (seconds from its
+        start) and its text is theirs, joined.
+        """
         out: list[Transcript] = []
         size, new_tokens = self.limits()
         for start in range(0, len(windows), size):
             batch = windows[start : start + size]
             cross_k, cross_v = self.encode(batch)
             dec = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch),
-                                max_new_tokens=new_tokens, guard=self.guard)
+                                max_new_tokens=new_tokens, guard=self.guard,
+                                timestamps=TIMESTAMP_RULES if timestamps else None)
             for seq, looped in zip(dec.ids, dec.looped, strict=True):
-                text = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
-                out.append(Transcript(text, int(looped)))
+                if timestamps:
+                    segments = segments_from_tokens(seq, self.decoding.timestamp_begin,
+                                                    self.mel.chunk_length_s, self._text)
+                    out.append(Transcript(" ".join(s.text for s in segments), int(looped),
+                                          tuple(segments)))
+                else:
+                    out.append(Transcript(self._text(seq), int(looped)))
         return out
 
-    def transcribe(self, audio: np.ndarray) -> Transcript:
-        """Text of 16 kHz mono float32 audio of any length."""
-        return self.transcribe_many([audio])[0]
+    def _text(self, ids: list[int]) -> str:
+        """The text of token ids; special tokens dropped, timestamps unknown to it too."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def transcribe_many(self, audios: Sequence[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audio: np.ndarray, timestamps: bool = False) -> Transcript:
+        """Text (and with `timestamps` segments) of 16 kHz mono float32 audio of any length."""
+        return self.transcribe_many([audio], timestamps)[0]
+
+    def transcribe_many(self, audios: Sequence[np.ndarray],
+                        timestamps: bool = False) -> list[Transcript]:
         """Texts of several recordings, their windows decoded together (throughput mode).
 
         The windows of all recordings go through `decode_windows` in order, so the decoder
         steps several rows at once (`limits` sets how many). A row's tokens depend only on
         its own window: a recording's text is the one `transcribe` gives it alone, up to the
-        float rounding of batched kernels.
+        float rounding of batched kernels. With `timestamps`, window i's segments are
+        placed at i window lengths into the recording and clamped to its audio.
         """
         per_audio = [whisper_windows(a, self.mel) for a in audios]
         if not per_audio:
             return []
-        decoded = iter(self.decode_windows(np.concatenate(per_audio)))
+        decoded = iter(self.decode_windows(np.concatenate(per_audio), timestamps))
         out = []
-        for windows in per_audio:
+        for audio, windows in zip(audios, per_audio, strict=True):
             mine = [next(decoded) for _ in range(len(windows))]
-            out.append(Transcript(" ".join(w.text for w in mine if w.text),
-                                  sum(w.loop_stops for w in mine)))
+            seconds = len(audio) / self.mel.sample_rate
+            out.append(Transcript(
+                " ".join(w.text for w in mine if w.text), sum(w.loop_stops for w in mine),
+                _in_recording(mine, seconds, self.mel.chunk_length_s) if timestamps else None))
         return out
+
+
+def _in_recording(windows: Sequence[Transcript], seconds: float,
+                  window_s: float) -> tuple[Segment, ...]:
+    """The segments of a `seconds`-long recording's consecutive `window_s` windows, moved
+    from window time into the recording's."""
+    out: list[Segment] = []
+    for i, window in enumerate(windows):
+        offset = i * window_s
+        clock = window_clock(offset, min(window_s, seconds - offset))
+        out += map_times(window.segments or (), clock)
+    return tuple(out)
 
 
 class DeviceCacheStep:
