@@ -1,4 +1,5 @@
-"""Timestamps on long audio: WER, RTF and segment-boundary error of sfc's fixed windows.
+"""Timestamps on long audio: WER, RTF and segment-boundary error of sfc's fixed windows
+and of its VAD windows (sequential and batched).
 
     python benchmarks/timestamps.py --work /tmp/sfc-long                 # 10 recordings
     python benchmarks/timestamps.py --work /tmp/sfc-long --recordings 2 --min-s 170 \\
@@ -15,11 +16,14 @@
    whose rows also hold the seed and every utterance's id, start and end in the recording
    (the join points).
 2. Transcription: `WhisperRuntime.transcribe` on each recording (loaded with `load_audio`),
-   consecutive 30 s windows, greedy, once with timestamps and once without (the default
-   path), compute timed around the call alone.
-3. Report: corpus WER (Whisper's normaliser) of both paths over the recordings, their RTF
-   (compute / audio seconds), and two boundary errors of the timestamped segments against
-   the known join points, pooled over the recordings:
+   greedy, compute timed around the call alone (VAD included): consecutive 30 s windows
+   (8 decoded together, the runtime's default) once with timestamps and once without (the
+   default path); then, with timestamps, the windows of Silero VAD's speech regions
+   (`sfc.runtime.vad`, at most 30 s, cut at pauses) decoded `--vad-batches` at a time
+   (default 1 and 4: sequential and batched; paths vad_b1, vad_b4).
+3. Report: corpus WER (Whisper's normaliser) of every path over the recordings, their RTF
+   (compute / audio seconds), and two boundary errors of each timestamped path's segments
+   against the known join points, pooled over the recordings:
    - edge error: the join points are the utterances' edges, where each utterance's audio
      starts and ends in the recording. Each start is matched to the nearest segment start
      and each end to the nearest segment end (one segment boundary may serve several; a
@@ -64,11 +68,29 @@ from sfc.eval import Utterance, evaluate, read_manifest
 from sfc.eval.wer import ErrorCounts, corpus_wer, count_errors, paired_bootstrap_delta
 from sfc.runtime.audio import SAMPLE_RATE, load_audio
 from sfc.runtime.segments import Segment
+from sfc.runtime.vad import SileroVad
 from sfc.runtime.whisper import WhisperRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "calibration_data" / "eval"
 NEAR_S = 0.3  # the issue's target for the median boundary error
+
+
+@dataclass(frozen=True)
+class Way:
+    """One way of transcribing: its name, with timestamps or not, VAD windows or fixed,
+    and how many windows are decoded together."""
+
+    name: str
+    timestamps: bool
+    vad: bool
+    batch: int
+
+
+def ways(vad_batches: Sequence[int]) -> list[Way]:
+    """The fixed-window paths, then one VAD path (with timestamps) per batch size."""
+    return [Way("timestamps", True, False, 8), Way("default", False, False, 8),
+            *(Way(f"vad_b{b}", True, True, b) for b in vad_batches)]
 
 
 @dataclass(frozen=True)
@@ -157,55 +179,67 @@ def _share(errors: Sequence[float]) -> float:
     return sum(e <= NEAR_S for e in errors) / len(errors) if errors else float("nan")
 
 
-def run_long(runtime: WhisperRuntime, recordings: Sequence[LongRecording]) -> dict[str, Any]:
-    """Both paths on every recording: hypotheses, errors, compute and boundary errors."""
+def run_long(runtime: WhisperRuntime, recordings: Sequence[LongRecording],
+             ways: Sequence[Way]) -> dict[str, Any]:
+    """Every path on every recording: hypotheses, errors, compute and boundary errors."""
+    vad = SileroVad.open() if any(w.vad for w in ways) else None
     rows = []
     for rec in recordings:
         audio = load_audio(rec.audio)
         row: dict[str, Any] = {"name": rec.name, "seconds": rec.seconds,
                                "utterances": [asdict(p) for p in rec.utterances]}
-        for path, timestamps in (("timestamps", True), ("default", False)):
+        for way in ways:
+            runtime.max_batch = way.batch
             t0 = time.perf_counter()
-            out = runtime.transcribe(audio, timestamps)
+            out = runtime.transcribe(audio, way.timestamps, vad if way.vad else None)
             compute = time.perf_counter() - t0
             counts = count_errors(rec.text, out.text)
-            row[path] = {"hypothesis": out.text, "compute_s": compute,
-                         "counts": asdict(counts), "loop_stops": out.loop_stops}
+            row[way.name] = {"hypothesis": out.text, "compute_s": compute,
+                             "counts": asdict(counts), "loop_stops": out.loop_stops}
             if out.segments is not None:
                 starts, ends = edge_errors(rec.utterances, out.segments)
-                row[path] |= {"segments": [asdict(s) for s in out.segments],
-                              "start_errors": starts, "end_errors": ends,
-                              "pause_errors": pause_errors(rec.utterances, out.segments)}
+                row[way.name] |= {"segments": [asdict(s) for s in out.segments],
+                                  "start_errors": starts, "end_errors": ends,
+                                  "pause_errors": pause_errors(rec.utterances, out.segments)}
         rows.append(row)
         print(f"{rec.name}: {rec.seconds:.0f} s, {len(rec.utterances)} utterances, "
               f"{len(row['timestamps']['segments'])} segments", file=sys.stderr)
-    return {"recordings": rows, "summary": summarize_long(rows)}
+    return {"recordings": rows, "summary": summarize_long(rows, [w.name for w in ways])}
 
 
-def summarize_long(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Corpus WER and RTF per path; boundary-error medians of the timestamped one."""
+def summarize_long(rows: Sequence[dict[str, Any]],
+                   names: Sequence[str] = ("timestamps", "default")) -> dict[str, Any]:
+    """Corpus WER and RTF per path; boundary-error medians of the timestamped ones
+    (`boundaries` for the fixed windows, `boundaries_<path>` for the others)."""
     audio_s = sum(r["seconds"] for r in rows)
-    out: dict[str, Any] = {}
-    for path in ("timestamps", "default"):
+    out: dict[str, Any] = {"paths": list(names), "audio_s": audio_s}
+    for path in names:
         runs = [r[path] for r in rows]
         out[path] = {
             "wer": corpus_wer(ErrorCounts(**r["counts"]) for r in runs),
             "rtf": sum(r["compute_s"] for r in runs) / audio_s,
             "loop_stops": sum(r["loop_stops"] for r in runs)}
+        if "segments" in runs[0]:
+            key = "boundaries" if path == "timestamps" else f"boundaries_{path}"
+            out[key] = boundaries([r[path] for r in rows], rows)
+    return out
+
+
+def boundaries(runs: Sequence[dict[str, Any]],
+               rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The boundary errors of one path's runs, pooled over the recordings."""
     def pooled(key: str) -> list[float]:
-        return [e for r in rows for e in r["timestamps"][key]]
+        return [e for r in runs for e in r[key]]
 
     starts, ends, pauses = pooled("start_errors"), pooled("end_errors"), pooled("pause_errors")
     edges = starts + ends
-    out["boundaries"] = {
+    return {
         "edges": len(edges), "median_s": _median(edges), "median_start_s": _median(starts),
         "median_end_s": _median(ends), "within_target": _share(edges),
         "pauses": len(pauses), "median_pause_s": _median(pauses),
         "pauses_within_target": _share(pauses),
-        "segments": sum(len(r["timestamps"]["segments"]) for r in rows),
+        "segments": sum(len(r["segments"]) for r in runs),
         "utterances": sum(len(r["utterances"]) for r in rows)}
-    out["audio_s"] = audio_s
-    return out
 
 
 def run_paired(runtime: WhisperRuntime, utterances: Sequence[Utterance]) -> dict[str, Any]:
@@ -228,19 +262,24 @@ def show(report: dict[str, Any]) -> None:
     print(machine_line(report["machine"]))
     print(f"command: {report['command']}")
     s = report["long"]["summary"]
-    b = s["boundaries"]
+    names = s.get("paths", ["default", "timestamps"])
     print_table(
         f"Long audio: {len(report['long']['recordings'])} recordings, {s['audio_s']:.0f} s, "
-        f"seed {report['args']['seed']}, {report['args']['model']}, fixed 30 s windows",
+        f"seed {report['args']['seed']}, {report['args']['model']}",
         ["path", "WER %", "RTF", "loop stops"],
         [[p, f"{100 * s[p]['wer']:.2f}", f"{s[p]['rtf']:.4f}", str(s[p]["loop_stops"])]
-         for p in ("default", "timestamps")],
-        caption=(f"segment boundaries: {b['segments']} segments for {b['utterances']} "
-                 f"utterances; edge error median {b['median_s']:.2f} s (starts "
-                 f"{b['median_start_s']:.2f}, ends {b['median_end_s']:.2f}) over {b['edges']} "
-                 f"utterance edges, {100 * b['within_target']:.0f}% within {NEAR_S} s; pause "
-                 f"error median {b['median_pause_s']:.2f} s over {b['pauses']} pauses, "
-                 f"{100 * b['pauses_within_target']:.0f}% within {NEAR_S} s"))
+         for p in names],
+        caption="default, timestamps: fixed 30 s windows, 8 decoded together; vad_bN: "
+        "VAD windows with timestamps, N decoded together (VAD time included)")
+    for key in [k for k in s if k.startswith("boundaries")]:
+        b = s[key]
+        print(f"{key.removeprefix('boundaries_') if '_' in key else 'timestamps'}: "
+              f"{b['segments']} segments for {b['utterances']} utterances; edge error median "
+              f"{b['median_s']:.2f} s (starts {b['median_start_s']:.2f}, ends "
+              f"{b['median_end_s']:.2f}) over {b['edges']} utterance edges, "
+              f"{100 * b['within_target']:.0f}% within {NEAR_S} s; pause error median "
+              f"{b['median_pause_s']:.2f} s over {b['pauses']} pauses, "
+              f"{100 * b['pauses_within_target']:.0f}% within {NEAR_S} s")
     paired = report.get("paired")
     if paired:
         d = paired["delta"]
@@ -263,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(args.threads),
         "command": shlex.join(["python", "benchmarks/timestamps.py", *sys.argv[1:]]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "long": run_long(runtime, recordings),
+        "long": run_long(runtime, recordings, ways(args.vad_batches)),
     }
     if args.paired:
         report["paired"] = run_paired(runtime, utterances[:args.paired])
@@ -286,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pause-max", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vad-batches", type=lambda v: [int(b) for b in v.split(",") if b],
+                        default=[1, 4], help="VAD paths: windows decoded together, comma-"
+                        "separated (empty: no VAD path)")
     parser.add_argument("--paired", type=int, default=50,
                         help="first N eval utterances for the paired WER check (0: skip)")
     parser.add_argument("--json", type=Path, default=None,

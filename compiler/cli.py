@@ -182,6 +182,13 @@ def transcribe(
     output_dir: Annotated[Path | None, typer.Option(
         "--output-dir", "-o", help="Write one file per input here (INPUT-STEM.FORMAT; stdin: "
         "stdin.FORMAT), each replaced only once complete; default: stdout")] = None,
+    vad: Annotated[bool, typer.Option(
+        "--vad/--no-vad", help="Decode windows of speech found by Silero VAD (pip install "
+        "silero-vad), at most 30 s each, cut at pauses; default: consecutive 30 s windows")]
+    = False,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Windows decoded together (default: 8, or --batch if "
+        "more)")] = None,
 ) -> None:
     """Print or write the transcript of each audio file."""
     from .atomic import write_text_atomic
@@ -189,6 +196,7 @@ def transcribe(
     from .runtime.audio import STDIN, load_audio
     from .runtime.decoding import LOOP_GUARD
     from .runtime.subtitles import FORMATS
+    from .runtime.vad import SileroVad
     from .runtime.whisper import WhisperRuntime
 
     if sum(str(p) == STDIN for p in audio) > 1:
@@ -201,12 +209,14 @@ def transcribe(
         raise SfcError(f"{output_format} for several files needs --output-dir (one file each)")
     targets = (_output_paths(audio, output_dir, output_format) if output_dir is not None
                else [None] * len(audio))
+    detector = SileroVad.open() if vad else None  # a missing package fails before loading
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None)
-    runtime.max_batch = max(runtime.max_batch, batch)
+    runtime.max_batch = batch_size or max(runtime.max_batch, batch)
     for first in range(0, len(audio), batch):
         paths = audio[first:first + batch]
-        outs = runtime.transcribe_many([load_audio(p) for p in paths], fmt.timestamps)
+        outs = runtime.transcribe_many([load_audio(p) for p in paths], fmt.timestamps,
+                                       detector)
         for path, target, out in zip(paths, targets[first:first + batch], outs, strict=True):
             if target is not None:
                 write_text_atomic(target, fmt.render(out))

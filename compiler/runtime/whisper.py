@@ -4,9 +4,11 @@ Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` onl
 TensorRT engines (`trt_session`). Audio longer than one window (30 s) is cut into
 consecutive windows that are decoded independently (batched, see `WhisperRuntime.limits`)
 and joined with a space; windows follow OpenAI's convention (see
-`features.whisper_windows`). Asked for timestamps, each window is decoded with Whisper's
-timestamp tokens instead and its segments are placed in the recording's time
-(`segments`); without, decoding and text are exactly those of the default path.
+`features.whisper_windows`). With voice activity detection (`vad`), the windows are
+instead stretches of at most 30 s holding the recording's speech regions, cut at pauses.
+Asked for timestamps, each window is decoded with Whisper's timestamp tokens instead and
+its segments are placed in the recording's time (`segments`); without, decoding and text
+are exactly those of the default path.
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ from .features import LogMelSpec, whisper_windows
 from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
+from .vad import SileroVad
 
 __all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime", "encode_in_chunks"]
+
+# Window time (s) to recording time (s) for one decoding window.
+Clock = Callable[[float], float]
 
 # The decoder's outputs that are the next step's cache inputs (sfc's Whisper export).
 CACHE = {"present_key": "past_key", "present_value": "past_value"}
@@ -187,42 +193,61 @@ class WhisperRuntime:
         """The text of token ids; special tokens dropped, timestamps unknown to it too."""
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def transcribe(self, audio: np.ndarray, timestamps: bool = False) -> Transcript:
-        """Text (and with `timestamps` segments) of 16 kHz mono float32 audio of any length."""
-        return self.transcribe_many([audio], timestamps)[0]
+    def transcribe(self, audio: np.ndarray, timestamps: bool = False,
+                   vad: SileroVad | None = None) -> Transcript:
+        """Text (and with `timestamps` segments) of 16 kHz mono float32 audio of any length;
+        with `vad`, decoded in windows of its speech (`transcribe_many`)."""
+        return self.transcribe_many([audio], timestamps, vad)[0]
 
-    def transcribe_many(self, audios: Sequence[np.ndarray],
-                        timestamps: bool = False) -> list[Transcript]:
+    def transcribe_many(self, audios: Sequence[np.ndarray], timestamps: bool = False,
+                        vad: SileroVad | None = None) -> list[Transcript]:
         """Texts of several recordings, their windows decoded together (throughput mode).
 
         The windows of all recordings go through `decode_windows` in order, so the decoder
         steps several rows at once (`limits` sets how many). A row's tokens depend only on
         its own window: a recording's text is the one `transcribe` gives it alone, up to the
-        float rounding of batched kernels. With `timestamps`, window i's segments are
-        placed at i window lengths into the recording and clamped to its audio.
+        float rounding of batched kernels. Windows are consecutive 30 s stretches, or with
+        `vad` its windows: stretches of speech regions and the pauses between them, the
+        silence between windows skipped (a recording with no speech gets empty text).
+        With `timestamps`, each window's segments are moved into the recording's time by
+        the window's clock and clamped to its audio.
         """
-        per_audio = [whisper_windows(a, self.mel) for a in audios]
-        if not per_audio:
+        planned = [self._vad_windows(a, vad) if vad else self._fixed_windows(a)
+                   for a in audios]
+        if not planned:
             return []
-        decoded = iter(self.decode_windows(np.concatenate(per_audio), timestamps))
+        decoded = iter(self.decode_windows(np.concatenate([f for f, _ in planned]),
+                                           timestamps))
         out = []
-        for audio, windows in zip(audios, per_audio, strict=True):
-            mine = [next(decoded) for _ in range(len(windows))]
-            seconds = len(audio) / self.mel.sample_rate
+        for features, clocks in planned:
+            mine = [next(decoded) for _ in range(len(features))]
             out.append(Transcript(
                 " ".join(w.text for w in mine if w.text), sum(w.loop_stops for w in mine),
-                _in_recording(mine, seconds, self.mel.chunk_length_s) if timestamps else None))
+                _in_recording(mine, clocks) if timestamps else None))
         return out
 
+    def _fixed_windows(self, audio: np.ndarray) -> tuple[np.ndarray, list[Clock]]:
+        """Consecutive 30 s windows of `audio` and the clock of each."""
+        windows = whisper_windows(audio, self.mel)
+        seconds, span = len(audio) / self.mel.sample_rate, self.mel.chunk_length_s
+        return windows, [window_clock(i * span, min(span, seconds - i * span))
+                         for i in range(len(windows))]
 
-def _in_recording(windows: Sequence[Transcript], seconds: float,
-                  window_s: float) -> tuple[Segment, ...]:
-    """The segments of a `seconds`-long recording's consecutive `window_s` windows, moved
-    from window time into the recording's."""
+    def _vad_windows(self, audio: np.ndarray,
+                     vad: SileroVad) -> tuple[np.ndarray, list[Clock]]:
+        """`vad`'s windows of `audio` (each at most one encoder window) and their clocks."""
+        cuts, rate = vad.windows(audio), self.mel.sample_rate
+        features = [whisper_windows(audio[w.start:w.end], self.mel) for w in cuts]
+        empty = np.zeros((0, self.mel.n_mels, self.mel.n_frames), np.float32)
+        return (np.concatenate(features) if features else empty,
+                [window_clock(w.start / rate, len(w) / rate) for w in cuts])
+
+
+def _in_recording(windows: Sequence[Transcript],
+                  clocks: Sequence[Clock]) -> tuple[Segment, ...]:
+    """The windows' segments moved from window time into the recording's."""
     out: list[Segment] = []
-    for i, window in enumerate(windows):
-        offset = i * window_s
-        clock = window_clock(offset, min(window_s, seconds - offset))
+    for window, clock in zip(windows, clocks, strict=True):
         out += map_times(window.segments or (), clock)
     return tuple(out)
 
