@@ -29,6 +29,24 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_runtime(tiny_export: Path):  # type: ignore[no-untyped-def]
+    """The FP32 export through the runtime on one thread, as CLI tests run `--threads 1`:
+    the Python API's transcripts, to compare the command's output with."""
+    from sfc.runtime.whisper import WhisperRuntime
+
+    return WhisperRuntime.open(tiny_export, threads=1)
+
+
+@pytest.fixture(scope="session")
+def shortest_clips() -> list[Path]:
+    """The two shortest bundled eval clips (fast real-model tests)."""
+    from sfc.eval.manifest import read_manifest
+
+    utts = sorted(read_manifest(EVAL_DATA), key=lambda u: u.duration_s or float("inf"))
+    return [Path(u.audio) for u in utts[:2]]
+
+
+@pytest.fixture(scope="session")
 def tiny_hf():  # type: ignore[no-untyped-def]
     """The converted PyTorch model (strict load)."""
     from sfc.models.whisper_hf import load_whisper

@@ -45,17 +45,14 @@ def _assert_user_error(done: subprocess.CompletedProcess[bytes], fragment: str) 
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_export: Path) -> WhisperRuntime:
-    """The Python API on one thread, as the CLI runs with --threads 1: the expected text."""
-    return WhisperRuntime.open(tiny_export, threads=1)
+@pytest.fixture()
+def runtime(tiny_runtime: WhisperRuntime) -> WhisperRuntime:
+    return tiny_runtime
 
 
-@pytest.fixture(scope="module")
-def short_clips() -> list[Path]:
-    """The two shortest bundled eval clips."""
-    utts = sorted(read_manifest(EVAL_DATA), key=lambda u: u.duration_s or float("inf"))
-    return [u.audio for u in utts[:2]]
+@pytest.fixture()
+def short_clips(shortest_clips: list[Path]) -> list[Path]:
+    return shortest_clips
 
 
 def _copies(clips: list[Path], folder: Path, names: list[str]) -> list[Path]:

@@ -19,7 +19,6 @@ import soundfile as sf
 
 from sfc.card import WhisperDecoding
 from sfc.errors import SfcError
-from sfc.eval import read_manifest
 from sfc.runtime.audio import load_audio
 from sfc.runtime.decoding import (
     TIME_PRECISION,
@@ -31,7 +30,6 @@ from sfc.runtime.decoding import (
 from sfc.runtime.segments import Segment, map_times, segments_from_tokens, window_clock
 from sfc.runtime.subtitles import FORMATS, clock_time
 from sfc.runtime.whisper import Transcript, WhisperRuntime
-from tests.conftest import EVAL_DATA
 
 VOCAB = 100
 EOT = 50
@@ -228,16 +226,14 @@ def test_timed_formats_need_segments_and_empty_ones_still_parse() -> None:
 
 # ---------------------------------------------------------------------- the real model
 
-@pytest.fixture(scope="module")
-def runtime(tiny_export: Path) -> WhisperRuntime:
-    return WhisperRuntime.open(tiny_export, threads=1)
+@pytest.fixture()
+def runtime(tiny_runtime: WhisperRuntime) -> WhisperRuntime:
+    return tiny_runtime
 
 
-@pytest.fixture(scope="module")
-def clips() -> list[Path]:
-    """The two shortest bundled eval clips."""
-    utts = sorted(read_manifest(EVAL_DATA), key=lambda u: u.duration_s or float("inf"))
-    return [u.audio for u in utts[:2]]
+@pytest.fixture()
+def clips(shortest_clips: list[Path]) -> list[Path]:
+    return shortest_clips
 
 
 def test_segments_are_placed_in_the_recording_across_windows(
