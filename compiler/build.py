@@ -652,21 +652,23 @@ def _sources(graphs: list[_Graph]) -> dict[str, FeedSource]:
 
 
 def _generic_feeds(card: ModelCard, folder: Path, config: BuildConfig
-                   ) -> tuple[BuildConfig, dict[str, FeedSource]]:
+                   ) -> tuple[BuildConfig, dict[str, FeedSource], str | None]:
     """Each graph's calibration feeds (`.npz`, or inferred from the calibration audio);
-    when a graph has none, the build goes weights-only (float activations, no GPTQ)."""
+    when a graph has none, the build goes weights-only (float activations, no GPTQ), except
+    a mixed build, which cannot search without data: then the reason comes back, for an
+    error once the budget has been checked (a bad budget is reported first)."""
     sources = {}
     for name, spec in card.graphs.items():
         source = feed_source(config.calib, folder / spec.path, spec.inputs, config.calib_limit)
         if isinstance(source, NoFeeds):
             if config.mixed:
-                raise SfcError(f"--weights mixed needs calibration feeds: {source.reason}")
+                return config, {}, source.reason
             logger.warning("weights only: %s", source.reason)
             return replace(config, activations=None, weight_method="mse"
-                           if config.needs_grams else config.weight_method), {}
+                           if config.needs_grams else config.weight_method), {}, None
         logger.warning("%s", source.description)
         sources[name] = source
-    return config, sources
+    return config, sources, None
 
 
 def build(src: str, out: Path, config: BuildConfig) -> Built:
@@ -685,9 +687,10 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
         card = ModelCard.load(fp32_folder)
         _check_one_stage(card, config)
         sources: dict[str, FeedSource] = {}
+        no_feeds = None  # why a mixed build has no calibration feeds
         if card.family != "whisper" and config.recipe is None and (
                 config.activations is not None or config.needs_grams):
-            config, sources = _generic_feeds(card, fp32_folder, config)
+            config, sources, no_feeds = _generic_feeds(card, fp32_folder, config)
         graphs: list[GraphBuild] = []
         single = len(card.graphs) == 1
         runtime = None
@@ -709,6 +712,8 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
                                           config.search.candidates)[1]
             check_budget([(g.model, g.plan, g.specs) for g in prepared if g.replay is None],
                          config.search.budget)
+        if no_feeds is not None:
+            raise SfcError(f"--weights mixed needs calibration feeds: {no_feeds}")
         pending: list[_Graph] = []
         for g in prepared:
             if g.replay is not None:

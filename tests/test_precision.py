@@ -286,6 +286,11 @@ def test_impossible_budget_fails_before_calibration(tmp_path: Path) -> None:
     # INT2 in blocks of 32 with a zero point each: 2 + 32/32 + 2/32 bits.
     with pytest.raises(SfcError, match=r"--avg-bits 3.07 at least"):
         compile_model(str(src), tmp_path / "x", config, eval_data=None)
+    # A budget it can meet, still no data: a mixed build cannot search without feeds.
+    config = replace(config, search=SearchConfig(Budget(avg_bits=6), candidates=("8", "4/32")))
+    with pytest.raises(SfcError, match=r"--weights mixed needs calibration feeds: .*--calib DIR"):
+        compile_model(str(src), tmp_path / "x", config, eval_data=None)
+    assert not (tmp_path / "x").exists()
 
 
 def test_mixed_build_without_quantizable_weights_fails_before_calibration(
