@@ -278,8 +278,9 @@ def render_markdown(report: BuildReport) -> str:
         f"target {c['target']})",
         "",
         f"- build time: {report.build_s:.1f} s",
-        *([f"- peak resident memory: {report.peak_rss_mib:.0f} MiB (this build process, "
-           "its WER check included)"] if report.peak_rss_mib is not None else []),
+        *([f"- peak resident memory: {report.peak_rss_mib:.0f} MiB (this build process"
+           + (", its WER check included)" if report.wer is not None else ")")]
+          if report.peak_rss_mib is not None else []),
         *([f"- the zoo export this build made first ran in its own process: "
            f"{report.export_peak_rss_mib:.0f} MiB peak"]
           if report.export_peak_rss_mib is not None else []),
