@@ -55,14 +55,21 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
-from common import machine_info, machine_line, outside_repo, print_table, run_or_show
+from common import (
+    faster_whisper_model,
+    machine_info,
+    machine_line,
+    outside_repo,
+    print_table,
+    run_or_show,
+)
 
 from sfc.eval import Utterance, evaluate, read_manifest
 from sfc.eval.wer import ErrorCounts, corpus_wer, count_errors, paired_bootstrap_delta
@@ -179,9 +186,35 @@ def _share(errors: Sequence[float]) -> float:
     return sum(e <= NEAR_S for e in errors) / len(errors) if errors else float("nan")
 
 
+# A peer's path: audio -> (text, segments with times in the recording).
+Peer = Callable[[np.ndarray], tuple[str, list[Segment]]]
+
+
+def faster_whisper_peers(threads: int, batch: int) -> dict[str, Peer]:
+    """faster-whisper INT8 on the same CTranslate2 weights, greedy, English, timestamps on:
+    its sequential decoder (30 s windows that restart at the last timestamp) and its
+    `BatchedInferencePipeline` (Silero VAD chunks, `batch` at a time)."""
+    from faster_whisper import BatchedInferencePipeline
+
+    model = faster_whisper_model("int8", threads)
+    batched = BatchedInferencePipeline(model)
+    greedy = {"beam_size": 1, "best_of": 1, "temperature": 0.0, "language": "en",
+              "condition_on_previous_text": False}
+
+    def collect(found: Any) -> tuple[str, list[Segment]]:
+        segments = [Segment(float(s.start), float(s.end), s.text.strip(), ()) for s in found]
+        return " ".join(s.text for s in segments if s.text), segments
+
+    return {"fw_int8": lambda audio: collect(model.transcribe(audio, **greedy)[0]),
+            f"fw_int8_batched_b{batch}": lambda audio: collect(
+                batched.transcribe(audio, batch_size=batch, **greedy)[0])}
+
+
 def run_long(runtime: WhisperRuntime, recordings: Sequence[LongRecording],
-             ways: Sequence[Way]) -> dict[str, Any]:
-    """Every path on every recording: hypotheses, errors, compute and boundary errors."""
+             ways: Sequence[Way], peers: Mapping[str, Peer] | None = None) -> dict[str, Any]:
+    """Every path (and peer) on every recording: hypotheses, errors, compute and boundary
+    errors."""
+    peers = peers or {}
     vad = SileroVad.open() if any(w.vad for w in ways) else None
     rows = []
     for rec in recordings:
@@ -197,14 +230,25 @@ def run_long(runtime: WhisperRuntime, recordings: Sequence[LongRecording],
             row[way.name] = {"hypothesis": out.text, "compute_s": compute,
                              "counts": asdict(counts), "loop_stops": out.loop_stops}
             if out.segments is not None:
-                starts, ends = edge_errors(rec.utterances, out.segments)
-                row[way.name] |= {"segments": [asdict(s) for s in out.segments],
-                                  "start_errors": starts, "end_errors": ends,
-                                  "pause_errors": pause_errors(rec.utterances, out.segments)}
+                row[way.name] |= _placed(rec, out.segments)
+        for name, peer in peers.items():
+            t0 = time.perf_counter()
+            text, segments = peer(audio)
+            row[name] = {"hypothesis": text, "compute_s": time.perf_counter() - t0,
+                         "counts": asdict(count_errors(rec.text, text)), "loop_stops": 0,
+                         **_placed(rec, segments)}
         rows.append(row)
         print(f"{rec.name}: {rec.seconds:.0f} s, {len(rec.utterances)} utterances, "
               f"{len(row['timestamps']['segments'])} segments", file=sys.stderr)
-    return {"recordings": rows, "summary": summarize_long(rows, [w.name for w in ways])}
+    return {"recordings": rows,
+            "summary": summarize_long(rows, [w.name for w in ways] + list(peers))}
+
+
+def _placed(rec: LongRecording, segments: Sequence[Segment]) -> dict[str, Any]:
+    """A path's segments and their boundary errors against the recording's join points."""
+    starts, ends = edge_errors(rec.utterances, segments)
+    return {"segments": [asdict(s) for s in segments], "start_errors": starts,
+            "end_errors": ends, "pause_errors": pause_errors(rec.utterances, segments)}
 
 
 def summarize_long(rows: Sequence[dict[str, Any]],
@@ -270,7 +314,8 @@ def show(report: dict[str, Any]) -> None:
         [[p, f"{100 * s[p]['wer']:.2f}", f"{s[p]['rtf']:.4f}", str(s[p]["loop_stops"])]
          for p in names],
         caption="default, timestamps: fixed 30 s windows, 8 decoded together; vad_bN: "
-        "VAD windows with timestamps, N decoded together (VAD time included)")
+        "VAD windows with timestamps, N decoded together (VAD time included); fw_int8*: "
+        "faster-whisper INT8, sequential and BatchedInferencePipeline (its VAD included)")
     for key in [k for k in s if k.startswith("boundaries")]:
         b = s[key]
         print(f"{key.removeprefix('boundaries_') if '_' in key else 'timestamps'}: "
@@ -302,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(args.threads),
         "command": shlex.join(["python", "benchmarks/timestamps.py", *sys.argv[1:]]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "long": run_long(runtime, recordings, ways(args.vad_batches)),
+        "long": run_long(runtime, recordings, ways(args.vad_batches),
+                         faster_whisper_peers(args.threads, args.fw_batch)
+                         if args.faster_whisper else None),
     }
     if args.paired:
         report["paired"] = run_paired(runtime, utterances[:args.paired])
@@ -325,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pause-max", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--faster-whisper", action="store_true",
+                        help="also run faster-whisper INT8, sequential and batched (peers)")
+    parser.add_argument("--fw-batch", type=int, default=8,
+                        help="faster-whisper's BatchedInferencePipeline batch size")
     parser.add_argument("--vad-batches", type=lambda v: [int(b) for b in v.split(",") if b],
                         default=[1, 4], help="VAD paths: windows decoded together, comma-"
                         "separated (empty: no VAD path)")
