@@ -12,3 +12,10 @@ class SfcError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a long pass after it saved what it had; `str()` says what and where."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): how a
+    library's multi-line error becomes part of a one-line `SfcError`."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..card import TensorSpec
+from ..errors import first_line
 from ..eval.manifest import MANIFEST_NAME, Utterance, read_manifest
 from ..runtime.audio import SAMPLE_RATE, load_audio
 from ..runtime.features import LogMelSpec, whisper_windows
@@ -172,11 +173,6 @@ def _classify(inputs: Sequence[TensorSpec]) -> tuple[AudioInput, dict[str, np.nd
     return audio[0], constants
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _probe_length(fp32_model: Path, audio: AudioInput,
                   constants: Mapping[str, np.ndarray]) -> int | str:
     """The longest candidate length the FP32 model runs on, or why none runs."""
@@ -190,7 +186,7 @@ def _probe_length(fp32_model: Path, audio: AudioInput,
         session = ort.InferenceSession(str(fp32_model), sess_options=options,
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
-        return f"ONNX Runtime cannot load {fp32_model}: {_first_line(exc)}"
+        return f"ONNX Runtime cannot load {fp32_model}: {first_line(exc)}"
     dtype = audio.spec.dtype
     for length in candidates:
         feed = {audio.spec.name: np.zeros(audio.shape(length), dtype), **constants}
@@ -198,7 +194,7 @@ def _probe_length(fp32_model: Path, audio: AudioInput,
             session.run(None, feed)
             return length
         except Exception as exc:
-            error = _first_line(exc)
+            error = first_line(exc)
     unit = "samples" if audio.n_mels is None else "frames"
     return (f"the FP32 model ran on none of {list(candidates)} {unit} of "
             f"'{audio.spec.name}' ({error})")

@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from ..card import ModelCard
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 from ..quant.qdq import scale_input_name, write_qdq
 from ..quant.recipe import Recipe
 from ..quant.stored import StoredWeights
@@ -79,11 +79,6 @@ class GraphSetup:
     rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class ScaledSession:
     """One graph's QDQ model with its tuned activation scales as inputs, prepared once."""
 
@@ -116,7 +111,7 @@ class ScaledSession:
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT's opaque classes
             raise SfcError(f"ONNX Runtime cannot load the ESC model of graph {graph!r}: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def scale_feed(self, scales: Mapping[str, float]) -> dict[str, np.ndarray]:
@@ -132,7 +127,7 @@ class ScaledSession:
                 None if outputs is None else list(outputs), {**feed, **self.scale_feed(scales)})
         except Exception as exc:  # ORT's opaque classes
             raise SfcError(f"ONNX Runtime failed on ESC graph {self.graph!r}: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
         return result
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 from ..progress import progress_bar
 from ..runtime.session import session_options
 
@@ -209,12 +209,7 @@ def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf / onnx raise assorted classes
-        raise SfcError(f"cannot read ONNX model {path}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise SfcError(f"cannot read ONNX model {path}: {first_line(exc)}") from None
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str], large: bool) -> onnx.ModelProto:
@@ -260,7 +255,7 @@ def _session(model: onnx.ModelProto, threads: int | None, large: bool,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own opaque classes
         raise SfcError(f"ONNX Runtime cannot load the calibration model: "
-                       f"{_first_line(exc)}") from None
+                       f"{first_line(exc)}") from None
 
 
 def _progress(label: str | None) -> Any:
@@ -342,7 +337,7 @@ def collect_stats(
                         try:
                             outs = session.run(from_run, run_feed)
                         except Exception as exc:  # ORT's opaque classes
-                            raise SfcError(f"ONNX Runtime failed: {_first_line(exc)}") from None
+                            raise SfcError(f"ONNX Runtime failed: {first_line(exc)}") from None
                         for n, value in zip(from_run, outs, strict=True):
                             acc[n].update(value)
                             if n in grams:

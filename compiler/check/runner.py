@@ -6,18 +6,13 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 from .findings import CheckReport
 from .graph import GraphView
 from .profiles import format_arch, resolve_profile
 from .rules import RULES
 
 __all__ = ["check_model", "load_for_check"]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_for_check(path: str | Path) -> onnx.ModelProto:
@@ -31,7 +26,7 @@ def load_for_check(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: a user error
-        raise SfcError(f"{p} is not a valid ONNX model: {_first_line(exc)}") from None
+        raise SfcError(f"{p} is not a valid ONNX model: {first_line(exc)}") from None
     if not model.HasField("graph") or not model.opset_import:
         raise SfcError(f"{p} is not a valid ONNX model: no graph or no opset_import")
     return model

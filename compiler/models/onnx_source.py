@@ -8,17 +8,12 @@ import onnx
 
 from ..atomic import staging_dir
 from ..card import ModelCard, graph_spec_from_onnx
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 
 __all__ = ["MODEL_FILE", "export_onnx_file", "load_onnx_source"]
 
 MODEL_FILE = "model.onnx"
 _PROTOBUF_LIMIT = 2**31 - 1  # protobuf's 2 GB limit: larger models need external data
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_onnx_source(path: str | Path) -> onnx.ModelProto:
@@ -31,12 +26,12 @@ def load_onnx_source(path: str | Path) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, ValidationError, OSError: all user errors
-        raise SfcError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from None
+        raise SfcError(f"{path} is not a valid ONNX model: {first_line(exc)}") from None
     if model.ByteSize() < _PROTOBUF_LIMIT:
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         except Exception as exc:
-            raise SfcError(f"{path}: shape inference failed: {_first_line(exc)}") from None
+            raise SfcError(f"{path}: shape inference failed: {first_line(exc)}") from None
     return model
 
 

@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 from ..kernels.packing import pack
 from .plan import subgraph_reads
 from .recipe import Recipe, TensorRecipe, model_sha256
@@ -123,7 +123,7 @@ def _upgrade(model: onnx.ModelProto, opset: int, ir_version: int) -> onnx.ModelP
         try:
             out = version_converter.convert_version(model, opset)
         except Exception as exc:  # the converter raises bare RuntimeErrors
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             what = f"cannot convert the model from opset {current} to {opset}"
             raise SfcError(f"{what}: {first}") from None
     else:

@@ -22,7 +22,7 @@ import onnx
 
 from ..atomic import staging_dir
 from ..cpu import host_isa
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
 
@@ -46,11 +46,6 @@ ISAS: dict[str, str] = {
 }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _ort_session(src: Path, options: Any) -> Any:
     """Open `src` on the CPU provider; ORT's opaque errors become one-line SfcErrors."""
     import onnxruntime as ort
@@ -59,7 +54,7 @@ def _ort_session(src: Path, options: Any) -> Any:
         return ort.InferenceSession(str(src), sess_options=options,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own classes (Fail, InvalidGraph, ...)
-        raise SfcError(f"ONNX Runtime cannot load {src}: {_first_line(exc)}") from None
+        raise SfcError(f"ONNX Runtime cannot load {src}: {first_line(exc)}") from None
 
 
 def _options(saved_to: Path) -> Any:
@@ -131,7 +126,7 @@ class OrtCpuTarget:
         try:
             external = external_data_files(qdq_path)
         except Exception as exc:  # protobuf DecodeError and friends
-            raise SfcError(f"{qdq_path} is not an ONNX model: {_first_line(exc)}") from None
+            raise SfcError(f"{qdq_path} is not an ONNX model: {first_line(exc)}") from None
         source_bytes = artifact_bytes(qdq_path)
         large = source_bytes >= _PROTOBUF_LIMIT
 
