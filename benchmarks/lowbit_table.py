@@ -30,6 +30,7 @@ from sfc.paths import BUNDLED_DATA
 from sfc.precision.budget import Budget, storage_bits
 from sfc.precision.onestage import OneStageConfig
 from sfc.precision.search import DEFAULT_CANDIDATES, SearchConfig
+from sfc.quant.gptq import GptqConfig
 from sfc.quant.plan import LayerPrecision
 from sfc.quant.recipe import Recipe
 
@@ -72,6 +73,10 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "w4-b64-mse": {**NONE, "weights": 4, "block_size": 64, "weight_method": "mse"},
         "w4-b64-gptq": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq"},
         "w8": {**NONE, "weights": 8},
+        # Sequential GPTQ (`--gptq-stages N`): each graph's MatMuls in N stages.
+        **{f"w4-b{b}-gptq-seq{n}": {**NONE, "weights": 4, "weight_method": "gptq",
+                                    "block_size": b, "gptq": GptqConfig(stages=n)}
+           for b in (32, 64, 128) for n in (4, 8, 64)},
         "w4-b128-gptq": {**NONE, "weights": 4, "block_size": 128, "weight_method": "gptq"},
         "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
         "mixed-6": _mixed(6.0),

@@ -76,6 +76,7 @@ from .quant.plan import (
 )
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
+from .quant.sequential import stage_groups, with_weights
 from .quant.spec import (
     ORT_CPU_CAPS,
     ORT_CPU_SATURATING_CAPS,
@@ -85,6 +86,7 @@ from .quant.spec import (
     TargetCaps,
 )
 from .quant.stored import LEARNED, STORED_FILE, StoredWeights
+from .quant.weights import dequantize_weight
 from .targets import TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
@@ -168,7 +170,8 @@ class BuildConfig:
             raise SfcError("one-stage fine-tuning starts from GPTQ: it needs --weight-method "
                            "gptq")
         if self.gptq != GptqConfig() and self.weight_method != "gptq":
-            raise SfcError("--gptq-damp and --gptq-act-order apply to --weight-method gptq only")
+            raise SfcError("--gptq-damp, --gptq-act-order and --gptq-stages apply to "
+                           "--weight-method gptq only")
         # Fail on a bad option before minutes of calibration, not after.
         check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:
@@ -386,9 +389,41 @@ class _Graph:
                 and recipe_method(config.weight_method, q.spec, q.tensor in self.grams) == "gptq"]
         if not todo:
             return
+        if config.gptq.stages > 1 and self.feeds is not None:
+            self._sequential(config, self.feeds)
         with progress_bar(transient=True) as bar:
             for q in bar.track(todo, description=f"GPTQ {self.name}"):
                 self.quantize(q.tensor, q.spec, config.weight_method, config.gptq)
+
+    def _sequential(self, config: BuildConfig, feeds: FeedSource) -> None:
+        """Sequential GPTQ (`quant.sequential`): the plan's MatMul weights quantized stage
+        by stage, each later stage's Gram matrices summed anew on a copy of the graph whose
+        earlier stages hold their quantized weights. Replaces the FP32 pass's Gram matrices
+        (and the weights cached from them) of every stage after the first."""
+        nodes = {n.name: (i, n) for i, n in enumerate(self.model.graph.node)}
+        weights = [q for q in self.plan.weights if q.tensor in self.grams
+                   and q.tensor not in self.learned]
+        data = {q.tensor: nodes[q.consumers[0]][1].input[0] for q in weights}
+        position = {data[q.tensor]: nodes[q.consumers[0]][0] for q in weights}
+        groups = stage_groups(position, position.__getitem__, config.gptq.stages)
+        done: dict[str, Any] = {}
+        for i, inputs in enumerate(groups):
+            members = [q for q in weights if data[q.tensor] in inputs]
+            if i > 0:
+                fresh = {x: GramAccumulator(self.grams[q.tensor].gram.shape[0])
+                         for q in members for x in [data[q.tensor]]}
+                collect_stats(with_weights(self.model, done), [], feeds.make(),
+                              total=feeds.count, grams=fresh,
+                              progress=f"GPTQ {self.name}, stage {i + 1}/{len(groups)}")
+                stale = {q.tensor for q in members}
+                self.quantized = {k: v for k, v in self.quantized.items()
+                                  if k.split("\0")[0] not in stale}
+                for q in members:
+                    self.grams[q.tensor] = fresh[data[q.tensor]]
+            for q in members:
+                ints, scales, _ = self.quantize(q.tensor, q.spec, config.weight_method,
+                                                config.gptq)
+                done[q.tensor] = dequantize_weight(ints, q.spec, scales)
 
     def recipe(self, scales: dict[str, tuple[float, str, dict[str, float]]],
                config: BuildConfig) -> Recipe:
@@ -626,7 +661,8 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
     if config.search.method == "one-stage":
         result = _one_stage(weights, pending, card, config, runtime, utterances, stage)
     else:
-        method_key = json.dumps([config.weight_method, config.gptq.to_dict(),
+        # The probes' GPTQ uses the FP32 pass's Gram matrices whatever the stages.
+        method_key = json.dumps([config.weight_method, replace(config.gptq, stages=1).to_dict(),
                                  config.calib.name, config.calib_limit, config.seed,
                                  config.target])
         result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
@@ -645,6 +681,15 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         g.plan = plan
         if g.stats is not None:
             g.stats = {q.tensor: g.stats[q.tensor] for q in plan.activations}
+
+
+def _whisper_source(runtime: Any, utterances: list[Any], graph: str,
+                    transcripts: dict[str, list[int]]) -> FeedSource:
+    """A Whisper graph's calibration feeds from the FP32 runtime (decoder feeds
+    teacher-forced on its own transcripts, decoded once into `transcripts`)."""
+    return FeedSource("the calibration audio through the FP32 model",
+                      lambda: whisper_feeds(runtime, utterances, graph, transcripts),
+                      len(utterances))
 
 
 def _sources(graphs: list[_Graph]) -> dict[str, FeedSource]:
@@ -715,6 +760,7 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
         if no_feeds is not None:
             raise SfcError(f"--weights mixed needs calibration feeds: {no_feeds}")
         pending: list[_Graph] = []
+        transcripts: dict[str, list[int]] = {}  # the FP32 model's ids, decoded once
         for g in prepared:
             if g.replay is not None:
                 graphs.append(_emit(g, g.replay, config, stage, card))
@@ -722,9 +768,10 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
             feeds: Iterator[Feed] | None = None
             total: int | None = 0
             if runtime is not None:
-                feeds, total = whisper_feeds(runtime, utterances, g.name), len(utterances)
+                g.feeds = _whisper_source(runtime, utterances, g.name, transcripts)
             elif g.name in sources:
                 g.feeds = sources[g.name]
+            if g.feeds is not None:
                 feeds, total = g.feeds.make(), g.feeds.count
             started = time.perf_counter()
             if config.needs_grams:

@@ -26,11 +26,13 @@ __all__ = ["Feed", "npz_feeds", "whisper_feeds"]
 Feed = dict[str, np.ndarray]
 
 
-def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance],
-                  graph: str) -> Iterator[Feed]:
+def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance], graph: str,
+                  transcripts: dict[str, list[int]] | None = None) -> Iterator[Feed]:
     """Yield one feed per utterance for the `encoder` or `decoder` graph of an FP32 runtime.
 
-    Streams: nothing is kept between utterances, so memory does not grow with the set.
+    Streams: only token ids are kept between utterances, so memory does not grow with the
+    set. `transcripts` (audio path -> the runtime's greedy ids) is filled on a first pass and
+    read on later ones, which then skip decoding (sequential GPTQ streams the set again).
     """
     if graph not in ("encoder", "decoder"):
         raise SfcError(f"Whisper has no graph {graph!r} (encoder, decoder)")
@@ -41,7 +43,13 @@ def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance],
             yield {"input_features": features}
             continue
         cross_k, cross_v = runtime.encode(features)
-        ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, 1).ids[0]
+        key = str(utt.audio)
+        if transcripts is not None and key in transcripts:
+            ids = transcripts[key]
+        else:
+            ids = greedy_decode(runtime.step_fn(cross_k, cross_v), spec, 1).ids[0]
+            if transcripts is not None:
+                transcripts[key] = ids
         tokens = np.asarray([[*spec.prompt, *ids]], dtype=np.int64)
         empty = np.zeros((spec.n_layers, 1, spec.n_heads, 0, spec.head_dim), np.float32)
         yield {"tokens": tokens, "past_key": empty, "past_value": empty,

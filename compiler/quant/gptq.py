@@ -70,12 +70,15 @@ class GptqConfig:
     `lazy_block`: rows per lazy batch update; affects speed only (and float rounding).
     `scale_method`: how each group's / channel's scale is picked ("mse" or "absmax", see
     `weights.weight_scales`).
+    `stages`: groups of a graph's MatMuls calibrated one after another, each on the
+    quantized outputs of those before it (`quant.sequential`); 1 = one FP32 pass.
     """
 
     damp: float = 0.01
     act_order: bool = True
     lazy_block: int = 128
     scale_method: str = "mse"
+    stages: int = 1
 
     def __post_init__(self) -> None:
         damp = self.damp
@@ -89,23 +92,30 @@ class GptqConfig:
         if self.scale_method not in METHODS:
             raise SfcError(f"GPTQ scale_method must be one of {', '.join(METHODS)}, "
                            f"not {self.scale_method!r}")
+        if not _is_int(self.stages) or self.stages < 1:
+            raise SfcError(f"GPTQ stages must be a positive int, not {self.stages!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (every field), as recipe.json stores it."""
-        return {
+        """JSON form, as recipe.json stores it (`stages` only when not 1, so recipes made
+        before it existed stay byte-identical)."""
+        out: dict[str, Any] = {
             "damp": float(self.damp),
             "act_order": self.act_order,
             "lazy_block": int(self.lazy_block),
             "scale_method": self.scale_method,
         }
+        if self.stages != 1:
+            out["stages"] = int(self.stages)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> GptqConfig:
         """Inverse of `to_dict`; malformed input raises SfcError."""
         keys = {"damp", "act_order", "lazy_block", "scale_method"}
-        if not isinstance(data, dict) or set(data) != keys:
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"stages"}:
             raise SfcError(f"malformed GPTQ config: {data!r}")
-        return cls(data["damp"], data["act_order"], data["lazy_block"], data["scale_method"])
+        return cls(data["damp"], data["act_order"], data["lazy_block"], data["scale_method"],
+                   data.get("stages", 1))
 
 
 class GramAccumulator:
