@@ -8,4 +8,13 @@ never does, so it runs on an edge device with only numpy and ONNX Runtime.
 from .errors import SfcError
 
 __all__ = ["SfcError", "__version__"]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> str:
+    """`sfc.__version__`, read from the installed metadata: pyproject.toml is the one place
+    the version is written. Lazy, so that `import sfc` does not import importlib.metadata."""
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("sfc")
+    raise AttributeError(f"module 'sfc' has no attribute {name!r}")

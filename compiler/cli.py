@@ -573,8 +573,12 @@ def info(json_: Annotated[bool, typer.Option("--json", help="Print JSON")] = Fal
     _plain_row(table, "cuda gpu", mi.cuda_gpu or "none found (no nvidia-smi)")
     for name, version in mi.packages.items():
         _plain_row(table, name, version or "-")
-    for name, ok in mi.zoo.items():
-        _plain_row(table, f"zoo: {name}", "installed" if ok else "package missing")
+    _plain_row(table, "bundled data", mi.data)
+    _plain_row(table, "cache ($SFC_CACHE)", mi.cache)
+    for name, z in mi.zoo.items():
+        where = ", ".join(z.checkpoint) or "package missing"
+        _plain_row(table, f"zoo: {name}",
+                   where + (" (exported in the cache)" if z.exported else ""))
     console.print(table)
 
 

@@ -11,13 +11,26 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .cpu import cpu_info, isa_of
-from .models.zoo import ZOO
+from .errors import SfcError
+from .models import zoo_export_cached
+from .models.zoo import ZOO, locate_checkpoint
+from .paths import BUNDLED_DATA, cache_dir
 
-__all__ = ["MachineInfo", "machine_info"]
+__all__ = ["MachineInfo", "ZooModel", "machine_info"]
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """Where a zoo model is on this machine."""
+
+    checkpoint: tuple[str, ...]  # folders of its installed checkpoint files; () if missing
+    exported: bool  # its FP32 export is in the cache (else made on first use)
+
 
 @dataclass(frozen=True)
 class MachineInfo:
-    """Runtimes, accelerators and CPU features found on this machine."""
+    """Runtimes, accelerators and CPU features found on this machine, and where sfc's
+    data, cache and models are."""
 
     python: str
     platform: str
@@ -29,7 +42,9 @@ class MachineInfo:
     onnxruntime_providers: tuple[str, ...]
     tensorrt: str | None
     cuda_gpu: str | None
-    zoo: dict[str, bool]
+    data: str  # the bundled calibration and evaluation sets (sfc.paths.BUNDLED_DATA)
+    cache: str  # zoo exports, probes, search checkpoints ($SFC_CACHE)
+    zoo: dict[str, ZooModel]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -57,6 +72,16 @@ def _gpu() -> str | None:
     return done.stdout.strip().replace("\n", "; ") or None
 
 
+def _zoo_model(name: str) -> ZooModel:
+    try:
+        files = locate_checkpoint(name)
+    except SfcError:  # its package is missing or incomplete
+        folders: tuple[str, ...] = ()
+    else:
+        folders = tuple(dict.fromkeys(str(f.parent) for f in files.model_bin))
+    return ZooModel(checkpoint=folders, exported=zoo_export_cached(name))
+
+
 def machine_info() -> MachineInfo:
     """Collect what is installed without initialising CUDA, TensorRT or torch."""
     import onnxruntime
@@ -65,8 +90,6 @@ def machine_info() -> MachineInfo:
     packages = {d: _version(d) for d in ("onnxruntime", "onnx", "torch", "transformers",
                                          "pycuda", "polygraphy", "triton",
                                          "ctranslate2")}
-    zoo = {name: all(importlib.util.find_spec(m) is not None for m in e.modules)
-           for name, e in ZOO.items()}
     return MachineInfo(
         python=platform.python_version(),
         platform=platform.platform(),
@@ -78,5 +101,7 @@ def machine_info() -> MachineInfo:
         onnxruntime_providers=tuple(onnxruntime.get_available_providers()),
         tensorrt=_version("tensorrt") if importlib.util.find_spec("tensorrt") else None,
         cuda_gpu=_gpu(),
-        zoo=zoo,
+        data=str(BUNDLED_DATA),
+        cache=str(cache_dir()),
+        zoo={name: _zoo_model(name) for name in ZOO},
     )
