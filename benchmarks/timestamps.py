@@ -1,5 +1,5 @@
-"""Timestamps on long audio: WER, RTF and segment-boundary error of sfc's fixed windows
-and of its VAD windows (sequential and batched).
+"""Timestamps on long audio: WER, RTF and segment-boundary error of sfc's fixed windows,
+its `seek` windows and its VAD windows (sequential and batched).
 
     python benchmarks/timestamps.py --work /tmp/sfc-long                 # 10 recordings
     python benchmarks/timestamps.py --work /tmp/sfc-long --recordings 2 --min-s 170 \\
@@ -18,9 +18,12 @@ and of its VAD windows (sequential and batched).
 2. Transcription: `WhisperRuntime.transcribe` on each recording (loaded with `load_audio`),
    greedy, compute timed around the call alone (VAD included): consecutive 30 s windows
    (8 decoded together, the runtime's default) once with timestamps and once without (the
-   default path); then, with timestamps, the windows of Silero VAD's speech regions
-   (`sfc.runtime.vad`, at most 30 s, cut at pauses) decoded `--vad-batches` at a time
-   (default 1 and 4: sequential and batched; paths vad_b1, vad_b4).
+   default path); windows that each start where the last complete segment of the one
+   before ended (`sfc.runtime.seek`, the runtime's timestamped path without VAD; path
+   seek: one window at a time, a recording being sequential; its text is also the seek
+   path's without timestamps); then, with timestamps, the windows of Silero VAD's speech
+   regions (`sfc.runtime.vad`, at most 30 s, cut at pauses) decoded `--vad-batches` at a
+   time (default 1 and 4: sequential and batched; paths vad_b1, vad_b4).
 3. Report: corpus WER (Whisper's normaliser) of every path over the recordings, their RTF
    (compute / audio seconds), and two boundary errors of each timestamped path's segments
    against the known join points, pooled over the recordings:
@@ -39,8 +42,9 @@ and of its VAD windows (sequential and batched).
      segment boundary of either kind, 0 when one lies inside it: whether, and by how much,
      the segmentation misses the silence between two utterances. Reported: its median and
      the share within 0.3 s.
-4. `--paired N`: the first N utterances of the eval set one at a time, both paths, and the
-   paired bootstrap of WER(timestamps) - WER(default) (`sfc.eval.wer.paired_bootstrap_delta`,
+4. `--paired N`: the first N utterances of the eval set one at a time, without timestamps
+   and with them (the runtime's default timestamped path: seek windows), and the paired
+   bootstrap of WER(timestamps) - WER(default) (`sfc.eval.wer.paired_bootstrap_delta`,
    seed 0): whether decoding with timestamp tokens changes what is transcribed.
 
 The JSON (`--json`, default WORK/timestamps.json) holds the machine, the command, the set's
@@ -85,18 +89,21 @@ NEAR_S = 0.3  # the issue's target for the median boundary error
 
 @dataclass(frozen=True)
 class Way:
-    """One way of transcribing: its name, with timestamps or not, VAD windows or fixed,
-    and how many windows are decoded together."""
+    """One way of transcribing: its name, with timestamps or not, VAD windows or not, how
+    many windows are decoded together, and `seek` windows or fixed ones (without VAD)."""
 
     name: str
     timestamps: bool
     vad: bool
     batch: int
+    seek: bool = False
 
 
 def ways(vad_batches: Sequence[int]) -> list[Way]:
-    """The fixed-window paths, then one VAD path (with timestamps) per batch size."""
+    """The fixed-window paths, the seek path, then one VAD path (with timestamps) per
+    batch size."""
     return [Way("timestamps", True, False, 8), Way("default", False, False, 8),
+            Way("seek", True, False, 1, seek=True),
             *(Way(f"vad_b{b}", True, True, b) for b in vad_batches)]
 
 
@@ -224,7 +231,8 @@ def run_long(runtime: WhisperRuntime, recordings: Sequence[LongRecording],
         for way in ways:
             runtime.max_batch = way.batch
             t0 = time.perf_counter()
-            out = runtime.transcribe(audio, way.timestamps, vad if way.vad else None)
+            out = runtime.transcribe(audio, way.timestamps, vad if way.vad else None,
+                                     way.seek)
             compute = time.perf_counter() - t0
             counts = count_errors(rec.text, out.text)
             row[way.name] = {"hypothesis": out.text, "compute_s": compute,
@@ -313,7 +321,8 @@ def show(report: dict[str, Any]) -> None:
         ["path", "WER %", "RTF", "loop stops"],
         [[p, f"{100 * s[p]['wer']:.2f}", f"{s[p]['rtf']:.4f}", str(s[p]["loop_stops"])]
          for p in names],
-        caption="default, timestamps: fixed 30 s windows, 8 decoded together; vad_bN: "
+        caption="default, timestamps: fixed 30 s windows (--no-seek), 8 decoded together; seek: "
+        "windows from the last complete segment, with timestamps, one at a time; vad_bN: "
         "VAD windows with timestamps, N decoded together (VAD time included); fw_int8*: "
         "faster-whisper INT8, sequential and BatchedInferencePipeline (its VAD included)")
     for key in [k for k in s if k.startswith("boundaries")]:

@@ -177,15 +177,20 @@ def transcribe(
     batch: Annotated[int, typer.Option(
         min=1, help="Throughput mode: decode the windows of N files together")] = 1,
     output_format: Annotated[str, typer.Option(
-        "--output-format", "-f", help="txt (text decoded without timestamps), or json, srt, "
-        "vtt, tsv (segments from Whisper's timestamp tokens)")] = "txt",
+        "--output-format", "-f", help="txt (text), or json, srt, vtt, tsv (segments from "
+        "Whisper's timestamp tokens)")] = "txt",
     output_dir: Annotated[Path | None, typer.Option(
         "--output-dir", "-o", help="Write one file per input here (INPUT-STEM.FORMAT; stdin: "
         "stdin.FORMAT), each replaced only once complete; default: stdout")] = None,
     vad: Annotated[bool, typer.Option(
         "--vad/--no-vad", help="Decode windows of speech found by Silero VAD (pip install "
-        "silero-vad), at most 30 s each, cut at pauses; default: consecutive 30 s windows")]
+        "silero-vad), at most 30 s each, cut at pauses; default: --seek")]
     = False,
+    seek: Annotated[bool | None, typer.Option(
+        "--seek/--no-seek", help="Decode audio longer than 30 s (and any audio asked for "
+        "timestamps) window after window, each window starting at the last complete segment "
+        "of the one before, as OpenAI's and faster-whisper's decoders do (default); "
+        "--no-seek: consecutive 30 s windows decoded independently")] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", min=1, help="Windows decoded together (default: 8, or --batch if "
         "more)")] = None,
@@ -216,7 +221,7 @@ def transcribe(
     for first in range(0, len(audio), batch):
         paths = audio[first:first + batch]
         outs = runtime.transcribe_many([load_audio(p) for p in paths], fmt.timestamps,
-                                       detector)
+                                       detector, seek)
         for path, target, out in zip(paths, targets[first:first + batch], outs, strict=True):
             if target is not None:
                 write_text_atomic(target, fmt.render(out))

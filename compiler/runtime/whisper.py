@@ -1,14 +1,16 @@
 """The edge Whisper runtime: audio -> log-mel -> encoder -> greedy KV-cached decoder -> text.
 
 Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` only, or its
-TensorRT engines (`trt_session`). Audio longer than one window (30 s) is cut into
-consecutive windows that are decoded independently (batched, see `WhisperRuntime.limits`)
-and joined with a space; windows follow OpenAI's convention (see
-`features.whisper_windows`). With voice activity detection (`vad`), the windows are
-instead stretches of at most 30 s holding the recording's speech regions, cut at pauses.
-Asked for timestamps, each window is decoded with Whisper's timestamp tokens instead and
-its segments are placed in the recording's time (`segments`); without, decoding and text
-are exactly those of the default path.
+TensorRT engines (`trt_session`). Audio of at most one window (30 s) is one window,
+decoded without timestamps (batched with other recordings, see `WhisperRuntime.limits`).
+Longer audio, and any audio asked for timestamps, is decoded with Whisper's timestamp
+tokens window after window, each window starting where the last complete segment of the
+one before ended (`seek`, as OpenAI's and faster-whisper's decoders do), its text that of
+the segments. With voice activity detection (`vad`), the windows are instead stretches of
+at most 30 s holding the recording's speech regions, cut at pauses and decoded together.
+`seek=False` gives the old consecutive 30 s windows (`features.whisper_windows`), decoded
+independently and joined with a space. Segments are placed in the recording's time
+(`segments`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ from tokenizers import Tokenizer
 
 from ..card import GraphSpec, ModelCard, WhisperDecoding
 from ..errors import SfcError
-from .decoding import LOOP_GUARD, TIMESTAMP_RULES, DecoderStep, LoopGuard, greedy_decode
+from .decoding import (
+    LOOP_GUARD,
+    TIME_PRECISION,
+    TIMESTAMP_RULES,
+    Decoded,
+    DecoderStep,
+    LoopGuard,
+    greedy_decode,
+)
 from .features import LogMelSpec, whisper_windows
+from .seek import SeekWindow, recording_features, seek_decode
 from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
@@ -174,11 +185,7 @@ class WhisperRuntime:
         out: list[Transcript] = []
         size, new_tokens = self.limits()
         for start in range(0, len(windows), size):
-            batch = windows[start : start + size]
-            cross_k, cross_v = self.encode(batch)
-            dec = greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(batch),
-                                max_new_tokens=new_tokens, guard=self.guard,
-                                timestamps=TIMESTAMP_RULES if timestamps else None)
+            dec = self._decode(windows[start : start + size], timestamps, new_tokens)
             for seq, looped in zip(dec.ids, dec.looped, strict=True):
                 if timestamps:
                     segments = segments_from_tokens(seq, self.decoding.timestamp_begin,
@@ -189,18 +196,26 @@ class WhisperRuntime:
                     out.append(Transcript(self._text(seq), int(looped)))
         return out
 
+    def _decode(self, windows: np.ndarray, timestamps: bool, new_tokens: int | None) -> Decoded:
+        """Greedy decoding of one batch of windows [B, n_mels, frames]."""
+        cross_k, cross_v = self.encode(windows)
+        return greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(windows),
+                             max_new_tokens=new_tokens, guard=self.guard,
+                             timestamps=TIMESTAMP_RULES if timestamps else None)
+
     def _text(self, ids: list[int]) -> str:
         """The text of token ids; special tokens dropped, timestamps unknown to it too."""
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def transcribe(self, audio: np.ndarray, timestamps: bool = False,
-                   vad: SileroVad | None = None) -> Transcript:
+                   vad: SileroVad | None = None, seek: bool | None = None) -> Transcript:
         """Text (and with `timestamps` segments) of 16 kHz mono float32 audio of any length;
-        with `vad`, decoded in windows of its speech (`transcribe_many`)."""
-        return self.transcribe_many([audio], timestamps, vad)[0]
+        with `vad`, decoded in windows of its speech; `seek`: see `transcribe_many`."""
+        return self.transcribe_many([audio], timestamps, vad, seek)[0]
 
     def transcribe_many(self, audios: Sequence[np.ndarray], timestamps: bool = False,
-                        vad: SileroVad | None = None) -> list[Transcript]:
+                        vad: SileroVad | None = None,
+                        seek: bool | None = None) -> list[Transcript]:
         """Texts of several recordings, their windows decoded together (throughput mode).
 
         The windows of all recordings go through `decode_windows` in order, so the decoder
@@ -211,7 +226,30 @@ class WhisperRuntime:
         silence between windows skipped (a recording with no speech gets empty text).
         With `timestamps`, each window's segments are moved into the recording's time by
         the window's clock and clamped to its audio.
+
+        `seek`: decode each recording window after window with timestamps, each window
+        starting at the end of the last complete segment of the one before (`seek`); the
+        next windows of several recordings are decoded together. Default, without `vad`:
+        with `timestamps`, and for recordings longer than one window, as OpenAI's and
+        faster-whisper's decoders do (consecutive windows lose the words a window cuts:
+        43% WER against 15% on BENCHMARKS.md's long-audio set). Decided per recording, so a
+        recording's text does not depend on what it is batched with.
         """
+        if seek and vad is not None:
+            raise SfcError("seek and VAD windows are two ways of cutting long audio; "
+                           "choose one")
+        chosen = [seek if seek is not None else
+                  vad is None and (timestamps or len(a) > self.mel.n_samples) for a in audios]
+        if any(chosen):
+            picks = [i for i, c in enumerate(chosen) if c]
+            rest = [i for i, c in enumerate(chosen) if not c]
+            done = dict(zip(picks, self._seek_many([audios[i] for i in picks], timestamps),
+                            strict=True))
+            if rest:
+                done.update(zip(rest, self.transcribe_many([audios[i] for i in rest],
+                                                           timestamps, vad, False),
+                                strict=True))
+            return [done[i] for i in range(len(audios))]
         planned = [self._vad_windows(a, vad) if vad else self._fixed_windows(a)
                    for a in audios]
         if not planned:
@@ -225,6 +263,31 @@ class WhisperRuntime:
                 " ".join(w.text for w in mine if w.text), sum(w.loop_stops for w in mine),
                 _in_recording(mine, clocks) if timestamps else None))
         return out
+
+    def _seek_many(self, audios: Sequence[np.ndarray], timestamps: bool) -> list[Transcript]:
+        """`transcribe_many` by `seek` windows: a recording's segments are its windows'
+        complete ones, its text theirs joined (segments returned with `timestamps`)."""
+        size, new_tokens = self.limits()
+        rate, hop = self.mel.sample_rate, self.mel.hop_length
+        decoded = seek_decode([recording_features(a, self.mel) for a in audios],
+                              lambda windows: self._decode(windows, True, new_tokens),
+                              self.mel.n_frames, self.decoding.timestamp_begin, size,
+                              round(TIME_PRECISION * rate / hop))
+        out = []
+        for windows in decoded:
+            segments = tuple(s for w in windows for s in self._seek_segments(w))
+            out.append(Transcript(" ".join(s.text for s in segments),
+                                  sum(w.looped for w in windows),
+                                  segments if timestamps else None))
+        return out
+
+    def _seek_segments(self, window: SeekWindow) -> list[Segment]:
+        """The segments of one `seek` window, in the recording's time."""
+        frame_s = self.mel.hop_length / self.mel.sample_rate
+        seconds = window.frames * frame_s
+        return map_times(segments_from_tokens(window.ids, self.decoding.timestamp_begin,
+                                              seconds, self._text),
+                         window_clock(window.start * frame_s, seconds))
 
     def _fixed_windows(self, audio: np.ndarray) -> tuple[np.ndarray, list[Clock]]:
         """Consecutive 30 s windows of `audio` and the clock of each."""
