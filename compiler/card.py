@@ -8,7 +8,8 @@ drive decoding, and which task objective fits the model. It never imports torch.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,21 @@ from .errors import SfcError
 
 __all__ = [
     "CARD_NAME",
+    "MULTILINGUAL_VOCAB",
     "GraphSpec",
     "ModelCard",
     "TensorSpec",
     "WhisperDecoding",
     "graph_spec_from_onnx",
+    "language_tokens",
+    "special_tokens",
 ]
 
 CARD_NAME = "card.json"
 _VERSION = 1
+# OpenAI's rule: multilingual Whisper vocabularies have 51865+ entries, English-only 51864.
+MULTILINGUAL_VOCAB = 51865
+Tokens = tuple[tuple[str, int], ...]  # (name, token id) pairs
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,9 @@ class GraphSpec:
 class WhisperDecoding:
     """Everything greedy decoding needs; read from the checkpoint's tokenizer and config."""
 
-    prompt: tuple[int, ...]  # <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>
+    # <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>; `decoding_prompt`
+    # puts another language and task in a multilingual model's.
+    prompt: tuple[int, ...]
     eot: int
     timestamp_begin: int
     suppress: tuple[int, ...]  # never emitted (non-speech symbols, special tokens)
@@ -65,6 +74,39 @@ class WhisperDecoding:
     n_heads: int
     head_dim: int
     vocab_size: int
+    # Multilingual checkpoints only (empty for English-only ones): (code, token id) of each
+    # language token and (name, token id) of <|transcribe|> and <|translate|>.
+    languages: Tokens = ()
+    tasks: Tokens = ()
+
+
+def special_tokens(tokenizer_json: Path) -> dict[str, int]:
+    """A Hugging Face tokenizer.json's added (special) tokens: content -> id."""
+    tok = json.loads(Path(tokenizer_json).read_text())
+    return {t["content"]: int(t["id"]) for t in tok["added_tokens"]}
+
+
+def language_tokens(special: Mapping[str, int], vocab_size: int) -> tuple[Tokens, Tokens]:
+    """The `languages` and `tasks` fields of a `WhisperDecoding` from the tokenizer's special
+    tokens; both empty for an English-only vocabulary (its tokenizer lists the language
+    tokens too, but the model was never trained on them).
+
+    Whisper's tokenizer lays its special tokens out as <|startoftranscript|>, one token per
+    language, <|translate|>, <|transcribe|>: the languages are the tokens in between, so
+    checkpoints with more languages (large-v3's <|yue|>) need no list here.
+    """
+    if vocab_size < MULTILINGUAL_VOCAB:
+        return (), ()
+    names = ("<|startoftranscript|>", "<|translate|>", "<|transcribe|>")
+    missing = [n for n in names if n not in special]
+    if missing:
+        raise SfcError(f"the tokenizer lacks Whisper's special tokens {missing}")
+    sot, translate, transcribe = (special[n] for n in names)
+    languages = sorted((i, t[2:-2]) for t, i in special.items() if sot < i < translate)
+    if not languages:
+        raise SfcError("the tokenizer has no language tokens after <|startoftranscript|>")
+    return (tuple((code, i) for i, code in languages),
+            (("transcribe", transcribe), ("translate", translate)))
 
 
 @dataclass(frozen=True)
@@ -111,6 +153,8 @@ class ModelCard:
             dec = dict(d["decoding"])
             for key in ("prompt", "suppress", "suppress_begin"):
                 dec[key] = tuple(dec[key])
+            for key in ("languages", "tasks"):
+                dec[key] = tuple((str(k), int(i)) for k, i in dec.get(key, ()))
             d["decoding"] = WhisperDecoding(**dec)
         return cls(**d)
 
@@ -123,9 +167,21 @@ class ModelCard:
         if not path.is_file():
             raise SfcError(f"{folder} has no {CARD_NAME}; make one with `sfc export`")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            card = cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SfcError(f"{path} is not a valid sfc model card ({exc})") from None
+        return _with_language_tokens(card, Path(folder))
+
+
+def _with_language_tokens(card: ModelCard, folder: Path) -> ModelCard:
+    """A multilingual card written before cards listed language tokens (cached exports and
+    builds of whisper-base), completed from the folder's own tokenizer."""
+    dec = card.decoding
+    if (dec is None or dec.languages or card.tokenizer is None
+            or dec.vocab_size < MULTILINGUAL_VOCAB):
+        return card
+    languages, tasks = language_tokens(special_tokens(folder / card.tokenizer), dec.vocab_size)
+    return replace(card, decoding=replace(dec, languages=languages, tasks=tasks))
 
 
 def _tensor_specs(values: Any) -> tuple[TensorSpec, ...]:

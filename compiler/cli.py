@@ -92,6 +92,11 @@ ModelArg = Annotated[str, typer.Argument(
     help="An sfc export/build folder, or a zoo name (exported to the cache on first use).")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", help="ONNX Runtime intra-op threads (default: ORT's choice).")]
+LanguageOpt = Annotated[str | None, typer.Option(
+    "--language", help="Language spoken (a code: de, fr, ...; multilingual models); default: "
+    "detected on each file's first 30 s (English-only models: en)")]
+TaskOpt = Annotated[str, typer.Option(
+    "--task", help="transcribe, or translate into English (multilingual models)")]
 LoopGuardOpt = Annotated[bool, typer.Option(
     "--loop-guard/--no-loop-guard",
     help="End a window whose greedy decoding repeats one unit 4+ times over 24+ tokens, "
@@ -194,12 +199,14 @@ def transcribe(
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", min=1, help="Windows decoded together (default: 8, or --batch if "
         "more)")] = None,
+    language: LanguageOpt = None,
+    task: TaskOpt = "transcribe",
 ) -> None:
     """Print or write the transcript of each audio file."""
     from .atomic import write_text_atomic
     from .models import model_folder
     from .runtime.audio import STDIN, load_audio
-    from .runtime.decoding import LOOP_GUARD
+    from .runtime.decoding import LOOP_GUARD, check_options
     from .runtime.subtitles import FORMATS
     from .runtime.vad import SileroVad
     from .runtime.whisper import WhisperRuntime
@@ -217,11 +224,12 @@ def transcribe(
     detector = SileroVad.open() if vad else None  # a missing package fails before loading
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None)
+    language = check_options(runtime.decoding, language, task)  # before reading any audio
     runtime.max_batch = batch_size or max(runtime.max_batch, batch)
     for first in range(0, len(audio), batch):
         paths = audio[first:first + batch]
         outs = runtime.transcribe_many([load_audio(p) for p in paths], fmt.timestamps,
-                                       detector, seek)
+                                       detector, seek, language=language, task=task)
         for path, target, out in zip(paths, targets[first:first + batch], outs, strict=True):
             if target is not None:
                 write_text_atomic(target, fmt.render(out))
@@ -248,11 +256,15 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Bootstrap seed")] = 0,
     threads: ThreadsOpt = None,
     loop_guard: LoopGuardOpt = True,
+    language: Annotated[str, typer.Option(
+        "--language", help="Language of the references (a code: en, de, ...), or auto: "
+        "detected per file as `sfc transcribe` does")] = "en",
+    task: TaskOpt = "transcribe",
 ) -> None:
     """WER (normalised, 95% bootstrap CI, per voice and condition) and real-time factor."""
     from .eval import evaluate, read_manifest, render
     from .models import model_folder
-    from .runtime.decoding import LOOP_GUARD
+    from .runtime.decoding import LOOP_GUARD, check_options
     from .runtime.whisper import WhisperRuntime
 
     utterances = read_manifest(data)
@@ -261,8 +273,9 @@ def eval_cmd(
     folder = model_folder(model)
     runtime = WhisperRuntime.open(folder, threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None)
-    result = evaluate(runtime.transcribe, utterances, model=runtime.card.name, data=str(data),
-                      seed=seed)
+    chosen = check_options(runtime.decoding, None if language == "auto" else language, task)
+    result = evaluate(lambda audio: runtime.transcribe(audio, language=chosen, task=task),
+                      utterances, model=runtime.card.name, data=str(data), seed=seed)
     console.print(render(result))
     if json_out is not None:
         result.save(json_out)

@@ -104,7 +104,7 @@ class Scripted:
         self.spans = spans  # each recording's spans, keyed by its length in frames
         self.batches: list[int] = []
 
-    def __call__(self, windows: np.ndarray) -> Decoded:
+    def __call__(self, windows: np.ndarray, _rows: list[int]) -> Decoded:
         self.batches.append(len(windows))
         return Decoded([self._row(w) for w in windows], [False] * len(windows))
 

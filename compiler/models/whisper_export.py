@@ -13,7 +13,6 @@ function exports to a clean graph (plain MatMul attention, no cache classes).
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -22,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from ..atomic import staging_dir
-from ..card import ModelCard, WhisperDecoding, graph_spec_from_onnx
+from ..card import (
+    ModelCard,
+    WhisperDecoding,
+    graph_spec_from_onnx,
+    language_tokens,
+    special_tokens,
+)
 from ..errors import SfcError
 from ..runtime.features import LogMelSpec
 from .whisper_hf import LoadedWhisper, load_whisper
@@ -42,12 +47,10 @@ TOKENIZER_FILE = "tokenizer.json"
 def whisper_decoding(loaded: LoadedWhisper) -> WhisperDecoding:
     """Decoding tokens from the checkpoint's own tokenizer.json and config.json."""
     cfg = loaded.model.config
-    tok = json.loads(Path(loaded.checkpoint.tokenizer_json).read_text())
-    ids = {t["content"]: int(t["id"]) for t in tok["added_tokens"]}
-    # OpenAI's rule: the multilingual vocabularies have 51865+ entries.
-    multilingual = cfg.vocab_size >= 51865
+    ids = special_tokens(loaded.checkpoint.tokenizer_json)
+    languages, tasks = language_tokens(ids, cfg.vocab_size)
     names = ["<|startoftranscript|>"]
-    if multilingual:
+    if languages:  # the default prompt: English transcription
         names += ["<|en|>", "<|transcribe|>"]
     names.append("<|notimestamps|>")
     missing = [n for n in [*names, "<|endoftext|>"] if n not in ids]
@@ -64,6 +67,8 @@ def whisper_decoding(loaded: LoadedWhisper) -> WhisperDecoding:
         n_heads=cfg.decoder_attention_heads,
         head_dim=cfg.d_model // cfg.decoder_attention_heads,
         vocab_size=cfg.vocab_size,
+        languages=languages,
+        tasks=tasks,
     )
 
 

@@ -4,7 +4,8 @@ The decoder graph is a function (tokens, past K/V, cross K/V) -> (logits, presen
 this module only decides which token comes next, so the same loop runs over an ORT
 session, a TensorRT engine, or a test double. Decoding is without timestamps unless a
 `TimestampRules` is given: then the prompt drops <|notimestamps|> and OpenAI's timestamp
-rules shape every step (`TimestampRules.apply`).
+rules shape every step (`TimestampRules.apply`). A multilingual model's prompt names the
+language spoken and the task (`decoding_prompt`); an English-only model's has neither.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import numpy as np
 from ..card import WhisperDecoding
 from ..errors import SfcError
 
-__all__ = ["LOOP_GUARD", "TIMESTAMP_RULES", "TIME_PRECISION", "Decoded", "DecoderStep",
-           "LoopGuard", "TimestampRules", "decoding_prompt", "greedy_decode",
-           "suppression_mask"]
+__all__ = ["ENGLISH", "LOOP_GUARD", "TASKS", "TIMESTAMP_RULES", "TIME_PRECISION", "Decoded",
+           "DecoderStep", "LoopGuard", "TimestampRules", "check_options", "decoding_prompt",
+           "greedy_decode", "suppression_mask"]
 
 # Seconds per timestamp token: the encoder's 1500 positions over a 30 s window.
 TIME_PRECISION = 0.02
+
+TASKS = ("transcribe", "translate")  # translate: speech in any language to English text
+ENGLISH = "en"  # what an English-only model's card prompt means
 
 # (tokens [B, T], past_key, past_value) -> (logits [B, T, V], present_key, present_value);
 # the cross-attention K/V are bound by the caller.
@@ -152,31 +156,71 @@ def suppression_mask(spec: WhisperDecoding, first: bool, timestamps: bool = Fals
     return mask
 
 
-def decoding_prompt(spec: WhisperDecoding, timestamps: bool) -> tuple[int, ...]:
-    """The prompt to decode with: the card's, without its final <|notimestamps|> when
-    decoding with timestamps (the token is what tells the model to emit none)."""
+def check_options(spec: WhisperDecoding, language: str | None, task: str) -> str | None:
+    """`language` as the card spells its codes (None stays None: the caller detects it, or
+    the card's own prompt is used), after one-line errors for options the model cannot do.
+
+    An English-only model knows no language or task tokens: English transcription is all
+    it does, so "en" is accepted and anything else refused.
+    """
+    if task not in TASKS:
+        raise SfcError(f"unknown task {task!r}: {' or '.join(TASKS)}")
+    code = None if language is None else language.strip().lower()
+    if not spec.languages:
+        if code not in (None, ENGLISH) or task != "transcribe":
+            asked = f"task {task!r}" if task != "transcribe" else f"language {language!r}"
+            raise SfcError(f"this model is English-only: {asked} needs a multilingual "
+                           "Whisper such as whisper-base")
+        return code
+    known = dict(spec.languages)
+    if code is not None and code not in known:
+        raise SfcError(f"unknown language {language!r}: the model knows {', '.join(known)}")
+    return code
+
+
+def decoding_prompt(spec: WhisperDecoding, timestamps: bool, language: str | None = None,
+                    task: str = "transcribe") -> tuple[int, ...]:
+    """The prompt to decode with: the card's, with the tokens of `language` (None: the
+    card's own, English) and `task` in place of its language and task tokens on a
+    multilingual model, and without its final <|notimestamps|> when decoding with
+    timestamps (the token is what tells the model to emit none)."""
+    code = check_options(spec, language, task)
+    prompt = spec.prompt
+    if spec.languages:
+        langs, tasks = dict(spec.languages), dict(spec.tasks)
+        lang_ids, task_ids = set(langs.values()), set(tasks.values())
+        prompt = tuple(langs[code] if t in lang_ids and code is not None
+                       else tasks[task] if t in task_ids else t for t in prompt)
     if not timestamps:
-        return spec.prompt
-    if spec.prompt[-1] != spec.timestamp_begin - 1:
+        return prompt
+    if prompt[-1] != spec.timestamp_begin - 1:
         raise SfcError("the model card's prompt does not end with <|notimestamps|>; "
                        "cannot decode with timestamps")
-    return spec.prompt[:-1]
+    return prompt[:-1]
 
 
 def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
                   max_new_tokens: int | None = None,
                   guard: LoopGuard | None = LOOP_GUARD,
-                  timestamps: TimestampRules | None = None) -> Decoded:
+                  timestamps: TimestampRules | None = None,
+                  languages: Sequence[str | None] | None = None,
+                  task: str = "transcribe") -> Decoded:
     """Decode `batch` sequences greedily, ending looping rows by `guard` (None: never);
-    with `timestamps`, the output interleaves timestamp tokens by those rules."""
-    prompt = decoding_prompt(spec, timestamps is not None)
-    limit = spec.max_target_positions - len(prompt)
+    with `timestamps`, the output interleaves timestamp tokens by those rules. Row b is
+    decoded in `languages[b]` (None, or no `languages`: the card's prompt's) for `task`
+    (`decoding_prompt`): rows of one batch may be in different languages."""
+    rows: list[str | None] = [None] * batch if languages is None else list(languages)
+    if len(rows) != batch:
+        raise ValueError(f"{len(rows)} languages for a batch of {batch}")
+    width = len(spec.prompt) - (timestamps is not None)  # every language's prompt alike
+    tokens = np.asarray([decoding_prompt(spec, timestamps is not None, lang, task)
+                         for lang in rows], dtype=np.int64).reshape(batch, width)
+    limit = spec.max_target_positions - tokens.shape[1]
     if max_new_tokens is not None:
         limit = min(limit, max_new_tokens)
     shape = (spec.n_layers, batch, spec.n_heads, 0, spec.head_dim)
     past_k = np.zeros(shape, dtype=np.float32)
     past_v = np.zeros(shape, dtype=np.float32)
-    tokens = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
     out: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     looped = [False] * batch

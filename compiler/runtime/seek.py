@@ -79,12 +79,14 @@ class SeekWindow:
     looped: bool
 
 
-def seek_decode(features: Sequence[np.ndarray], decode: Callable[[np.ndarray], Decoded],
+def seek_decode(features: Sequence[np.ndarray],
+                decode: Callable[[np.ndarray, list[int]], Decoded],
                 n_frames: int, timestamp_begin: int, batch: int,
                 frames_per_timestamp: int) -> list[list[SeekWindow]]:
     """Each recording's windows, decoded from frame 0 until the seek passes its features.
 
-    `decode` turns windows [B, n_mels, n_frames] into their generated ids with timestamps.
+    `decode(windows, rows)` turns windows [B, n_mels, n_frames], window b of recording
+    `rows[b]`, into their generated ids with timestamps.
     Every call takes the next window of at most `batch` unfinished recordings (the first
     ones, in order); where a recording's next window starts depends only on its own
     tokens, so its windows are those it gets alone.
@@ -96,7 +98,7 @@ def seek_decode(features: Sequence[np.ndarray], decode: Callable[[np.ndarray], D
         if not rows:
             return out
         cut = [window_at(features[r], seeks[r], n_frames) for r in rows]
-        dec = decode(np.stack([w for w, _ in cut]))
+        dec = decode(np.stack([w for w, _ in cut]), rows)
         for r, (_, size), ids, looped in zip(rows, cut, dec.ids, dec.looped, strict=True):
             keep, advance = complete_segments(ids, timestamp_begin, size,
                                               frames_per_timestamp)

@@ -35,6 +35,7 @@ from .decoding import (
     greedy_decode,
 )
 from .features import LogMelSpec, whisper_windows
+from .language import Detected, LanguagePlan, detect_language, window_recordings
 from .seek import SeekWindow, recording_features, seek_decode
 from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
@@ -76,12 +77,14 @@ def encode_in_chunks(run: Callable[[np.ndarray], Sequence[np.ndarray]],
 
 @dataclass(frozen=True)
 class Transcript:
-    """The text of one recording, how many of its windows the loop guard ended and, when
-    decoded with timestamps, its segments (None: decoded without)."""
+    """The text of one recording, how many of its windows the loop guard ended, when
+    decoded with timestamps its segments (None: decoded without), and the language it was
+    decoded in (given or detected; "en" on an English-only model; None: no window)."""
 
     text: str
     loop_stops: int = 0
     segments: tuple[Segment, ...] | None = None
+    language: str | None = None
 
 
 @dataclass
@@ -176,46 +179,68 @@ class WhisperRuntime:
 
         return step
 
-    def decode_windows(self, windows: np.ndarray, timestamps: bool = False) -> list[Transcript]:
+    def decode_windows(self, windows: np.ndarray, timestamps: bool = False,
+                       plan: LanguagePlan | None = None,
+                       recordings: Sequence[int] | None = None) -> list[Transcript]:
         """Transcribe encoder inputs [W, n_mels, frames], in batches `limits` allows.
 
         With `timestamps`, each window's segments are in window time (seconds from its
-        start) and its text is theirs, joined.
+        start) and its text is theirs, joined. `plan`: language and task (default: a
+        multilingual model's language detected, English transcription otherwise);
+        `recordings[i]`: the recording of window i, whose language is detected on its
+        first window (default: every window on its own).
         """
+        plan = plan or LanguagePlan(self.decoding, None)
+        owners = range(len(windows)) if recordings is None else recordings
         out: list[Transcript] = []
         size, new_tokens = self.limits()
         for start in range(0, len(windows), size):
-            dec = self._decode(windows[start : start + size], timestamps, new_tokens)
-            for seq, looped in zip(dec.ids, dec.looped, strict=True):
+            rows = owners[start : start + size]
+            dec = self._decode(windows[start : start + size], timestamps, new_tokens, plan,
+                               rows)
+            for seq, looped, r in zip(dec.ids, dec.looped, rows, strict=True):
+                language = plan.language_of(r)
                 if timestamps:
                     segments = segments_from_tokens(seq, self.decoding.timestamp_begin,
                                                     self.mel.chunk_length_s, self._text)
                     out.append(Transcript(" ".join(s.text for s in segments), int(looped),
-                                          tuple(segments)))
+                                          tuple(segments), language))
                 else:
-                    out.append(Transcript(self._text(seq), int(looped)))
+                    out.append(Transcript(self._text(seq), int(looped), language=language))
         return out
 
-    def _decode(self, windows: np.ndarray, timestamps: bool, new_tokens: int | None) -> Decoded:
-        """Greedy decoding of one batch of windows [B, n_mels, frames]."""
+    def _decode(self, windows: np.ndarray, timestamps: bool, new_tokens: int | None,
+                plan: LanguagePlan, recordings: Sequence[int]) -> Decoded:
+        """Greedy decoding of one batch of windows [B, n_mels, frames], window b of
+        recording `recordings[b]`, in the languages and task of `plan`."""
         cross_k, cross_v = self.encode(windows)
-        return greedy_decode(self.step_fn(cross_k, cross_v), self.decoding, len(windows),
+        step = self.step_fn(cross_k, cross_v)
+        return greedy_decode(step, self.decoding, len(windows),
                              max_new_tokens=new_tokens, guard=self.guard,
-                             timestamps=TIMESTAMP_RULES if timestamps else None)
+                             timestamps=TIMESTAMP_RULES if timestamps else None,
+                             languages=plan.batch(step, recordings), task=plan.task)
+
+    def detect_language(self, audio: np.ndarray) -> Detected:
+        """The language spoken in 16 kHz mono float32 audio, detected on its first window
+        (multilingual models; an English-only one raises SfcError)."""
+        cross_k, cross_v = self.encode(whisper_windows(audio, self.mel)[:1])
+        return detect_language(self.step_fn(cross_k, cross_v), self.decoding, 1)[0]
 
     def _text(self, ids: list[int]) -> str:
         """The text of token ids; special tokens dropped, timestamps unknown to it too."""
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def transcribe(self, audio: np.ndarray, timestamps: bool = False,
-                   vad: SileroVad | None = None, seek: bool | None = None) -> Transcript:
+                   vad: SileroVad | None = None, seek: bool | None = None,
+                   language: str | None = None, task: str = "transcribe") -> Transcript:
         """Text (and with `timestamps` segments) of 16 kHz mono float32 audio of any length;
         with `vad`, decoded in windows of its speech; `seek`: see `transcribe_many`."""
-        return self.transcribe_many([audio], timestamps, vad, seek)[0]
+        return self.transcribe_many([audio], timestamps, vad, seek, language, task)[0]
 
     def transcribe_many(self, audios: Sequence[np.ndarray], timestamps: bool = False,
-                        vad: SileroVad | None = None,
-                        seek: bool | None = None) -> list[Transcript]:
+                        vad: SileroVad | None = None, seek: bool | None = None,
+                        language: str | None = None,
+                        task: str = "transcribe") -> list[Transcript]:
         """Texts of several recordings, their windows decoded together (throughput mode).
 
         The windows of all recordings go through `decode_windows` in order, so the decoder
@@ -234,7 +259,12 @@ class WhisperRuntime:
         faster-whisper's decoders do (consecutive windows lose the words a window cuts:
         43% WER against 15% on BENCHMARKS.md's long-audio set). Decided per recording, so a
         recording's text does not depend on what it is batched with.
+
+        `language` (a code such as "de") and `task` ("transcribe", or "translate" into
+        English) on a multilingual model; without `language` each recording's is detected
+        on its first window. An English-only model takes "en" and "transcribe" only.
         """
+        plan = LanguagePlan(self.decoding, language, task)  # bad options fail here
         if seek and vad is not None:
             raise SfcError("seek and VAD windows are two ways of cutting long audio; "
                            "choose one")
@@ -243,42 +273,45 @@ class WhisperRuntime:
         if any(chosen):
             picks = [i for i, c in enumerate(chosen) if c]
             rest = [i for i, c in enumerate(chosen) if not c]
-            done = dict(zip(picks, self._seek_many([audios[i] for i in picks], timestamps),
-                            strict=True))
+            done = dict(zip(picks, self._seek_many([audios[i] for i in picks], timestamps,
+                                                   plan), strict=True))
             if rest:
                 done.update(zip(rest, self.transcribe_many([audios[i] for i in rest],
-                                                           timestamps, vad, False),
-                                strict=True))
+                                                           timestamps, vad, False, language,
+                                                           task), strict=True))
             return [done[i] for i in range(len(audios))]
         planned = [self._vad_windows(a, vad) if vad else self._fixed_windows(a)
                    for a in audios]
         if not planned:
             return []
-        decoded = iter(self.decode_windows(np.concatenate([f for f, _ in planned]),
-                                           timestamps))
+        decoded = iter(self.decode_windows(
+            np.concatenate([f for f, _ in planned]), timestamps, plan,
+            window_recordings([len(f) for f, _ in planned])))
         out = []
-        for features, clocks in planned:
+        for r, (features, clocks) in enumerate(planned):
             mine = [next(decoded) for _ in range(len(features))]
             out.append(Transcript(
                 " ".join(w.text for w in mine if w.text), sum(w.loop_stops for w in mine),
-                _in_recording(mine, clocks) if timestamps else None))
+                _in_recording(mine, clocks) if timestamps else None, plan.language_of(r)))
         return out
 
-    def _seek_many(self, audios: Sequence[np.ndarray], timestamps: bool) -> list[Transcript]:
+    def _seek_many(self, audios: Sequence[np.ndarray], timestamps: bool,
+                   plan: LanguagePlan) -> list[Transcript]:
         """`transcribe_many` by `seek` windows: a recording's segments are its windows'
         complete ones, its text theirs joined (segments returned with `timestamps`)."""
         size, new_tokens = self.limits()
         rate, hop = self.mel.sample_rate, self.mel.hop_length
         decoded = seek_decode([recording_features(a, self.mel) for a in audios],
-                              lambda windows: self._decode(windows, True, new_tokens),
+                              lambda windows, rows: self._decode(windows, True, new_tokens,
+                                                                 plan, rows),
                               self.mel.n_frames, self.decoding.timestamp_begin, size,
                               round(TIME_PRECISION * rate / hop))
         out = []
-        for windows in decoded:
+        for r, windows in enumerate(decoded):
             segments = tuple(s for w in windows for s in self._seek_segments(w))
             out.append(Transcript(" ".join(s.text for s in segments),
                                   sum(w.looped for w in windows),
-                                  segments if timestamps else None))
+                                  segments if timestamps else None, plan.language_of(r)))
         return out
 
     def _seek_segments(self, window: SeekWindow) -> list[Segment]:
