@@ -107,6 +107,9 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # One candidate: no search, GPTQ 4/32 everywhere fine-tuned by distillation (QAT).
         "qat-4-32": _one_stage(5.1, 1, 150, augment=1, candidates=("4/32",),
                                finetune_schedule="constant"),
+        # The same with a zero point per block (4/32 is then 5.125 bits; convs stay INT8).
+        "qat-4-32-zp": _one_stage(5.2, 1, 150, augment=1, candidates=("4/32",),
+                                  finetune_schedule="constant"),
         # Longer, on three augmented copies of each clip, the rate decayed linearly.
         "qat-4-32-300": _one_stage(5.1, 1, 300, augment=3, candidates=("4/32",)),
     }
@@ -138,10 +141,13 @@ def run(args: argparse.Namespace) -> int:
     for name in (args.variants.split(",") if args.variants else known):
         if name not in known:
             raise SystemExit(f"unknown variant {name!r} (known: {', '.join(known)})")
+        config = dict(known[name])
+        if args.calib:  # another calibration set: its own key, so both rows are kept
+            config["calib"] = Path(args.calib).resolve()
+            name = f"{name}@{config['calib'].name}"
         if name in results.get("variants", {}):
             continue
         out = work / args.model / name
-        config = dict(known[name])
         if args.sensitivity_samples and "search" in config:
             config["search"] = replace(config["search"], samples=args.sensitivity_samples)
         row = build_variant(args.model, out, config, BUNDLED_DATA / "eval",
@@ -269,6 +275,8 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--calib", default=None,
+                        help="calibration manifest folder instead of the bundled one")
     parser.add_argument("--sensitivity-samples", type=int, default=None,
                         help="calibration items for the mixed variants' probes (default 16)")
     parser.add_argument("--show", action="store_true")
