@@ -7,16 +7,17 @@ drive decoding, and which task objective fits the model. It never imports torch.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+import reprlib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import onnx
 
 from .atomic import write_json_atomic
-from .errors import SfcError
+from .errors import SfcError, first_line
+from .serial import parse_json, read_json, read_text, unwrap
 
 __all__ = [
     "CARD_NAME",
@@ -82,8 +83,12 @@ class WhisperDecoding:
 
 def special_tokens(tokenizer_json: Path) -> dict[str, int]:
     """A Hugging Face tokenizer.json's added (special) tokens: content -> id."""
-    tok = json.loads(Path(tokenizer_json).read_text())
-    return {t["content"]: int(t["id"]) for t in tok["added_tokens"]}
+    tok = read_json(tokenizer_json, "tokenizer")
+    try:
+        return {str(t["content"]): int(t["id"]) for t in tok["added_tokens"]}
+    except (KeyError, TypeError, ValueError) as exc:  # a foreign file: malformed entries
+        raise SfcError(f"tokenizer {tokenizer_json} has malformed added_tokens "
+                       f"({first_line(exc)})") from None
 
 
 def language_tokens(special: Mapping[str, int], vocab_size: int) -> tuple[Tokens, Tokens]:
@@ -133,30 +138,27 @@ class ModelCard:
         return path
 
     @classmethod
-    def from_dict(cls, envelope: dict[str, Any]) -> ModelCard:
-        """Parse an envelope written by `to_dict`."""
-        if envelope.get("_type") != "ModelCard" or envelope.get("_version") != _VERSION:
-            raise SfcError(f"not a version-{_VERSION} sfc model card")
-        d = dict(envelope["_data"])
-        d["graphs"] = {
-            k: GraphSpec(
-                path=g["path"],
-                inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-                             for t in g["inputs"]),
-                outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-                              for t in g["outputs"]),
-                optimization=g.get("optimization", "all"),
-            )
-            for k, g in d["graphs"].items()
-        }
-        if d.get("decoding") is not None:
-            dec = dict(d["decoding"])
-            for key in ("prompt", "suppress", "suppress_begin"):
-                dec[key] = tuple(dec[key])
-            for key in ("languages", "tasks"):
-                dec[key] = tuple((str(k), int(i)) for k, i in dec.get(key, ()))
-            d["decoding"] = WhisperDecoding(**dec)
-        return cls(**d)
+    def from_dict(cls, envelope: Any) -> ModelCard:
+        """Parse an envelope written by `to_dict`; SfcError names the first field that is
+        missing, unknown or of the wrong type, and a file path that leaves the folder."""
+        d = _object(unwrap(envelope, "ModelCard", {"ModelCard": _VERSION}, "model card"),
+                    "the card", _CARD_FIELDS)
+        graphs = d["graphs"]
+        if not isinstance(graphs, dict):
+            raise SfcError(f"graphs must be an object, not {reprlib.repr(graphs)}")
+        source = d.get("source", {})
+        if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
+            raise SfcError(f"source must map names to strings, not {reprlib.repr(source)}")
+        preprocessing, tokenizer, decoding = (d.get(k) for k in ("preprocessing", "tokenizer",
+                                                                 "decoding"))
+        if preprocessing is not None and not isinstance(preprocessing, dict):
+            raise SfcError(f"preprocessing must be an object, not {reprlib.repr(preprocessing)}")
+        return cls(name=_text(d["name"], "name"), family=_text(d["family"], "family"),
+                   graphs={k: _graph(g, f"graph {k!r}") for k, g in graphs.items()},
+                   objective=_text(d["objective"], "objective"), source=source,
+                   preprocessing=preprocessing,
+                   tokenizer=None if tokenizer is None else _file(tokenizer, "tokenizer"),
+                   decoding=None if decoding is None else _decoding(decoding))
 
     @classmethod
     def load(cls, folder: Path) -> ModelCard:
@@ -167,10 +169,98 @@ class ModelCard:
         if not path.is_file():
             raise SfcError(f"{folder} has no {CARD_NAME}; make one with `sfc export`")
         try:
-            card = cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise SfcError(f"{path} is not a valid sfc model card ({exc})") from None
+            card = cls.from_dict(parse_json(read_text(path, CARD_NAME), CARD_NAME))
+        except SfcError as exc:
+            raise SfcError(f"{path} is not a valid sfc model card: {exc}") from None
         return _with_language_tokens(card, Path(folder))
+
+
+# Which fields a card.json may hold: every dataclass field, those without defaults required.
+def _fields(cls: type) -> dict[str, bool]:
+    return {f.name: f.default is MISSING and f.default_factory is MISSING for f in fields(cls)}
+
+
+def _object(value: Any, what: str, known: Mapping[str, bool]) -> dict[str, Any]:
+    """`value` as a JSON object holding every required key of `known` and no other keys."""
+    if not isinstance(value, dict):
+        raise SfcError(f"{what} must be an object, not {reprlib.repr(value)}")
+    missing = sorted(k for k, required in known.items() if required and k not in value)
+    unknown = sorted(map(repr, set(value) - set(known)))  # user text: quoted, one line
+    if missing or unknown:
+        raise SfcError(f"{what}: " + "; ".join(
+            f"{label} {', '.join(keys)}" for label, keys in (("missing", missing),
+                                                             ("unknown", unknown)) if keys))
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise SfcError(f"{what} must be a string, not {reprlib.repr(value)}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SfcError(f"{what} must be an integer, not {reprlib.repr(value)}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise SfcError(f"{what} must be a list, not {reprlib.repr(value)}")
+    return value
+
+
+def _file(value: Any, what: str) -> str:
+    """A file named relative to the card's folder that stays inside it (no absolute path,
+    no `..`), so a card cannot make sfc read or run a file elsewhere."""
+    path = _text(value, what)
+    pure = PureWindowsPath(path)  # reads both separators and drive letters
+    if (not path.strip() or "\0" in path or pure.is_absolute() or pure.drive
+            or PurePosixPath(path).is_absolute() or ".." in pure.parts):
+        raise SfcError(f"{what} must be a file inside the card's folder, not {path!r}")
+    return path
+
+
+def _tensor(value: Any, what: str) -> TensorSpec:
+    t = _object(value, what, _fields(TensorSpec))
+    shape = tuple(d if isinstance(d, str) else _int(d, f"{what} dimension")
+                  for d in _list(t["shape"], f"{what} shape"))
+    return TensorSpec(_text(t["name"], f"{what} name"), _text(t["dtype"], f"{what} dtype"), shape)
+
+
+def _graph(value: Any, what: str) -> GraphSpec:
+    g = _object(value, what, _fields(GraphSpec))
+    return GraphSpec(
+        path=_file(g["path"], f"{what} path"),
+        inputs=tuple(_tensor(t, f"{what} input") for t in _list(g["inputs"], f"{what} inputs")),
+        outputs=tuple(_tensor(t, f"{what} output")
+                      for t in _list(g["outputs"], f"{what} outputs")),
+        optimization=_text(g.get("optimization", "all"), f"{what} optimization"),
+    )
+
+
+def _ids(value: Any, what: str) -> tuple[int, ...]:
+    return tuple(_int(i, what) for i in _list(value, what))
+
+
+def _tokens(value: Any, what: str) -> Tokens:
+    pairs = [_list(p, what) for p in _list(value, what)]
+    if any(len(p) != 2 for p in pairs):
+        raise SfcError(f"{what} must hold [name, token id] pairs")
+    return tuple((_text(n, what), _int(i, what)) for n, i in pairs)
+
+
+# WhisperDecoding's field types (as `from __future__ import annotations` writes them).
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "int": _int, "tuple[int, ...]": _ids, "Tokens": _tokens}
+_CARD_FIELDS = _fields(ModelCard)
+
+
+def _decoding(value: Any) -> WhisperDecoding:
+    d = _object(value, "decoding", _fields(WhisperDecoding))
+    return WhisperDecoding(**{f.name: _PARSERS[str(f.type)](d[f.name], f"decoding {f.name}")
+                              for f in fields(WhisperDecoding) if f.name in d})
 
 
 def _with_language_tokens(card: ModelCard, folder: Path) -> ModelCard:
@@ -193,8 +283,12 @@ def _tensor_specs(values: Any) -> tuple[TensorSpec, ...]:
                                                          else "?")
             for d in t.shape.dim
         ]
-        specs.append(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                                tuple(dims)))
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        except KeyError:  # a sequence, map or optional, or a type ONNX does not define
+            raise SfcError(f"graph input or output {v.name!r} is not a tensor of a known "
+                           f"element type (type {t.elem_type}); sfc runs tensors only") from None
+        specs.append(TensorSpec(v.name, dtype, tuple(dims)))
     return tuple(specs)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
-from ..serial import read_text, unwrap
+from ..serial import read_json, unwrap
 
 __all__ = ["MODEL_NODE", "SEVERITIES", "CheckReport", "Finding", "Severity"]
 
@@ -25,6 +25,10 @@ SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 MODEL_NODE = "(model)"  # the node of findings about the whole file (versions, opsets)
 
 _KNOWN_TYPES = {"CheckReport": 1}
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,10 @@ class Finding:
             raise SfcError("a finding needs a rule id and a message")
 
     def line(self) -> str:
-        """`error  <rule>  <node>: <message> (fix: ...)`, the CLI's one line per finding."""
+        """`error  <rule>  <node>: <message> (fix: ...)`, the CLI's one line per finding
+        (control characters in names from the model escaped, as `\\n`)."""
         fix = f" (fix: {self.fix})" if self.fix else ""
-        return f"{self.severity}  {self.rule}  {self.node}: {self.message}{fix}"
+        return _printable(f"{self.severity}  {self.rule}  {self.node}: {self.message}{fix}")
 
     @classmethod
     def from_data(cls, d: Any) -> Finding:
@@ -127,7 +132,4 @@ class CheckReport:
     @classmethod
     def load(cls, path: str | Path) -> CheckReport:
         """Read a report written by `save`."""
-        try:
-            return cls.from_dict(json.loads(read_text(path, "check report")))
-        except json.JSONDecodeError as exc:
-            raise SfcError(f"invalid check report JSON in {path}: {exc}") from None
+        return cls.from_dict(read_json(path, "check report"))

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..errors import SfcError
+from ..errors import SfcError, first_line
 
 __all__ = ["DEFAULT_DOMAINS", "GraphView", "QdqNode", "type_name"]
 
@@ -210,7 +210,7 @@ class GraphView:
             base = str(self.base_dir) if self.base_dir is not None else ""
             value = numpy_helper.to_array(tensor, base_dir=base)
         except Exception as exc:  # missing external file, malformed raw data
-            raise SfcError(f"cannot read tensor '{name}': {exc}") from None
+            raise SfcError(f"cannot read tensor {name!r}: {first_line(exc)}") from None
         self._arrays[name] = value
         return value
 
@@ -223,7 +223,8 @@ def _find_qdq(view: GraphView) -> tuple[QdqNode, ...]:
     ordered = sorted(view.nodes, key=lambda nn: nn[1].op_type != "QuantizeLinear")
     for name, node in ordered:
         kind = _QDQ_OPS.get(node.op_type)
-        if kind is None or node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
+        if (kind is None or node.domain not in DEFAULT_DOMAINS or len(node.input) < 2
+                or not node.output):  # malformed, which onnx's checker reports: no facts here
             continue
         data, scale = node.input[0], node.input[1]
         zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -240,7 +241,7 @@ def _find_qdq(view: GraphView) -> tuple[QdqNode, ...]:
             producer = view.producers.get(data)
             weight = view.is_constant(data) or (
                 producer is not None and producer.op_type == "QuantizeLinear"
-                and view.is_constant(producer.input[0]))
+                and view.is_constant(producer.input[0] if producer.input else ""))
         found.append(QdqNode(node=node, name=name, kind=kind, data=data, scale=scale,
                              zero_point=zp, output=node.output[0], qtype=qtype,
                              axis=_attr_int(node, "axis", 1),

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import SfcError, first_line
+from ..models.onnx_source import require_utf8
 from .findings import CheckReport
 from .graph import GraphView
 from .profiles import format_arch, resolve_profile
@@ -29,6 +30,7 @@ def load_for_check(path: str | Path) -> onnx.ModelProto:
         raise SfcError(f"{p} is not a valid ONNX model: {first_line(exc)}") from None
     if not model.HasField("graph") or not model.opset_import:
         raise SfcError(f"{p} is not a valid ONNX model: no graph or no opset_import")
+    require_utf8(model, p)
     return model
 
 

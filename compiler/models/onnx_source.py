@@ -5,15 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import Message
 
 from ..atomic import staging_dir
 from ..card import ModelCard, graph_spec_from_onnx
 from ..errors import SfcError, first_line
 
-__all__ = ["MODEL_FILE", "export_onnx_file", "load_onnx_source"]
+__all__ = ["MODEL_FILE", "export_onnx_file", "load_onnx_source", "require_utf8"]
 
 MODEL_FILE = "model.onnx"
 _PROTOBUF_LIMIT = 2**31 - 1  # protobuf's 2 GB limit: larger models need external data
+
+
+def _undecodable(message: Message) -> str | None:
+    """The first string field, at any depth, whose bytes are not UTF-8 (protobuf's Python
+    API hands those out as bytes, which no name lookup or JSON writer expects). Only text
+    and message fields are read, so tensor payloads are never copied."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        value = getattr(message, field.name)
+        single = isinstance(value, str | bytes | Message)
+        if single and field.type == field.TYPE_MESSAGE and not message.HasField(field.name):
+            continue  # an unset message reads as an empty default: nothing below it
+        for item in [value] if single else value:
+            if field.type == field.TYPE_MESSAGE:
+                found = _undecodable(item)
+                if found is not None:
+                    return found
+            elif isinstance(item, bytes):
+                return str(field.full_name)
+    return None
+
+
+def require_utf8(model: onnx.ModelProto, label: str | Path) -> None:
+    """SfcError when a name or other text field of `model` is not UTF-8."""
+    field = _undecodable(model)
+    if field is not None:
+        raise SfcError(f"{label} is not a valid ONNX model: {field} is not UTF-8 text")
 
 
 def load_onnx_source(path: str | Path) -> onnx.ModelProto:
@@ -27,6 +56,7 @@ def load_onnx_source(path: str | Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, ValidationError, OSError: all user errors
         raise SfcError(f"{path} is not a valid ONNX model: {first_line(exc)}") from None
+    require_utf8(model, path)
     if model.ByteSize() < _PROTOBUF_LIMIT:
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=False)

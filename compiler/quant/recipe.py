@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import onnx
 
 from ..atomic import write_text_atomic
 from ..errors import SfcError
-from ..serial import read_text
+from ..serial import parse_json, read_text
 from .plan import Plan, QuantKind, Skipped
 from .spec import QuantSpec
 from .stored import STORED_METHODS
@@ -68,31 +69,34 @@ class TensorRecipe:
 
     def __post_init__(self) -> None:
         name = self.tensor
-        if not name:
-            raise SfcError("a tensor recipe needs a tensor name")
+        if not isinstance(name, str) or not name:
+            raise SfcError(f"a tensor recipe needs a tensor name, not {reprlib.repr(name)}")
         if self.kind not in ("weight", "activation"):
-            raise SfcError(f"'{name}': kind must be weight or activation, not {self.kind!r}")
-        if not self.method:
-            raise SfcError(f"'{name}': no scale method")
+            raise SfcError(f"{name!r}: kind must be weight or activation, "
+                           f"not {reprlib.repr(self.kind)}")
+        if not isinstance(self.method, str) or not self.method:
+            raise SfcError(f"{name!r}: scale method must be a name, "
+                           f"not {reprlib.repr(self.method)}")
+        if not isinstance(self.note, str):
+            raise SfcError(f"{name!r}: note must be a string, not {reprlib.repr(self.note)}")
         if not self.consumers or not all(isinstance(c, str) and c for c in self.consumers):
-            raise SfcError(f"'{name}': needs at least one consumer node name")
+            raise SfcError(f"{name!r}: needs at least one consumer node name")
         if self.kind == "weight":
             if self.scale is not None:
-                raise SfcError(f"weight '{name}' stores no scale (its method recomputes it)")
+                raise SfcError(f"weight {name!r} stores no scale (its method recomputes it)")
             if self.method not in METHODS and self.method not in STORED_METHODS:
-                raise SfcError(f"weight '{name}': unknown method {self.method!r}")
+                raise SfcError(f"weight {name!r}: unknown method {reprlib.repr(self.method)}")
         else:
             if self.spec.granularity != "tensor":
-                raise SfcError(f"activation '{name}' must be quantized per tensor")
+                raise SfcError(f"activation {name!r} must be quantized per tensor")
             if not _finite_number(self.scale) or self.scale <= 0:  # type: ignore[operator]
-                raise SfcError(
-                    f"activation scale for '{name}' is {self.scale!r}: must be finite and > 0"
-                )
+                raise SfcError(f"activation scale for {name!r} is {reprlib.repr(self.scale)}: "
+                               "must be finite and > 0")
         if self.gather_spec is not None and (self.kind != "weight" or self.gather_spec.bits != 8):
-            raise SfcError(f"'{name}': a gather_spec is an INT8 spec of a weight")
+            raise SfcError(f"{name!r}: a gather_spec is an INT8 spec of a weight")
         bad = [k for k, v in self.stats.items() if not isinstance(k, str) or not _finite_number(v)]
         if bad:
-            raise SfcError(f"'{name}': stats {bad} are not finite numbers")
+            raise SfcError(f"{name!r}: stats {bad} are not finite numbers")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; `gather_spec` only when set, so other recipes keep their bytes."""
@@ -115,7 +119,10 @@ class TensorRecipe:
         keys = {"tensor", "kind", "spec", "method", "consumers", "scale", "stats", "note"}
         if not isinstance(data, dict) or not keys <= set(data) <= keys | {"gather_spec"}:
             shown = sorted(data) if isinstance(data, dict) else data
-            raise SfcError(f"malformed tensor recipe: {shown!r}")
+            raise SfcError(f"malformed tensor recipe: {reprlib.repr(shown)}")
+        if not isinstance(data["consumers"], list) or not isinstance(data["stats"], dict):
+            raise SfcError(f"malformed tensor recipe {reprlib.repr(data['tensor'])}: "
+                           "consumers must be a list and stats an object")
         gather = data.get("gather_spec")
         return cls(
             tensor=data["tensor"],
@@ -150,7 +157,7 @@ class Recipe:
         if not isinstance(self.model_sha256, str) or not _SHA256.fullmatch(self.model_sha256):
             raise SfcError("recipe model_sha256 must be 64 lowercase hex digits")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise SfcError(f"recipe seed must be an int, not {self.seed!r}")
+            raise SfcError(f"recipe seed must be an int, not {reprlib.repr(self.seed)}")
         names = [t.tensor for t in self.tensors]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
@@ -187,17 +194,14 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         """Inverse of `to_json`; a foreign or newer document raises SfcError."""
-        try:
-            envelope = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SfcError(f"recipe is not valid JSON: {exc}") from None
+        envelope = parse_json(text, "recipe")
         if not isinstance(envelope, dict) or envelope.get("_type") != _TYPE:
             got = envelope.get("_type") if isinstance(envelope, dict) else None
-            raise SfcError(f"not a recipe (_type {got!r}, expected {_TYPE!r})")
+            raise SfcError(f"not a recipe (_type {reprlib.repr(got)}, expected {_TYPE!r})")
         version = envelope.get("_version")
-        if version not in _READS:
+        if type(version) is not int or version not in _READS:  # not True, 1.0 or a list
             raise SfcError(
-                f"recipe version {version!r} is not supported (this sfc reads "
+                f"recipe version {reprlib.repr(version)} is not supported (this sfc reads "
                 f"{', '.join(map(str, _READS))})"
             )
         data = envelope.get("_data")
@@ -208,6 +212,8 @@ class Recipe:
             raise SfcError("malformed recipe: _data must hold " + ", ".join(sorted(keys)))
         if not isinstance(data["config"], dict):
             raise SfcError("malformed recipe: config must be an object")
+        if not isinstance(data["tensors"], list) or not isinstance(data["skipped"], list):
+            raise SfcError("malformed recipe: tensors and skipped must be lists")
         return cls(
             model_sha256=data["model_sha256"],
             seed=data["seed"],
@@ -236,7 +242,7 @@ def _plain(value: Any, tensor: str) -> Any:
         return float(value)
     if _finite_number(value) or isinstance(value, int | float):
         return value
-    raise SfcError(f"activation scale or stat for '{tensor}' is not a number: {value!r}")
+    raise SfcError(f"activation scale or stat for {tensor!r} is not a number: {value!r}")
 
 
 def recipe_from_plan(
