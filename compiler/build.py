@@ -502,9 +502,18 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
     )
 
 
-def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: Any,
+def _fp32_runtime(folder: Path) -> Any:
+    """The FP32 Whisper runtime the build decodes its calibration feeds and references with.
+    No arena: the build holds it while its other sessions run."""
+    from .runtime.whisper import WhisperRuntime
+
+    return WhisperRuntime.open(folder, arena=False)
+
+
+def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder: Path,
          utterances: list[Any]) -> tuple[dict[str, Recipe], EscResult]:
-    """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph."""
+    """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph. A
+    Whisper model's FP32 runtime is opened for the objective's reference alone."""
     from .calib.objectives import GraphSetup, make_objective
 
     method: EscCalib = config.calibration_method()
@@ -518,9 +527,11 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
         tuned = tuple(t for t, (_, on) in starts[g.name].items() if on)
         setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored)
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
+    runtime = _fp32_runtime(fp32_folder) if card.family == "whisper" else None
     objective = make_objective(method.objective, card, setups, samples=method.samples,
                                runtime=runtime, utterances=utterances, feeds=_sources(graphs),
                                optimization=get_target(config.target).optimization)
+    del runtime  # release point: the search runs without the FP32 runtime
     try:
         result = esc_search(start, objective, method, config.seed, objective_name=objective.name)
     finally:
@@ -541,7 +552,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, runtime: An
 
 
 def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
-           config: BuildConfig, caps: TargetCaps, runtime: Any, utterances: list[Any],
+           config: BuildConfig, caps: TargetCaps, fp32_folder: Path, utterances: list[Any],
            stage: Path) -> dict[str, Recipe]:
     """The activation guard (`precision.activations`): probe the calibrated recipes, and
     re-plan with the activations it keeps float as per-node precision entries (the other
@@ -561,7 +572,9 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
                                     tuple(gate_name(t) for t in acts), g.stored, rewrite)
     clips = guard_clips(len(utterances), config.esc_samples if config.uses_esc else 0,
                         config.act_guard.samples)
-    objective = make_objective("kl", card, setups, samples=len(clips), runtime=runtime,
+    # The FP32 runtime serves the reference alone: the probes run without it.
+    objective = make_objective("kl", card, setups, samples=len(clips),
+                               runtime=_fp32_runtime(fp32_folder),
                                utterances=utterances[clips.start:clips.stop],
                                optimization=get_target(config.target).optimization)
     # Same quantizers and clips: the same probes, so a rerun, a resumed build or another
@@ -742,10 +755,7 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
         utterances = []
         needs_data = config.activations is not None or config.needs_grams or config.one_stage
         if card.family == "whisper" and needs_data and config.recipe is None:
-            from .runtime.whisper import WhisperRuntime
-
-            # No arena: the build holds this runtime while its other sessions run.
-            runtime = WhisperRuntime.open(fp32_folder, arena=False)
+            runtime = _fp32_runtime(fp32_folder)
             utterances = read_manifest(config.calib)[: config.calib_limit]
         prepared = [_prepare(name, onnx.load(str(fp32_folder / spec.path)), config, caps,
                              single) for name, spec in card.graphs.items()]
@@ -783,8 +793,15 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
             _search(pending, card, config, caps, runtime, utterances, stage)
         for g in pending:
             g.quantize_all(config)
+        if runtime is not None:
+            # Release point: the FP32 runtime (0.46 GB on whisper-base) and the Whisper
+            # feeds that hold it go; ESC and the guard reopen it for their references
+            # alone, not for their minutes of search and probes.
+            runtime = None
+            for g in pending:
+                g.feeds = None
         if config.uses_esc and config.activations is not None and pending:
-            recipes, result = _esc(pending, card, config, runtime, utterances)
+            recipes, result = _esc(pending, card, config, fp32_folder, utterances)
             if result.interrupted:
                 raise Interrupted(_save_interrupted(out, recipes, result))
             result.save(stage / ESC_RESULT)
@@ -794,7 +811,8 @@ def build(src: str, out: Path, config: BuildConfig) -> Built:
                        for g in pending}
         if (config.act_guard is not None and config.activations is not None
                 and card.family == "whisper" and pending):
-            recipes = _guard(pending, recipes, card, config, caps, runtime, utterances, stage)
+            recipes = _guard(pending, recipes, card, config, caps, fp32_folder, utterances,
+                             stage)
         graphs += [_emit(g, recipes[g.name], config, stage, card) for g in pending]
         built = replace(card, graphs={
             g.name: GraphSpec(path=f"{g.name}/{g.lowering.artifact}",

@@ -21,7 +21,7 @@ transcripts, reference logits or outputs) is computed once, up front.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -56,9 +56,11 @@ __all__ = [
 ]
 
 BATCH = 8  # utterances per encoder/decoder call
+_SCORE_ROWS = 64  # scored positions per block of the log-softmax (`_row_blocks`)
 _MAX_INLINE_BYTES = 2**31 - 1 - 2**20  # protobuf's limit, with a margin
 _CARD_OBJECTIVES = {"whisper-teacher-forced": "teacher-forced", "distortion": "distortion"}
 _WHISPER_METRICS = ("teacher-forced", "kl", "distortion")
+Cross = tuple[np.ndarray, np.ndarray]  # an encoder batch's cross-attention K and V
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,15 @@ class ScaledSession:
     """One graph's QDQ model with its tuned activation scales as inputs, prepared once."""
 
     def __init__(self, graph: str, setup: GraphSetup, *, threads: int | None = None,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", release_arena: bool = False) -> None:
         self.graph = graph
+        # `release_arena`: ORT's arena gives back its free regions after every run, so the
+        # session holds no memory between runs (see `make_objective` for where it pays).
+        self._run_options = None
+        if release_arena:
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                   "cpu:0")
         self.inputs = {t: scale_input_name(t) for t in setup.tuned} | {
             g: g for g in setup.gates}
         qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned,
@@ -124,7 +133,8 @@ class ScaledSession:
         """Run with `feed` plus the scale inputs for `scales`."""
         try:
             result: list[np.ndarray] = self.session.run(
-                None if outputs is None else list(outputs), {**feed, **self.scale_feed(scales)})
+                None if outputs is None else list(outputs), {**feed, **self.scale_feed(scales)},
+                self._run_options)
         except Exception as exc:  # ORT's opaque classes
             raise SfcError(f"ONNX Runtime failed on ESC graph {self.graph!r}: "
                            f"{first_line(exc)}") from None
@@ -222,6 +232,13 @@ def teacher_forcing(sequences: Sequence[Sequence[int]], prompt_length: int,
     return tokens, mask
 
 
+def _row_blocks(n: int) -> Iterator[slice]:
+    """Row blocks of `_SCORE_ROWS` positions over `n`: a few [rows, V] temporaries at a
+    time, not [n, V] (whisper-base, 16 clips: 0.1 GB each). Row-wise arithmetic gives the
+    same bits per row whatever the block, so every result is unchanged."""
+    return (slice(s, s + _SCORE_ROWS) for s in range(0, n, _SCORE_ROWS))
+
+
 def score(metric: str, logits: np.ndarray, targets: np.ndarray,
           reference: np.ndarray | None) -> tuple[float, int]:
     """(sum, count) of `metric` over scored positions.
@@ -230,15 +247,30 @@ def score(metric: str, logits: np.ndarray, targets: np.ndarray,
     tokens they should predict, `reference` [N, V] FP32 log-probs ("kl") or logits
     ("distortion"). "distortion" counts one relative L2 distance for the whole block.
     """
-    if metric == "teacher-forced":
-        logp = _log_softmax(logits)
-        return -float(logp[np.arange(len(targets)), targets].astype(np.float64).sum()), \
-            len(targets)
-    assert reference is not None
-    if metric == "kl":
-        kl = (np.exp(reference) * (reference - _log_softmax(logits))).sum(axis=-1)
-        return float(kl.astype(np.float64).sum()), len(kl)
-    return _rel_l2(reference, logits), 1
+    if metric == "distortion":
+        assert reference is not None
+        return _rel_l2(reference, logits), 1
+    if metric != "teacher-forced":
+        assert reference is not None
+    values = np.empty(len(targets), np.float32)  # per position: log-prob of target or KL
+    for rows in _row_blocks(len(targets)):
+        logp = _log_softmax(logits[rows])
+        if metric == "teacher-forced":
+            values[rows] = logp[np.arange(len(logp)), targets[rows]]
+        else:
+            assert reference is not None
+            ref = reference[rows]
+            values[rows] = (np.exp(ref) * (ref - logp)).sum(axis=-1)
+    total = float(values.astype(np.float64).sum())
+    return (-total if metric == "teacher-forced" else total), len(values)
+
+
+def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """`_log_softmax` of [N, V] logits, block by block (see `_row_blocks`)."""
+    out = np.empty(logits.shape, np.float32)
+    for rows in _row_blocks(len(logits)):
+        out[rows] = _log_softmax(logits[rows])
+    return out
 
 
 def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
@@ -281,7 +313,8 @@ def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
                 logits = runtime.decoder.run(["logits"], {
                     "tokens": tokens, "past_key": empty, "past_value": empty,
                     "cross_key": cross_k, "cross_value": cross_v})[0][:, :-1][mask]
-                reference = _log_softmax(logits) if metric == "kl" else logits.astype(np.float32)
+                reference = (_log_softmax_rows(logits) if metric == "kl"
+                             else logits.astype(np.float32))
             batches.append(_Batch(features, tokens, mask, reference))
             transcripts += [tuple(s) for s in ids]
             bar.advance(task, len(chunk))
@@ -289,43 +322,56 @@ def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
 
 
 class WhisperObjective:
-    """Teacher-forced error of the fake-quantized encoder + decoder (see the module doc)."""
+    """Teacher-forced error of the fake-quantized encoder + decoder (see the module doc).
+
+    `keep_encoded`: keep the encoder's outputs for the last encoder inputs seen, so probes
+    that change only decoder inputs (`precision.probe`, the activation guard) cost a
+    decoder pass alone. Without it each batch's outputs go once its decoder pass is done:
+    an ESC candidate changes every scale, so they would never be reused, and whisper-base
+    holds 0.3 GB of them per batch.
+    """
 
     def __init__(self, metric: str, encoder: ScaledSession, decoder: ScaledSession,
-                 reference: WhisperReference, spec: Any) -> None:
+                 reference: WhisperReference, spec: Any, *, keep_encoded: bool = True) -> None:
         if metric not in _WHISPER_METRICS:
             raise SfcError(f"unknown Whisper objective {metric!r}")
         self.name = metric
         self.encoder, self.decoder, self.reference, self.spec = encoder, decoder, reference, spec
-        # The encoder's outputs for the last encoder inputs seen: probes that change only
-        # decoder inputs (precision.probe) then cost a decoder pass alone.
-        self._encoded: tuple[tuple[tuple[str, bytes], ...], list[list[np.ndarray]]] | None = None
+        self.keep_encoded = keep_encoded
+        self._encoded: tuple[tuple[tuple[str, bytes], ...], list[Cross]] | None = None
 
-    def _encode(self, scales: Mapping[str, float]) -> list[list[np.ndarray]]:
-        key = tuple((k, v.tobytes()) for k, v in sorted(self.encoder.scale_feed(scales).items()))
-        if self._encoded is None or self._encoded[0] != key:
-            self._encoded = None  # the old outputs go before the new ones are made
-            # One window per call, as the runtime does on the CPU: a batch's arena is
-            # several times one window's (WhisperRuntime.encoder_batch).
-            outs = [list(encode_in_chunks(
-                lambda chunk: self.encoder.run(["cross_key", "cross_value"],
-                                               {"input_features": chunk}, scales),
-                b.features, 1)) for b in self.reference.batches]
-            self._encoded = (key, outs)
-        return self._encoded[1]
+    def _encode(self, batch: _Batch, scales: Mapping[str, float]) -> Cross:
+        # One window per call, as the runtime does on the CPU: a batch's arena is
+        # several times one window's (WhisperRuntime.encoder_batch).
+        return encode_in_chunks(
+            lambda chunk: self.encoder.run(["cross_key", "cross_value"],
+                                           {"input_features": chunk}, scales),
+            batch.features, 1)
+
+    def _score(self, batch: _Batch, cross: Cross, scales: Mapping[str, float]
+               ) -> tuple[float, int]:
+        spec, n = self.spec, len(batch.tokens)
+        empty = np.zeros((spec.n_layers, n, spec.n_heads, 0, spec.head_dim), np.float32)
+        logits = self.decoder.run(["logits"], {
+            "tokens": batch.tokens, "past_key": empty, "past_value": empty,
+            "cross_key": cross[0], "cross_value": cross[1]}, scales)[0][:, :-1][batch.mask]
+        return score(self.name, logits, batch.tokens[:, 1:][batch.mask], batch.reference)
 
     def __call__(self, scales: Mapping[str, float]) -> float:
-        spec = self.spec
+        key = tuple((k, v.tobytes()) for k, v in sorted(self.encoder.scale_feed(scales).items()))
+        encoded = (self._encoded[1] if self._encoded is not None and self._encoded[0] == key
+                   else None)
+        self._encoded = None  # the old outputs go before the new ones are made
+        batches = self.reference.batches
+        if encoded is None and self.keep_encoded:
+            encoded = [self._encode(b, scales) for b in batches]
         total, count = 0.0, 0
-        for b, (cross_k, cross_v) in zip(self.reference.batches, self._encode(scales),
-                                         strict=True):
-            n = len(b.tokens)
-            empty = np.zeros((spec.n_layers, n, spec.n_heads, 0, spec.head_dim), np.float32)
-            logits = self.decoder.run(["logits"], {
-                "tokens": b.tokens, "past_key": empty, "past_value": empty,
-                "cross_key": cross_k, "cross_value": cross_v}, scales)[0][:, :-1][b.mask]
-            part, n_scored = score(self.name, logits, b.tokens[:, 1:][b.mask], b.reference)
+        for i, b in enumerate(batches):
+            part, n_scored = self._score(
+                b, self._encode(b, scales) if encoded is None else encoded[i], scales)
             total, count = total + part, count + n_scored
+        if encoded is not None:
+            self._encoded = (key, encoded)
         return total / count if count else 0.0
 
     def close(self) -> None:
@@ -370,10 +416,18 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
             raise SfcError(f"ESC on Whisper needs both graphs; missing {sorted(missing)}")
         reference = whisper_reference(runtime, list(utterances)[:samples], kind,
                                       progress=progress)
-        encoder, decoder = (ScaledSession(g, graphs[g], optimization=optimization)
-                            for g in ("encoder", "decoder"))
-        return WhisperObjective(kind, encoder, decoder, reference,
-                                runtime.decoding)
+        # The decoder's arena is released after each run: its teacher-forced batches differ
+        # in length, so a kept arena piled up regions (whisper-base: 0.7 GB held between
+        # runs, and ESC's peak 0.35 GB higher; BENCHMARKS.md, issue 13). It runs once per
+        # batch of utterances, so regrowing the arena costs little; the encoder runs one
+        # window per call at one shape and keeps its arena.
+        encoder = ScaledSession("encoder", graphs["encoder"], optimization=optimization)
+        decoder = ScaledSession("decoder", graphs["decoder"], optimization=optimization,
+                                release_arena=True)
+        # Gates mean probes, which switch one at a time: most repeat the encoder's inputs.
+        probes = any(setup.gates for setup in graphs.values())
+        return WhisperObjective(kind, encoder, decoder, reference, runtime.decoding,
+                                keep_encoded=probes)
     lacking = sorted(set(graphs) - set(feeds or {}))
     if feeds is None or lacking:
         raise SfcError(f"the distortion objective needs calibration feeds for {lacking}")
