@@ -5,7 +5,10 @@
 never does, so it runs on an edge device with only numpy and ONNX Runtime.
 """
 
+from . import hf_kernels
 from .errors import SfcError
+
+hf_kernels.install()
 
 __all__ = ["SfcError", "__version__"]
 
