@@ -7,7 +7,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, file_lock
 from ..card import CARD_NAME, ModelCard
 from ..errors import SfcError
 from ..memory import peak_rss_kib
@@ -78,7 +78,12 @@ def model_folder(model: str) -> Path:
     if model in ZOO:
         folder = _zoo_folder(model)
         if not zoo_export_cached(model):
-            _export_in_child(model, folder)
+            # Builds at once share the cache: one exports, the others wait and reuse it (the
+            # export is published in one step, so no reader sees half of one).
+            with file_lock(folder.parent / f".{model}.lock",
+                           f"waiting for another sfc process exporting {model}"):
+                if not zoo_export_cached(model):
+                    _export_in_child(model, folder)
         return folder
     raise SfcError(f"{model} is neither an sfc export/build folder nor a zoo model "
                    f"({', '.join(sorted(ZOO))})")
