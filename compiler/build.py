@@ -20,6 +20,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -729,14 +730,16 @@ def _generic_feeds(card: ModelCard, folder: Path, config: BuildConfig
     return config, sources, None
 
 
-def build(src: str, out: Path, config: BuildConfig) -> Built:
-    """Build `src` (zoo name, export folder or .onnx file) into the build folder `out`."""
+def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None) -> Built:
+    """Build `src` (zoo name, export folder or .onnx file) into the build folder `out`.
+    `into`: an open staging folder of `out` to write instead (`compile_model`'s, published
+    with the WER check and the report); by default the build stages and publishes itself."""
     from .models import model_folder
     from .models.onnx_source import export_onnx_file
 
     caps = target_caps(config.target)
     out = Path(out)
-    with staging_dir(out) as stage:
+    with nullcontext(into) if into is not None else staging_dir(out) as stage:
         if src.endswith(".onnx"):
             fp32_folder = stage / "_source"
             export_onnx_file(src, fp32_folder)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .atomic import staging_dir
 from .build import BuildConfig, build
 from .calib.feeds import Feed
 from .calib.inferred_feeds import FeedSource, feed_source
@@ -77,38 +78,43 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
     """Build `src` into `out`, evaluate it against FP32 (Whisper), write report.json/.md."""
     from .models import export_peak_mib, model_folder, zoo_export_cached
 
-    start = time.perf_counter()
-    exports_here = not zoo_export_cached(src)
-    made = build(src, out, config)
-    card, graphs, config = made.card, made.graphs, made.config
-    build_s = time.perf_counter() - start
-    release_free_memory()  # the WER check's runtimes then start from a small footprint
-    wer: WerComparison | None = None
-    # A TensorRT build on a machine without TensorRT stops before the engines: nothing to run.
-    runnable = all((out / g.name / g.lowering.artifact).is_file() for g in graphs)
-    if card.family == "whisper" and eval_data is not None and runnable:
-        fp32_folder = model_folder(src)
-        fp32 = fp32_eval(fp32_folder, eval_data, eval_limit,
-                         lambda: _evaluate_folder(fp32_folder, eval_data, eval_limit, threads,
-                                                  f"{card.name} fp32"))
-        built = _evaluate_folder(out, eval_data, eval_limit, threads, f"{card.name} build")
-        built.save(out / "eval.json")
-        wer = compare_wer(fp32, built)
-    distortion = None
-    if card.family != "whisper" and runnable:
-        graph = graphs[0]
-        source = _distortion_feeds(out / graph.fp32, card.graphs[graph.name].inputs,
-                                   [(eval_data, eval_limit), (config.calib, None)])
-        if source is not None:
-            distortion = measure_distortion(
-                out / graph.fp32, out / graph.name / graph.lowering.artifact, source.make(),
-                graph.lowering.optimization)
-    export_peak = export_peak_mib(model_folder(src)) if exports_here and zoo_export_cached(
-        src) else None
-    report = make_report(src, config, out, graphs, wer, build_s, distortion,
-                         peak_rss_kib() / 1024, export_peak)
-    report.save(out)
-    ModelCard.load(out)  # the folder must stay loadable as a deployable
+    # One staging folder for the build, its WER check and its report, published together:
+    # a run killed at any point (during the minutes of the WER check too) leaves the
+    # earlier build folder as it was, never new models beside an old report.
+    with staging_dir(out) as stage:
+        start = time.perf_counter()
+        exports_here = not zoo_export_cached(src)
+        made = build(src, out, config, into=stage)
+        card, graphs, config = made.card, made.graphs, made.config
+        build_s = time.perf_counter() - start
+        release_free_memory()  # the WER check's runtimes then start from a small footprint
+        wer: WerComparison | None = None
+        # A TensorRT build on a machine without TensorRT stops before the engines: nothing
+        # to run.
+        runnable = all((stage / g.name / g.lowering.artifact).is_file() for g in graphs)
+        if card.family == "whisper" and eval_data is not None and runnable:
+            fp32_folder = model_folder(src)
+            fp32 = fp32_eval(fp32_folder, eval_data, eval_limit,
+                             lambda: _evaluate_folder(fp32_folder, eval_data, eval_limit,
+                                                      threads, f"{card.name} fp32"))
+            built = _evaluate_folder(stage, eval_data, eval_limit, threads, f"{card.name} build")
+            built.save(stage / "eval.json")
+            wer = compare_wer(fp32, built)
+        distortion = None
+        if card.family != "whisper" and runnable:
+            graph = graphs[0]
+            source = _distortion_feeds(stage / graph.fp32, card.graphs[graph.name].inputs,
+                                       [(eval_data, eval_limit), (config.calib, None)])
+            if source is not None:
+                distortion = measure_distortion(
+                    stage / graph.fp32, stage / graph.name / graph.lowering.artifact,
+                    source.make(), graph.lowering.optimization)
+        export_peak = export_peak_mib(model_folder(src)) if exports_here and zoo_export_cached(
+            src) else None
+        report = make_report(src, config, stage, graphs, wer, build_s, distortion,
+                             peak_rss_kib() / 1024, export_peak)
+        report.save(stage)
+        ModelCard.load(stage)  # the folder must stay loadable as a deployable
     return report
 
 
