@@ -511,10 +511,41 @@ def _fp32_runtime(folder: Path) -> Any:
     return WhisperRuntime.open(folder, arena=False)
 
 
+def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
+                  utterances: list[Any], feeds: dict[str, FeedSource], samples: int) -> str:
+    """What the ESC objective measures besides the scales, for the search's checkpoint key:
+    the start recipes' numerics and tuned quantizers, the card (decoding), the target's ORT
+    level, and the calibration items the objective reads (audio, or feed arrays)."""
+    from itertools import islice
+
+    from .precision.onestage_whisper import audio_digest
+
+    numerics = [[name, s.recipe.model_sha256, s.recipe.weight_data,
+                 [t.to_dict() for t in s.recipe.tensors], list(s.tuned)]
+                for name, s in sorted(setups.items())]
+    if card.family == "whisper":
+        data = audio_digest(utterances[:samples])
+    else:
+        h = hashlib.sha256()
+        for name, source in sorted(feeds.items()):
+            for feed in islice(source.make(), samples):
+                for k, v in sorted(feed.items()):
+                    h.update(f"{name}:{k}:{v.dtype}:{v.shape}".encode())
+                    h.update(v.tobytes())
+        data = h.hexdigest()
+    import onnxruntime
+
+    # ONNX Runtime's version too: another release may score the same scales differently.
+    what = [numerics, card.to_dict(), get_target(config.target).optimization,
+            config.calib_limit, data, onnxruntime.__version__]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
 def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder: Path,
          utterances: list[Any]) -> tuple[dict[str, Recipe], EscResult]:
     """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph. A
-    Whisper model's FP32 runtime is opened for the objective's reference alone."""
+    Whisper model's FP32 runtime is opened for the objective's reference alone. The search
+    resumes from its checkpoint under the cache's esc/ folder after a crash or Ctrl-C."""
     from .calib.objectives import GraphSetup, make_objective
 
     method: EscCalib = config.calibration_method()
@@ -533,8 +564,11 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
                                runtime=runtime, utterances=utterances, feeds=_sources(graphs),
                                optimization=get_target(config.target).optimization)
     del runtime  # release point: the search runs without the FP32 runtime
+    identity = _esc_identity(setups, card, config, utterances, _sources(graphs),
+                             method.samples)
     try:
-        result = esc_search(start, objective, method, config.seed, objective_name=objective.name)
+        result = esc_search(start, objective, method, config.seed, objective_name=objective.name,
+                            checkpoints=cache_dir() / "esc", identity=identity)
     finally:
         objective.close()
     recipes = {}
@@ -612,7 +646,8 @@ def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) 
     result.save(folder / ESC_RESULT)
     return (f"interrupted: ESC stopped after {result.evaluations} evaluations; best-so-far "
             f"recipes (objective {result.final_objective:.5g}, MSE start "
-            f"{result.start_objective:.5g}) saved in {folder} (finish with --recipe {folder})")
+            f"{result.start_objective:.5g}) saved in {folder} (finish with --recipe {folder}, "
+            "or run the same command again to resume the search)")
 
 
 def _check_one_stage(card: ModelCard, config: BuildConfig) -> None:

@@ -26,6 +26,13 @@ Departures from the paper, all visible in `EscResult`:
 - if the final mean scores worse than the MSE start, the best candidate seen (never worse
   than the start) is returned instead (`final_point == "best"`);
 - Ctrl-C stops the search and returns the best-so-far scales (`interrupted=True`).
+
+With a `checkpoints` folder, the whole search state (the CMA-ES strategy with its random
+generator, the evaluations so far) is saved after every generation, keyed by everything
+that determines the search; a search killed mid-way (a crash, SIGKILL, Ctrl-C) resumes
+from its last whole generation and ends with the same result as an uninterrupted one.
+The checkpoint is deleted when the search completes, and kept after Ctrl-C, so the same
+command resumes it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +50,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..atomic import write_json_atomic
-from ..errors import SfcError
+from ..atomic import atomic_path, write_json_atomic
+from ..errors import SfcError, first_line
 from .methods import CalibResult, MaxCalib, MseCalib, compute_scale, register
 from .stats import StatsSnapshot
 
@@ -240,6 +248,18 @@ def _cma_seed(seed: int) -> int:
     return int.from_bytes(digest[:4], "little") % (2**31 - 2) + 1
 
 
+class _Normal:
+    """cma's `randn`: standard normals from a seeded numpy Generator. An object, not a
+    closure, so the strategy pickles together with its generator's `bit_generator.state`
+    and a resumed search draws the numbers an uninterrupted one would."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
 class _Tracker:
     """Counts evaluations; keeps the best point, the traces, and the stall counter."""
 
@@ -269,15 +289,83 @@ class _Tracker:
             self.bar.update(self.task, advance=1, best=f"{self.best_value:.5g}")
         return value
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the tracker."""
+        return {"best_x": self.best_x.copy(), "best_value": self.best_value,
+                "since_best": self.since_best, "values": list(self.values),
+                "trace": list(self.trace)}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Inverse of `state` (ValueError when it does not fit this search)."""
+        best_x = np.asarray(state["best_x"], dtype=np.float64)
+        values, trace = [float(v) for v in state["values"]], [float(v) for v in state["trace"]]
+        if best_x.shape != self.best_x.shape or len(values) != len(trace):
+            raise ValueError("the saved evaluations do not fit this search")
+        self.best_x, self.best_value = best_x, float(state["best_value"])
+        self.since_best, self.values, self.trace = int(state["since_best"]), values, trace
+        if self.bar is not None:
+            self.bar.update(self.task, completed=len(values), best=f"{self.best_value:.5g}")
+
+
+_CHECKPOINT_VERSION = 1
+
+
+def _checkpoint_key(start: Mapping[str, float], objective_name: str, config: EscCalib,
+                    seed: int, identity: str) -> str:
+    """sha256 of everything that determines a search: its start (keys and scales), the
+    objective, the settings, the seed, the caller's `identity` of what the objective
+    measures, and cma's version (the checkpoint pickles a cma object)."""
+    import cma
+
+    what = [_CHECKPOINT_VERSION, cma.__version__, [[k, float(v)] for k, v in start.items()],
+            objective_name, config.to_dict(), seed, identity]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _resume(path: Path, key: str, track: _Tracker, popsize: int) -> dict[str, Any] | None:
+    """Restore `track` from the state saved at `path` for the search `key`; that state (its
+    "es", "generations", "start_value", "seconds"), or None when there is none, it belongs
+    to another search, or it cannot be read (then with a warning: a damaged checkpoint
+    only costs the evaluations again, never the build)."""
+    import cma
+
+    if not path.is_file():
+        return None
+    try:
+        # Pickle runs code while loading: acceptable only because this is a file sfc itself
+        # wrote into its own cache, never a user-supplied path. It keeps cma's strategy
+        # exactly (covariance, paths, histories), which no array form of ours would.
+        state = pickle.loads(path.read_bytes())
+        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+            raise ValueError("not an ESC checkpoint")
+        if state.get("key") != key:
+            return None
+        if not isinstance(state["es"], cma.CMAEvolutionStrategy) or \
+                state["es"].popsize != popsize:
+            raise ValueError("the saved strategy does not fit this search")
+        track.restore(state["tracker"])
+        return state | {"generations": int(state["generations"]),
+                        "start_value": float(state["start_value"]),
+                        "seconds": float(state["seconds"])}
+    except Exception as exc:  # a damaged pickle can raise nearly any exception
+        logger.warning("ignoring the unreadable ESC checkpoint %s: %s", path, first_line(exc))
+        return None
+
 
 def esc_search(start: Mapping[str, float], objective: Objective, config: EscCalib,
-               seed: int, *, objective_name: str = "", progress: bool = True) -> EscResult:
+               seed: int, *, objective_name: str = "", progress: bool = True,
+               checkpoints: Path | None = None, identity: str = "") -> EscResult:
     """Refine `start` scales (quantizer key -> scale > 0) with CMA-ES on `objective`.
 
     The search space is the vector of log-scales; CMA-ES starts at log(start) with step
     `config.sigma0`. See the module docstring for the budget, stall and interruption rules.
     A KeyboardInterrupt raised during an evaluation ends the search with the best-so-far
     scales and `interrupted=True`.
+
+    `checkpoints`: the folder of resumable search states (one file per search); `identity`
+    must name everything else `objective` depends on (models, data), since a saved state
+    is resumed when the start, objective name, settings, seed and identity all match.
+    `seconds` then adds up the wall time of every run that led to the result.
     """
     import cma
     from rich.progress import TextColumn
@@ -291,10 +379,9 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
     if not np.isfinite(x0).all():
         raise SfcError("ESC start scales must be finite and > 0")
     began = time.perf_counter()
-    rng = np.random.default_rng(_cma_seed(seed))
     options: dict[str, Any] = {
         "seed": _cma_seed(seed), "maxfevals": config.budget, "verbose": -9,
-        "randn": lambda *shape: rng.standard_normal(shape),
+        "randn": _Normal(_cma_seed(seed)),
     }
     if config.popsize is not None:
         options["popsize"] = config.popsize
@@ -307,35 +394,62 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
         raise SfcError(f"ESC budget {config.budget} is below one CMA-ES generation "
                        f"({popsize} candidates for {len(keys)} scales): raise the budget or "
                        "lower the population size")
+    key = _checkpoint_key({k: start[k] for k in keys}, objective_name, config, seed, identity)
+    path = None if checkpoints is None else Path(checkpoints) / f"esc-{key[:24]}.pkl"
     bar = progress_bar(TextColumn("best {task.fields[best]}"), enabled=progress)
     task = bar.add_task(f"ESC ({objective_name or 'objective'}, {len(keys)} scales)",
                         total=config.budget, best="-")
     interrupted = False
     generations = 0
+    earlier = 0.0  # wall seconds of the runs this one resumes
+
+    def save() -> None:
+        """The state after a whole generation, replacing the previous one atomically."""
+        if path is not None:
+            state = {"version": _CHECKPOINT_VERSION, "key": key, "es": es,
+                     "tracker": track.state(), "generations": generations,
+                     "start_value": start_value,
+                     "seconds": earlier + time.perf_counter() - began}
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
     with bar:
-        # Ctrl-C here is an ordinary interruption: nothing has been found yet.
-        start_value = float(objective({k: float(start[k]) for k in keys}))
-        if not math.isfinite(start_value):
-            raise SfcError(f"ESC objective at the MSE start is {start_value}")
-        track = _Tracker(objective, keys, x0, start_value, bar, task)
-        bar.update(task, best=f"{start_value:.5g}")
+        track = _Tracker(objective, keys, x0, math.nan, bar, task)
+        saved = None if path is None else _resume(path, key, track, popsize)
+        if saved is not None:
+            es, generations = saved["es"], saved["generations"]
+            start_value, earlier = saved["start_value"], saved["seconds"]
+            logger.warning("resuming ESC from checkpoint: %d evaluations done",
+                           len(track.values))
+        else:
+            # Ctrl-C here is an ordinary interruption: nothing has been found yet.
+            start_value = float(objective({k: float(start[k]) for k in keys}))
+            if not math.isfinite(start_value):
+                raise SfcError(f"ESC objective at the MSE start is {start_value}")
+            track = _Tracker(objective, keys, x0, start_value, bar, task)
+            bar.update(task, best=f"{start_value:.5g}")
         try:
-            while len(track.values) + popsize <= config.budget:
+            # The stop tests run before each generation but the first, so a search resumed
+            # from the state saved after a generation makes the same decision.
+            while True:
+                if generations and track.since_best >= config.stall:
+                    logger.info("ESC: no improvement in %d evaluations; stopping",
+                                track.since_best)
+                    break
+                if generations and es.stop():
+                    logger.info("ESC: cma stopped (%s)", es.stop())
+                    break
+                if len(track.values) + popsize > config.budget:
+                    break
                 candidates = es.ask()
                 values = [track(np.asarray(c[: len(keys)])) for c in candidates]
                 worst = max((v for v in values if math.isfinite(v)), default=1e30)
                 es.tell(candidates, [v if math.isfinite(v) else 10.0 * abs(worst) + 1.0
                                      for v in values])
                 generations += 1
-                if track.since_best >= config.stall:
-                    logger.info("ESC: no improvement in %d evaluations; stopping",
-                                track.since_best)
-                    break
-                if es.stop():
-                    logger.info("ESC: cma stopped (%s)", es.stop())
-                    break
+                save()
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = True  # the checkpoint stays: the same command resumes
     best = track.scales(track.best_x)
     if interrupted:
         scales, final_value, final_point = best, track.best_value, "interrupted"
@@ -348,13 +462,15 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
                            "keeping the best candidate (%.5g)", final_value, start_value,
                            track.best_value)
             scales, final_value, final_point = best, track.best_value, "best"
+        if path is not None:
+            path.unlink(missing_ok=True)  # the search is complete: nothing to resume
     return EscResult(
         scales=scales, start={k: float(start[k]) for k in keys}, best=best,
         objective=objective_name, start_objective=start_value,
         best_objective=track.best_value, final_objective=final_value,
         final_point=final_point, trace=tuple(track.trace), values=tuple(track.values),
         evaluations=len(track.values), generations=generations,
-        seconds=time.perf_counter() - began, interrupted=interrupted, seed=seed,
+        seconds=earlier + time.perf_counter() - began, interrupted=interrupted, seed=seed,
         config=config.to_dict() | {"popsize_used": popsize},
     )
 
