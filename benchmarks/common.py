@@ -62,12 +62,13 @@ def faster_whisper_model(compute_type: str, threads: int) -> Any:
                         compute_type=compute_type, cpu_threads=threads, num_workers=1)
 
 
-def faster_whisper_transcriber(model: Any) -> Callable[[np.ndarray], str]:
-    """Greedy, no timestamps, no conditioning on previous text: sfc's decoding rule."""
+def faster_whisper_transcriber(model: Any, beam_size: int = 1) -> Callable[[np.ndarray], str]:
+    """Greedy (or beam search), no timestamps, no conditioning on previous text: sfc's
+    decoding rule."""
 
     def transcribe(audio: np.ndarray) -> str:
         segments, _info = model.transcribe(
-            audio, beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
+            audio, beam_size=beam_size, best_of=1, temperature=0.0, without_timestamps=True,
             condition_on_previous_text=False, vad_filter=False, language="en",
         )
         # The segment generator is lazy: decoding happens while it is consumed.

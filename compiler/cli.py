@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.text import Text
 
 from .errors import Interrupted, SfcError
 from .paths import BUNDLED_DATA
+
+if TYPE_CHECKING:
+    from .runtime.fallback import DecodeOptions
 
 app = typer.Typer(
     name="sfc",
@@ -101,6 +104,21 @@ LoopGuardOpt = Annotated[bool, typer.Option(
     "--loop-guard/--no-loop-guard",
     help="End a window whose greedy decoding repeats one unit 4+ times over 24+ tokens, "
     "keeping one copy (default on)")]
+BeamSizeOpt = Annotated[int, typer.Option(
+    "--beam-size", help="Beam search with N beams (1: greedy, the default; ONNX Runtime "
+    "decoders only)")]
+FallbackOpt = Annotated[bool, typer.Option(
+    "--temperature-fallback/--no-temperature-fallback",
+    help="OpenAI's fallback: re-decode a window whose text is repetitive (gzip ratio > 2.4, "
+    "or the loop guard fired) or improbable (avg log-prob < -1) by seeded sampling at "
+    "temperature 0.2, 0.4, ... 1.0; skip silent windows (default off)")]
+
+
+def _decode_options(beam_size: int, fallback: bool, seed: int) -> DecodeOptions:
+    """`DecodeOptions` from the command line; bad values fail here, before any loading."""
+    from .runtime.fallback import DecodeOptions
+
+    return DecodeOptions(beam_size=beam_size, fallback=fallback, seed=seed)
 
 
 @command()
@@ -201,6 +219,10 @@ def transcribe(
         "more)")] = None,
     language: LanguageOpt = None,
     task: TaskOpt = "transcribe",
+    beam_size: BeamSizeOpt = 1,
+    temperature_fallback: FallbackOpt = False,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the temperature fallback's sampling (recorded in json output)")] = 0,
 ) -> None:
     """Print or write the transcript of each audio file."""
     from .atomic import write_text_atomic
@@ -211,6 +233,7 @@ def transcribe(
     from .runtime.vad import SileroVad
     from .runtime.whisper import WhisperRuntime
 
+    options = _decode_options(beam_size, temperature_fallback, seed)
     if sum(str(p) == STDIN for p in audio) > 1:
         raise SfcError(f"{STDIN} (stdin) may be given once: stdin holds one audio file")
     if output_format not in FORMATS:
@@ -223,7 +246,7 @@ def transcribe(
                else [None] * len(audio))
     detector = SileroVad.open() if vad else None  # a missing package fails before loading
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
-                                  guard=LOOP_GUARD if loop_guard else None)
+                                  guard=LOOP_GUARD if loop_guard else None, options=options)
     language = check_options(runtime.decoding, language, task)  # before reading any audio
     runtime.max_batch = batch_size or max(runtime.max_batch, batch)
     for first in range(0, len(audio), batch):
@@ -253,13 +276,16 @@ def eval_cmd(
     = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", "--eval-limit", help="Only the first N utterances")] = None,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed")] = 0,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the bootstrap and of the temperature fallback's sampling")] = 0,
     threads: ThreadsOpt = None,
     loop_guard: LoopGuardOpt = True,
     language: Annotated[str, typer.Option(
         "--language", help="Language of the references (a code: en, de, ...), or auto: "
         "detected per file as `sfc transcribe` does")] = "en",
     task: TaskOpt = "transcribe",
+    beam_size: BeamSizeOpt = 1,
+    temperature_fallback: FallbackOpt = False,
 ) -> None:
     """WER (normalised, 95% bootstrap CI, per voice and condition) and real-time factor."""
     from .eval import evaluate, read_manifest, render
@@ -267,12 +293,13 @@ def eval_cmd(
     from .runtime.decoding import LOOP_GUARD, check_options
     from .runtime.whisper import WhisperRuntime
 
+    options = _decode_options(beam_size, temperature_fallback, seed)
     utterances = read_manifest(data)
     if limit is not None:
         utterances = utterances[:limit]
     folder = model_folder(model)
     runtime = WhisperRuntime.open(folder, threads=threads,
-                                  guard=LOOP_GUARD if loop_guard else None)
+                                  guard=LOOP_GUARD if loop_guard else None, options=options)
     chosen = check_options(runtime.decoding, None if language == "auto" else language, task)
     result = evaluate(lambda audio: runtime.transcribe(audio, language=chosen, task=task),
                       utterances, model=runtime.card.name, data=str(data), seed=seed)

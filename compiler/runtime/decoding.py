@@ -6,6 +6,8 @@ session, a TensorRT engine, or a test double. Decoding is without timestamps unl
 `TimestampRules` is given: then the prompt drops <|notimestamps|> and OpenAI's timestamp
 rules shape every step (`TimestampRules.apply`). A multilingual model's prompt names the
 language spoken and the task (`decoding_prompt`); an English-only model's has neither.
+The prompt and empty cache (`start`) and the masked next-token logits (`next_logits`) are
+shared with beam search and sampling (`search`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from ..card import WhisperDecoding
 from ..errors import SfcError
 
 __all__ = ["ENGLISH", "LOOP_GUARD", "TASKS", "TIMESTAMP_RULES", "TIME_PRECISION", "Decoded",
-           "DecoderStep", "LoopGuard", "TimestampRules", "check_options", "decoding_prompt",
-           "greedy_decode", "suppression_mask"]
+           "DecoderStep", "LoopGuard", "Quality", "Start", "TimestampRules", "check_options",
+           "decoding_prompt", "greedy_decode", "guard_cut", "next_logits", "start",
+           "suppression_mask"]
 
 # Seconds per timestamp token: the encoder's 1500 positions over a 30 s window.
 TIME_PRECISION = 0.02
@@ -69,7 +72,7 @@ class LoopGuard:
 LOOP_GUARD = LoopGuard()
 
 
-def _guard_cut(guard: LoopGuard, seq: list[int], timestamp_begin: int) -> int | None:
+def guard_cut(guard: LoopGuard, seq: list[int], timestamp_begin: int) -> int | None:
     """`guard.cut` on the text tokens of `seq`, as a length of `seq` to keep.
 
     Timestamps are left out so that a loop whose copies sit in segments of their own
@@ -133,11 +136,26 @@ TIMESTAMP_RULES = TimestampRules()
 
 
 @dataclass(frozen=True)
+class Quality:
+    """How a window's decoding went, as OpenAI's `DecodingResult` reports it: the
+    temperature of the kept result (0: greedy or beam search), its summed log-probability
+    over its tokens and eot divided by their count, its text's gzip compression ratio, and
+    the probability of the no-speech token at <|startoftranscript|>."""
+
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+@dataclass(frozen=True)
 class Decoded:
-    """Generated ids per row (prompt and eot removed) and which rows the loop guard ended."""
+    """Generated ids per row (prompt and eot removed), which rows the loop guard ended, and
+    (beam search or temperature fallback: `fallback.DecodeOptions`) each row's `Quality`."""
 
     ids: list[list[int]]
     looped: list[bool]
+    quality: list[Quality] | None = None
 
 
 @lru_cache(maxsize=16)
@@ -199,16 +217,23 @@ def decoding_prompt(spec: WhisperDecoding, timestamps: bool, language: str | Non
     return prompt[:-1]
 
 
-def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
-                  max_new_tokens: int | None = None,
-                  guard: LoopGuard | None = LOOP_GUARD,
-                  timestamps: TimestampRules | None = None,
-                  languages: Sequence[str | None] | None = None,
-                  task: str = "transcribe") -> Decoded:
-    """Decode `batch` sequences greedily, ending looping rows by `guard` (None: never);
-    with `timestamps`, the output interleaves timestamp tokens by those rules. Row b is
-    decoded in `languages[b]` (None, or no `languages`: the card's prompt's) for `task`
-    (`decoding_prompt`): rows of one batch may be in different languages."""
+@dataclass(frozen=True)
+class Start:
+    """Where every decode of a batch begins: the prompt rows [B, T], the most new tokens,
+    and an empty K/V cache."""
+
+    tokens: np.ndarray
+    limit: int
+    past_k: np.ndarray
+    past_v: np.ndarray
+
+
+def start(spec: WhisperDecoding, batch: int, max_new_tokens: int | None,
+          timestamps: TimestampRules | None, languages: Sequence[str | None] | None,
+          task: str) -> Start:
+    """The prompts of `batch` rows, row b in `languages[b]` (None, or no `languages`: the
+    card's prompt's) for `task` (`decoding_prompt`): rows of one batch may be in different
+    languages."""
     rows: list[str | None] = [None] * batch if languages is None else list(languages)
     if len(rows) != batch:
         raise ValueError(f"{len(rows)} languages for a batch of {batch}")
@@ -219,25 +244,47 @@ def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
     if max_new_tokens is not None:
         limit = min(limit, max_new_tokens)
     shape = (spec.n_layers, batch, spec.n_heads, 0, spec.head_dim)
-    past_k = np.zeros(shape, dtype=np.float32)
-    past_v = np.zeros(shape, dtype=np.float32)
+    return Start(tokens, limit, np.zeros(shape, dtype=np.float32),
+                 np.zeros(shape, dtype=np.float32))
+
+
+def next_logits(logits: np.ndarray, spec: WhisperDecoding, first: bool,
+                timestamps: TimestampRules | None,
+                generated: Sequence[Sequence[int]]) -> np.ndarray:
+    """The next-token logits [B, vocab] of a step's logits [B, T, vocab], float32, with the
+    suppressed tokens and (with `timestamps`) the timestamp rules masked to -inf; `first`:
+    the first generated token; `generated[b]`: row b's tokens so far."""
+    last = logits[:, -1, :].astype(np.float32, copy=True)
+    last[:, suppression_mask(spec, first, timestamps is not None)] = -np.inf
+    if timestamps is not None:
+        timestamps.apply(last, generated, spec)
+    return last
+
+
+def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
+                  max_new_tokens: int | None = None,
+                  guard: LoopGuard | None = LOOP_GUARD,
+                  timestamps: TimestampRules | None = None,
+                  languages: Sequence[str | None] | None = None,
+                  task: str = "transcribe") -> Decoded:
+    """Decode `batch` sequences greedily, ending looping rows by `guard` (None: never);
+    with `timestamps`, the output interleaves timestamp tokens by those rules. Row b is
+    decoded in `languages[b]` for `task` (`start`)."""
+    begin = start(spec, batch, max_new_tokens, timestamps, languages, task)
+    tokens, past_k, past_v = begin.tokens, begin.past_k, begin.past_v
     out: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     looped = [False] * batch
-    for i in range(limit):
+    for i in range(begin.limit):
         logits, past_k, past_v = step(tokens, past_k, past_v)
-        last = logits[:, -1, :].astype(np.float32, copy=True)
-        last[:, suppression_mask(spec, i == 0, timestamps is not None)] = -np.inf
-        if timestamps is not None:
-            timestamps.apply(last, out, spec)
-        nxt = last.argmax(axis=-1)
+        nxt = next_logits(logits, spec, i == 0, timestamps, out).argmax(axis=-1)
         nxt[done] = spec.eot  # finished rows keep feeding eot; their output is ignored
         for b in np.flatnonzero(~done):
             if nxt[b] == spec.eot:
                 done[b] = True
                 continue
             out[b].append(int(nxt[b]))
-            keep = (_guard_cut(guard, out[b], spec.timestamp_begin)
+            keep = (guard_cut(guard, out[b], spec.timestamp_begin)
                     if guard is not None else None)
             if keep is not None:
                 del out[b][keep:]

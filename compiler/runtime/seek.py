@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decoding import Decoded
+from .decoding import Decoded, Quality
 from .features import LogMelSpec, whisper_windows
 
 __all__ = ["SeekWindow", "complete_segments", "recording_features", "seek_decode",
@@ -71,12 +71,14 @@ def window_at(features: np.ndarray, seek: int, n_frames: int) -> tuple[np.ndarra
 @dataclass(frozen=True)
 class SeekWindow:
     """One decoded window of a recording: its first frame, its frames of audio, the ids of
-    its complete segments and whether the loop guard ended its decoding."""
+    its complete segments, whether the loop guard ended its decoding, and how its decoding
+    went (beam search or temperature fallback; None: greedy)."""
 
     start: int
     frames: int
     ids: tuple[int, ...]
     looped: bool
+    quality: Quality | None = None
 
 
 def seek_decode(features: Sequence[np.ndarray],
@@ -99,8 +101,10 @@ def seek_decode(features: Sequence[np.ndarray],
             return out
         cut = [window_at(features[r], seeks[r], n_frames) for r in rows]
         dec = decode(np.stack([w for w, _ in cut]), rows)
-        for r, (_, size), ids, looped in zip(rows, cut, dec.ids, dec.looped, strict=True):
+        qualities: list[Quality | None] = [*dec.quality] if dec.quality else [None] * len(rows)
+        for r, (_, size), ids, looped, quality in zip(rows, cut, dec.ids, dec.looped,
+                                                      qualities, strict=True):
             keep, advance = complete_segments(ids, timestamp_begin, size,
                                               frames_per_timestamp)
-            out[r].append(SeekWindow(seeks[r], size, tuple(ids[:keep]), looped))
+            out[r].append(SeekWindow(seeks[r], size, tuple(ids[:keep]), looped, quality))
             seeks[r] += advance

@@ -13,30 +13,34 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .decoding import TIME_PRECISION
+from .decoding import TIME_PRECISION, Quality
 
 __all__ = ["Segment", "map_times", "segments_from_tokens", "window_clock"]
 
 
 @dataclass(frozen=True)
 class Segment:
-    """A stretch of speech: start and end in seconds, its text and its token ids (the
-    timestamp tokens that bound it included, as the decoder emitted them)."""
+    """A stretch of speech: start and end in seconds, its text, its token ids (the
+    timestamp tokens that bound it included, as the decoder emitted them), and how its
+    window's decoding went (beam search or temperature fallback; None: greedy)."""
 
     start: float
     end: float
     text: str
     tokens: tuple[int, ...]
+    quality: Quality | None = None
 
 
 def segments_from_tokens(ids: Sequence[int], timestamp_begin: int, window_s: float,
-                         decode: Callable[[list[int]], str]) -> list[Segment]:
+                         decode: Callable[[list[int]], str],
+                         quality: Quality | None = None) -> list[Segment]:
     """The segments of one window's generated tokens (prompt and eot removed), in window time.
 
     A segment runs from a timestamp over text tokens to the next timestamp. Text still open
     when the tokens end (the window's speech runs past its end, or the loop guard or the
     length limit stopped it) ends at `window_s`; text before any timestamp starts at 0.
     `decode` turns text token ids into text; segments whose text is blank are dropped.
+    Every segment gets the window's `quality`.
     """
     out: list[Segment] = []
     start, first, text = 0.0, 0, []  # the open segment: start time, first token, text ids
@@ -46,13 +50,15 @@ def segments_from_tokens(ids: Sequence[int], timestamp_begin: int, window_s: flo
             continue
         time = (token - timestamp_begin) * TIME_PRECISION
         if text:  # this timestamp ends the open segment
-            out.append(Segment(start, time, decode(text).strip(), tuple(ids[first:i + 1])))
+            out.append(Segment(start, time, decode(text).strip(), tuple(ids[first:i + 1]),
+                               quality))
             text, first = [], i + 1
         else:  # it starts one (or moves the start of one with no text yet)
             first = i
         start = time
     if text:
-        out.append(Segment(start, window_s, decode(text).strip(), tuple(ids[first:])))
+        out.append(Segment(start, window_s, decode(text).strip(), tuple(ids[first:]),
+                           quality))
     return [s for s in out if s.text]
 
 

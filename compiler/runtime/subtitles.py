@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .segments import Segment
@@ -50,12 +50,18 @@ def to_txt(transcript: Transcript) -> str:
 
 
 def to_json(transcript: Transcript) -> str:
-    """Text, segments (id, start, end, text, tokens) and the loop guard's stops."""
+    """Text, segments (id, start, end, text, tokens) and the loop guard's stops; decoded
+    other than greedily, also the decoding options (`decoding`) and each segment's
+    window's temperature, avg_logprob, compression_ratio and no_speech_prob (OpenAI's keys).
+    """
     segments = [{"id": i, "start": s.start, "end": s.end, "text": s.text,
-                 "tokens": list(s.tokens)} for i, s in enumerate(_segments(transcript))]
-    return json.dumps({"text": transcript.text, "segments": segments,
-                       "loop_stops": transcript.loop_stops},
-                      indent=2, ensure_ascii=False) + "\n"
+                 "tokens": list(s.tokens), **(asdict(s.quality) if s.quality else {})}
+                for i, s in enumerate(_segments(transcript))]
+    doc: dict[str, object] = {"text": transcript.text, "segments": segments,
+                              "loop_stops": transcript.loop_stops}
+    if transcript.decoding is not None:
+        doc["decoding"] = transcript.decoding.to_dict()
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def to_srt(transcript: Transcript) -> str:

@@ -1,5 +1,8 @@
 """The edge Whisper runtime: audio -> log-mel -> encoder -> greedy KV-cached decoder -> text.
 
+Greedy decoding is the default; `options` (`fallback.DecodeOptions`) asks for beam search
+and OpenAI's temperature fallback instead (ONNX Runtime decoders only).
+
 Runs an sfc export or build folder with ONNX Runtime, numpy and `tokenizers` only, or its
 TensorRT engines (`trt_session`). Audio of at most one window (30 s) is one window,
 decoded without timestamps (batched with other recordings, see `WhisperRuntime.limits`).
@@ -34,8 +37,10 @@ from .decoding import (
     LoopGuard,
     greedy_decode,
 )
+from .fallback import GREEDY, DecodeOptions, decode_with_fallback, sampling_rngs
 from .features import LogMelSpec, whisper_windows
 from .language import Detected, LanguagePlan, detect_language, window_recordings
+from .search import Searched, SearchSetup, beam_search, sample
 from .seek import SeekWindow, recording_features, seek_decode
 from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
@@ -49,6 +54,9 @@ Clock = Callable[[float], float]
 
 # The decoder's outputs that are the next step's cache inputs (sfc's Whisper export).
 CACHE = {"present_key": "past_key", "present_value": "past_value"}
+
+# OpenAI's no-speech token: <|nospeech|> (multilingual), <|nocaptions|> (English-only).
+NO_SPEECH = ("<|nospeech|>", "<|nocaptions|>")
 
 
 def _open(folder: Path, graph: GraphSpec, threads: int | None,
@@ -78,13 +86,15 @@ def encode_in_chunks(run: Callable[[np.ndarray], Sequence[np.ndarray]],
 @dataclass(frozen=True)
 class Transcript:
     """The text of one recording, how many of its windows the loop guard ended, when
-    decoded with timestamps its segments (None: decoded without), and the language it was
-    decoded in (given or detected; "en" on an English-only model; None: no window)."""
+    decoded with timestamps its segments (None: decoded without), the language it was
+    decoded in (given or detected; "en" on an English-only model; None: no window), and
+    the decoding options when not greedy (seed included: the record of a sampled text)."""
 
     text: str
     loop_stops: int = 0
     segments: tuple[Segment, ...] | None = None
     language: str | None = None
+    decoding: DecodeOptions | None = None
 
 
 @dataclass
@@ -104,15 +114,19 @@ class WhisperRuntime:
     # 1.17 GB of arena (8 attention maps of 54 MB each, and their neighbours) against
     # 0.40 GB for one, and ran no faster (BENCHMARKS.md, issue 13).
     encoder_batch: int | None = 1
+    options: DecodeOptions = GREEDY
+    no_speech: int | None = None  # the no-speech token's id (temperature fallback)
 
     @classmethod
     def open(cls, folder: str | Path, *, threads: int | None = None,
              guard: LoopGuard | None = LOOP_GUARD,
-             providers: list[str] | None = None, arena: bool = True) -> WhisperRuntime:
+             providers: list[str] | None = None, arena: bool = True,
+             options: DecodeOptions = GREEDY) -> WhisperRuntime:
         """Open an export or build folder (its `card.json` says which file is which).
 
         `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU);
-        `arena`: ORT's CPU memory arena (`session.session_options`).
+        `arena`: ORT's CPU memory arena (`session.session_options`); `options`: greedy
+        decoding, or beam search and temperature fallback.
         """
         folder = Path(folder)
         card = ModelCard.load(folder)
@@ -124,15 +138,19 @@ class WhisperRuntime:
         tok_path = folder / card.tokenizer
         if not tok_path.is_file():
             raise SfcError(f"tokenizer file not found: {tok_path}")
+        tokenizer = Tokenizer.from_file(str(tok_path))
         return cls(
             card=card,
             decoding=card.decoding,
             mel=LogMelSpec.from_dict(card.preprocessing or {}),
             encoder=_open(folder, card.graphs["encoder"], threads, providers, arena),
             decoder=_open(folder, card.graphs["decoder"], threads, providers, arena),
-            tokenizer=Tokenizer.from_file(str(tok_path)),
+            tokenizer=tokenizer,
             guard=guard,
             encoder_batch=1 if providers in (None, ["CPUExecutionProvider"]) else None,
+            options=options,
+            no_speech=next((i for i in map(tokenizer.token_to_id, NO_SPEECH)
+                            if i is not None), None),
         )
 
     def limits(self) -> tuple[int, int | None]:
@@ -198,11 +216,12 @@ class WhisperRuntime:
             rows = owners[start : start + size]
             dec = self._decode(windows[start : start + size], timestamps, new_tokens, plan,
                                rows)
-            for seq, looped, r in zip(dec.ids, dec.looped, rows, strict=True):
+            for k, (seq, looped, r) in enumerate(zip(dec.ids, dec.looped, rows, strict=True)):
                 language = plan.language_of(r)
                 if timestamps:
-                    segments = segments_from_tokens(seq, self.decoding.timestamp_begin,
-                                                    self.mel.chunk_length_s, self._text)
+                    segments = segments_from_tokens(
+                        seq, self.decoding.timestamp_begin, self.mel.chunk_length_s,
+                        self._text, None if dec.quality is None else dec.quality[k])
                     out.append(Transcript(" ".join(s.text for s in segments), int(looped),
                                           tuple(segments), language))
                 else:
@@ -211,14 +230,36 @@ class WhisperRuntime:
 
     def _decode(self, windows: np.ndarray, timestamps: bool, new_tokens: int | None,
                 plan: LanguagePlan, recordings: Sequence[int]) -> Decoded:
-        """Greedy decoding of one batch of windows [B, n_mels, frames], window b of
-        recording `recordings[b]`, in the languages and task of `plan`."""
+        """Decoding of one batch of windows [B, n_mels, frames], window b of recording
+        `recordings[b]`, in the languages and task of `plan`: greedy, or by `options`."""
         cross_k, cross_v = self.encode(windows)
         step = self.step_fn(cross_k, cross_v)
-        return greedy_decode(step, self.decoding, len(windows),
-                             max_new_tokens=new_tokens, guard=self.guard,
-                             timestamps=TIMESTAMP_RULES if timestamps else None,
-                             languages=plan.batch(step, recordings), task=plan.task)
+        rules = TIMESTAMP_RULES if timestamps else None
+        languages = plan.batch(step, recordings)
+        opts = self.options
+        if opts.greedy:
+            return greedy_decode(step, self.decoding, len(windows),
+                                 max_new_tokens=new_tokens, guard=self.guard,
+                                 timestamps=rules, languages=languages, task=plan.task)
+        if isinstance(self.decoder, TrtSession):
+            raise SfcError("beam search and temperature fallback need an ONNX Runtime "
+                           "decoder; this folder's is a TensorRT engine (decode greedily)")
+
+        def search(rows: list[int], temperature: float) -> Searched:
+            # Each window's cross K/V repeated once per beam (or sample), rows adjacent.
+            group = opts.beam_size if temperature == 0 else opts.best_of
+            pick = np.repeat(np.asarray(rows), group)
+            sub = self.step_fn(cross_k[:, pick], cross_v[:, pick])
+            setup = SearchSetup(self.decoding, new_tokens, self.guard, rules,
+                                [languages[r] for r in rows], plan.task, self.no_speech,
+                                opts.length_penalty)
+            if temperature == 0:
+                return beam_search(sub, setup, len(rows), group, opts.patience)
+            rngs = [g for r in rows
+                    for g in sampling_rngs(opts.seed, windows[r], temperature, group)]
+            return sample(sub, setup, len(rows), temperature, rngs)
+
+        return decode_with_fallback(search, len(windows), self._text, opts)
 
     def detect_language(self, audio: np.ndarray) -> Detected:
         """The language spoken in 16 kHz mono float32 audio, detected on its first window
@@ -292,7 +333,8 @@ class WhisperRuntime:
             mine = [next(decoded) for _ in range(len(features))]
             out.append(Transcript(
                 " ".join(w.text for w in mine if w.text), sum(w.loop_stops for w in mine),
-                _in_recording(mine, clocks) if timestamps else None, plan.language_of(r)))
+                _in_recording(mine, clocks) if timestamps else None, plan.language_of(r),
+                self._recorded()))
         return out
 
     def _seek_many(self, audios: Sequence[np.ndarray], timestamps: bool,
@@ -311,15 +353,20 @@ class WhisperRuntime:
             segments = tuple(s for w in windows for s in self._seek_segments(w))
             out.append(Transcript(" ".join(s.text for s in segments),
                                   sum(w.looped for w in windows),
-                                  segments if timestamps else None, plan.language_of(r)))
+                                  segments if timestamps else None, plan.language_of(r),
+                                  self._recorded()))
         return out
+
+    def _recorded(self) -> DecodeOptions | None:
+        """The options a recording's transcript records: none for greedy decoding."""
+        return None if self.options.greedy else self.options
 
     def _seek_segments(self, window: SeekWindow) -> list[Segment]:
         """The segments of one `seek` window, in the recording's time."""
         frame_s = self.mel.hop_length / self.mel.sample_rate
         seconds = window.frames * frame_s
         return map_times(segments_from_tokens(window.ids, self.decoding.timestamp_begin,
-                                              seconds, self._text),
+                                              seconds, self._text, window.quality),
                          window_clock(window.start * frame_s, seconds))
 
     def _fixed_windows(self, audio: np.ndarray) -> tuple[np.ndarray, list[Clock]]:
