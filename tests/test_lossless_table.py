@@ -1,0 +1,80 @@
+"""benchmarks/lossless_table.py: paired cells per (seed, set), the verdict, the table rows
+and the seed-blind recipe comparison (no build, no model)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sfc.eval.results import EvalResult, UtteranceResult, summarize
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def lt() -> Any:
+    """The script as a module (it imports its siblings `common` and `heldout_set`)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("lossless_table")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _result(errors: Sequence[int], words: int = 10) -> EvalResult:
+    utts = [UtteranceResult(id=f"u{i}", voice="v", condition="clean", reference="r",
+                            hypothesis="h", substitutions=e, deletions=0, insertions=0,
+                            ref_words=words, audio_s=1.0, compute_s=0.1)
+            for i, e in enumerate(errors)]
+    return summarize("m", "d", utts, seed=0, n_resamples=200)
+
+
+FP32 = [0, 1, 0, 2, 0, 1, 0, 0, 1, 0] * 4
+
+
+def test_equal_errors_are_lossless_and_a_uniform_loss_is_not(lt: Any) -> None:
+    ref = {(0, "eval"): _result(FP32), (0, "heldout"): _result(FP32)}
+    worse = {(0, "eval"): _result(FP32), (0, "heldout"): _result([e + 2 for e in FP32])}
+    table = lt.cells(ref, worse)
+    assert [(c.seed, c.set) for c in table] == [(0, "eval"), (0, "heldout")]
+    assert table[0].includes_zero and table[0].delta == 0.0
+    assert not table[1].includes_zero
+    assert table[1].delta == pytest.approx(0.2) and table[1].lo > 0
+    assert lt.verdict(table) is False
+    assert lt.verdict(table[:1]) is True
+    assert lt.verdict([]) is None
+
+
+def test_cells_cover_only_the_pairs_both_sides_have(lt: Any) -> None:
+    ref = {(s, "eval"): _result(FP32) for s in (0, 1, 2)}
+    built = {(s, "eval"): _result(FP32) for s in (2, 0)}
+    assert [c.seed for c in lt.cells(ref, built)] == [0, 2]
+
+
+def test_rows_mark_shared_recipes_and_missing_cells(lt: Any) -> None:
+    ref = {(s, "eval"): _result(FP32) for s in (0, 1)}
+    ref[(0, "heldout")] = _result(FP32)
+    built = {k: _result([e + 2 for e in FP32]) for k in ref}
+    rows = lt.table_rows(lt.cells(ref, built), ["eval", "heldout"], {1: 0})
+    assert rows[0][0] == "0" and rows[1][0] == "1 (= seed 0)"
+    assert rows[0][1].startswith("+20.00 [") and rows[0][1].endswith("NO")
+    assert rows[1][2] == "-"
+
+
+def _recipe(folder: Path, graph: str, seed: int, scale: float) -> None:
+    (folder / graph).mkdir(parents=True)
+    data = {"seed": seed, "model_sha256": "0" * 64, "tensors": [{"scale": scale}]}
+    (folder / graph / "recipe.json").write_text(json.dumps({"_type": "Recipe", "_data": data}))
+
+
+def test_recipe_key_ignores_the_seed_only(lt: Any, tmp_path: Path) -> None:
+    for seed, scale in ((0, 0.5), (1, 0.5), (2, 0.25)):
+        _recipe(tmp_path / f"s{seed}", "encoder", seed, scale)
+    assert lt.recipe_key(tmp_path / "s0") == lt.recipe_key(tmp_path / "s1")
+    assert lt.recipe_key(tmp_path / "s0") != lt.recipe_key(tmp_path / "s2")
