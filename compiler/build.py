@@ -44,6 +44,7 @@ from .calib.stats import StatsSnapshot, collect_stats
 from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
+from .executor import RayExecutor, check_ray_options
 from .paths import BUNDLED_DATA, cache_dir
 from .precision.activations import (
     GuardConfig,
@@ -147,6 +148,10 @@ class BuildConfig:
     esc_popsize: int | None = None
     esc_samples: int = 16
     esc_objective: str = "auto"
+    # ESC's candidates on Ray (sfc.executor): a local Ray with this many workers, or the
+    # cluster at this address ("auto" or HOST:PORT). Neither: in this process.
+    workers: int | None = None
+    ray_address: str | None = None
     # Quantized activations of a Whisper model: which ones stay float (None: no guard).
     act_guard: GuardConfig | None = field(default_factory=GuardConfig)
     # TensorRT only: the dynamic-shape ranges its engines serve.
@@ -177,11 +182,14 @@ class BuildConfig:
         check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:
             self.calibration_method()
-        esc_fields = ("esc_budget", "esc_popsize", "esc_samples", "esc_objective")
+        esc_fields = ("esc_budget", "esc_popsize", "esc_samples", "esc_objective", "workers",
+                      "ray_address")
         changed = [f for f in esc_fields
                    if getattr(self, f) != self.__dataclass_fields__[f].default]
         if changed and not self.uses_esc:
             raise SfcError(f"--{changed[0].replace('_', '-')} applies to --calibrator esc only")
+        if self.workers is not None or self.ray_address is not None:
+            check_ray_options(self.workers, self.ray_address)
         if self.act_guard not in (None, GuardConfig()) and self.activations is None:
             raise SfcError("--act-guard-kl and --act-guard-max apply to quantized activations "
                            "only (not --activations none)")
@@ -546,7 +554,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
     """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph. A
     Whisper model's FP32 runtime is opened for the objective's reference alone. The search
     resumes from its checkpoint under the cache's esc/ folder after a crash or Ctrl-C."""
-    from .calib.objectives import GraphSetup, make_objective
+    from .calib.objectives import GraphSetup, objective_spec
 
     method: EscCalib = config.calibration_method()
     bits = config.activations or 8
@@ -560,16 +568,23 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
         setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored)
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     runtime = _fp32_runtime(fp32_folder) if card.family == "whisper" else None
-    objective = make_objective(method.objective, card, setups, samples=method.samples,
-                               runtime=runtime, utterances=utterances, feeds=_sources(graphs),
-                               optimization=get_target(config.target).optimization)
+    spec = objective_spec(method.objective, card, setups, samples=method.samples,
+                          runtime=runtime, utterances=utterances, feeds=_sources(graphs),
+                          optimization=get_target(config.target).optimization)
     del runtime  # release point: the search runs without the FP32 runtime
     identity = _esc_identity(setups, card, config, utterances, _sources(graphs),
                              method.samples)
+    objective = spec.make()
+    executor = None
     try:
+        if config.workers is not None or config.ray_address is not None:
+            executor = RayExecutor(spec, address=config.ray_address, workers=config.workers)
         result = esc_search(start, objective, method, config.seed, objective_name=objective.name,
-                            checkpoints=cache_dir() / "esc", identity=identity)
+                            checkpoints=cache_dir() / "esc", identity=identity,
+                            executor=executor)
     finally:
+        if executor is not None:
+            executor.close()
         objective.close()
     recipes = {}
     for g in graphs:

@@ -404,6 +404,12 @@ def build_cmd(
         help="ESC: calibration items the objective runs on")] = 16,
     esc_objective: Annotated[str, typer.Option(
         help="ESC: auto (the model card's), teacher-forced, kl or distortion")] = "auto",
+    workers: Annotated[int | None, typer.Option(
+        help="ESC: evaluate each generation's candidates on N workers of a local Ray "
+             "(needs the ray package); the same recipe as in this process")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="ESC: evaluate the candidates on the Ray cluster at auto or HOST:PORT "
+             "(--workers: how many; default one per node)")] = None,
     act_guard: Annotated[bool, typer.Option(
         help="Whisper, quantized activations: after calibration, keep in float the fewest "
         "activations that bring the KL that activation quantization adds within "
@@ -505,6 +511,7 @@ def build_cmd(
                          symmetric_blocks=symmetric_blocks, seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
+                         workers=workers, ray_address=ray_address,
                          act_guard=guard, engine_limits=limits, trt_float=trt_float,
                          train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,

@@ -52,6 +52,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_json_atomic
 from ..errors import SfcError, first_line
+from ..executor import Executor, InProcess
 from .methods import CalibResult, MaxCalib, MseCalib, compute_scale, register
 from .stats import StatsSnapshot
 
@@ -263,9 +264,9 @@ class _Normal:
 class _Tracker:
     """Counts evaluations; keeps the best point, the traces, and the stall counter."""
 
-    def __init__(self, objective: Objective, keys: list[str], start_x: np.ndarray,
-                 start_value: float, bar: Any, task: Any) -> None:
-        self.objective, self.keys = objective, keys
+    def __init__(self, keys: list[str], start_x: np.ndarray, start_value: float, bar: Any,
+                 task: Any) -> None:
+        self.keys = keys
         self.best_x, self.best_value = start_x.copy(), start_value
         self.trace: list[float] = []
         self.values: list[float] = []
@@ -275,8 +276,9 @@ class _Tracker:
     def scales(self, x: np.ndarray) -> dict[str, float]:
         return {k: float(math.exp(v)) for k, v in zip(self.keys, x, strict=True)}
 
-    def __call__(self, x: np.ndarray) -> float:
-        value = float(self.objective(self.scales(x)))
+    def record(self, x: np.ndarray, value: float) -> float:
+        """Count the evaluation of `x` at `value`; the value as recorded (inf if not
+        finite)."""
         if not math.isfinite(value):
             value = math.inf  # ranked last; cma is told a large finite value below
         self.values.append(value)
@@ -354,7 +356,8 @@ def _resume(path: Path, key: str, track: _Tracker, popsize: int) -> dict[str, An
 
 def esc_search(start: Mapping[str, float], objective: Objective, config: EscCalib,
                seed: int, *, objective_name: str = "", progress: bool = True,
-               checkpoints: Path | None = None, identity: str = "") -> EscResult:
+               checkpoints: Path | None = None, identity: str = "",
+               executor: Executor | None = None) -> EscResult:
     """Refine `start` scales (quantizer key -> scale > 0) with CMA-ES on `objective`.
 
     The search space is the vector of log-scales; CMA-ES starts at log(start) with step
@@ -366,6 +369,10 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
     must name everything else `objective` depends on (models, data), since a saved state
     is resumed when the start, objective name, settings, seed and identity all match.
     `seconds` then adds up the wall time of every run that led to the result.
+
+    `executor`: evaluates each generation's candidates (`sfc.executor`: Ray workers, say),
+    its values taken in the candidates' order; default: `objective`, here. The MSE start and
+    the final mean are evaluated with `objective`.
     """
     import cma
     from rich.progress import TextColumn
@@ -413,8 +420,9 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
             with atomic_path(path) as tmp:
                 tmp.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
+    runner = InProcess(objective) if executor is None else executor
     with bar:
-        track = _Tracker(objective, keys, x0, math.nan, bar, task)
+        track = _Tracker(keys, x0, math.nan, bar, task)
         saved = None if path is None else _resume(path, key, track, popsize)
         if saved is not None:
             es, generations = saved["es"], saved["generations"]
@@ -426,7 +434,7 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
             start_value = float(objective({k: float(start[k]) for k in keys}))
             if not math.isfinite(start_value):
                 raise SfcError(f"ESC objective at the MSE start is {start_value}")
-            track = _Tracker(objective, keys, x0, start_value, bar, task)
+            track = _Tracker(keys, x0, start_value, bar, task)
             bar.update(task, best=f"{start_value:.5g}")
         try:
             # The stop tests run before each generation but the first, so a search resumed
@@ -442,7 +450,9 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
                 if len(track.values) + popsize > config.budget:
                     break
                 candidates = es.ask()
-                values = [track(np.asarray(c[: len(keys)])) for c in candidates]
+                xs = [np.asarray(c[: len(keys)]) for c in candidates]
+                values = [track.record(x, v) for x, v in zip(
+                    xs, runner.evaluate([track.scales(x) for x in xs]), strict=True)]
                 worst = max((v for v in values if math.isfinite(v)), default=1e30)
                 es.tell(candidates, [v if math.isfinite(v) else 10.0 * abs(worst) + 1.0
                                      for v in values])

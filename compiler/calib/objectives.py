@@ -16,6 +16,10 @@ transcripts, reference logits or outputs) is computed once, up front.
   - "distortion": relative L2 distance of the logits to FP32's on those positions.
 - Any model (`DistortionObjective`, "distortion"): mean relative L2 distance of every output
   of every graph to FP32's, on the first `samples` `.npz` feeds of each graph.
+
+Every objective is built one way: `objective_spec` computes the FP32 reference into a
+picklable `ObjectiveSpec`, whose `make()` opens the sessions; a Ray worker (`sfc.executor`)
+makes its own objective from the same spec.
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ __all__ = [
     "BATCH",
     "DistortionObjective",
     "GraphSetup",
+    "ObjectiveSpec",
     "ScaledSession",
     "WhisperObjective",
     "WhisperReference",
     "make_objective",
+    "objective_spec",
     "resolve_objective",
     "score",
     "teacher_forcing",
@@ -397,6 +403,82 @@ def resolve_objective(kind: str, card: ModelCard) -> str:
     return kind
 
 
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """Everything an ESC objective is built from, picklable, so that a Ray worker builds
+    the same objective from one shipped copy (`sfc.executor`).
+
+    `kind`: the resolved metric; `graphs`: the graphs' QDQ setups (without `rewrite`
+    closures when shipped); `whisper` and `decoding`: a Whisper model's FP32 reference and
+    decoding spec; `feeds` and `references`: any other model's chosen feeds and FP32
+    outputs per graph; `optimization`: the ORT level the quantized sessions run at.
+    """
+
+    kind: str
+    graphs: Mapping[str, GraphSetup]
+    optimization: str = "all"
+    whisper: WhisperReference | None = None
+    decoding: Any = None
+    feeds: Mapping[str, Sequence[dict[str, np.ndarray]]] | None = None
+    references: Mapping[str, Sequence[list[np.ndarray]]] | None = None
+
+    def make(self, threads: int | None = None) -> WhisperObjective | DistortionObjective:
+        """The objective, its sessions with `threads` intra-op threads (None: ORT's
+        default, one per core)."""
+        if self.whisper is not None:
+            # The decoder's arena is released after each run: its teacher-forced batches
+            # differ in length, so a kept arena piled up regions (whisper-base: 0.7 GB held
+            # between runs, and ESC's peak 0.35 GB higher; BENCHMARKS.md, issue 13). It runs
+            # once per batch of utterances, so regrowing the arena costs little; the encoder
+            # runs one window per call at one shape and keeps its arena.
+            encoder = ScaledSession("encoder", self.graphs["encoder"], threads=threads,
+                                    optimization=self.optimization)
+            decoder = ScaledSession("decoder", self.graphs["decoder"], threads=threads,
+                                    optimization=self.optimization, release_arena=True)
+            # Gates mean probes, which switch one at a time: most repeat the encoder's inputs.
+            probes = any(setup.gates for setup in self.graphs.values())
+            return WhisperObjective(self.kind, encoder, decoder, self.whisper, self.decoding,
+                                    keep_encoded=probes)
+        assert self.feeds is not None and self.references is not None
+        sessions = [ScaledSession(name, setup, threads=threads, optimization=self.optimization)
+                    for name, setup in self.graphs.items()]
+        return DistortionObjective(sessions, [self.feeds[name] for name in self.graphs],
+                                   [self.references[name] for name in self.graphs])
+
+
+def objective_spec(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
+                   samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
+                   feeds: Mapping[str, FeedSource] | None = None, progress: bool = True,
+                   optimization: str = "all") -> ObjectiveSpec:
+    """The spec of the objective `kind` ("auto" reads the card) for ESC over `graphs`, with
+    its FP32 reference computed (see `make_objective`)."""
+    kind = resolve_objective(kind, card)
+    graphs = dict(graphs)
+    if card.family == "whisper":
+        if runtime is None:
+            raise SfcError("ESC on Whisper needs the FP32 runtime")
+        missing = {"encoder", "decoder"} - set(graphs)
+        if missing:
+            raise SfcError(f"ESC on Whisper needs both graphs; missing {sorted(missing)}")
+        reference = whisper_reference(runtime, list(utterances)[:samples], kind,
+                                      progress=progress)
+        return ObjectiveSpec(kind, graphs, optimization, whisper=reference,
+                             decoding=runtime.decoding)
+    lacking = sorted(set(graphs) - set(feeds or {}))
+    if feeds is None or lacking:
+        raise SfcError(f"the distortion objective needs calibration feeds for {lacking}")
+    chosen_feeds, references = {}, {}
+    for name, setup in graphs.items():
+        chosen = list(islice(feeds[name].make(), samples))
+        fp32 = ort.InferenceSession(setup.model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        off = {g: np.zeros((), np.float32) for g in setup.gates}  # probes: FP32 weights
+        references[name] = [fp32.run(None, {**f, **off}) for f in chosen]
+        del fp32
+        chosen_feeds[name] = chosen
+    return ObjectiveSpec(kind, graphs, optimization, feeds=chosen_feeds, references=references)
+
+
 def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
                    samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
                    feeds: Mapping[str, FeedSource] | None = None, progress: bool = True,
@@ -407,38 +489,6 @@ def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
     first `samples` of each graph's `feeds`. `optimization`: the ORT level the quantized
     sessions run at (the target's). The result has `name`, `__call__(scales)` and `close()`.
     """
-    kind = resolve_objective(kind, card)
-    if card.family == "whisper":
-        if runtime is None:
-            raise SfcError("ESC on Whisper needs the FP32 runtime")
-        missing = {"encoder", "decoder"} - set(graphs)
-        if missing:
-            raise SfcError(f"ESC on Whisper needs both graphs; missing {sorted(missing)}")
-        reference = whisper_reference(runtime, list(utterances)[:samples], kind,
-                                      progress=progress)
-        # The decoder's arena is released after each run: its teacher-forced batches differ
-        # in length, so a kept arena piled up regions (whisper-base: 0.7 GB held between
-        # runs, and ESC's peak 0.35 GB higher; BENCHMARKS.md, issue 13). It runs once per
-        # batch of utterances, so regrowing the arena costs little; the encoder runs one
-        # window per call at one shape and keeps its arena.
-        encoder = ScaledSession("encoder", graphs["encoder"], optimization=optimization)
-        decoder = ScaledSession("decoder", graphs["decoder"], optimization=optimization,
-                                release_arena=True)
-        # Gates mean probes, which switch one at a time: most repeat the encoder's inputs.
-        probes = any(setup.gates for setup in graphs.values())
-        return WhisperObjective(kind, encoder, decoder, reference, runtime.decoding,
-                                keep_encoded=probes)
-    lacking = sorted(set(graphs) - set(feeds or {}))
-    if feeds is None or lacking:
-        raise SfcError(f"the distortion objective needs calibration feeds for {lacking}")
-    sessions, chosen_feeds, references = [], [], []
-    for name, setup in graphs.items():
-        chosen = list(islice(feeds[name].make(), samples))
-        fp32 = ort.InferenceSession(setup.model.SerializeToString(),
-                                    providers=["CPUExecutionProvider"])
-        off = {g: np.zeros((), np.float32) for g in setup.gates}  # probes: FP32 weights
-        references.append([fp32.run(None, {**f, **off}) for f in chosen])
-        del fp32
-        sessions.append(ScaledSession(name, setup, optimization=optimization))
-        chosen_feeds.append(chosen)
-    return DistortionObjective(sessions, chosen_feeds, references)
+    return objective_spec(kind, card, graphs, samples=samples, runtime=runtime,
+                          utterances=utterances, feeds=feeds, progress=progress,
+                          optimization=optimization).make()
