@@ -221,7 +221,9 @@ def show(report: dict[str, Any]) -> None:
                 f"FP32 WER: {fp32}. Lossless everywhere: {report['lossless']}.")
     for other, raw in report["comparisons"].items():
         cmp = [Cell(**c) for c in raw]
-        print_table(f"{report['name']} - {other} (paired, same clips)", headers,
+        # Here "yes" reads "no significant difference": the interval contains 0.
+        print_table(f"{report['name']} - {other} (paired, same clips)",
+                    ["seed"] + [f"{n}: ΔWER pts [95% CI] contains 0" for n in sets],
                     table_rows(cmp, sets, same_as))
 
 
