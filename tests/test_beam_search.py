@@ -25,6 +25,7 @@ from sfc.runtime.features import LogMelSpec
 from sfc.runtime.search import Searched, SearchSetup, beam_search, rank, sample
 from sfc.runtime.subtitles import FORMATS
 from sfc.runtime.whisper import WhisperRuntime
+from tests import test_language
 
 VOCAB = 80
 EOT = 50
@@ -273,13 +274,9 @@ def test_cli_refuses_a_bad_beam_size_in_one_line() -> None:
 
 # ------------------------------------------------------ the runtime, with scripted sessions
 
-class _Encoder:
-    """Cross K/V that carry each window's first feature (its id)."""
-
-    def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        x = feeds["input_features"]
-        kv = np.broadcast_to(x[:, 0, 0][None, :, None, None, None], (1, len(x), 1, 3, 2))
-        return [kv.astype(np.float32), kv.astype(np.float32)]
+# The scripted encoder of the language tests: cross K/V that carry each window's first
+# feature (here, its id).
+_Encoder = test_language._Encoder
 
 
 class _Decoder:
