@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "calibration_data" / "eval"
+
+
+def bench_module(name: str) -> Any:
+    """benchmarks/<name>.py as a module (the scripts import their sibling `common` by name,
+    so their folder is on sys.path while it loads)."""
+    folder = str(REPO / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
 
 
 @pytest.fixture(scope="session", autouse=True)

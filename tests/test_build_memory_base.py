@@ -5,9 +5,7 @@ and the peak sampler of benchmarks/build_memory.py names the frame that holds th
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import threading
 import time
 import weakref
@@ -29,6 +27,7 @@ from sfc.calib.objectives import (
     score,
     teacher_forcing,
 )
+from tests.conftest import bench_module
 
 SPEC = SimpleNamespace(n_layers=2, n_heads=2, head_dim=3)
 VOCAB = 11
@@ -138,11 +137,7 @@ def test_esc_holds_one_batch_of_encoder_outputs_and_probes_reuse_them() -> None:
 @pytest.fixture(scope="module")
 def bm() -> Any:
     """benchmarks/build_memory.py as a module (it imports its sibling `common` by name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("build_memory")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("build_memory")
 
 
 def _hold_memory(peaks: list[dict[str, Any]], mib: int) -> None:

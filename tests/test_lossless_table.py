@@ -3,9 +3,7 @@ and the seed-blind recipe comparison (no build, no model)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import pytest
 
 from sfc.eval.results import EvalResult, UtteranceResult, summarize
+from tests.conftest import bench_module
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -20,11 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.fixture(scope="module")
 def lt() -> Any:
     """The script as a module (it imports its siblings `common` and `heldout_set`)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("lossless_table")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("lossless_table")
 
 
 def _result(errors: Sequence[int], words: int = 10) -> EvalResult:

@@ -4,7 +4,6 @@ hand-built graphs, the limit arithmetic, the microbenchmark models, the timing s
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import subprocess
@@ -22,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sfc.card import GraphSpec
 from sfc.runtime.features import LogMelSpec
 from sfc.runtime.whisper import Transcript
+from tests.conftest import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -31,11 +31,7 @@ SCRIPT = BENCH / "profile_transcribe.py"
 @pytest.fixture(scope="module")
 def pt() -> Any:
     """The script as a module (it imports its sibling `common` by name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("profile_transcribe")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("profile_transcribe")
 
 
 def _kernel(name: str, op: str, ts: int, dur: int) -> dict[str, Any]:

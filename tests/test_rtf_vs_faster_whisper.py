@@ -6,7 +6,6 @@ mode on two files."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.conftest import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -25,11 +26,7 @@ EVAL = REPO / "calibration_data" / "eval"
 @pytest.fixture(scope="module")
 def rvf() -> Any:
     """The script as a module (it imports its sibling `common` by name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("rtf_vs_faster_whisper")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("rtf_vs_faster_whisper")
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ cross length in ONNX Runtime, the any-frames encoder against HF's at 30 s, and t
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from onnx import TensorProto, helper
 
 from sfc.errors import SfcError
 from sfc.runtime.features import LogMelSpec, whisper_windows
+from tests.conftest import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -25,11 +24,7 @@ BENCH = REPO / "benchmarks"
 @pytest.fixture(scope="module")
 def sw() -> Any:
     """The script as a module (it imports its sibling `common` by name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("short_window")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("short_window")
 
 
 def test_parse_windows_keeps_order_and_drops_repeats(sw: Any) -> None:
