@@ -203,7 +203,8 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise SfcError(f"{out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not out_dir.parent.is_dir():
+        out_dir.parent.mkdir(parents=True)
     beside = f".{out_dir.name}.stage-"
     # A folder holding the current directory (or a mount point) cannot be swapped away.
     in_place = Path.cwd().is_relative_to(out_dir) or out_dir.is_mount()

@@ -2,7 +2,8 @@
 tests (`tests/test_fuzz_properties.py`).
 
 Any input ends in a correct result or a one-line `SfcError`: any other exception is a
-failure, and so is a write outside the output folder or a read of a file in the sandbox
+failure, and so is a write outside the output folder (and its staging folder beside it,
+see `_may_write`) or a read of a file in the sandbox
 outside the folders the loader may read (an audit hook enforces both while a target runs).
 Each `*_target` function writes its input into a `Sandbox`, runs the loader under that
 guard, and checks what a successful load returned.
@@ -85,6 +86,17 @@ def _resolved(path: object, dir_fd: object = None) -> Path | None:
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
+def _may_write(rule: _Rule, target: Path) -> bool:
+    """Inside the output folder, or inside its staging folder beside it
+    (`.<name>.stage-<pid>-<random>`: sfc.atomic publishes a folder in one swap from there
+    and removes it on exit)."""
+    if target.is_relative_to(rule.writable):
+        return True
+    parent = rule.writable.parent
+    return target.is_relative_to(parent) and target != parent and target.relative_to(
+        parent).parts[0].startswith(f".{rule.writable.name}.stage-")
+
+
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     if not _ACTIVE:
         return
@@ -96,15 +108,17 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
             return
         writes = (mode is not None and any(c in mode for c in "wax+")) or (
             flags is not None and flags & _WRITE_FLAGS)
-        if writes and not target.is_relative_to(rule.writable):
+        if writes and not _may_write(rule, target):
             raise Escape(f"wrote {target} outside {rule.writable}")
+        # The output's parent folder itself may be opened: sfc.atomic locks it to publish.
         if (not writes and target.is_relative_to(rule.root)
+                and target != rule.writable.parent
                 and not any(target.is_relative_to(r) for r in rule.readable)):
             raise Escape(f"read {target}, outside {[str(r) for r in rule.readable]}")
     elif event in _WRITE_EVENTS:
         for at, fd_at in _WRITE_EVENTS[event]:
             target = _resolved(args[at], None if fd_at is None else args[fd_at])
-            if target is not None and not target.is_relative_to(rule.writable):
+            if target is not None and not _may_write(rule, target):
                 raise Escape(f"{event} on {target} outside {rule.writable}")
 
 
