@@ -148,8 +148,9 @@ class BuildConfig:
     esc_popsize: int | None = None
     esc_samples: int = 16
     esc_objective: str = "auto"
-    # ESC's candidates on Ray (sfc.executor): a local Ray with this many workers, or the
-    # cluster at this address ("auto" or HOST:PORT). Neither: in this process.
+    # ESC's candidates and the two-stage task probes on Ray (sfc.executor): a local Ray
+    # with this many workers, or the cluster at this address ("auto" or HOST:PORT).
+    # Neither: in this process.
     workers: int | None = None
     ray_address: str | None = None
     # Quantized activations of a Whisper model: which ones stay float (None: no guard).
@@ -172,6 +173,8 @@ class BuildConfig:
                            f"not {self.weight_method!r}")
         if self.train_data and not self.one_stage:
             raise SfcError("--train-data applies to --search one-stage only")
+        for folder in self.train_data:
+            read_manifest(folder)  # a bad manifest fails now, not after the export
         if self.gptq_start and self.weight_method != "gptq":
             raise SfcError("one-stage fine-tuning starts from GPTQ: it needs --weight-method "
                            "gptq")
@@ -182,13 +185,15 @@ class BuildConfig:
         check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:
             self.calibration_method()
-        esc_fields = ("esc_budget", "esc_popsize", "esc_samples", "esc_objective", "workers",
-                      "ray_address")
+        esc_fields = ("esc_budget", "esc_popsize", "esc_samples", "esc_objective")
         changed = [f for f in esc_fields
                    if getattr(self, f) != self.__dataclass_fields__[f].default]
         if changed and not self.uses_esc:
             raise SfcError(f"--{changed[0].replace('_', '-')} applies to --calibrator esc only")
         if self.workers is not None or self.ray_address is not None:
+            if not (self.uses_esc or self.probes):
+                raise SfcError("--workers and --ray-address apply to --calibrator esc and "
+                               "to --weights mixed's task probes only")
             check_ray_options(self.workers, self.ray_address)
         if self.act_guard not in (None, GuardConfig()) and self.activations is None:
             raise SfcError("--act-guard-kl and --act-guard-max apply to quantized activations "
@@ -221,6 +226,12 @@ class BuildConfig:
         """Whether the build asks for any 4/2-bit weights (uniform, mixed or per layer)."""
         return self.mixed or self.weights in (4, 2) or any(
             p.weights in (4, 2) for p in self.precision)
+
+    @property
+    def probes(self) -> bool:
+        """Whether the build runs two-stage sensitivity probes against the task objective."""
+        return (self.mixed and self.search is not None and self.search.method == "two-stage"
+                and self.search.sensitivity == "task")
 
     @property
     def one_stage(self) -> bool:
@@ -549,6 +560,14 @@ def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
+def _ray(spec: Any, config: BuildConfig) -> RayExecutor | None:
+    """Ray workers for the objective `spec` when the build asks for them (--workers,
+    --ray-address), else None (this process)."""
+    if config.workers is None and config.ray_address is None:
+        return None
+    return RayExecutor(spec, address=config.ray_address, workers=config.workers)
+
+
 def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder: Path,
          utterances: list[Any]) -> tuple[dict[str, Recipe], EscResult]:
     """ESC over all graphs jointly: MSE start, CMA-ES search, one recipe per graph. A
@@ -577,8 +596,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
     objective = spec.make()
     executor = None
     try:
-        if config.workers is not None or config.ray_address is not None:
-            executor = RayExecutor(spec, address=config.ray_address, workers=config.workers)
+        executor = _ray(spec, config)
         result = esc_search(start, objective, method, config.seed, objective_name=objective.name,
                             checkpoints=cache_dir() / "esc", identity=identity,
                             executor=executor)
@@ -671,8 +689,6 @@ def _check_one_stage(card: ModelCard, config: BuildConfig) -> None:
             card.family != "whisper" or "zoo" not in card.source):
         raise SfcError("--search one-stage trains through the PyTorch checkpoint: it needs a "
                        "zoo Whisper model (e.g. whisper-tiny.en)")
-    for folder in config.train_data:
-        read_manifest(folder)  # a bad manifest fails now, not after the calibration
 
 
 def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCard,
@@ -703,7 +719,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
     """Mixed precision over all graphs jointly (two-stage, or one-stage on a zoo Whisper
     checkpoint); each graph's plan becomes the plan with the chosen per-layer entries.
     Saves precision.json in the stage."""
-    from .calib.objectives import GraphSetup, make_objective
+    from .calib.objectives import GraphSetup, objective_spec
 
     assert config.search is not None
     weights = []
@@ -719,7 +735,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         # KL to FP32 (>= 0, no transcript-likelihood noise) for Whisper; distortion else.
         kind = "kl" if card.family == "whisper" else "auto"
         assert config.search is not None
-        return make_objective(kind, card, setups, samples=config.search.samples,
+        return objective_spec(kind, card, setups, samples=config.search.samples,
                               runtime=runtime, utterances=utterances, feeds=_sources(pending))
 
     if config.search.method == "one-stage":
@@ -729,7 +745,8 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         method_key = json.dumps([config.weight_method, replace(config.gptq, stages=1).to_dict(),
                                  config.calib.name, config.calib_limit, config.seed,
                                  config.target])
-        result = choose(weights, config.search, objective, cache_dir() / "probes", method_key)
+        result = choose(weights, config.search, objective, cache_dir() / "probes", method_key,
+                        open_executor=lambda spec: _ray(spec, config))
     result.save(stage / RESULT_FILE)
     plot_search(result.to_dict(), stage, with_frontier=config.search.method == "two-stage")
     entries = result.entries()

@@ -405,11 +405,11 @@ def build_cmd(
     esc_objective: Annotated[str, typer.Option(
         help="ESC: auto (the model card's), teacher-forced, kl or distortion")] = "auto",
     workers: Annotated[int | None, typer.Option(
-        help="ESC: evaluate each generation's candidates on N workers of a local Ray "
-             "(needs the ray package); the same recipe as in this process")] = None,
+        help="ESC's candidates and mixed precision's sensitivity probes on N workers of a "
+             "local Ray (needs the ray package); the same recipe as in this process")] = None,
     ray_address: Annotated[str | None, typer.Option(
-        help="ESC: evaluate the candidates on the Ray cluster at auto or HOST:PORT "
-             "(--workers: how many; default one per node)")] = None,
+        help="ESC's candidates and the sensitivity probes on the Ray cluster at auto or "
+             "HOST:PORT (--workers: how many; default one per node)")] = None,
     act_guard: Annotated[bool, typer.Option(
         help="Whisper, quantized activations: after calibration, keep in float the fewest "
         "activations that bring the KL that activation quantization adds within "

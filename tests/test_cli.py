@@ -21,6 +21,46 @@ def _sfc(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
+_MANY = """
+import json, os, sys, tempfile, traceback
+from sfc.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile(mode="w+") as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)  # the file descriptor: whatever writes to stderr lands here
+        code = 0
+        try:
+            sys.argv = ["sfc", *argv]
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        results.append([code, f.read()])
+print(json.dumps(results))
+"""
+
+
+def _sfc_many(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """`sfc ARGV` for each argv, one after the other in one Python process (each case's exit
+    code and stderr as if it ran alone): importing sfc once instead of once per case."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", _MANY, json.dumps(argvs)],
+                          capture_output=True, text=True, check=True)
+    return [subprocess.CompletedProcess(["sfc", *argv], code, "", err)
+            for argv, (code, err) in zip(argvs, json.loads(done.stdout.splitlines()[-1]),
+                                         strict=True)]
+
+
 def _assert_user_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
@@ -115,44 +155,42 @@ def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
 
 def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
     out = str(tmp_path / "b")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "3"), "--weights must be")
-    for bad, why in ((["--avg-bits", "1.5"], "--avg-bits must be between"),
-                     (["--avg-bits", "9"], "--avg-bits must be between"),
-                     (["--avg-bits", "4", "--size-mb", "5"], "exactly one budget"),
-                     ([], "exactly one budget")):
-        _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", *bad), why)
-    _assert_user_error(_sfc("build", "-o", out, "--avg-bits", "4"), "--weights mixed only")
-    _assert_user_error(_sfc("build", "-o", out, "--weight-method", "awq"), "--weight-method")
-    _assert_user_error(_sfc("build", "-o", out, "--target", "tensorrt:8.5"), "TensorRT 8.5")
-    _assert_user_error(_sfc("build", "-o", out, "--target", "tpu"), "unknown target")
-    _assert_user_error(_sfc("build", "-o", out, "--activations", "int2"), "--activations")
-    _assert_user_error(_sfc("build", "-o", out, "--activations", "int4"), "--target sim")
-    _assert_user_error(_sfc("build", "-o", out, "--calibrator", "magic"), "magic")
-    _assert_user_error(_sfc("build", "-o", out, "--act-guard-kl", "-1"), "--act-guard-kl")
-    _assert_user_error(_sfc("build", "-o", out, "--no-act-guard", "--act-guard-max", "2"),
-                       "with --act-guard only")
-    _assert_user_error(_sfc("build", "-o", out, "--activations", "none", "--act-guard-kl",
-                            "0.1"), "quantized activations only")
-    _assert_user_error(_sfc("build", str(tmp_path / "missing.onnx"), "-o", out), "not found")
-    _assert_user_error(_sfc("build", "-o", out, "--search", "one-stage"), "--weights mixed only")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                            "--search-steps", "9"), "--search one-stage only")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                            "--search", "three-stage"), "--search must be")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                            "--search", "one-stage", "--search-steps", "0"), "steps >= 1")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                            "--search", "one-stage", "--train-device", "tpu"),
-                       "--train-device must be")
+    mixed5 = ["--weights", "mixed", "--avg-bits", "5"]
+    cases: list[tuple[list[str], str]] = [
+        (["--weights", "3"], "--weights must be"),
+        *(([*["--weights", "mixed"], *bad], why)
+          for bad, why in ((["--avg-bits", "1.5"], "--avg-bits must be between"),
+                           (["--avg-bits", "9"], "--avg-bits must be between"),
+                           (["--avg-bits", "4", "--size-mb", "5"], "exactly one budget"),
+                           ([], "exactly one budget"))),
+        (["--avg-bits", "4"], "--weights mixed only"),
+        (["--weight-method", "awq"], "--weight-method"),
+        (["--target", "tensorrt:8.5"], "TensorRT 8.5"),
+        (["--target", "tpu"], "unknown target"),
+        (["--activations", "int2"], "--activations"),
+        (["--activations", "int4"], "--target sim"),
+        (["--calibrator", "magic"], "magic"),
+        (["--act-guard-kl", "-1"], "--act-guard-kl"),
+        (["--no-act-guard", "--act-guard-max", "2"], "with --act-guard only"),
+        (["--activations", "none", "--act-guard-kl", "0.1"], "quantized activations only"),
+        ([str(tmp_path / "missing.onnx")], "not found"),
+        (["--search", "one-stage"], "--weights mixed only"),
+        ([*mixed5, "--search-steps", "9"], "--search one-stage only"),
+        ([*mixed5, "--search", "three-stage"], "--search must be"),
+        ([*mixed5, "--search", "one-stage", "--search-steps", "0"], "steps >= 1"),
+        ([*mixed5, "--search", "one-stage", "--train-device", "tpu"], "--train-device must be"),
+        ([*mixed5, "--train-data", str(tmp_path)], "--search one-stage only"),
+        ([*mixed5, "--search", "one-stage", "--train-data", str(tmp_path)],
+         "manifest not found"),
+        (["--calibrator", "mse", "--workers", "2"], "apply to --calibrator esc and"),
+    ]
     if not __import__("torch").cuda.is_available():
-        _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                                "--search", "one-stage", "--train-device", "cuda"),
-                           "no CUDA GPU")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                            "--train-data", str(tmp_path)), "--search one-stage only")
-    _assert_user_error(_sfc("build", "-o", out, "--weights", "mixed", "--avg-bits", "5",
-                            "--search", "one-stage", "--train-data", str(tmp_path)),
-                       "manifest not found")
+        cases.append(([*mixed5, "--search", "one-stage", "--train-device", "cuda"],
+                      "no CUDA GPU"))
+    for done, (_, why) in zip(_sfc_many(*(["build", "-o", out, *argv] for argv, _ in cases)),
+                              cases, strict=True):
+        _assert_user_error(done, why)
+    assert not (tmp_path / "b").exists()
 
 
 def test_transcribe_batch_prints_each_file_in_order_and_paths_literally(

@@ -117,3 +117,33 @@ def test_whisper_base_loads_strictly() -> None:
     cfg = load_whisper(locate_checkpoint("whisper-base")).model.config
     assert (cfg.encoder_layers, cfg.d_model, cfg.vocab_size) == (6, 512, 51865)
     assert set(ZOO) >= {"whisper-tiny.en", "whisper-base"}
+
+
+def test_shape_true_random_whisper_is_seeded_and_labelled(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small stand-in shape (the real ones take minutes): the exported graphs have the
+    shape's dims, one seed gives the same weights, another seed others, and the card says
+    the weights are random."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sfc.models import whisper_random
+
+    monkeypatch.setitem(whisper_random.SHAPES, "whisper-test",
+                        whisper_random.WhisperShape(d_model=64, layers=1, heads=2, ffn=128))
+    monkeypatch.setattr(whisper_random, "BORROWED", "whisper-tiny.en")  # installed with dev
+
+    def weights(seed: int, out: Path) -> dict[str, np.ndarray]:
+        card = whisper_random.export_random_whisper("whisper-test", seed, out)
+        assert card.name == f"whisper-test-random-s{seed}"
+        assert card.source["random_weights"] == "speed and memory only"
+        assert card.decoding.n_layers == 1 and card.decoding.n_heads == 2
+        model = onnx.load(str(out / "encoder.onnx"))
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    a, b, c = (weights(s, tmp_path / n) for s, n in ((0, "a"), (0, "b"), (1, "c")))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a if a[k].size > 64)
+    assert max(v.shape[-1] for v in a.values() if v.ndim == 2) in (64, 128)
+    with pytest.raises(SfcError, match="unknown shape"):
+        whisper_random.random_whisper("whisper-huge", 0)

@@ -3,6 +3,7 @@ same search, byte for byte; a dying worker is replaced; a dead address is one li
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -25,7 +26,11 @@ from sfc.card import ModelCard
 from sfc.errors import SfcError
 from sfc.executor import InProcess, RayExecutor
 from sfc.pipeline import compile_model
+from sfc.precision.budget import Budget
+from sfc.precision.search import SearchConfig
 from sfc.quant import PlanConfig, make_plan, model_sha256, recipe_from_plan
+from tests.test_build import _feeds as _build_feeds
+from tests.test_build import _mlp
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install 'sfc[ray]')")
 
@@ -110,9 +115,32 @@ def test_ray_build_is_byte_identical_to_in_process(cluster: None, tmp_path: Path
         (tmp_path / "local/model/recipe.json").read_bytes()
 
 
+def test_ray_mixed_build_probes_match_in_process(cluster: None, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two-stage probes on two Ray workers: the same sensitivities, bits and recipes."""
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _build_feeds(tmp_path / "feeds")
+    search = SearchConfig(Budget(avg_bits=5.0), candidates=("8", "4/32", "2/32"), samples=3)
+    for name, workers in (("local", None), ("ray", 2)):
+        config = BuildConfig(target="sim", activations=None, calibrator="mse", calib=feeds,
+                             weights="mixed", search=search, workers=workers)
+        # A private cache each: the second build must measure its probes, not read them.
+        monkeypatch.setenv("SFC_CACHE", str(tmp_path / f"cache-{name}"))
+        compile_model(str(src), tmp_path / name, config, eval_data=None)
+    local = json.loads((tmp_path / "local/precision.json").read_text())
+    remote = json.loads((tmp_path / "ray/precision.json").read_text())
+    assert [c["options"] for c in remote["layers"]] == [c["options"] for c in local["layers"]]
+    assert any(o["sensitivity"] > 0 for c in local["layers"] for o in c["options"])
+    assert (tmp_path / "ray/model/recipe.json").read_bytes() == \
+        (tmp_path / "local/model/recipe.json").read_bytes()
+
+
 def test_ray_options_fail_before_calibration(tmp_path: Path) -> None:
-    with pytest.raises(SfcError, match="applies to --calibrator esc only"):
+    with pytest.raises(SfcError, match="apply to --calibrator esc and to --weights mixed"):
         BuildConfig(calibrator="mse", workers=2)
+    one_stage = SearchConfig(Budget(avg_bits=4.0), method="one-stage")
+    with pytest.raises(SfcError, match="apply to --calibrator esc and to --weights mixed"):
+        BuildConfig(calibrator="mse", activations=None, weights="mixed", search=one_stage,
+                    workers=2)
     with pytest.raises(SfcError, match="integer >= 1"):
         BuildConfig(workers=0)
     with pytest.raises(SfcError, match="auto or HOST:PORT"):

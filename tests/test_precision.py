@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -223,6 +224,39 @@ def test_probes_resume_from_their_checkpoint(tmp_path: Path) -> None:
     assert again == (base, out) and len(calls) == 4  # nothing re-measured
     run_probes(objective, gates, tmp_path / "p.json", "other-key", progress=False)
     assert len(calls) == 8  # another model or method: measured afresh
+
+
+class _Reversed:
+    """An executor that evaluates a generation back to front (as workers finishing out of
+    order would) and yields the values in input order."""
+
+    def __init__(self, objective: Any) -> None:
+        self.objective, self.sent = objective, []
+
+    def evaluate(self, candidates: Any) -> Any:
+        self.sent.append(len(candidates))
+        values = [self.objective(c) for c in reversed(candidates)]
+        return iter(values[::-1])
+
+    def close(self) -> None:
+        pass
+
+
+def test_probes_through_an_executor_match_in_process(tmp_path: Path) -> None:
+    def objective(feed: dict[str, float]) -> float:
+        return 1.0 + sum((i + 1) ** 2 * v for i, v in enumerate(feed.values()))
+
+    gates = {"g": {"w": ["a", "b"], "u": ["c"]}, "h": {"v": ["d"]}}
+    here = run_probes(objective, gates, progress=False)
+    executor = _Reversed(objective)
+    assert run_probes(objective, gates, progress=False, executor=executor) == here
+    assert executor.sent == [5]
+    # Resuming: only the probes missing from the checkpoint go to the executor.
+    path = tmp_path / "p.json"
+    run_probes(objective, {"g": {"w": ["a"]}}, path, "k", progress=False)
+    executor = _Reversed(objective)
+    assert run_probes(objective, gates, path, "k", progress=False, executor=executor) == here
+    assert executor.sent == [3]
 
 
 # ------------------------------------------------------------------ builds

@@ -36,7 +36,7 @@ from .zoo import locate_checkpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OPSET", "export_whisper", "whisper_decoding"]
+__all__ = ["OPSET", "export_loaded", "export_whisper", "whisper_decoding"]
 
 OPSET = 17
 ENCODER_FILE = "encoder.onnx"
@@ -163,9 +163,16 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
 def export_whisper(name: str, out_dir: Path) -> ModelCard:
     """Export zoo model `name` to `out_dir`: encoder.onnx, decoder.onnx, tokenizer.json and
     card.json. Files appear only when everything succeeded."""
+    loaded = load_whisper(locate_checkpoint(name))
+    return export_loaded(loaded, name, out_dir, {"zoo": name, **loaded.checkpoint.versions})
+
+
+def export_loaded(loaded: LoadedWhisper, name: str, out_dir: Path,
+                  source: dict[str, Any]) -> ModelCard:
+    """Export a loaded Whisper as model `name` (`source`: the card's record of where its
+    weights came from) to `out_dir`, as `export_whisper` does."""
     import torch
 
-    loaded = load_whisper(locate_checkpoint(name))
     decoding = whisper_decoding(loaded)
     cfg = loaded.model.config
     encoder, decoder = _modules(loaded)
@@ -200,7 +207,7 @@ def export_whisper(name: str, out_dir: Path) -> ModelCard:
             family="whisper",
             graphs=graphs,
             objective="whisper-teacher-forced",
-            source={"zoo": name, **loaded.checkpoint.versions,
+            source={**source,
                     "exporter": f"torch {torch.__version__} TorchScript, opset {OPSET}"},
             preprocessing=mel.to_dict(),
             tokenizer=TOKENIZER_FILE,

@@ -21,7 +21,7 @@ from .zoo import CheckpointFiles
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration
 
-__all__ = ["LoadedWhisper", "ct2_to_hf_state_dict", "load_whisper"]
+__all__ = ["LoadedWhisper", "ct2_to_hf_state_dict", "load_whisper", "whisper_settings"]
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,20 @@ def load_whisper(checkpoint: CheckpointFiles) -> LoadedWhisper:
         raise SfcError(f"{checkpoint.model_bin[0]}: spec {ct2.spec_name!r} is not WhisperSpec")
     ct2_config = json.loads(Path(checkpoint.config_json).read_text())
     sd = ct2_to_hf_state_dict(ct2)
+    model = WhisperForConditionalGeneration(WhisperConfig(**whisper_settings(ct2)))
+    result = model.load_state_dict({k: torch.from_numpy(a) for k, a in sd.items()}, strict=True)
+    if result.missing_keys or result.unexpected_keys:  # strict=True raises; kept as a guard
+        raise SfcError(f"checkpoint does not match: {result}")
+    model.eval()
+    return LoadedWhisper(model=model, checkpoint=checkpoint, ct2_config=ct2_config)
+
+
+def whisper_settings(ct2: Ct2Model) -> dict[str, Any]:
+    """The `WhisperConfig` fields of a CT2 Whisper checkpoint, read off its tensors."""
     v = ct2.variables
     names = list(v)
     d_model = int(v["encoder/conv1/weight"].shape[0])
-    settings: dict[str, Any] = dict(
+    return dict(
         vocab_size=int(v["decoder/embeddings/weight"].shape[0]),
         num_mel_bins=int(v["encoder/conv1/weight"].shape[1]),
         d_model=d_model,
@@ -127,9 +137,3 @@ def load_whisper(checkpoint: CheckpointFiles) -> LoadedWhisper:
         # Eager attention keeps QK^T and AV as plain MatMuls in the exported graph.
         attn_implementation="eager",
     )
-    model = WhisperForConditionalGeneration(WhisperConfig(**settings))
-    result = model.load_state_dict({k: torch.from_numpy(a) for k, a in sd.items()}, strict=True)
-    if result.missing_keys or result.unexpected_keys:  # strict=True raises; kept as a guard
-        raise SfcError(f"checkpoint does not match: {result}")
-    model.eval()
-    return LoadedWhisper(model=model, checkpoint=checkpoint, ct2_config=ct2_config)

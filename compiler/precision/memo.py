@@ -28,7 +28,11 @@ class Memo:
 
     def get(self, name: str, compute: Callable[[], float]) -> float:
         if name not in self.done:
-            self.done[name] = float(compute())
-            if self.checkpoint is not None:
-                write_json_atomic(self.checkpoint, {"key": self.key, "probes": self.done})
+            self.put(name, compute())
         return self.done[name]
+
+    def put(self, name: str, value: float) -> None:
+        """Record `value` for `name` (and save the checkpoint)."""
+        self.done[name] = float(value)
+        if self.checkpoint is not None:
+            write_json_atomic(self.checkpoint, {"key": self.key, "probes": self.done})

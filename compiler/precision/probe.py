@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..calib.esc import quantizer_key
+from ..executor import Executor, InProcess
 from ..progress import progress_bar
 from .memo import Memo
 
@@ -95,33 +96,34 @@ def output_error(delta: np.ndarray, gram: np.ndarray, count: int) -> float:
 def run_probes(objective: Callable[[Mapping[str, float]], float],
                gates: Mapping[str, Mapping[str, Sequence[str]]],
                checkpoint: Path | None = None, key: str = "",
-               progress: bool = True) -> tuple[float, dict[str, dict[str, list[float]]]]:
+               progress: bool = True, executor: Executor | None = None,
+               ) -> tuple[float, dict[str, dict[str, list[float]]]]:
     """(FP32 objective, graph -> weight -> [loss increase per format]).
 
     `gates`: graph -> weight -> its gate inputs, probed in that order (put the encoder
     first, so decoder probes reuse its outputs). `checkpoint`: a JSON file updated after
     every probe and read back when its `key` matches, so an interrupted search resumes.
+    `executor`: evaluates the probes not yet measured (`sfc.executor`: Ray workers, say;
+    None: `objective`, here); its values come back in probe order, so the result is the
+    same either way.
     """
     zero = {quantizer_key(g, gate): 0.0 for g, ws in gates.items()
             for names in ws.values() for gate in names}
+    feeds = {"fp32": zero} | {quantizer_key(g, gate): {**zero, quantizer_key(g, gate): 1.0}
+                              for g, ws in gates.items() for names in ws.values()
+                              for gate in names}
     memo = Memo(checkpoint, key)
-
-    def measure(name: str, feed: Mapping[str, float]) -> float:
-        return memo.get(name, lambda: objective(feed))
+    todo = [name for name in feeds if name not in memo.done]
+    runner = InProcess(objective) if executor is None else executor
 
     bar = progress_bar(enabled=progress)
-    task = bar.add_task("precision: sensitivity probes", total=len(zero) + 1)
-    out: dict[str, dict[str, list[float]]] = {}
+    task = bar.add_task("precision: sensitivity probes", total=len(feeds),
+                        completed=len(feeds) - len(todo))
     with bar:
-        base = measure("fp32", zero)
-        bar.advance(task)
-        for g, weights in gates.items():
-            out[g] = {}
-            for tensor, names in weights.items():
-                losses = []
-                for gate in names:
-                    probe = quantizer_key(g, gate)
-                    losses.append(measure(probe, {**zero, probe: 1.0}) - base)
-                    bar.advance(task)
-                out[g][tensor] = losses
+        for name, value in zip(todo, runner.evaluate([feeds[n] for n in todo]), strict=True):
+            memo.put(name, value)
+            bar.advance(task)
+    base = memo.done["fp32"]
+    out = {g: {tensor: [memo.done[quantizer_key(g, gate)] - base for gate in names]
+               for tensor, names in weights.items()} for g, weights in gates.items()}
     return base, out

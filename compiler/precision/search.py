@@ -26,6 +26,7 @@ from scipy.stats import spearmanr
 
 from ..atomic import write_json_atomic
 from ..errors import SfcError
+from ..executor import Executor, ObjectiveFactory
 from ..progress import progress_bar
 from ..quant.plan import (
     LayerPrecision,
@@ -249,14 +250,18 @@ def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> st
 
 
 def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
-           make_objective: Callable[[dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]], Any],
-           probes_dir: Path | None = None, method_key: str = "") -> SearchResult:
+           make_spec: Callable[[dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]],
+                               ObjectiveFactory],
+           probes_dir: Path | None = None, method_key: str = "",
+           open_executor: Callable[[ObjectiveFactory], Executor | None] = lambda spec: None,
+           ) -> SearchResult:
     """Measure sensitivities and solve for one format per weight under the budget.
 
-    `make_objective(graph -> (switchable model, gate names))`: the task objective over
-    all graphs (the build's, as ESC uses). `probes_dir`: where probe results are kept,
+    `make_spec(graph -> (switchable model, gate names))`: the spec of the task objective
+    over all graphs (the build's, as ESC uses). `probes_dir`: where probe results are kept,
     one file per model/options/method, so an interrupted search resumes and another
-    budget costs no probes.
+    budget costs no probes. `open_executor(spec)`: where the probes run (None: here); the
+    whole-mix checks run here.
     """
     started = time.perf_counter()
     options: dict[str, list[WeightOption]] = {}
@@ -309,12 +314,15 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
         gates = {g.name: {t: [n for n in built[g.name][1] if n.startswith(f"{t}__probe")]
                           for t in deltas[g.name]} for g in graphs}
         del deltas, gathered
-        objective = make_objective(built)
+        factory = make_spec(built)
+        objective = factory.make()
+        executor = None
         try:
             objective_name = objective.name
             key = _key(graphs, config, method_key)
             checkpoint = None if probes_dir is None else probes_dir / f"{key[:32]}.json"
-            fp32, losses = run_probes(objective, gates, checkpoint, key)
+            executor = open_executor(factory)
+            fp32, losses = run_probes(objective, gates, checkpoint, key, executor=executor)
             for gname, weights in losses.items():
                 for tensor, values in weights.items():
                     key = f"{gname}:{tensor}"
@@ -322,6 +330,8 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
                                     for o, v in zip(options[key], values, strict=True)]
             picked, rounds = _verified(options, bits_allowed, objective, gates, fp32)
         finally:
+            if executor is not None:
+                executor.close()
             objective.close()
     else:
         for key, opts in options.items():

@@ -133,13 +133,15 @@ def round_clip(x: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) ->
     return np.clip(np.rint(x), lo, hi)
 
 
-def _sq_error(rows: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Per-row squared error of round-to-nearest at `scale` (float32, as stored)."""
+def _sq_error(rows: np.ndarray, scale: np.ndarray, spec: QuantSpec,
+              low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per-row squared error of round-to-nearest at `scale` (float32, as stored); `low`,
+    `high`: each row's min and max."""
     s = scale[:, None]
-    lo, hi = _window(rows.min(axis=1), rows.max(axis=1), scale, spec)
+    lo, hi = _window(low, high, scale, spec)
     q = round_clip(rows / s, lo[:, None], hi[:, None])
-    diff = (q * s - rows).astype(np.float64)
-    return np.einsum("ij,ij->i", diff, diff)
+    diff = q * s - rows
+    return np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
 
 
 def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> np.ndarray:
@@ -177,11 +179,12 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     if method == "mse":
         for part in _chunks(rows):
             block, base = rows[part], safe[part]
+            low, high = block.min(axis=1), block.max(axis=1)  # the same for every ratio
             best_scale = scales[part].copy()
-            best_err = _sq_error(block, best_scale, spec)
+            best_err = _sq_error(block, best_scale, spec, low, high)
             for ratio in _MSE_RATIOS[1:]:
                 cand = (base * np.float32(ratio) / steps).astype(np.float32)
-                err = _sq_error(block, cand, spec)
+                err = _sq_error(block, cand, spec, low, high)
                 better = err < best_err  # strict: ties keep the larger ratio
                 best_err = np.where(better, err, best_err)
                 best_scale = np.where(better, cand, best_scale)
