@@ -286,13 +286,24 @@ def eval_cmd(
     task: TaskOpt = "transcribe",
     beam_size: BeamSizeOpt = 1,
     temperature_fallback: FallbackOpt = False,
+    workers: Annotated[int | None, typer.Option(
+        help="Transcribe on N workers of a local Ray (needs the ray package); the same "
+             "transcripts, each worker's seconds at its share of the threads")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Transcribe on the Ray cluster at auto or HOST:PORT (--workers: how many; "
+             "default one per node); the model folder must be readable there")] = None,
 ) -> None:
     """WER (normalised, 95% bootstrap CI, per voice and condition) and real-time factor."""
     from .eval import evaluate, read_manifest, render
+    from .eval.shards import TranscriberSpec
+    from .executor import RayExecutor, check_ray_options
     from .models import model_folder
     from .runtime.decoding import LOOP_GUARD, check_options
     from .runtime.whisper import WhisperRuntime
 
+    distributed = workers is not None or ray_address is not None
+    if distributed:
+        check_ray_options(workers, ray_address)
     options = _decode_options(beam_size, temperature_fallback, seed)
     utterances = read_manifest(data)
     if limit is not None:
@@ -301,8 +312,21 @@ def eval_cmd(
     runtime = WhisperRuntime.open(folder, threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None, options=options)
     chosen = check_options(runtime.decoding, None if language == "auto" else language, task)
-    result = evaluate(lambda audio: runtime.transcribe(audio, language=chosen, task=task),
-                      utterances, model=runtime.card.name, data=str(data), seed=seed)
+    name, executor = runtime.card.name, None
+    if distributed:
+        spec = TranscriberSpec(folder.resolve(), loop_guard, options, chosen, task)
+        del runtime  # the workers hold their own
+        executor = RayExecutor(spec, address=ray_address, workers=workers)
+        transcribe = None
+    else:
+        def transcribe(audio: Any) -> Any:
+            return runtime.transcribe(audio, language=chosen, task=task)
+    try:
+        result = evaluate(transcribe, utterances, model=name, data=str(data), seed=seed,
+                          executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     console.print(render(result))
     if json_out is not None:
         result.save(json_out)

@@ -1,16 +1,18 @@
-"""Where ESC's candidates are evaluated: in this process, or on Ray workers.
+"""Where a build's and an evaluation's independent tasks run: in this process, or on Ray
+workers.
 
-An executor takes the candidates of one CMA-ES generation (scale dicts) and yields their
-objective values in input order, whatever order they finish in, so a search run through
-any executor tells CMA-ES the same values in the same order, and with the same seed ends
-with the same scales, byte for byte.
+An executor takes a list of tasks (ESC: the candidates of one CMA-ES generation, scale
+dicts; the two-stage probes: gate feeds; an evaluation: utterances) and yields their
+results in input order, whatever order they finish in, so a search run through any
+executor tells CMA-ES the same values in the same order, and with the same seed ends with
+the same scales, byte for byte.
 
-- `InProcess` calls one objective, one candidate after the other (the default).
+- `InProcess` calls one function, one task after the other (the default).
 - `RayExecutor` spreads them over Ray actors (`--ray-address auto|HOST:PORT`, or a local
-  Ray started with `--workers N`). Each actor builds one objective from an
-  `ObjectiveSpec` shipped once through the object store, with (the cluster's CPUs /
-  workers) ONNX Runtime threads; a candidate goes to whichever actor is free. An actor that dies is
-  replaced and its candidate retried, up to `retries` times per candidate.
+  Ray started with `--workers N`). Each actor builds one function (an objective, a
+  transcriber) from a picklable factory shipped once through the object store, with (the
+  cluster's CPUs / workers) ONNX Runtime threads; a task goes to whichever actor is free.
+  An actor that dies is replaced and its task retried, up to `retries` times per task.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import resource
 import socket
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from .errors import SfcError, first_line
@@ -30,44 +32,42 @@ __all__ = ["CONNECT_TIMEOUT", "Executor", "InProcess", "ObjectiveFactory", "RayE
 
 CONNECT_TIMEOUT = 3.0  # seconds for a Ray head to accept a connection (ray.init has none)
 
-Scales = Mapping[str, float]
-
-
 class Executor(Protocol):
-    """Evaluates candidates; `evaluate` yields one value per candidate, in input order."""
+    """Runs tasks; `evaluate` yields one result per task, in input order."""
 
-    def evaluate(self, candidates: Sequence[Scales]) -> Iterator[float]: ...
+    def evaluate(self, tasks: Sequence[Any]) -> Iterator[Any]: ...
 
     def close(self) -> None: ...
 
 
 class ObjectiveFactory(Protocol):
-    """What a Ray worker builds its objective from (`calib.objectives.ObjectiveSpec`)."""
+    """What a Ray worker builds its function from (`calib.objectives.ObjectiveSpec`,
+    `eval.shards.TranscriberSpec`)."""
 
     def make(self, threads: int | None = None) -> Any: ...
 
 
 class InProcess:
-    """Calls `objective` here, lazily: a Ctrl-C mid-generation keeps the values so far."""
+    """Calls `function` here, lazily: a Ctrl-C mid-generation keeps the values so far."""
 
-    def __init__(self, objective: Callable[[Scales], float]) -> None:
-        self.objective = objective
+    def __init__(self, function: Callable[[Any], Any]) -> None:
+        self.function = function
 
-    def evaluate(self, candidates: Sequence[Scales]) -> Iterator[float]:
-        return (float(self.objective(c)) for c in candidates)
+    def evaluate(self, tasks: Sequence[Any]) -> Iterator[Any]:
+        return (self.function(t) for t in tasks)
 
     def close(self) -> None:
         """Nothing to release: the objective belongs to the caller."""
 
 
 class _Worker:
-    """One Ray actor's objective, built once."""
+    """One Ray actor's function, built once."""
 
     def __init__(self, factory: ObjectiveFactory, threads: int) -> None:
-        self.objective = factory.make(threads=threads)
+        self.function = factory.make(threads=threads)
 
-    def evaluate(self, scales: Scales) -> float:
-        return float(self.objective(scales))
+    def evaluate(self, task: Any) -> Any:
+        return self.function(task)
 
     def peak_rss(self) -> int:
         """This worker process's peak resident memory in bytes (Linux: ru_maxrss is KiB)."""
@@ -128,13 +128,13 @@ def _connect(address: str | None, workers: int | None) -> tuple[int, bool]:
 
 
 class RayExecutor:
-    """Evaluates candidates on `workers` Ray actors, each holding one objective built from
-    `factory` (shipped once through `ray.put`).
+    """Runs tasks on `workers` Ray actors, each holding one function built from `factory`
+    (shipped once through `ray.put`).
 
     `address`: "auto" or HOST:PORT of a running cluster; None starts a local Ray (`workers`
     then required). `workers` on a cluster defaults to one per live node. Each worker gets
-    cluster CPUs / workers ONNX Runtime threads (at least one). A candidate
-    whose worker died is retried on a fresh worker, at most `retries` times.
+    cluster CPUs / workers ONNX Runtime threads (at least one). A task whose worker died
+    is retried on a fresh worker, at most `retries` times.
     """
 
     def __init__(self, factory: ObjectiveFactory, *, address: str | None = None,
@@ -172,19 +172,19 @@ class RayExecutor:
         except ray.exceptions.RayActorError as exc:
             raise SfcError(f"a Ray worker could not start: {first_line(exc)}") from None
 
-    def evaluate(self, candidates: Sequence[Scales]) -> Iterator[float]:
+    def evaluate(self, tasks: Sequence[Any]) -> Iterator[Any]:
         import ray
 
-        pending = deque(range(len(candidates)))
+        pending = deque(range(len(tasks)))
         idle = deque(range(len(self._actors)))
-        running: dict[Any, tuple[int, int]] = {}  # task -> (candidate, worker slot)
-        deaths = [0] * len(candidates)
-        done: dict[int, float] = {}
+        running: dict[Any, tuple[int, int]] = {}  # ray task -> (task index, worker slot)
+        deaths = [0] * len(tasks)
+        done: dict[int, Any] = {}
         given = 0
-        while given < len(candidates):
+        while given < len(tasks):
             while pending and idle:
                 i, slot = pending.popleft(), idle.popleft()
-                running[self._actors[slot].evaluate.remote(candidates[i])] = (i, slot)
+                running[self._actors[slot].evaluate.remote(tasks[i])] = (i, slot)
             ready, _ = ray.wait(list(running), num_returns=1)
             i, slot = running.pop(ready[0])
             try:
@@ -192,8 +192,8 @@ class RayExecutor:
             except ray.exceptions.RayActorError as exc:
                 deaths[i] += 1
                 if deaths[i] > self.retries:
-                    raise SfcError(f"Ray workers died {deaths[i]} times evaluating one ESC "
-                                   f"candidate: {first_line(exc)}") from None
+                    raise SfcError(f"Ray workers died {deaths[i]} times running one task: "
+                                   f"{first_line(exc)}") from None
                 self._actors[slot] = self._spawn()
                 pending.appendleft(i)
             except ray.exceptions.RayTaskError as exc:

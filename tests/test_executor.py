@@ -235,3 +235,26 @@ def test_in_process_yields_lazily() -> None:
 
     values = InProcess(objective).evaluate([{"a": 1.0}, {"a": 2.0}])
     assert next(values) == 1.0 and calls == [1.0]  # Ctrl-C after one keeps that one
+
+
+def test_evaluation_shards_on_ray_give_the_in_process_transcripts(
+        cluster: None, tiny_export: Path) -> None:
+    """`sfc eval --workers 2`: utterances spread over two workers, scored in manifest order,
+    with the transcripts and WER of the in-process evaluation."""
+    from sfc.eval import evaluate, read_manifest
+    from sfc.eval.shards import TranscriberSpec
+    from tests.conftest import EVAL_DATA
+
+    utterances = read_manifest(EVAL_DATA)[:4]
+    spec = TranscriberSpec(tiny_export)
+    here = evaluate(None, utterances, model="m", data="d", progress=False,
+                    executor=InProcess(spec.make()))
+    executor = RayExecutor(spec, workers=2)
+    try:
+        remote = evaluate(None, utterances, model="m", data="d", progress=False,
+                          executor=executor)
+    finally:
+        executor.close()
+    assert [u.id for u in remote.utterances] == [u.id for u in utterances]
+    assert [u.hypothesis for u in remote.utterances] == [u.hypothesis for u in here.utterances]
+    assert remote.wer == here.wer and 0 < here.wer < 0.5

@@ -451,7 +451,7 @@ def esc_search(start: Mapping[str, float], objective: Objective, config: EscCali
                     break
                 candidates = es.ask()
                 xs = [np.asarray(c[: len(keys)]) for c in candidates]
-                values = [track.record(x, v) for x, v in zip(
+                values = [track.record(x, float(v)) for x, v in zip(
                     xs, runner.evaluate([track.scales(x) for x in xs]), strict=True)]
                 worst = max((v for v in values if math.isfinite(v)), default=1e30)
                 es.tell(candidates, [v if math.isfinite(v) else 10.0 * abs(worst) + 1.0

@@ -6,26 +6,25 @@ does differently, and the RTF should describe the model.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.progress import TextColumn
 
+from ..executor import Executor, InProcess
 from ..progress import progress_bar
 from .manifest import Utterance
 from .results import EvalResult, UtteranceResult, summarize
+from .shards import transcribe_one
 from .wer import count_errors
 
 if TYPE_CHECKING:
     from ..runtime.whisper import Transcript
 
-SAMPLE_RATE = 16_000
-
 
 def evaluate(
-    transcribe: Callable[[np.ndarray], Transcript | str],
+    transcribe: Callable[[np.ndarray], Transcript | str] | None,
     utterances: Sequence[Utterance],
     *,
     model: str,
@@ -33,44 +32,42 @@ def evaluate(
     seed: int = 0,
     n_resamples: int = 2000,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> EvalResult:
     """Transcribe every utterance, count word errors and summarise.
 
     `transcribe` receives float32 16 kHz mono samples and returns text, or sfc's
-    `Transcript` (text and loop-guard stops). Audio loading errors (SfcError) and
-    transcriber exceptions propagate.
+    `Transcript` (text and loop-guard stops). `executor`: transcribes the utterances
+    instead (`eval.shards.TranscriberSpec` on Ray workers; `transcribe` unused), results
+    in manifest order. Audio loading errors (SfcError) and transcriber exceptions
+    propagate.
     """
-    # Lazy: the audio module pulls in soundfile/scipy, which plain result handling
-    # (loading, rendering) does not need.
-    from ..runtime.audio import load_audio
-
+    if executor is None:
+        if transcribe is None:
+            raise ValueError("evaluate needs a transcribe function or an executor")
+        run = transcribe
+        executor = InProcess(lambda utt: transcribe_one(run, utt))
     results: list[UtteranceResult] = []
     errors = 0
     ref_words = 0
     with progress_bar(TextColumn("WER {task.fields[wer]}"), enabled=progress) as bar:
         task = bar.add_task("evaluating", total=len(utterances), wer="-")
-        for utt in utterances:
-            audio = load_audio(utt.audio)
-            start = time.perf_counter()
-            out = transcribe(audio)
-            compute_s = time.perf_counter() - start
-            hypothesis = out if isinstance(out, str) else out.text
-
-            counts = count_errors(utt.text, hypothesis)
+        for utt, out in zip(utterances, executor.evaluate(utterances), strict=True):
+            counts = count_errors(utt.text, out.text)
             results.append(
                 UtteranceResult(
                     id=utt.id,
                     voice=utt.voice,
                     condition=utt.condition,
                     reference=utt.text,
-                    hypothesis=hypothesis,
+                    hypothesis=out.text,
                     substitutions=counts.substitutions,
                     deletions=counts.deletions,
                     insertions=counts.insertions,
                     ref_words=counts.ref_words,
-                    audio_s=len(audio) / SAMPLE_RATE,
-                    compute_s=compute_s,
-                    loop_stops=0 if isinstance(out, str) else out.loop_stops,
+                    audio_s=out.audio_s,
+                    compute_s=out.compute_s,
+                    loop_stops=out.loop_stops,
                 )
             )
             errors += counts.errors
