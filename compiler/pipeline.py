@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ from .build import BuildConfig, build
 from .calib.feeds import Feed
 from .calib.inferred_feeds import FeedSource, feed_source
 from .card import ModelCard, TensorSpec
+from .errors import SfcError
 from .eval import evaluate, read_manifest
 from .eval.results import EvalResult
 from .memory import peak_rss_kib, release_free_memory
@@ -75,7 +77,26 @@ def _distortion_feeds(fp32_model: Path, inputs: Sequence[TensorSpec],
 
 def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path | None,
                   eval_limit: int | None = None, threads: int | None = None) -> BuildReport:
-    """Build `src` into `out`, evaluate it against FP32 (Whisper), write report.json/.md."""
+    """Build `src` into `out`, evaluate it against FP32 (Whisper), write report.json/.md.
+
+    Under torchrun (WORLD_SIZE > 1; `precision.data_parallel`) only a one-stage search runs
+    in parallel: rank 0 builds into `out`, the other ranks the same build into a temporary
+    folder, removed, with no WER check."""
+    from .precision.data_parallel import env_world
+
+    world = env_world()
+    if world.parallel and not config.one_stage:
+        raise SfcError("under torchrun (WORLD_SIZE > 1) sfc runs only --search one-stage in "
+                       "parallel; run other builds as one process")
+    if world.rank == 0:
+        return _compile_model(src, out, config, eval_data, eval_limit, threads)
+    with tempfile.TemporaryDirectory(prefix=f"sfc-rank{world.rank}-") as scratch:
+        return _compile_model(src, Path(scratch) / "build", config, None, None, threads)
+
+
+def _compile_model(src: str, out: Path, config: BuildConfig, eval_data: Path | None,
+                   eval_limit: int | None, threads: int | None) -> BuildReport:
+    """`compile_model`'s build in this process."""
     from .models import export_peak_mib, model_folder, zoo_export_cached
 
     # One staging folder for the build, its WER check and its report, published together:

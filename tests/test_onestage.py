@@ -338,3 +338,81 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
     for graph in ("encoder", "decoder"):
         assert (tmp_path / "r" / graph / "model.qdq.onnx").read_bytes() == \
             (tmp_path / "b" / graph / "model.qdq.onnx").read_bytes()
+
+
+def _sharded_task(a: np.ndarray, b: np.ndarray):
+    """`_task` written for data parallelism: each process's rows' squared error over the
+    whole batch's normaliser, so the processes' losses sum to `_task`'s."""
+    from sfc.precision.data_parallel import env_world, shard
+
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    world = env_world()
+
+    def loss(step: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = torch.from_numpy(np.random.default_rng(step).normal(size=(16, a.shape[0]))
+                             .astype(np.float32))
+        y = x @ ta + 1e-3 * (x @ tb)
+        rows = shard(len(x), world)
+        got = x[rows] @ weights["a"] + 1e-3 * (x[rows] @ weights["b"])
+        return ((got - y[rows]) ** 2).sum() / y.numel() / (y ** 2).mean()
+    return loss
+
+
+DP_CONFIG = OneStageConfig(steps=40, finetune_steps=10)
+
+
+def _dp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One torchrun-like process: the environment torchrun sets, then the search."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    weights, allowed, params = _problem()
+    result = one_stage_search(weights, _sharded_task(weights[0].value, weights[1].value),
+                              bits_allowed=allowed, params=params, config=DP_CONFIG,
+                              progress=False)
+    np.savez(f"{out}/rank{rank}.npz", losses=[h["loss"] for h in result.history],
+             **{f"{n}_q": q for n, (_, q, _) in result.weights.chosen.items()},
+             **{f"{n}_bits": s.bits for n, (s, _, _) in result.weights.chosen.items()})
+
+
+def test_two_processes_learn_what_one_does(tmp_path: Path) -> None:
+    """torchrun's data parallelism (gloo, two processes on this machine): each process
+    computes half of every step's batch, gradients are summed; both end with the same
+    bits and integers, which are the one-process search's up to float summation order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    assert all(np.array_equal(r0[k], r1[k]) for k in r0.files)
+    weights, allowed, params = _problem()
+    alone = one_stage_search(weights, _sharded_task(weights[0].value, weights[1].value),
+                             bits_allowed=allowed, params=params, config=DP_CONFIG,
+                             progress=False)
+    np.testing.assert_allclose(r0["losses"], [h["loss"] for h in alone.history], rtol=1e-3,
+                               atol=1e-6)
+    for n, (spec, q, _) in alone.weights.chosen.items():
+        assert int(r0[f"{n}_bits"]) == spec.bits
+        assert np.mean(r0[f"{n}_q"] != q) < 0.01  # a rounding flips where float sums differ
+
+
+def test_torchrun_runs_only_the_one_stage_search_in_parallel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfc.build import BuildConfig
+    from sfc.errors import SfcError
+    from sfc.pipeline import compile_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SfcError, match="only --search one-stage in parallel"):
+        compile_model("whisper-tiny.en", tmp_path / "b", BuildConfig(), eval_data=None)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(SfcError, match="RANK 2 does not fit WORLD_SIZE 2"):
+        compile_model("whisper-tiny.en", tmp_path / "b", BuildConfig(), eval_data=None)
+    assert not (tmp_path / "b").exists()

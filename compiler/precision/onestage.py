@@ -42,6 +42,7 @@ from ..progress import progress_bar
 from ..quant.spec import QuantSpec
 from ..quant.weights import quantize_weight, weight_scales
 from .budget import WeightOption, storage_bits
+from .data_parallel import join
 from .fakequant import expand_scales, fake_quantize
 from .solve import fill_budget, solve_choice
 
@@ -354,6 +355,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
 
     device = config.device
     check_device(device)
+    world = join(device)
     if not weights:
         raise SfcError("one-stage search: no weight to search")
     if len({w.name for w in weights}) != len(weights):
@@ -395,7 +397,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
             opt.load_state_dict(state["optimizer"])
 
     def save() -> None:
-        if state_file is not None:
+        if state_file is not None and world.rank == 0:
             _save(state_file, {"key": key, "step": step, "history": history,
                                "seconds": spent,
                                "fixed": mixed.fixed, "generator": generator.get_state(),
@@ -440,14 +442,17 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 avg = (mixed.expected_bits() + fixed_bits) / params
                 excess = avg - target_avg
                 size = mu * excess + config.size_weight / 2 * torch.relu(excess) ** 2
-                total_loss = loss + size.float() if searching else loss
+                # Every process adds the size term; its gradients are summed over them.
+                total_loss = loss + size.float() / world.size if searching else loss
                 total_loss.backward()
+                world.sum_gradients(mixed.tensors().values())
                 if not searching:
                     _decay(opt, config, step - config.steps)
                 opt.step()
                 if searching:
                     mu = max(0.0, mu + config.dual_lr * float(excess.detach()))
-                history.append({"step": step, "loss": float(loss.detach()), "tau": tau, "mu": mu,
+                history.append({"step": step, "loss": world.sum(float(loss.detach())),
+                                "tau": tau, "mu": mu,
                                 "expected_bits": float(avg.detach()),
                                 "probs": None if mixed.fixed else mixed.probs()})
                 step += 1

@@ -34,6 +34,7 @@ from ..errors import SfcError
 from ..quant.spec import QuantSpec
 from ..quant.weights import dequantize_weight, round_to_nearest
 from .budget import WeightOption, storage_bits
+from .data_parallel import ALONE, World, join, shard
 from .onestage import OneStageResult, SearchedWeight, TaskLoss, one_stage_search
 from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float_params
 
@@ -71,11 +72,12 @@ def hf_names(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> dict[
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
         mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each masked token."""
     import torch
 
     t = torch.log_softmax(teacher_logits[mask], dim=-1)
     s = torch.log_softmax(student_logits[mask], dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return (t.exp() * (t - s)).sum(-1)
 
 
 def _embedding_uses(model: torch.nn.Module, name: str) -> tuple[list[str], list[str]]:
@@ -96,11 +98,14 @@ def _embedding_uses(model: torch.nn.Module, name: str) -> tuple[list[str], list[
 
 def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
                       batches: Sequence[Any], device: str = "cpu",
-                      gathered: Mapping[str, np.ndarray] | None = None) -> TaskLoss:
+                      gathered: Mapping[str, np.ndarray] | None = None,
+                      world: World = ALONE) -> TaskLoss:
     """The task loss of step `step`: KL to the teacher on batch `step % len(batches)`
-    (`batches`: `whisper_reference` batches: features, tokens, mask). `gathered`: ONNX
-    weight name -> the fixed copy (ONNX [K, N] layout) its embedding uses read instead of
-    the student's weight (the Gathers' own copy)."""
+    (`batches`: `whisper_reference` batches: features, tokens, mask), the mean over its
+    tokens. `gathered`: ONNX weight name -> the fixed copy (ONNX [K, N] layout) its
+    embedding uses read instead of the student's weight (the Gathers' own copy). With
+    several processes (`world`), this process's rows' share: their KL summed over the
+    whole batch's token count."""
     import torch
 
     if not batches:
@@ -120,9 +125,10 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
 
     def loss(step: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         batch = batches[step % len(batches)]
-        features = torch.from_numpy(batch.features).to(device)
-        tokens = torch.from_numpy(batch.tokens[:, :-1]).to(device)
-        mask = torch.from_numpy(batch.mask).to(device)
+        rows = shard(len(batch.tokens), world)
+        features = torch.from_numpy(np.ascontiguousarray(batch.features[rows])).to(device)
+        tokens = torch.from_numpy(np.ascontiguousarray(batch.tokens[rows, :-1])).to(device)
+        mask = torch.from_numpy(np.ascontiguousarray(batch.mask[rows])).to(device)
         kwargs = {"input_features": features, "decoder_input_ids": tokens}
         with torch.no_grad():
             teacher = model(**kwargs).logits
@@ -131,7 +137,10 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
             params.update({use: w.T for use in linear_uses.get(n, [names[n]])})
         student = torch.func.functional_call(model, params, (), kwargs,
                                              tie_weights=not fixed).logits
-        return _kl(teacher, student, mask)
+        kl = _kl(teacher, student, mask)
+        if world.parallel:
+            return kl.sum() / max(1, int(batch.mask.sum()))
+        return kl.mean()
 
     return loss
 
@@ -211,7 +220,8 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     # (a copy itself follows from the checkpoint's weights, already pinned).
     data_key = json.dumps([zoo, [u.id for u in utterances], audio_digest(extra)]
                           + ([sorted(copies)] if copies else []))
-    task = whisper_task_loss(model, names, batches, config.one_stage.device, copies)
+    world = join(config.one_stage.device)
+    task = whisper_task_loss(model, names, batches, config.one_stage.device, copies, world)
     by_graph = {g.name: g for g in graphs}
 
     def gptq(key: str, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
