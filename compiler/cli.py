@@ -472,6 +472,7 @@ def build_cmd(
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
     from .build import BuildConfig, lower_qdq
     from .pipeline import compile_model, pending_engines
+    from .precision.data_parallel import env_world
     from .targets.tensorrt_plan import ProfileLimits
 
     limits = ProfileLimits(max_batch=max_batch, opt_batch=opt_batch,
@@ -540,6 +541,8 @@ def build_cmd(
                          train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
+    if env_world().rank > 0:
+        return  # under torchrun rank 0 reports the build; this rank's copy is gone
     _say((out / "report.md").read_text().split("\n## Layers")[0])
     _say(f"build folder: {out} (report.md, report.json); "
          f"{report.compression:.2f}x smaller than FP32")
