@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import shlex
@@ -232,7 +233,34 @@ def show(report: dict[str, Any]) -> None:
                 ["executor", "tasks", f"{job} s", "s / task",
                  "efficiency vs in-process", "build s", "driver peak MB", "worker peak MB",
                  "same recipe"], rows)
+    for line in projection(report):
+        print(line)
     print(machine_line(report["machine"]))
+
+
+def projection(report: dict[str, Any], sizes: Sequence[int] = (8, 64)) -> list[str]:
+    """A projection, not a measurement: the distributed part on `sizes` workers, each like
+    the measured one-worker variant (a whole machine of this kind), from its seconds per
+    task; ESC's generations wait for their slowest round, probes are one pool of tasks.
+    The build's other parts (calibration pass, FP32 reference, lowering) do not shrink."""
+    one = next((b for b in report["builds"] if b["workers"] == 1), None)
+    if one is None:
+        return []
+    seconds = one.get("seconds", one.get("esc_s"))
+    tasks = one.get("tasks", one.get("evaluations"))
+    per_task = seconds / max(1, tasks)
+    rest = one["build_s"] - seconds
+    if report.get("job", "esc") == "esc":
+        generations = max(1, one.get("generations") or 1)
+        population = math.ceil(tasks / generations)
+        rounds = {w: generations * math.ceil(population / w) for w in sizes}
+        what = f"{generations} generations of {population}"
+    else:
+        rounds = {w: math.ceil(tasks / w) for w in sizes}
+        what = f"{tasks} probes"
+    cells = ", ".join(f"{w} workers {rounds[w] * per_task:.1f} s" for w in sizes)
+    return [f"projection, not a measurement ({what}, {per_task:.2f} s per task on one worker "
+            f"of this machine): {cells}; the build's other {rest:.0f} s stay"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
