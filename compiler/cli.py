@@ -440,7 +440,7 @@ def build_cmd(
         "--act-guard-kl (leave-one-out probes; only when it is over)")] = True,
     act_guard_kl: Annotated[float | None, typer.Option(
         help="Activation guard: KL (nats per token, to FP32) that quantizing the "
-        "activations may add to the quantized weights' own (default 0.02)")] = None,
+        "activations may add to the quantized weights' own (default 0.005)")] = None,
     act_guard_max: Annotated[int | None, typer.Option(
         help="Activation guard: most activations kept in float (default 8)")] = None,
     eval_data: Annotated[Path | None, typer.Option(

@@ -212,7 +212,7 @@ def test_mixed_precision_probes_resume_after_a_crash(tmp_path: Path,
     search = SearchConfig(Budget(avg_bits=4.0), candidates=("8", "4/32", "2/32"), samples=3)
     config = BuildConfig(target="sim", activations=None, calibrator="mse", calib=feeds,
                          weights="mixed", search=search, weight_method="gptq")
-    real = objectives.make_objective
+    real = objectives.ObjectiveSpec.make
     calls: list[int] = []
     crash_at: list[int | None] = [None]
 
@@ -229,10 +229,10 @@ def test_mixed_precision_probes_resume_after_a_crash(tmp_path: Path,
         def close(self) -> None:
             self.inner.close()
 
-    def counted(*args: object, **kwargs: object) -> Counted:
-        return Counted(real(*args, **kwargs))  # type: ignore[arg-type]
+    def counted(self: Any, threads: int | None = None) -> Counted:
+        return Counted(real(self, threads))
 
-    monkeypatch.setattr(objectives, "make_objective", counted)
+    monkeypatch.setattr(objectives.ObjectiveSpec, "make", counted)
 
     def chosen(out: Path) -> dict[str, str]:
         data = json.loads((out / "precision.json").read_text())

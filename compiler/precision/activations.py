@@ -111,8 +111,10 @@ class GuardConfig:
     (their readers run on float inputs), at most `max_float` of them. Probes run on
     `samples` calibration clips (`guard_clips`: the ones after ESC's)."""
 
-    # whisper-tiny.en's default W8A8 ESC build, lossless, measures 0.0199 (BENCHMARKS.md).
-    allowance: float = 0.02
+    # At 0.02 tiny.en's W8A8 ESC build kept nothing float and lost 1.3 WER points on one
+    # seed of three; at 0.005 (4-8 kept) it is lossless on 3 seeds x 2 sets (BENCHMARKS.md,
+    # issue 15).
+    allowance: float = 0.005
     max_float: int = 8
     samples: int = 16
 
