@@ -17,7 +17,7 @@ Run from the repository root, with nothing else running::
    shape-true random-weight model from `shape_true.py`) per variant, each in a fresh
    subprocess so that its driver's peak RSS is its own: in-process, then a local Ray with
    each of ``--workers`` workers. `--job esc`: W8A8 with ESC (seed 0, no WER check);
-   `--job probes`: weight-only two-stage mixed precision (`--candidates`, 5 average bits)
+   `--job probes`: weight-only two-stage mixed precision (`--candidates`, 6 average bits)
    whose task probes are the distributed work. Reported per variant: the seconds of the
    distributed part (ESC: ``esc.json``'s search, the MSE start, the generations and the
    final mean, the first and last in the driver; probes: the probe loop alone), seconds per
@@ -122,7 +122,8 @@ def one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
                              esc_popsize=args.popsize, calib_limit=args.calib_limit,
                              workers=workers)
     else:
-        search = SearchConfig(Budget(avg_bits=5.0), candidates=tuple(args.candidates.split(",")),
+        # 6 bits: between the default candidates' 8 and 4/32 (5.17 with zero points).
+        search = SearchConfig(Budget(avg_bits=6.0), candidates=tuple(args.candidates.split(",")),
                               samples=args.samples)
         config = BuildConfig(activations=None, calibrator="mse", weights="mixed", search=search,
                              calib_limit=args.calib_limit, workers=workers)

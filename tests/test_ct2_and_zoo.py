@@ -127,6 +127,7 @@ def test_shape_true_random_whisper_is_seeded_and_labelled(tmp_path: Path,
     import onnx
     from onnx import numpy_helper
 
+    from sfc.card import ModelCard
     from sfc.models import whisper_random
 
     monkeypatch.setitem(whisper_random.SHAPES, "whisper-test",
@@ -134,7 +135,8 @@ def test_shape_true_random_whisper_is_seeded_and_labelled(tmp_path: Path,
     monkeypatch.setattr(whisper_random, "BORROWED", "whisper-tiny.en")  # installed with dev
 
     def weights(seed: int, out: Path) -> dict[str, np.ndarray]:
-        card = whisper_random.export_random_whisper("whisper-test", seed, out)
+        whisper_random.export_random_whisper("whisper-test", seed, out)
+        card = ModelCard.load(out)  # the saved card, as builds read it
         assert card.name == f"whisper-test-random-s{seed}"
         assert card.source["random_weights"] == "speed and memory only"
         assert card.decoding.n_layers == 1 and card.decoding.n_heads == 2

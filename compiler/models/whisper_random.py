@@ -68,6 +68,6 @@ def export_random_whisper(shape: str, seed: int, out_dir: Path) -> ModelCard:
 
     loaded = random_whisper(shape, seed)
     name = f"{shape}-random-s{seed}"
-    source = {"random_weights": "speed and memory only", "shape": shape, "seed": seed,
+    source = {"random_weights": "speed and memory only", "shape": shape, "seed": str(seed),
               "tokenizer_from": BORROWED, **loaded.checkpoint.versions}
     return export_loaded(loaded, name, out_dir, source)
