@@ -324,16 +324,20 @@ def _recipe_path(config: BuildConfig, graph: str, single: bool) -> Path | None:
     return path
 
 
-def _grams(model: onnx.ModelProto, plan: Plan) -> dict[str, GramAccumulator]:
+def _grams(model: onnx.ModelProto, plan: Plan, tied: bool) -> dict[str, GramAccumulator]:
     """weight -> the Gram accumulator of its MatMul's data input (weights read by several
-    MatMuls, or by none, get none); MatMuls sharing an input share one accumulator."""
+    MatMuls, or by none, get none; nor, unless `tied`, a table that Gathers read too, so
+    it rounds with MSE: `GptqConfig.tied`); MatMuls sharing an input share one
+    accumulator."""
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
     by_input: dict[str, GramAccumulator] = {}
     out = {}
     for q in plan.weights:
         readers = [nodes[c] for c in q.consumers]
-        if len(readers) != 1 or readers[0].op_type != "MatMul":
+        if len(readers) != 1 or readers[0].op_type != "MatMul" or (
+                q.tensor in gathered and not tied):
             continue
         data = readers[0].input[0]
         k = int(inits[q.tensor].dims[0])
@@ -855,7 +859,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                 feeds, total = g.feeds.make(), g.feeds.count
             started = time.perf_counter()
             if config.needs_grams:
-                g.grams = _grams(g.model, g.plan)
+                g.grams = _grams(g.model, g.plan, config.gptq.tied)
             g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
             g.seconds += time.perf_counter() - started
             pending.append(g)

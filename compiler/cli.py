@@ -402,6 +402,9 @@ def build_cmd(
     gptq_stages: Annotated[int, typer.Option(
         help="GPTQ: groups of each graph's MatMuls calibrated one after another on the "
         "quantized outputs of those before them (1: one FP32 pass)")] = 1,
+    gptq_tied: Annotated[bool, typer.Option(
+        help="GPTQ also on a tied embedding/logits table (default: MSE rounding there, "
+        "which measured better)")] = False,
     activations: Annotated[str, typer.Option(
         help="Activations: int8, int4 (fake-quant --target sim only) or none; 8 and 4 "
         "alike")] = "int8",
@@ -520,7 +523,8 @@ def build_cmd(
             check_device(train_device)
     elif candidates is not None or search != "two-stage":
         raise SfcError("--candidates and --search apply to --weights mixed only")
-    gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order, stages=gptq_stages)
+    gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order, stages=gptq_stages,
+                      tied=gptq_tied)
     guard = GuardConfig() if act_guard else None
     if act_guard_kl is not None or act_guard_max is not None:
         if guard is None:

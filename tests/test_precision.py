@@ -33,6 +33,7 @@ from sfc.precision.mapfile import load_precision
 from sfc.precision.probe import run_probes, switchable
 from sfc.precision.search import SearchConfig, candidate_specs
 from sfc.precision.solve import fill_budget, solve_choice
+from sfc.quant.gptq import GptqConfig
 from sfc.quant.plan import LayerPrecision, PlanConfig, exact_pattern, make_plan
 from sfc.quant.qdq import write_qdq
 from sfc.quant.recipe import Recipe
@@ -460,3 +461,39 @@ def test_guard_measures_on_clips_the_search_did_not_tune_on() -> None:
     assert guard_clips(20, 16, 16) == range(4, 20)  # too few: the last ones
     assert guard_clips(4, 16, 2) == range(2, 4)
     assert guard_clips(3, 0, 16) == range(0, 3)
+
+
+def _tied(path: Path, feeds: Path) -> tuple[Path, Path]:
+    """x, tokens -> x + E[tokens] -> MatMul(w1) -> MatMul(E): a table read by a Gather
+    and by a MatMul (Whisper's tied embedding/logits table), and one plain weight."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), n)
+             for n in ("E", "w1")]
+    nodes = [onnx.helper.make_node("Gather", ["E", "tokens"], ["e"], name="embed"),
+             onnx.helper.make_node("Add", ["x", "e"], ["h"], name="add"),
+             onnx.helper.make_node("MatMul", ["h", "w1"], ["h1"], name="fc1"),
+             onnx.helper.make_node("MatMul", ["h1", "E"], ["y"], name="logits")]
+    graph = onnx.helper.make_graph(
+        nodes, "tied",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 64]),
+         onnx.helper.make_tensor_value_info("tokens", onnx.TensorProto.INT64, ["n"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 64])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    feeds.mkdir()
+    for i in range(4):
+        np.savez(feeds / f"{i}.npz", x=rng.standard_normal((8, 64)).astype(np.float32),
+                 tokens=rng.integers(0, 64, 8))
+    return path, feeds
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gptq_leaves_a_tied_table_to_mse_unless_asked(tmp_path: Path, tied: bool) -> None:
+    src, feeds = _tied(tmp_path / "tied.onnx", tmp_path / "feeds")
+    config = _config(feeds, weights=4, weight_method="gptq", gptq=GptqConfig(tied=tied))
+    compile_model(str(src), tmp_path / "b", config, eval_data=None)
+    recipe = Recipe.load(tmp_path / "b" / "model" / "recipe.json")
+    methods = {t.tensor: t.method for t in recipe.tensors if t.kind == "weight"}
+    assert methods == {"w1": "gptq", "E": "gptq" if tied else "mse"}
+    assert recipe.config["weights"]["gptq"].get("tied", False) is tied

@@ -72,6 +72,9 @@ class GptqConfig:
     `weights.weight_scales`).
     `stages`: groups of a graph's MatMuls calibrated one after another, each on the
     quantized outputs of those before it (`quant.sequential`); 1 = one FP32 pass.
+    `tied`: GPTQ also on a weight that Gathers read too (a tied embedding/logits table);
+    off, such a table rounds with MSE-clipped scales: on whisper-tiny.en GPTQ doubled the
+    table's weight error and cost 1.2 WER points against MSE rounding (BENCHMARKS.md).
     """
 
     damp: float = 0.01
@@ -79,6 +82,7 @@ class GptqConfig:
     lazy_block: int = 128
     scale_method: str = "mse"
     stages: int = 1
+    tied: bool = False
 
     def __post_init__(self) -> None:
         damp = self.damp
@@ -94,10 +98,12 @@ class GptqConfig:
                            f"not {self.scale_method!r}")
         if not _is_int(self.stages) or self.stages < 1:
             raise SfcError(f"GPTQ stages must be a positive int, not {self.stages!r}")
+        if not isinstance(self.tied, bool):
+            raise SfcError(f"GPTQ tied must be true or false, not {self.tied!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form, as recipe.json stores it (`stages` only when not 1, so recipes made
-        before it existed stay byte-identical)."""
+        """JSON form, as recipe.json stores it (`stages` only when not 1, `tied` only when
+        on, so recipes made before they existed stay byte-identical)."""
         out: dict[str, Any] = {
             "damp": float(self.damp),
             "act_order": self.act_order,
@@ -106,16 +112,18 @@ class GptqConfig:
         }
         if self.stages != 1:
             out["stages"] = int(self.stages)
+        if self.tied:
+            out["tied"] = True
         return out
 
     @classmethod
     def from_dict(cls, data: Any) -> GptqConfig:
         """Inverse of `to_dict`; malformed input raises SfcError."""
         keys = {"damp", "act_order", "lazy_block", "scale_method"}
-        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"stages"}:
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"stages", "tied"}:
             raise SfcError(f"malformed GPTQ config: {data!r}")
         return cls(data["damp"], data["act_order"], data["lazy_block"], data["scale_method"],
-                   data.get("stages", 1))
+                   data.get("stages", 1), data.get("tied", False))
 
 
 class GramAccumulator:
