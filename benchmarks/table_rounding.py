@@ -60,6 +60,12 @@ def _fake(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return dequantize_weight(q, spec, scales)
 
 
+def frequent_int8(mse: np.ndarray, int8: np.ndarray, n: int) -> np.ndarray:
+    """Columns (tokens) with id < n or >= EOT from `int8`, the rest from `mse`."""
+    ids = np.arange(mse.shape[1])
+    return np.where(((ids < n) | (ids >= EOT))[None], int8, mse)
+
+
 def tables(float_build: Path, gptq_build: Path) -> dict[str, np.ndarray]:
     """variant -> the float32 [K, V] table its logits MatMul reads."""
     model = onnx.load(str(_decoder(float_build)))
@@ -75,10 +81,9 @@ def tables(float_build: Path, gptq_build: Path) -> dict[str, np.ndarray]:
                                 recipe["weight_data"])
     q, scales = stored.arrays[name]
     mse, int8 = _fake(w, BLOCK), _fake(w, CHANNEL)
-    ids = np.arange(w.shape[1])
     out = {"gptq": dequantize_weight(q, BLOCK, scales), "mse": mse, "int8": int8}
     for n in (4096, 16384):
-        out[f"first{n}-int8"] = np.where(((ids < n) | (ids >= EOT))[None], int8, mse)
+        out[f"first{n}-int8"] = frequent_int8(mse, int8, n)
     return out
 
 
