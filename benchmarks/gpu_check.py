@@ -13,10 +13,12 @@ measures, and writes to one JSON plus one markdown table for BENCHMARKS.md:
    float64 numpy references (``sfc.kernels.reference``) on fresh random inputs (the seed is
    printed and saved): max abs error and relative error (at M = 1500 on the first and last 64
    rows: rows are independent, and the last ones fill a partial tile). A wrong kernel is
-   printed as FAIL, not timed, and makes the script exit 1. Timing: CUDA events around each
-   call, L2 flushed before every repeat (a 256 MiB memset, as triton.testing.do_bench does,
-   so M = 1 weights come from HBM as in a real decoder step), warm-up, median of repeats;
-   the best of the tile configurations of benchmarks/gpu_kernels.py per kernel.
+   printed as FAIL, not timed, and makes the script exit 1. Timing: CUDA events around a
+   CUDA-graph replay of each call (GPU time, as an engine launches it), L2 flushed before
+   every repeat (a 256 MiB memset, as triton.testing.do_bench does, so M = 1 weights come
+   from HBM as in a real decoder step), warm-up, median of repeats; the best of the tile
+   configurations (and K splits) of benchmarks/gpu_kernels.py per kernel, then timed once
+   more launched eagerly from Python (host launch included).
 2. **Decoder-step host overhead.** The whisper-tiny.en decoder export (``--decoder``:
    a zoo name or an export folder; the zoo's is made in $SFC_CACHE on first use) on ONNX
    Runtime's CUDA provider, standing in for the TensorRT engine runner where TensorRT is
@@ -247,10 +249,12 @@ class KernelTiming:
     hbm_percent: float | None
     tflops: float | None
     vs_fp16: float | None
+    eager_ms: float | None = None  # launched from Python each time (host launch included)
 
 
 def timing_row(shape: Any, kind: str, tiles: Sequence[int] | None, ms: float | None,
-               block_size: int, peak_gbps: float | None, fp16_ms: float | None) -> KernelTiming:
+               block_size: int, peak_gbps: float | None, fp16_ms: float | None,
+               eager_ms: float | None = None) -> KernelTiming:
     """GB/s = bytes moved / time, % of the HBM peak, TFLOP/s = 2*M*N*K / time, speed-up."""
     from gpu_kernels import bytes_moved
 
@@ -261,7 +265,7 @@ def timing_row(shape: Any, kind: str, tiles: Sequence[int] | None, ms: float | N
         None if tiles is None else list(tiles), ms, moved, gbps,
         None if gbps is None or peak_gbps is None else 100.0 * gbps / peak_gbps,
         None if ms is None else 2.0 * shape.m * shape.n * shape.k / ms / 1e9,
-        None if ms is None or fp16_ms is None else fp16_ms / ms)
+        None if ms is None or fp16_ms is None else fp16_ms / ms, eager_ms)
 
 
 def gpu_intervals(trace: dict[str, Any]) -> list[tuple[float, float]]:
@@ -340,7 +344,8 @@ def kernel_table(timings: Sequence[dict[str, Any]], failed: Iterable[tuple[Any, 
     for key in sorted(keys, key=order):
         model, layer, k, n, kind = key
         decode = cells(key, decode_m, [("ms", ".1f", 1e3), ("gbps", ".0f", 1.0),
-                                       ("hbm_percent", ".1f", 1.0), ("vs_fp16", ".2f", 1.0)])
+                                       ("hbm_percent", ".1f", 1.0), ("vs_fp16", ".2f", 1.0),
+                                       ("eager_ms", ".1f", 1e3)])
         if not peak_known and decode[2] == "—":
             decode[2] = ""  # unknown GPU: the column is left empty, and the caption says so
         prefill = cells(key, prefill_m, [("ms", ".1f", 1e3), ("tflops", ".1f", 1.0),
@@ -348,7 +353,8 @@ def kernel_table(timings: Sequence[dict[str, Any]], failed: Iterable[tuple[Any, 
         rows.append([model, layer, f"{k}x{n}", kind, *decode, *prefill])
     return markdown_table(
         ["model", "layer", "KxN", "kernel", f"M={decode_m} µs", f"M={decode_m} GB/s",
-         f"M={decode_m} % HBM peak", f"M={decode_m} x fp16", f"M={prefill_m} µs",
+         f"M={decode_m} % HBM peak", f"M={decode_m} x fp16", f"M={decode_m} eager µs",
+         f"M={prefill_m} µs",
          f"M={prefill_m} TFLOP/s", f"M={prefill_m} x fp16"], rows, left=4)
 
 
@@ -376,8 +382,10 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"HBM peak unknown for {device['name']}: % column left empty.")
     if not smoke:
         lines.append(f"Kernels: block size {kern['block_size']}, median of {kern['repeats']} "
-                     "CUDA-event timings after warm-up, L2 flushed before each; best tile "
-                     "configuration; W8A8 and int_mm rates are TOP/s.")
+                     "CUDA-event timings after warm-up, L2 flushed before each, of a CUDA "
+                     "graph replaying the call (GPU time, as an engine launches it); 'eager': "
+                     "the same call launched from Python each time (host launch included); "
+                     "best tile configuration (and K split); W8A8 and int_mm rates are TOP/s.")
     lines.append("")
     failed = [(c["model"], c["layer"], c["m"], c["k"], c["n"], c["kind"])
               for c in kern["correctness"] if not c["ok"]]
@@ -413,20 +421,32 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 class CudaTimer:
-    """Median CUDA-event time (ms) of one call; L2 flushed before every repeat."""
+    """Median CUDA-event time (ms) of one call; L2 flushed before every repeat.
 
-    def __init__(self, warmup: int, repeats: int) -> None:
+    graph=True times the replay of a CUDA graph that captured the call: the GPU's time for
+    its kernels alone, as a TensorRT engine (which launches from C++ and can use graphs)
+    would see them. graph=False launches from Python every time: a small kernel then waits
+    for the host, and that wait is in the time.
+    """
+
+    def __init__(self, warmup: int, repeats: int, graph: bool) -> None:
         import torch
 
         l2 = int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0))
         self.flush = torch.empty(max(FLUSH_BYTES, 4 * l2), dtype=torch.uint8, device="cuda")
-        self.warmup, self.repeats = warmup, repeats
+        self.warmup, self.repeats, self.graph = warmup, repeats, graph
 
     def __call__(self, fn: Callable[[], object]) -> float:
         import torch
 
         for _ in range(self.warmup):
             fn()
+        if self.graph:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            fn = graph.replay
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.repeats)]
         for start, end in events:
@@ -469,10 +489,12 @@ def run_checked(run: Callable[[Any], Any], out: Any, how: str,
     return (picked.float() if how == "float" else picked).cpu().numpy(), None
 
 
-def kernel_part(shapes: Sequence[Any], seed: int, block_size: int, timer: Timer, cuda: bool,
-                peak_gbps: float | None, deadline: Deadline, reserve_s: float,
+def kernel_part(shapes: Sequence[Any], seed: int, block_size: int, timers: tuple[Timer, Timer],
+                cuda: bool, peak_gbps: float | None, deadline: Deadline, reserve_s: float,
                 save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Check every kernel run on every shape, then time the correct ones."""
+    """Check every kernel run on every shape, then time the correct ones: every tile
+    configuration with `timers[0]`, the best one once more with `timers[1]` (eager)."""
+    timer, eager_timer = timers
     import gpu_kernels as gk
 
     rng = np.random.default_rng(seed)
@@ -505,18 +527,19 @@ def kernel_part(shapes: Sequence[Any], seed: int, block_size: int, timer: Timer,
                 n_bad += 1
                 print(f"FAIL {kind} tiles={tiles} {shape.model} {shape.layer} M={shape.m} "
                       f"K={shape.k} N={shape.n}: {asdict(res)}", flush=True)
-        best: dict[str, tuple[float | None, Any]] = {}
+        best: dict[str, tuple[float | None, Any, Callable[[], object]]] = {}
         for kind, tiles, run, out, _ in runs:
             if kind == "triton-int8-acc" or kind in failed:
                 continue  # the exact accumulator is checked; the scaled W8A8 kernel is timed
-            ms = timer(functools.partial(run, out))
+            call: Callable[[], object] = functools.partial(run, out)
+            ms = timer(call)
             prev = best.get(kind)
             if prev is None or (ms is not None and (prev[0] is None or ms < prev[0])):
-                best[kind] = (ms, tiles)
-        fp16_ms = best.get("torch-fp16", (None, None))[0]
-        for kind, (ms, tiles) in best.items():
+                best[kind] = (ms, tiles, call)
+        fp16_ms = best.get("torch-fp16", (None, None, None))[0]
+        for kind, (ms, tiles, call) in best.items():
             part["timings"].append(asdict(timing_row(shape, kind, tiles, ms, block_size,
-                                                     peak_gbps, fp16_ms)))
+                                                     peak_gbps, fp16_ms, eager_timer(call))))
         print(f"{shape.model} {shape.layer} M={shape.m} K={shape.k} N={shape.n}: "
               f"{len(runs) - n_bad}/{len(runs)} checks ok, {len(best)} kernels "
               f"{'timed' if cuda else 'run (not timed)'} "
@@ -772,8 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     decoder_wanted = not cuda or ort_cuda_status() is None
     reserve = DECODER_RESERVE_S if decoder_wanted else FINISH_RESERVE_S
     shapes = check_shapes(SMOKE_MODELS if args.cpu_smoke else MODELS, ms, args.quick)
-    timer: Timer = CudaTimer(warmup=5, repeats=repeats) if cuda else no_timer
-    kernels = kernel_part(shapes, seed, args.block_size, timer, cuda,
+    timers: tuple[Timer, Timer] = ((CudaTimer(5, repeats, graph=True),
+                                    CudaTimer(5, repeats, graph=False)) if cuda
+                                   else (no_timer, no_timer))
+    kernels = kernel_part(shapes, seed, args.block_size, timers, cuda,
                           None if peak is None else peak["gbps"], deadline, reserve, save)
     kernels["repeats"] = repeats if cuda else 0
     save(kernels)

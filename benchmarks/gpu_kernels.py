@@ -82,12 +82,27 @@ def interpret_shapes() -> list[Shape]:
             for m in (1, 3, 17) for k, n in ((40, 24), (64, 36))]
 
 
-def tile_candidates(kind: str, m: int, block_size: int) -> list[tuple[int, int, int]]:
-    """Tile configurations tried per shape (BLOCK_K of weight-only kernels divides the block)."""
-    bk = min(64, block_size) if kind != "w8a8" else 64
+def tile_candidates(m: int, block_k: int) -> list[tuple[int, int, int]]:
+    """Tile configurations (BLOCK_M, BLOCK_N, BLOCK_K) tried per shape."""
     if m <= 16:
-        return [(16, 32, bk), (16, 64, bk), (16, 128, bk)]
-    return [(64, 64, bk), (128, 64, bk), (64, 128, bk), (128, 128, bk)]
+        return [(16, 32, block_k), (16, 64, block_k), (16, 128, block_k)]
+    return [(64, 64, block_k), (128, 64, block_k), (64, 128, block_k), (128, 128, block_k),
+            (128, 256, block_k)]
+
+
+def warps(tiles: tuple[int, ...] | None) -> int:
+    """Warps per program: 8 for output tiles of 128 x 128 and more, else 4."""
+    return 8 if tiles and tiles[0] * tiles[1] >= 128 * 128 else 4
+
+
+def lowbit_candidates(m: int, n: int, k: int, block_size: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) tried for the weight-only kernels (BLOCK_K
+    divides the block): each tile configuration unsplit and, where it differs, at the
+    launcher's own split."""
+    from sfc.kernels.triton_gemm import split_k_for
+
+    return [(*tiles, split) for tiles in tile_candidates(m, min(64, block_size))
+            for split in dict.fromkeys((1, split_k_for(m, n, k, tiles)))]
 
 
 def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -145,7 +160,7 @@ def bytes_moved(kind: str, s: Shape, block_size: int) -> int:
     }[kind]
 
 
-Run = tuple[str, tuple[int, int, int] | None, Callable[[Any], Any], Any, str]
+Run = tuple[str, tuple[int, ...] | None, Callable[[Any], Any], Any, str]
 
 
 def kernel_runs(inp: Inputs, shape: Shape, device_is_cuda: bool) -> list[Run]:
@@ -167,21 +182,24 @@ def kernel_runs(inp: Inputs, shape: Shape, device_is_cuda: bool) -> list[Run]:
         return torch.empty((m, n), dtype=torch.float16, device=dev)
 
     for bits, launch in ((4, tg.w4a16_gemm), (2, tg.w2a16_gemm)):
-        tiles_list = tile_candidates("lowbit", m, bs) if device_is_cuda else [None]
-        for tiles in tiles_list:
-            def run(out: Any, launch: Any = launch, bits: int = bits, tiles: Any = tiles) -> Any:
+        # The interpreter runs one unsplit and one split configuration.
+        configs = lowbit_candidates(m, n, k, bs) if device_is_cuda else [(16, 32, 32, 1),
+                                                                      (16, 32, 32, 2)]
+        for cfg in configs:
+            def run(out: Any, launch: Any = launch, bits: int = bits, cfg: Any = cfg) -> Any:
                 return launch(inp.tx, inp.tpacked[bits], inp.tscales[bits], k, n, bs, out=out,
-                              tiles=tiles, num_warps=8 if tiles and tiles[0] >= 128 else 4)
-            runs.append((f"triton-w{bits}a16", tiles, run, f16(), "float"))
-    for tiles in tile_candidates("w8a8", m, bs) if device_is_cuda else [None]:
+                              tiles=cfg[:3], split_k=cfg[3],
+                              num_warps=warps(cfg))
+            runs.append((f"triton-w{bits}a16", cfg, run, f16(), "float"))
+    for tiles in tile_candidates(m, 64) if device_is_cuda else [None]:
         def run8(out: Any, tiles: Any = tiles) -> Any:
             return tg.w8a8_gemm(inp.txq, inp.twq, inp.x_scale, inp.tws, out=out, tiles=tiles,
-                                num_warps=8 if tiles and tiles[0] >= 128 else 4)
+                                num_warps=warps(tiles))
         runs.append(("triton-w8a8", tiles, run8, f16(), "float"))
 
         def run32(out: Any, tiles: Any = tiles) -> Any:
             return tg.int8_gemm_int32(inp.txq, inp.twq, out=out, tiles=tiles,
-                                      num_warps=8 if tiles and tiles[0] >= 128 else 4)
+                                      num_warps=warps(tiles))
         runs.append(("triton-int8-acc", tiles, run32,
                      torch.empty((m, n), dtype=torch.int32, device=dev), "int32"))
     if device_is_cuda:

@@ -63,7 +63,8 @@ class AotKernel:
 
 def compile_lowbit(bits: int, block_size: int, *, arch: int = 87,
                    activation_dtype: str = "float16", scale_dtype: str = "float32",
-                   tiles: tuple[int, int, int] | None = None, num_warps: int = 4,
+                   tiles: tuple[int, int, int] | None = None, aligned: bool = False,
+                   num_warps: int = 4,
                    ptx_version: int | None = None) -> AotKernel:
     """Compile the W`bits`A16 kernel (bits 4 or 2) for sm_`arch` to PTX, without a GPU.
 
@@ -71,7 +72,10 @@ def compile_lowbit(bits: int, block_size: int, *, arch: int = 87,
     `activation_dtype`: "float16" or "float32", the type of x and y (fp32 x is rounded to
     fp16 inside the kernel, as in ``triton_gemm``).
     `scale_dtype`: "float32" (what sfc's QDQ files hold) or "float16". `tiles`:
-    (BLOCK_M, BLOCK_N, BLOCK_K), default ``triton_gemm.tiles_for(16, block_size)`` (decode).
+    (BLOCK_M, BLOCK_N, BLOCK_K), default ``triton_gemm.tiles_for(16, block_size)``
+    (decode). K is not split (SPLIT_K = 1): a plugin launches one kernel into its output.
+    `aligned`: N is a multiple of the fields per byte (whole-byte loads, several times
+    faster); a kernel compiled with it must not be launched for another N.
     `ptx_version`: PTX ISA as an int (85 = 8.5), None for Triton's default (see module doc).
     Raises SfcError when triton is missing or the compilation fails.
     """
@@ -100,7 +104,7 @@ def compile_lowbit(bits: int, block_size: int, *, arch: int = 87,
     if block_size % block_k:
         raise SfcError(f"BLOCK_K {block_k} must divide block_size {block_size}")
     constexprs = {"BITS": bits, "QBLOCK": block_size, "BLOCK_M": block_m,
-                  "BLOCK_N": block_n, "BLOCK_K": block_k}
+                  "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": 1, "ALIGNED": aligned}
     act = _FLOAT_POINTERS[activation_dtype]
     types = {"x_ptr": act, "w_ptr": "*u8", "s_ptr": _FLOAT_POINTERS[scale_dtype], "y_ptr": act}
     signature = {}

@@ -11,15 +11,22 @@
   out), then ``acc * x_scale * w_scales[n]`` in fp32, written as fp16 or fp32;
   ``int8_gemm_int32`` writes the raw int32 accumulator (for exactness checks).
 
-How the weight-only kernels compute: each K tile of BLOCK_K rows lies inside one scale
-block (BLOCK_K divides block_size; sfc's block sizes are powers of two >= 16), so the tile's
-integers go into ``tl.dot`` unscaled (small integers are exact in fp16, products exact in
-fp32) and the tile's partial sum is scaled once per column: ``acc += dot(x, q) * s[k//bs]``.
-Weights are read by flat element index ``k * N + n`` (byte ``idx // per_byte``, field
-``idx % per_byte``), so any N works, including rows that start mid-byte (N odd for INT4,
-N % 4 != 0 for INT2). This is the simple, correct first version: each byte is loaded once
-per element it holds (the repeats hit the cache), there is no split-K for decode shapes,
-and tiles are fixed per call, not autotuned.
+How the weight-only kernels compute: each K tile lies inside one scale block (BLOCK_K
+divides block_size; sfc's block sizes are powers of two >= 16); its integers are scaled by
+the block's scale in fp32 and rounded to fp16, as a DQ node in fp16 would, then
+``acc = dot(x, w, acc)`` accumulates in fp32. When N is a multiple of the fields per byte
+(every Whisper layer) each row starts on a byte: the tile's bytes are loaded once, in
+contiguous runs, and their fields interleaved back into column order (``tl.join``).
+Otherwise each element reads its byte by flat index ``k * N + n`` (byte ``idx // per_byte``,
+field ``idx % per_byte``), so any N works, rows that start mid-byte included. On an H200
+(BENCHMARKS.md) that flat gather was what made the first version 10 to 25x slower than
+cuBLAS fp16 at M = 1500; whole-byte loads made it 5 to 9x faster.
+
+Decode shapes have too few output tiles to fill a GPU (tiny.en's fc2 at M = 1: 6 tiles of
+64 columns), so the launchers split K (``split_k_for``): SPLIT_K programs per output tile
+each sum every SPLIT_K-th K tile into their own slice of an fp32 buffer, and a second kernel
+adds the slices in a fixed order (deterministic, no atomics). Tiles and splits are fixed per
+call, not autotuned; the TensorRT plugin (``sfc.kernels.aot``) compiles SPLIT_K = 1.
 
 Parameters are ordered inputs, scalars, outputs: the order TensorRT's AOT plugins launch
 with (``tensorrt.plugin.aot_impl``: extra scalar args sit after the tensor inputs and before
@@ -45,6 +52,7 @@ from .packing import packed_size
 
 __all__ = [
     "int8_gemm_int32",
+    "split_k_for",
     "tiles_for",
     "w2a16_gemm",
     "w4a16_gemm",
@@ -63,6 +71,44 @@ def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _unpack_rows(w_ptr, offs_k, mask_k, N, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_K, BLOCK_N] signed integers, rows that start on a byte (N a
+    multiple of the fields per byte): each byte loaded once, in contiguous runs (vector
+    loads), its fields split apart and interleaved back into column order with tl.join."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    FIELD: tl.constexpr = (1 << BITS) - 1
+    SIGN: tl.constexpr = 1 << (BITS - 1)
+    BLOCK_B: tl.constexpr = BLOCK_N // PER_BYTE
+    row_bytes = N // PER_BYTE
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    byte = tl.load(w_ptr + offs_k[:, None] * row_bytes + offs_b[None, :],
+                   mask=mask_k[:, None] & (offs_b < row_bytes)[None, :], other=0).to(tl.int32)
+    f0 = ((byte & FIELD) ^ SIGN) - SIGN  # sign-extend each two's complement field
+    f1 = (((byte >> BITS) & FIELD) ^ SIGN) - SIGN
+    if BITS == 4:
+        q = tl.join(f0, f1)  # [.., j, i] = field i of byte j = column PER_BYTE * j + i
+    else:
+        f2 = (((byte >> 4) & FIELD) ^ SIGN) - SIGN
+        f3 = (((byte >> 6) & FIELD) ^ SIGN) - SIGN
+        q = tl.join(tl.join(f0, f2), tl.join(f1, f3))  # [.., j, a, b] = field 2a + b
+    return tl.reshape(q, (offs_k.shape[0], BLOCK_N))
+
+
+@triton.jit
+def _gather_fields(w_ptr, offs_k, mask_k, offs_n, mask_n, N, BITS: tl.constexpr):
+    """The same integers for any N (rows may start mid-byte): each element reads its byte
+    by flat index k * N + n. Several times slower on a GPU (scattered byte loads)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    FIELD: tl.constexpr = (1 << BITS) - 1
+    SIGN: tl.constexpr = 1 << (BITS - 1)
+    flat = offs_k[:, None] * N + offs_n[None, :]
+    byte = tl.load(w_ptr + flat // PER_BYTE, mask=mask_k[:, None] & mask_n[None, :],
+                   other=0).to(tl.int32)
+    field = (byte >> ((flat % PER_BYTE) * BITS)) & FIELD
+    return (field ^ SIGN) - SIGN
+
+
+@triton.jit
 def lowbit_a16_kernel(
     x_ptr, w_ptr, s_ptr,
     M, N, K,
@@ -70,30 +116,51 @@ def lowbit_a16_kernel(
     y_ptr,
     BITS: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1, ALIGNED: tl.constexpr = False,
 ):  # fmt: skip
-    """y[M, N] = x[M, K] @ (q * s), q packed BITS-bit, s per QBLOCK rows; y has y_ptr's type."""
-    PER_BYTE: tl.constexpr = 8 // BITS
-    FIELD: tl.constexpr = (1 << BITS) - 1
-    SIGN: tl.constexpr = 1 << (BITS - 1)
+    """y[M, N] = x[M, K] @ (q * s), q packed BITS-bit, s per QBLOCK rows; y has y_ptr's type.
+
+    ALIGNED: N is a multiple of the fields per byte (every Whisper layer), so whole bytes
+    are loaded. SPLIT_K > 1: program (.., .., j) sums K tiles j, j + SPLIT_K, ... and writes
+    its partial sum to slice j of a contiguous [SPLIT_K, M, N] buffer
+    (``_split_k_sum_kernel`` adds them).
+    """
     offs_m, offs_n, mask_m, mask_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(tl.program_id(2) * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float16)
-        flat = offs_k[:, None] * N + offs_n[None, :]
-        byte = tl.load(w_ptr + flat // PER_BYTE, mask=mask_k[:, None] & mask_n[None, :],
-                       other=0).to(tl.int32)
-        field = (byte >> ((flat % PER_BYTE) * BITS)) & FIELD
-        q = ((field ^ SIGN) - SIGN).to(tl.float16)  # sign-extend the two's complement field
-        # Masked elements are 0 in x and q, so they add nothing to the dot.
-        part = tl.dot(x, q, out_dtype=tl.float32)
+        if ALIGNED:
+            q = _unpack_rows(w_ptr, offs_k, mask_k, N, BITS, BLOCK_N)
+        else:
+            q = _gather_fields(w_ptr, offs_k, mask_k, offs_n, mask_n, N, BITS)
+        # The K tile lies inside one scale block (BLOCK_K divides QBLOCK): one scale row.
         s = tl.load(s_ptr + (k0 // QBLOCK) * stride_sk + offs_n * stride_sn, mask=mask_n,
                     other=0.0).to(tl.float32)
-        acc += part * s[None, :]
+        # Dequantized before the dot (fp32 product, rounded to fp16 as a DQ in fp16 would),
+        # so the dot accumulates in place (the tensor cores' chained accumulator).
+        w = (q.to(tl.float32) * s[None, :]).to(tl.float16)
+        # Masked elements are 0 in x and w, so they add nothing to the dot.
+        acc = tl.dot(x, w, acc, out_dtype=tl.float32)
+    if SPLIT_K > 1:
+        y_ptr += tl.program_id(2) * M * stride_ym
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _split_k_sum_kernel(part_ptr, M, N, stride_ym, stride_yn, y_ptr, SPLIT_K: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """y = sum over j of part[j] ([SPLIT_K, M, N] fp32, contiguous), in a fixed order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(SPLIT_K):
+        total += tl.load(part_ptr + j * M * N + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + (offs // N) * stride_ym + (offs % N) * stride_yn,
+             total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,12 +196,24 @@ def int8_gemm_kernel(
 def tiles_for(m: int, block_size: int | None = None) -> tuple[int, int, int]:
     """Default (BLOCK_M, BLOCK_N, BLOCK_K) for `m` rows.
 
-    Decode (m <= 16): BLOCK_M = 16, the smallest tl.dot tile, masked down to m. Weight-only
-    kernels need BLOCK_K to divide `block_size` (one scale row per K tile).
+    Decode (m <= 16): BLOCK_M = 16, the smallest tl.dot tile, masked down to m; else the
+    best configuration on an H200 (BENCHMARKS.md). Weight-only kernels need BLOCK_K to
+    divide `block_size` (one scale row per K tile).
     """
-    block_m = 16 if m <= 16 else 64
     block_k = 64 if block_size is None else min(64, block_size)
-    return block_m, 64, block_k
+    return (16, 32, block_k) if m <= 16 else (128, 64, block_k)
+
+
+SPLIT_K_PROGRAMS = 128  # about one program per SM on the GPUs sfc targets (H100/H200: 132)
+
+
+def split_k_for(m: int, n: int, k: int, tiles: tuple[int, int, int]) -> int:
+    """How many ways the weight-only kernels split K: 1 unless the output tiles alone leave
+    most of a GPU idle (decode), then enough to make about SPLIT_K_PROGRAMS programs, never
+    more than there are K tiles."""
+    block_m, block_n, block_k = tiles
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    return max(1, min(triton.cdiv(k, block_k), SPLIT_K_PROGRAMS // programs))
 
 
 def _check_tiles(block_m: int, block_n: int, block_k: int) -> None:
@@ -161,7 +240,8 @@ def _output(out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype
 
 def _lowbit_gemm(x: torch.Tensor, packed_w: torch.Tensor, scales: torch.Tensor, k: int,
                  n: int, block_size: int, bits: int, out: torch.Tensor | None,
-                 tiles: tuple[int, int, int] | None, num_warps: int) -> torch.Tensor:
+                 tiles: tuple[int, int, int] | None, split_k: int | None,
+                 num_warps: int) -> torch.Tensor:
     name = f"W{bits}A16"
     if x.dtype not in (torch.float16, torch.float32) or x.dim() != 2 or x.shape[1] != k:
         raise SfcError(f"{name}: activations must be float16/float32 [M, {k}], got {x.dtype} "
@@ -182,39 +262,54 @@ def _lowbit_gemm(x: torch.Tensor, packed_w: torch.Tensor, scales: torch.Tensor, 
                        f"{scales.dtype} {list(scales.shape)}")
     _same_device(x, packed_w, scales)
     m = x.shape[0]
-    block_m, block_n, block_k = tiles or tiles_for(m, block_size)
+    block_m, block_n, block_k = tiles = tiles or tiles_for(m, block_size)
     _check_tiles(block_m, block_n, block_k)
     if block_size % block_k:
         raise SfcError(f"{name}: BLOCK_K {block_k} must divide block_size {block_size}")
+    split = split_k_for(m, n, k, tiles) if split_k is None else split_k
+    if split < 1:
+        raise SfcError(f"{name}: split_k must be >= 1, not {split}")
     y = _output(out, (m, n), x.dtype, x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    # Split K: fp32 partial sums in a contiguous [split, M, N] buffer, then one fixed-order sum.
+    dest = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     lowbit_a16_kernel[grid](
         x, packed_w, scales, m, n, k,
-        x.stride(0), x.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        y, BITS=bits, QBLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
+        x.stride(0), x.stride(1), scales.stride(0), scales.stride(1),
+        dest.stride(-2), dest.stride(-1),
+        dest, BITS=bits, QBLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split, ALIGNED=n % (8 // bits) == 0, num_warps=num_warps,
     )  # fmt: skip
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            dest, m, n, y.stride(0), y.stride(1), y, SPLIT_K=split, BLOCK=block)
     return y
 
 
 def w4a16_gemm(x: torch.Tensor, packed_w: torch.Tensor, scales: torch.Tensor, K: int,
                N: int, block_size: int, *, out: torch.Tensor | None = None,
-               tiles: tuple[int, int, int] | None = None, num_warps: int = 4) -> torch.Tensor:
+               tiles: tuple[int, int, int] | None = None, split_k: int | None = None,
+               num_warps: int = 4) -> torch.Tensor:
     """fp16 x [M, K] @ INT4 block weight [K, N] -> fp16 [M, N] (fp32 accumulation).
 
     `packed_w`: uint8 ONNX INT4 raw data of the row-major [K, N] integers; `scales`:
     [ceil(K / block_size), N] fp16/fp32. fp32 `x` is rounded to fp16 on load and gives an
     fp32 result. `out`: optional preallocated [M, N] of x's dtype.
-    `tiles`: (BLOCK_M, BLOCK_N, BLOCK_K), default `tiles_for(M, block_size)`.
+    `tiles`: (BLOCK_M, BLOCK_N, BLOCK_K), default `tiles_for(M, block_size)`; `split_k`: how many
+    ways K is split, default `split_k_for(M, N, K, tiles)`.
     """
-    return _lowbit_gemm(x, packed_w, scales, K, N, block_size, 4, out, tiles, num_warps)
+    return _lowbit_gemm(x, packed_w, scales, K, N, block_size, 4, out, tiles, split_k,
+                        num_warps)
 
 
 def w2a16_gemm(x: torch.Tensor, packed_w: torch.Tensor, scales: torch.Tensor, K: int,
                N: int, block_size: int, *, out: torch.Tensor | None = None,
-               tiles: tuple[int, int, int] | None = None, num_warps: int = 4) -> torch.Tensor:
+               tiles: tuple[int, int, int] | None = None, split_k: int | None = None,
+               num_warps: int = 4) -> torch.Tensor:
     """fp16 x [M, K] @ INT2 block weight [K, N] -> fp16 [M, N]; arguments as `w4a16_gemm`."""
-    return _lowbit_gemm(x, packed_w, scales, K, N, block_size, 2, out, tiles, num_warps)
+    return _lowbit_gemm(x, packed_w, scales, K, N, block_size, 2, out, tiles, split_k,
+                        num_warps)
 
 
 def _int8_gemm(xq: torch.Tensor, wq: torch.Tensor, x_scale: float,

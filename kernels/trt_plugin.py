@@ -88,18 +88,19 @@ def _cuda_arch() -> int:
     return int(major) * 10 + int(minor)
 
 
-def _compile(block_size: int) -> AotKernel:
+def _compile(block_size: int, aligned: bool) -> AotKernel:
     arch = _cuda_arch()
     # PTX 8.5: what JetPack 6's CUDA 12.6 driver can JIT (Triton defaults to newer).
     return compile_lowbit(2, block_size, arch=arch, activation_dtype="float32",
-                          ptx_version=85 if arch <= 90 else None)
+                          aligned=aligned, ptx_version=85 if arch <= 90 else None)
 
 
-def register_plugins(compile_kernel: Callable[[int], AotKernel] = _compile) -> None:
+def register_plugins(compile_kernel: Callable[[int, bool], AotKernel] = _compile) -> None:
     """Register `sfc::W2A16MatMul` with TensorRT's plugin registry (once per process).
 
-    `compile_kernel(block_size)`: the AOT kernel for a weight block size (tests pass a
-    stand-in; the default compiles with Triton for this machine's GPU).
+    `compile_kernel(block_size, aligned)`: the AOT kernel for a weight block size, with
+    whole-byte weight loads when `aligned` (N a multiple of 4) (tests pass a stand-in; the
+    default compiles with Triton for this machine's GPU).
     """
     global _registered
     if _registered:
@@ -127,7 +128,7 @@ def register_plugins(compile_kernel: Callable[[int], AotKernel] = _compile) -> N
              N: int, block_size: int, outputs: tuple[trtp.TensorDesc],
              tactic: int) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams,
                                    trtp.SymExprs]:
-        kernel = compile_kernel(block_size)
+        kernel = compile_kernel(block_size, N % 4 == 0)  # 4 INT2 fields per byte
         params, extra = launch_args(kernel, x.shape_expr, N, K, trtp)
         return kernel.name, kernel.ptx, params, extra
 

@@ -177,7 +177,7 @@ def _timing(gc: Any, model: str, layer: str, m: int, kind: str, ms: float,
 
     d = gc.MODELS[model]
     shape = gk.Shape(model, layer, m, d, 4 * d)
-    return asdict(gc.timing_row(shape, kind, None, ms, 32, peak, 2 * ms))
+    return asdict(gc.timing_row(shape, kind, None, ms, 32, peak, 2 * ms, ms + 0.01))
 
 
 def test_kernel_table(gc: Any) -> None:
@@ -192,11 +192,12 @@ def test_kernel_table(gc: Any) -> None:
     fp16, w4, w2 = lines[2:]
     assert "torch-fp16" in fp16 and "triton-w4a16" in w4 and "triton-w2a16" in w2
     cells = [c.strip() for c in w4.strip("|").split("|")]
-    assert cells[4] == "4.0" and cells[8] == "50.0"  # 0.004 / 0.05 ms, in microseconds
-    assert cells[7] == "2.00" and cells[10] == "2.00"  # fp16 took twice as long
+    assert cells[4] == "4.0" and cells[9] == "50.0"  # 0.004 / 0.05 ms, in microseconds
+    assert cells[8] == "14.0"  # the eager launch: 0.01 ms more
+    assert cells[7] == "2.00" and cells[11] == "2.00"  # fp16 took twice as long
     assert float(cells[6]) == pytest.approx(timings[0]["hbm_percent"], abs=0.05)
     w2_cells = [c.strip() for c in w2.strip("|").split("|")]
-    assert w2_cells[4:8] == ["—"] * 4 and w2_cells[8:] == ["FAIL"] * 3
+    assert w2_cells[4:9] == ["—"] * 5 and w2_cells[9:] == ["FAIL"] * 3
     unknown = gc.kernel_table([_timing(gc, "tiny", "fc1", 1, "torch-fp16", 0.004, None)], [],
                               1, 1500, peak_known=False)
     assert [c.strip() for c in unknown.splitlines()[2].strip("|").split("|")][6] == ""
@@ -269,7 +270,10 @@ def test_cpu_smoke_runs_the_flow(tmp_path: Path) -> None:
     _assert_no_numbers(report)
     checks = report["kernels"]["correctness"]
     # 2 M values x 3 layers, each W4A16, W2A16, W8A8 and the int32 accumulator.
-    assert len(checks) == 2 * 3 * 4 and all(c["ok"] for c in checks)
+    # Per shape: W4A16 and W2A16 unsplit and split in two, W8A8, the int8 accumulator.
+    assert len(checks) == 2 * 3 * 6 and all(c["ok"] for c in checks)
+    assert {tuple(c["tiles"]) for c in checks if c["kind"] == "triton-w4a16"} == {
+        (16, 32, 32, 1), (16, 32, 32, 2)}
     assert {c["m"] for c in checks} == {1, 17}
     assert all(c["max_abs_error"] is not None for c in checks)
     assert report["decoder"]["status"] == "skipped"

@@ -247,6 +247,27 @@ def test_lowbit_kernel_other_tiles(tiles: tuple[int, int, int], rnd: Seeded) -> 
     assert err <= _FLOAT_TOL, f"tiles {tiles}: rel {err:.2e}, {rnd}"
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("m", "split_k", "x_dtype"),
+                         [(1, 3, "float16"), (3, 7, "float32"), (17, 2, "float16")])
+def test_lowbit_kernel_split_k(bits: int, m: int, split_k: int, x_dtype: str,
+                               rnd: Seeded) -> None:
+    """K split 2, 3 or 7 ways (7 > the 4 K tiles: idle slices add zeros) equals the reference,
+    into a NaN-poisoned output, fp16 or fp32."""
+    y, expected = _run_lowbit(rnd, bits, m, 100, 36, 32, x_dtype=x_dtype, tiles=(16, 32, 32),
+                              split_k=split_k)
+    err = _rel(y, expected)
+    assert err <= _FLOAT_TOL, f"W{bits}A16 M={m} split {split_k}: rel {err:.2e}, {rnd}"
+
+
+def test_split_k_only_for_decode_shapes() -> None:
+    # tiny.en fc2 at M = 1: 6 output tiles of 64 columns, 24 K tiles of 64 rows.
+    assert tg.split_k_for(1, 384, 1536, (16, 64, 64)) == 21  # 126 programs
+    assert tg.split_k_for(1, 384, 128, (16, 64, 64)) == 2  # never more than the K tiles
+    assert tg.split_k_for(1500, 384, 1536, (64, 64, 64)) == 1  # 144 tiles fill the GPU
+    assert tg.split_k_for(1, 8192, 1536, (16, 64, 64)) == 1
+
+
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize(("k", "n"), [(40, 24), (100, 36)])
 def test_int8_kernel_accumulator_exact(m: int, k: int, n: int, rnd: Seeded) -> None:
@@ -307,6 +328,8 @@ def test_launchers_reject_bad_input() -> None:
         tg.w4a16_gemm(x, packed, torch.ones((2, n), dtype=torch.float16), k, n, 24)
     with pytest.raises(SfcError, match="must divide"):
         tg.w4a16_gemm(x, packed, scales, k, n, 16, tiles=(16, 32, 32))
+    with pytest.raises(SfcError, match="split_k must be >= 1"):
+        tg.w4a16_gemm(x, packed, scales, k, n, 16, split_k=0)
     with pytest.raises(SfcError, match="out must be"):
         tg.w4a16_gemm(x, packed, scales, k, n, 16, out=torch.empty((2, n)))
     xq = torch.zeros((2, k), dtype=torch.int8)
@@ -324,7 +347,8 @@ _AOT_SCRIPT = textwrap.dedent("""
     from sfc.kernels.aot import compile_lowbit
     try:
         w2 = compile_lowbit(2, 64, arch=87, activation_dtype="float32", ptx_version=85)
-        w4 = compile_lowbit(4, 32, arch=90, scale_dtype="float16", tiles=(64, 64, 32))
+        w4 = compile_lowbit(4, 32, arch=90, scale_dtype="float16", tiles=(64, 64, 32),
+                            aligned=True)
     except SfcError as exc:
         print(json.dumps({"error": str(exc)}))
         sys.exit(0)
@@ -352,7 +376,7 @@ def test_aot_ptx_without_a_gpu() -> None:
     assert w2["threads"] == 128 and w2["shared"] >= 0
     assert w2["scalars"] == ["M", "N", "K", "stride_xm", "stride_xk", "stride_sk", "stride_sn",
                              "stride_ym", "stride_yn"]
-    assert w2["grid"] == [94, 6, 1] and w4["grid"] == [24, 6, 1]
+    assert w2["grid"] == [94, 12, 1] and w4["grid"] == [24, 6, 1]  # decode tiles: BLOCK_N 32
 
 
 def test_aot_refuses_under_the_interpreter() -> None:

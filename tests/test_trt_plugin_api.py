@@ -227,10 +227,10 @@ def test_plugin_registers_against_the_documented_schemas(
     monkeypatch.setitem(sys.modules, "tensorrt", package)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", plugin)
     monkeypatch.setattr(trt_plugin, "_registered", False)
-    asked: list[int] = []
+    asked: list[tuple[int, bool]] = []
 
-    def compile_kernel(block_size: int) -> AotKernel:
-        asked.append(block_size)
+    def compile_kernel(block_size: int, aligned: bool) -> AotKernel:
+        asked.append((block_size, aligned))
         return KERNEL
 
     trt_plugin.register_plugins(compile_kernel)
@@ -242,10 +242,14 @@ def test_plugin_registers_against_the_documented_schemas(
     assert combo.io_types.count(",") == 3  # x, packed, scales, then the output
     name, ptx, params, extra = registry[f"aot_impl {PLUGIN}"](x, packed, scales, 384, 384,
                                                               32, (out,), 0)
-    assert asked == [32] and (name, ptx) == (KERNEL.name, KERNEL.ptx)
+    assert asked == [(32, True)] and (name, ptx) == (KERNEL.name, KERNEL.ptx)
     assert params.grid_x.value == 1 and _values(extra)[:3] == [4, 384, 384]
+    # N = 38: rows start mid-byte, so the kernel compiled for it gathers fields.
+    registry[f"aot_impl {PLUGIN}"](TensorDesc((1, 4, 384)), TensorDesc((384 * 38 // 4,)),
+                                   TensorDesc((12, 38)), 384, 38, 32, (out,), 0)
+    assert asked == [(32, True), (32, False)]
     trt_plugin.register_plugins(compile_kernel)  # once per process
-    assert asked == [32]
+    assert len(asked) == 2
 
 
 def test_stand_in_rejects_what_tensorrt_rejects() -> None:
