@@ -64,6 +64,10 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "w4-b32-rtn": {**NONE, "weights": 4, "weight_method": "rtn"},
         "w4-b32-mse": {**NONE, "weights": 4, "weight_method": "mse"},
         "w4-b32-gptq": {**NONE, "weights": 4, "weight_method": "gptq"},
+        # GPTQ on the tied table too (`--gptq-tied`; the default before 2026-12-04 leaves
+        # it to MSE rounding).
+        "w4-b32-gptq-tied": {**NONE, "weights": 4, "weight_method": "gptq",
+                             "gptq": GptqConfig(tied=True)},
         # The peer (llm-compressor's Whisper example) leaves the tied logits table float.
         "w4-b32-gptq-table-float": {**NONE, "weights": 4, "weight_method": "gptq",
                                     "precision": (LayerPrecision(table, weights="float"),)},
