@@ -64,10 +64,12 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "w4-b32-rtn": {**NONE, "weights": 4, "weight_method": "rtn"},
         "w4-b32-mse": {**NONE, "weights": 4, "weight_method": "mse"},
         "w4-b32-gptq": {**NONE, "weights": 4, "weight_method": "gptq"},
-        # GPTQ on the tied table too (`--gptq-tied`; the default before 2026-12-04 leaves
-        # it to MSE rounding).
+        # The tied table GPTQ'd, or MSE-rounded, whatever the held-out check says
+        # (`--gptq-tied gptq|mse`; the default, auto, decides per table).
         "w4-b32-gptq-tied": {**NONE, "weights": 4, "weight_method": "gptq",
-                             "gptq": GptqConfig(tied=True)},
+                             "gptq": GptqConfig(tied="gptq")},
+        "w4-b32-gptq-table-mse": {**NONE, "weights": 4, "weight_method": "gptq",
+                                  "gptq": GptqConfig(tied="mse")},
         # The peer (llm-compressor's Whisper example) leaves the tied logits table float.
         "w4-b32-gptq-table-float": {**NONE, "weights": 4, "weight_method": "gptq",
                                     "precision": (LayerPrecision(table, weights="float"),)},

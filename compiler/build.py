@@ -88,6 +88,7 @@ from .quant.spec import (
     TargetCaps,
 )
 from .quant.stored import LEARNED, STORED_FILE, StoredWeights
+from .quant.tied_table import MAX_HELDOUT_RATIO, SplitGramAccumulator, heldout_ratio
 from .quant.weights import dequantize_weight
 from .targets import TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
@@ -324,11 +325,11 @@ def _recipe_path(config: BuildConfig, graph: str, single: bool) -> Path | None:
     return path
 
 
-def _grams(model: onnx.ModelProto, plan: Plan, tied: bool) -> dict[str, GramAccumulator]:
+def _grams(model: onnx.ModelProto, plan: Plan, tied: str) -> dict[str, GramAccumulator]:
     """weight -> the Gram accumulator of its MatMul's data input (weights read by several
-    MatMuls, or by none, get none; nor, unless `tied`, a table that Gathers read too, so
-    it rounds with MSE: `GptqConfig.tied`); MatMuls sharing an input share one
-    accumulator."""
+    MatMuls, or by none, get none; a table that Gathers read too gets none when `tied` is
+    "mse", so it rounds with MSE, and a split one for the held-out check when "auto":
+    `GptqConfig.tied`); MatMuls sharing an input share one accumulator."""
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
@@ -337,12 +338,32 @@ def _grams(model: onnx.ModelProto, plan: Plan, tied: bool) -> dict[str, GramAccu
     for q in plan.weights:
         readers = [nodes[c] for c in q.consumers]
         if len(readers) != 1 or readers[0].op_type != "MatMul" or (
-                q.tensor in gathered and not tied):
+                q.tensor in gathered and tied == "mse"):
             continue
         data = readers[0].input[0]
         k = int(inits[q.tensor].dims[0])
-        out[q.tensor] = by_input.setdefault(data, GramAccumulator(k))
+        split = q.tensor in gathered and tied == "auto"
+        out[q.tensor] = by_input.setdefault(
+            data, SplitGramAccumulator(k) if split else GramAccumulator(k))
     return out
+
+
+def _choose_tied(model: onnx.ModelProto, plan: Plan, grams: dict[str, GramAccumulator],
+                 gptq: GptqConfig) -> dict[str, float]:
+    """`GptqConfig.tied == "auto"`: each tied table whose GPTQ does not beat MSE rounding on
+    held-out calibration feeds (`quant.tied_table`) loses its Gram, so it rounds with MSE.
+    Returns table -> held-out error ratio (recorded in the recipe)."""
+    ratios = {}
+    for q in plan.weights:
+        acc = grams.get(q.tensor)
+        if not isinstance(acc, SplitGramAccumulator) or min(h.count for h in acc.halves) == 0:
+            continue
+        w = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                 if t.name == q.tensor)
+        ratios[q.tensor] = heldout_ratio(w, acc.halves, q.spec, gptq)
+        if ratios[q.tensor] > MAX_HELDOUT_RATIO:
+            del grams[q.tensor]
+    return ratios
 
 
 def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int | None,
@@ -395,6 +416,8 @@ class _Graph:
     learned: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     learned_digests: dict[str, str] = field(default_factory=dict)
     feeds: FeedSource | None = None  # a generic graph's calibration feeds
+    # tied table -> GPTQ's held-out output error over MSE rounding's (GptqConfig.tied auto)
+    tied_ratios: dict[str, float] = field(default_factory=dict)
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -467,6 +490,9 @@ class _Graph:
         data = config.recipe_config(self.plan_config)
         if self.learned_digests:
             data["weights"]["learned"] = self.learned_digests
+        if self.tied_ratios:
+            data["weights"]["tied_heldout_ratio"] = {
+                t: round(r, 6) for t, r in sorted(self.tied_ratios.items())}
         return recipe_from_plan(self.plan, scales, self.sha, config.seed, data, methods,
                                 self.stored.digest() if self.stored else None)
 
@@ -861,6 +887,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             if config.needs_grams:
                 g.grams = _grams(g.model, g.plan, config.gptq.tied)
             g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
+            g.tied_ratios = _choose_tied(g.model, g.plan, g.grams, config.gptq)
             g.seconds += time.perf_counter() - started
             pending.append(g)
         if config.mixed and pending:

@@ -402,9 +402,9 @@ def build_cmd(
     gptq_stages: Annotated[int, typer.Option(
         help="GPTQ: groups of each graph's MatMuls calibrated one after another on the "
         "quantized outputs of those before them (1: one FP32 pass)")] = 1,
-    gptq_tied: Annotated[bool, typer.Option(
-        help="GPTQ also on a tied embedding/logits table (default: MSE rounding there, "
-        "which measured better)")] = False,
+    gptq_tied: Annotated[str, typer.Option(
+        help="A tied embedding/logits table: gptq, mse (MSE-clipped round-to-nearest), or "
+        "auto (GPTQ only if it beats MSE on held-out calibration clips)")] = "auto",
     activations: Annotated[str, typer.Option(
         help="Activations: int8, int4 (fake-quant --target sim only) or none; 8 and 4 "
         "alike")] = "int8",

@@ -211,6 +211,7 @@ def test_config_validation(fields: dict[str, object]) -> None:
 def test_config_json_round_trip() -> None:
     config = GptqConfig(damp=0.05, act_order=True, lazy_block=64, scale_method="absmax")
     data = config.to_dict()
-    assert data == {"damp": 0.05, "act_order": True, "lazy_block": 64, "scale_method": "absmax"}
+    assert data == {"damp": 0.05, "act_order": True, "lazy_block": 64, "scale_method": "absmax",
+                    "tied": "auto"}
     assert GptqConfig.from_dict(data) == config
     _one_line_error(lambda: GptqConfig.from_dict({"damp": 0.01}), "malformed GPTQ config")

@@ -38,6 +38,7 @@ from sfc.quant.plan import LayerPrecision, PlanConfig, exact_pattern, make_plan
 from sfc.quant.qdq import write_qdq
 from sfc.quant.recipe import Recipe
 from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
+from sfc.quant.tied_table import MAX_HELDOUT_RATIO
 from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
 from tests.test_build import _feeds, _mlp
 
@@ -488,12 +489,28 @@ def _tied(path: Path, feeds: Path) -> tuple[Path, Path]:
     return path, feeds
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_gptq_leaves_a_tied_table_to_mse_unless_asked(tmp_path: Path, tied: bool) -> None:
+@pytest.mark.parametrize("tied", ["mse", "gptq", "auto"])
+def test_gptq_on_a_tied_table_as_asked(tmp_path: Path, tied: str) -> None:
+    """"auto": 16 calibration rows per half for 64 features, so GPTQ's gain does not hold
+    on the held-out half and the table rounds with MSE; the ratio is in the recipe."""
     src, feeds = _tied(tmp_path / "tied.onnx", tmp_path / "feeds")
     config = _config(feeds, weights=4, weight_method="gptq", gptq=GptqConfig(tied=tied))
     compile_model(str(src), tmp_path / "b", config, eval_data=None)
     recipe = Recipe.load(tmp_path / "b" / "model" / "recipe.json")
     methods = {t.tensor: t.method for t in recipe.tensors if t.kind == "weight"}
-    assert methods == {"w1": "gptq", "E": "gptq" if tied else "mse"}
-    assert recipe.config["weights"]["gptq"].get("tied", False) is tied
+    assert methods == {"w1": "gptq", "E": "gptq" if tied == "gptq" else "mse"}
+    weights = recipe.config["weights"]
+    assert weights["gptq"].get("tied", "mse") == tied
+    ratios = weights.get("tied_heldout_ratio", {})
+    assert set(ratios) == ({"E"} if tied == "auto" else set())
+    assert all(r > MAX_HELDOUT_RATIO for r in ratios.values())
+
+
+def test_gptq_tied_config_reads_old_recipes() -> None:
+    base = {"damp": 0.01, "act_order": True, "lazy_block": 128, "scale_method": "mse"}
+    assert GptqConfig.from_dict(base).tied == "mse"  # before the option: no key
+    assert GptqConfig.from_dict({**base, "tied": True}).tied == "gptq"  # a bool, briefly
+    assert GptqConfig.from_dict({**base, "tied": "auto"}) == GptqConfig()
+    assert GptqConfig(tied="mse").to_dict() == base
+    with pytest.raises(SfcError, match="tied must be one of"):
+        GptqConfig(tied="yes")

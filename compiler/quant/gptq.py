@@ -50,7 +50,9 @@ from ..errors import SfcError
 from .spec import QuantSpec
 from .weights import METHODS, integer_bounds, round_clip, scale_shape, weight_scales
 
-__all__ = ["GptqConfig", "GramAccumulator", "gptq_quantize"]
+__all__ = ["TIED", "GptqConfig", "GramAccumulator", "gptq_quantize"]
+
+TIED = ("auto", "gptq", "mse")  # how a tied embedding/logits table rounds (GptqConfig.tied)
 
 _CHOLESKY_RETRIES = 3  # 10x, 100x, 1000x the configured damping before giving up
 _GRAM_CHUNK_ELEMENTS = 1 << 22  # bounds GramAccumulator's float64 copy of a batch (32 MB)
@@ -72,9 +74,10 @@ class GptqConfig:
     `weights.weight_scales`).
     `stages`: groups of a graph's MatMuls calibrated one after another, each on the
     quantized outputs of those before it (`quant.sequential`); 1 = one FP32 pass.
-    `tied`: GPTQ also on a weight that Gathers read too (a tied embedding/logits table);
-    off, such a table rounds with MSE-clipped scales: on whisper-tiny.en GPTQ doubled the
-    table's weight error and cost 1.2 WER points against MSE rounding (BENCHMARKS.md).
+    `tied`: how a weight that Gathers read too (a tied embedding/logits table) is rounded:
+    "gptq", "mse" (MSE-clipped scales), or "auto": GPTQ only where it beats MSE rounding on
+    held-out calibration inputs (`quant.tied_table`). GPTQ cost whisper-tiny.en 1.2 WER
+    points on its table and looked better on whisper-base (BENCHMARKS.md).
     """
 
     damp: float = 0.01
@@ -82,7 +85,7 @@ class GptqConfig:
     lazy_block: int = 128
     scale_method: str = "mse"
     stages: int = 1
-    tied: bool = False
+    tied: str = "auto"
 
     def __post_init__(self) -> None:
         damp = self.damp
@@ -98,12 +101,12 @@ class GptqConfig:
                            f"not {self.scale_method!r}")
         if not _is_int(self.stages) or self.stages < 1:
             raise SfcError(f"GPTQ stages must be a positive int, not {self.stages!r}")
-        if not isinstance(self.tied, bool):
-            raise SfcError(f"GPTQ tied must be true or false, not {self.tied!r}")
+        if self.tied not in TIED:
+            raise SfcError(f"GPTQ tied must be one of {', '.join(TIED)}, not {self.tied!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as recipe.json stores it (`stages` only when not 1, `tied` only when
-        on, so recipes made before they existed stay byte-identical)."""
+        not "mse", so recipes made before they existed stay byte-identical)."""
         out: dict[str, Any] = {
             "damp": float(self.damp),
             "act_order": self.act_order,
@@ -112,8 +115,8 @@ class GptqConfig:
         }
         if self.stages != 1:
             out["stages"] = int(self.stages)
-        if self.tied:
-            out["tied"] = True
+        if self.tied != "mse":
+            out["tied"] = self.tied
         return out
 
     @classmethod
@@ -122,8 +125,11 @@ class GptqConfig:
         keys = {"damp", "act_order", "lazy_block", "scale_method"}
         if not isinstance(data, dict) or not keys <= set(data) <= keys | {"stages", "tied"}:
             raise SfcError(f"malformed GPTQ config: {data!r}")
+        tied = data.get("tied", "mse")
+        if isinstance(tied, bool):  # recipes of 2026-12-04 stored true (GPTQ) only
+            tied = "gptq" if tied else "mse"
         return cls(data["damp"], data["act_order"], data["lazy_block"], data["scale_method"],
-                   data.get("stages", 1), data.get("tied", False))
+                   data.get("stages", 1), tied)
 
 
 class GramAccumulator:
