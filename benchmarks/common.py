@@ -184,3 +184,10 @@ def run_marked_worker(cmd: Sequence[str], what: str, marker: str) -> Any:
         if line.startswith(marker):
             return json.loads(line[len(marker):])
     raise RuntimeError(f"worker {what} printed no result line:\n{proc.stdout[-2000:]}")
+
+
+def utterance_errors(path: Path) -> tuple[list[int], list[int]]:
+    """(word errors, reference words) per utterance of an `sfc eval --json` file, by id."""
+    rows = sorted(json.loads(path.read_text())["_data"]["utterances"], key=lambda r: r["id"])
+    return ([r["substitutions"] + r["deletions"] + r["insertions"] for r in rows],
+            [r["ref_words"] for r in rows])

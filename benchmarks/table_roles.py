@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import onnx
-from common import outside_repo
+from common import outside_repo, utterance_errors
 
 from sfc.eval.wer import paired_bootstrap_delta
 
@@ -61,12 +61,6 @@ def float_role(build: Path, out: Path, role: str) -> None:
     onnx.save(model, str(out / card["_data"]["graphs"]["decoder"]["path"]))
 
 
-def _errors(path: Path) -> tuple[list[int], list[int]]:
-    rows = sorted(json.loads(path.read_text())["_data"]["utterances"], key=lambda r: r["id"])
-    return ([r["substitutions"] + r["deletions"] + r["insertions"] for r in rows],
-            [r["ref_words"] for r in rows])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("build", type=Path, help="an ort-cpu build folder, already evaluated")
@@ -77,13 +71,13 @@ def main() -> int:
     if not reference.is_file():
         parser.error(f"{reference} not found: build it with `sfc build` (which writes "
                      f"eval.json) or run `sfc eval {args.build} --json {reference}`")
-    base_errors, words = _errors(reference)
+    base_errors, words = utterance_errors(reference)
     for role in ROLES:
         out = work / f"{role}-float"
         float_role(args.build, out, role)
         subprocess.run([sys.executable, "-m", "sfc.cli", "eval", str(out), "--threads", "1",
                         "--json", str(out / "eval.json")], check=True, stdout=subprocess.DEVNULL)
-        errors, same_words = _errors(out / "eval.json")
+        errors, same_words = utterance_errors(out / "eval.json")
         assert same_words == words
         d = paired_bootstrap_delta(base_errors, errors, words)
         print(f"{role} read from FP32: {100 * d.delta:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]"

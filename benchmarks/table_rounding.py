@@ -27,10 +27,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-from common import machine_info, outside_repo
+from common import machine_info, outside_repo, utterance_errors
 from onnx import numpy_helper
 
 from sfc.eval.wer import paired_bootstrap_delta
@@ -114,12 +115,6 @@ def evaluate(folder: Path, threads: int) -> Path:
     return result
 
 
-def _errors(path: Path) -> tuple[list[int], list[int]]:
-    rows = sorted(json.loads(path.read_text())["_data"]["utterances"], key=lambda r: r["id"])
-    return ([r["substitutions"] + r["deletions"] + r["insertions"] for r in rows],
-            [r["ref_words"] for r in rows])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("float_build", type=Path)
@@ -130,17 +125,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     work = outside_repo(parser, args.work, REPO)
-    errors = {"float": _errors(evaluate(args.float_build, args.threads))}
+    errors = {"float": utterance_errors(evaluate(args.float_build, args.threads))}
     for variant, table in tables(args.float_build, args.gptq_build).items():
         out = work / variant
         if not (out / "eval.json").is_file():
             write_variant(args.float_build, out, table)
-        errors[variant] = _errors(evaluate(out, args.threads))
+        errors[variant] = utterance_errors(evaluate(out, args.threads))
     words = errors["float"][1]
     rows = {}
     for variant, (e, w) in errors.items():
         assert w == words
-        row = {"wer": sum(e) / sum(words)}
+        row: dict[str, Any] = {"wer": sum(e) / sum(words)}
         for ref in ("float", "gptq"):
             d = paired_bootstrap_delta(errors[ref][0], e, words)
             row[f"vs_{ref}"] = {"delta": d.delta, "lo": d.lo, "hi": d.hi, "p": d.p_value}
