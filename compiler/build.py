@@ -349,18 +349,25 @@ def _grams(model: onnx.ModelProto, plan: Plan, tied: str) -> dict[str, GramAccum
 
 
 def _choose_tied(model: onnx.ModelProto, plan: Plan, grams: dict[str, GramAccumulator],
-                 gptq: GptqConfig) -> dict[str, float]:
+                 gptq: GptqConfig, specs: dict[str, list[QuantSpec]]) -> dict[str, float]:
     """`GptqConfig.tied == "auto"`: each tied table whose GPTQ does not beat MSE rounding on
     held-out calibration feeds (`quant.tied_table`) loses its Gram, so it rounds with MSE.
-    Returns table -> held-out error ratio (recorded in the recipe)."""
+    The check runs at the table's first GPTQ format: its plan spec, or under --weights
+    mixed its first such candidate. Returns table -> held-out error ratio (recorded in the
+    recipe)."""
     ratios = {}
     for q in plan.weights:
         acc = grams.get(q.tensor)
-        if not isinstance(acc, SplitGramAccumulator) or min(h.count for h in acc.halves) == 0:
+        if not isinstance(acc, SplitGramAccumulator):
+            continue
+        spec = next((s for s in [q.spec, *specs.get(q.tensor, [])]
+                     if recipe_method("gptq", s, True) == "gptq"), None)
+        if spec is None or min(h.count for h in acc.halves) == 0:
+            del grams[q.tensor]  # no GPTQ format to check, or no held-out half: MSE
             continue
         w = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                  if t.name == q.tensor)
-        ratios[q.tensor] = heldout_ratio(w, acc.halves, q.spec, gptq)
+        ratios[q.tensor] = heldout_ratio(w, acc.halves, spec, gptq)
         if ratios[q.tensor] > MAX_HELDOUT_RATIO:
             del grams[q.tensor]
     return ratios
@@ -887,7 +894,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             if config.needs_grams:
                 g.grams = _grams(g.model, g.plan, config.gptq.tied)
             g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
-            g.tied_ratios = _choose_tied(g.model, g.plan, g.grams, config.gptq)
+            g.tied_ratios = _choose_tied(g.model, g.plan, g.grams, config.gptq, g.specs)
             g.seconds += time.perf_counter() - started
             pending.append(g)
         if config.mixed and pending:

@@ -506,6 +506,19 @@ def test_gptq_on_a_tied_table_as_asked(tmp_path: Path, tied: str) -> None:
     assert all(r > MAX_HELDOUT_RATIO for r in ratios.values())
 
 
+def test_tied_table_check_under_mixed_runs_at_a_gptq_candidate(tmp_path: Path) -> None:
+    """Under --weights mixed the table's plan spec is INT8 (no GPTQ): the check runs at its
+    first GPTQ candidate (4/32), records the ratio, and the table rounds with MSE."""
+    src, feeds = _tied(tmp_path / "tied.onnx", tmp_path / "feeds")
+    search = SearchConfig(Budget(avg_bits=5.0), candidates=("8", "4/32", "2/32"), samples=3)
+    config = _config(feeds, weights="mixed", search=search, weight_method="gptq")
+    compile_model(str(src), tmp_path / "b", config, eval_data=None)
+    recipe = Recipe.load(tmp_path / "b" / "model" / "recipe.json")
+    methods = {t.tensor: t.method for t in recipe.tensors if t.kind == "weight"}
+    assert methods["E"] == "mse" or methods["E"] == "absmax"  # absmax if it ends at INT8
+    assert recipe.config["weights"]["tied_heldout_ratio"]["E"] > MAX_HELDOUT_RATIO
+
+
 def test_gptq_tied_config_reads_old_recipes() -> None:
     base = {"damp": 0.01, "act_order": True, "lazy_block": 128, "scale_method": "mse"}
     assert GptqConfig.from_dict(base).tied == "mse"  # before the option: no key
