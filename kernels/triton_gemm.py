@@ -19,8 +19,8 @@ the block's scale in fp32 and rounded to fp16, as a DQ node in fp16 would, then
 contiguous runs, and their fields interleaved back into column order (``tl.join``).
 Otherwise each element reads its byte by flat index ``k * N + n`` (byte ``idx // per_byte``,
 field ``idx % per_byte``), so any N works, rows that start mid-byte included. On an H200
-(BENCHMARKS.md) that flat gather was what made the first version 10 to 25x slower than
-cuBLAS fp16 at M = 1500; whole-byte loads made it 5 to 9x faster.
+(BENCHMARKS.md) that flat gather was what made the first version 3 to 17x slower than
+cuBLAS fp16 at M = 1500; whole-byte loads made it 3 to 9x faster.
 
 Decode shapes have too few output tiles to fill a GPU (tiny.en's fc2 at M = 1: 6 tiles of
 64 columns), so the launchers split K (``split_k_for``): SPLIT_K programs per output tile
@@ -196,9 +196,10 @@ def int8_gemm_kernel(
 def tiles_for(m: int, block_size: int | None = None) -> tuple[int, int, int]:
     """Default (BLOCK_M, BLOCK_N, BLOCK_K) for `m` rows.
 
-    Decode (m <= 16): BLOCK_M = 16, the smallest tl.dot tile, masked down to m; else the
-    best configuration on an H200 (BENCHMARKS.md). Weight-only kernels need BLOCK_K to
-    divide `block_size` (one scale row per K tile).
+    Decode (m <= 16): BLOCK_M = 16, the smallest tl.dot tile, masked down to m; else
+    128 x 64, the most frequent best of the weight-only kernels at M = 1500 on an H200
+    (BENCHMARKS.md). Weight-only kernels need BLOCK_K to divide `block_size` (one scale
+    row per K tile).
     """
     block_k = 64 if block_size is None else min(64, block_size)
     return (16, 32, block_k) if m <= 16 else (128, 64, block_k)
