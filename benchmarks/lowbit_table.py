@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from common import build_variant, machine_info, machine_line, outside_repo, print_table
+from common import build_variant, machine_info, machine_line, outside_repo, print_table, run_or_show
 
 from sfc.eval.manifest import read_manifest
 from sfc.eval.wer import count_errors, paired_bootstrap_delta
@@ -305,10 +305,7 @@ def main() -> int:
         return 0
     args.json = args.json or str(REPO / "benchmarks" / "results" /
                                  f"lowbit_{args.model}.json")
-    if args.show:
-        show(json.loads(Path(args.json).read_text()))
-        return 0
-    return run(args)
+    return run_or_show(args, run, show)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, machine_line, outside_repo, print_table
+from common import machine_info, machine_line, outside_repo, print_table, run_or_show
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = (("whisper-tiny.en", 8), ("whisper-tiny.en", 32), ("whisper-base", 8))
@@ -87,10 +87,7 @@ def main() -> int:
                                               "onestage_time.json"))
     parser.add_argument("--show", action="store_true")
     args = parser.parse_args()
-    if args.show:
-        show(json.loads(Path(args.json).read_text()))
-        return 0
-    return run(args)
+    return run_or_show(args, run, show)
 
 
 if __name__ == "__main__":

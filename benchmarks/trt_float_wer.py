@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from common import eval_summary, machine_info, machine_line, outside_repo, per_utterance
+from common import (
+    eval_summary,
+    machine_info,
+    machine_line,
+    outside_repo,
+    per_utterance,
+    run_or_show,
+)
 
 from sfc.atomic import write_json_atomic
 from sfc.card import ModelCard
@@ -149,10 +155,7 @@ def main() -> int:
     parser.add_argument("--show", action="store_true")
     args = parser.parse_args()
     args.parser = parser
-    if args.show:
-        show(json.loads(Path(args.json).read_text()))
-        return 0
-    return run(args)
+    return run_or_show(args, run, show)
 
 
 if __name__ == "__main__":
