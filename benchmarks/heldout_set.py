@@ -12,8 +12,10 @@ Before rendering, every sentence is checked, with `sfc synth`'s normalisation, a
 calibration and evaluation manifests, `calibration_data/synth/texts.txt` and (when present)
 the shared speech sets: a clash is an error.
 
-Rendering is deterministic: each sentence's speaking rate (0.9-1.1) and condition come from
-`--seed`; hibari's noise component is seeded by (seed, index). 40% of the clips stay clean;
+Rendering is deterministic on one machine (another CPU class may round ONNX Runtime's float
+kernels differently, so pair a build's evaluation with an FP32 one on the same render):
+each sentence's speaking rate (0.9-1.1) and condition come from `--seed`; hibari's noise
+component is seeded by (seed, index). 40% of the clips stay clean;
 the rest get `sfc.calib.augment.augment` (seeded speed, room reverberation, 10-30 dB white
 noise), condition `augmented`. Audio is 16 kHz mono 16-bit FLAC in a manifest folder that
 `sfc eval --data` reads, written under a staging name and renamed whole; it is never kept
