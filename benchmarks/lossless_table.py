@@ -13,8 +13,9 @@ when every cell is.
 OTHER's evaluations in the same `--work` folder (e.g. ESC against MSE on the same clips).
 
 Runs are long, so every step is resumable: a build folder holding `report.json` and an
-evaluation JSON that exists are reused. Builds whose recipes equal seed 0's once the
-recorded seed is set aside (a configuration that draws no random number, e.g. MSE
+evaluation JSON that exists (filed under its set's digest, so a re-rendered set is
+evaluated again) are reused. Builds whose recipes equal seed 0's once the recorded seed is
+set aside (a configuration that draws no random number, e.g. MSE
 calibration) are not repeated: after the second seed matches the first, the remaining
 seeds are recorded as `same_recipe_as` the first seed and share its evaluations.
 
@@ -30,6 +31,7 @@ Writes `benchmarks/results/lossless_NAME.json`; builds and evaluations go under 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import subprocess
@@ -146,6 +148,17 @@ def evaluate(model: str, data: Path, out: Path, limit: int | None,
     return EvalResult.load(out)
 
 
+def set_digest(folder: Path) -> str:
+    """12 hex digits of the sha256 of an evaluation set's files (names and bytes).
+
+    Evaluations are kept per digest: a set rendered again (another CPU class can give other
+    audio) is never paired with results on the old audio."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def run(args: argparse.Namespace) -> int:
     work = outside_repo(args.parser, args.work, REPO)
     sets = {"eval": EVAL_SET.resolve(), "heldout": args.heldout.resolve()}
@@ -154,9 +167,10 @@ def run(args: argparse.Namespace) -> int:
     evals = work / "evals"
     evals.mkdir(parents=True, exist_ok=True)
     suffix = f"-n{args.limit}" if args.limit else ""
+    digests = {name: set_digest(path) for name, path in sets.items()}
 
     def eval_of(label: str, model: str, name: str) -> EvalResult:
-        return evaluate(model, sets[name], evals / f"{label}-{name}{suffix}.json",
+        return evaluate(model, sets[name], evals / f"{label}-{name}-{digests[name]}{suffix}.json",
                         args.limit, args.threads)
 
     fp32 = {name: eval_of("fp32", args.model, name) for name in sets}
@@ -186,12 +200,12 @@ def run(args: argparse.Namespace) -> int:
                   if s["same_recipe_as"] is not None} if saved.is_file() else {}
         theirs = {(seed, name): EvalResult.load(p) for seed in args.seeds for name in sets
                   if (p := evals / f"{other}-seed{shared.get(seed, seed)}-{name}"
-                      f"{suffix}.json").is_file()}
+                      f"-{digests[name]}{suffix}.json").is_file()}
         comparisons[other] = [asdict(c) for c in cells(theirs, built)]
     report = {
         "name": args.name, "model": args.model, "build_args": list(args.build_args),
         "command": shlex.join(sys.argv), "machine": machine_info(args.threads or 0),
-        "sets": {name: {"data": str(path), "n": fp32[name].n,
+        "sets": {name: {"data": str(path), "digest": digests[name], "n": fp32[name].n,
                         "ref_words": sum(u.ref_words for u in fp32[name].utterances)}
                  for name, path in sets.items()},
         "fp32": {name: {"wer": r.wer, "errors": [u.errors for u in r.utterances]}

@@ -73,3 +73,16 @@ def test_recipe_key_ignores_the_seed_only(lt: Any, tmp_path: Path) -> None:
         _recipe(tmp_path / f"s{seed}", "encoder", seed, scale)
     assert lt.recipe_key(tmp_path / "s0") == lt.recipe_key(tmp_path / "s1")
     assert lt.recipe_key(tmp_path / "s0") != lt.recipe_key(tmp_path / "s2")
+
+
+def test_a_set_with_other_audio_has_another_digest(lt: Any, tmp_path: Path) -> None:
+    """Evaluations are filed by the set's digest: the same files elsewhere share it, one
+    changed byte (a render on another machine) does not."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        (folder / "audio").mkdir(parents=True)
+        (folder / "manifest.jsonl").write_text('{"id": "u0"}\n')
+        (folder / "audio" / "u0.flac").write_bytes(b"\x00\x01\x02")
+    assert lt.set_digest(a) == lt.set_digest(b)
+    (b / "audio" / "u0.flac").write_bytes(b"\x00\x01\x03")
+    assert lt.set_digest(a) != lt.set_digest(b)
