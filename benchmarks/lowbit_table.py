@@ -91,6 +91,9 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "mixed-4": _mixed(4.0),
         "mixed-3.5": _mixed(3.5),
         "mixed-3": _mixed(3.0),
+        # Just under uniform 4/128 with zero points (4.336 bits on tiny.en): mixed against
+        # uniform at equal size.
+        "mixed-4.33": _mixed(4.33),
         # With 4/64 among the candidates (uniform 4/64 measured better than the 4.5-bit mix).
         "mixed-4.5-c64": _mixed(4.5, search=SearchConfig(
             Budget(avg_bits=4.5), candidates=("8", "4/32", "4/64", "4/128", "2/32"))),
