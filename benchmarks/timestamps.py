@@ -277,6 +277,18 @@ def summarize_long(rows: Sequence[dict[str, Any]],
     return out
 
 
+def paired_by_recording(rows: Sequence[dict[str, Any]], names: Sequence[str],
+                        against: str) -> dict[str, dict[str, Any]]:
+    """WER(path) - WER(`against`) per path, paired bootstrap over the recordings (the
+    units that both paths transcribe whole; seed 0)."""
+    def errors(path: str) -> list[int]:
+        return [ErrorCounts(**r[path]["counts"]).errors for r in rows]
+
+    refs = [r[against]["counts"]["ref_words"] for r in rows]
+    return {path: asdict(paired_bootstrap_delta(errors(against), errors(path), refs, seed=0))
+            for path in names if path != against}
+
+
 def boundaries(runs: Sequence[dict[str, Any]],
                rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The boundary errors of one path's runs, pooled over the recordings."""
@@ -325,6 +337,14 @@ def show(report: dict[str, Any]) -> None:
         "windows from the last complete segment, with timestamps, one at a time; vad_bN: "
         "VAD windows with timestamps, N decoded together (VAD time included); fw_int8*: "
         "faster-whisper INT8, sequential and BatchedInferencePipeline (its VAD included)")
+    rows = report["long"]["recordings"]
+    if len(rows) > 1 and "default" in names:
+        print_table(
+            f"Paired over the {len(rows)} recordings, against fixed windows (default)",
+            ["path", "ΔWER points [95% CI]", "p", "RTF default / path"],
+            [[p, f"{100 * d['delta']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]",
+              f"{d['p_value']:.3f}", f"{s['default']['rtf'] / s[p]['rtf']:.2f}x"]
+             for p, d in paired_by_recording(rows, names, "default").items()])
     for key in [k for k in s if k.startswith("boundaries")]:
         b = s[key]
         print(f"{key.removeprefix('boundaries_') if '_' in key else 'timestamps'}: "
