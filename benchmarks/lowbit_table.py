@@ -28,6 +28,7 @@ from sfc.eval.manifest import read_manifest
 from sfc.eval.wer import count_errors, paired_bootstrap_delta
 from sfc.paths import BUNDLED_DATA
 from sfc.precision.budget import Budget, storage_bits
+from sfc.precision.mapfile import load_precision
 from sfc.precision.onestage import OneStageConfig
 from sfc.precision.search import DEFAULT_CANDIDATES, SearchConfig
 from sfc.quant.gptq import GptqConfig
@@ -158,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         if args.calib:  # another calibration set: its own key, so both rows are kept
             config["calib"] = Path(args.calib).resolve()
             name = f"{name}@{config['calib'].name}"
+        if args.precision:  # a hand-written or re-solved map on top: its own key too
+            config["precision"] = load_precision(Path(args.precision))
+            name = f"{name}+{Path(args.precision).stem}"
         if name in results.get("variants", {}):
             continue
         out = work / args.model / name
@@ -290,6 +294,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--calib", default=None,
                         help="calibration manifest folder instead of the bundled one")
+    parser.add_argument("--precision", default=None, metavar="MAP_JSON",
+                        help="a --precision map applied to the variants (benchmarks/"
+                        "resolve_mix.py writes one from a search)")
     parser.add_argument("--sensitivity-samples", type=int, default=None,
                         help="calibration items for the mixed variants' probes (default 16)")
     parser.add_argument("--show", action="store_true")

@@ -73,6 +73,8 @@ from .quant.plan import (
     Plan,
     PlanConfig,
     check_caps,
+    entries_for_graph,
+    entry_graph,
     exact_pattern,
     make_plan,
 )
@@ -253,16 +255,19 @@ class BuildConfig:
             return self.gptq_start
         return self.mixed or (self.weight_method == "gptq" and self.low_bit)
 
-    def plan_config(self) -> PlanConfig:
+    def plan_config(self, graph: str | None = None) -> PlanConfig:
         """The placement request this build makes (a mixed build plans INT8 first; the
-        search's per-layer entries come on top)."""
+        search's per-layer entries come on top); for one `graph`, only the precision
+        entries that apply to it."""
         bits = 8 if self.weights == "mixed" else self.weights
         if not isinstance(bits, int) or isinstance(bits, bool):
             raise SfcError(f"--weights must be 8, 4, 2 or mixed, not {self.weights!r}")
         return PlanConfig(weight_bits=bits, activation_bits=self.activations,
                           block_size=self.block_size,
                           quantize_attention=self.quantize_attention, exclude=self.exclude,
-                          precision=self.precision, symmetric_blocks=self.symmetric_blocks)
+                          precision=self.precision if graph is None
+                          else entries_for_graph(self.precision, graph),
+                          symmetric_blocks=self.symmetric_blocks)
 
     def recipe_config(self, plan: PlanConfig | None = None) -> dict[str, Any]:
         """What goes into recipe.json: machine-independent settings only (`plan`: the plan
@@ -509,7 +514,7 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
     start = time.perf_counter()
     sha = model_sha256(model)
     replay = _recipe_path(config, name, single)
-    plan = make_plan(model, config.plan_config(), caps)
+    plan = make_plan(model, config.plan_config(name), caps)
     recipe = None
     stored = None
     if replay is not None:
@@ -526,7 +531,7 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
                 raise SfcError(f"{replay} quantizes weight '{q.tensor}' as "
                                f"{old.spec.describe()}, but {config.target} needs "
                                f"{q.spec.describe()}; replay it with the recipe's own target")
-    g = _Graph(name, model, sha, plan, recipe, config.plan_config(),
+    g = _Graph(name, model, sha, plan, recipe, config.plan_config(name),
                time.perf_counter() - start)
     g.stored = stored
     return g
@@ -851,6 +856,11 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             fp32_folder = model_folder(src)
         card = ModelCard.load(fp32_folder)
         _check_one_stage(card, config)
+        for entry in config.precision:
+            graph = entry_graph(entry)
+            if graph is not None and graph not in card.graphs:
+                raise SfcError(f"precision entry '{entry.pattern}': this model has no graph "
+                               f"'{graph}' (its graphs: {', '.join(card.graphs)})")
         sources: dict[str, FeedSource] = {}
         no_feeds = None  # why a mixed build has no calibration feeds
         if card.family != "whisper" and config.recipe is None and (

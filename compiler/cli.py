@@ -394,7 +394,8 @@ def build_cmd(
         help="One-stage: cpu (deterministic) or cuda (a GPU torch can see)")] = "cpu",
     precision: Annotated[Path | None, typer.Option(
         help="Per-layer precision map (JSON: node-name glob -> 8|4|2|float or "
-        "{weights, block_size, activations})")] = None,
+        "{weights, block_size, activations}; a key GRAPH:glob applies to that graph "
+        "only)")] = None,
     gptq_damp: Annotated[float, typer.Option(help="GPTQ: dampening (fraction of mean "
                                              "diag H)")] = 0.01,
     gptq_act_order: Annotated[bool, typer.Option(help="GPTQ: walk inputs by decreasing "

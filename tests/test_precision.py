@@ -34,7 +34,14 @@ from sfc.precision.probe import run_probes, switchable
 from sfc.precision.search import SearchConfig, candidate_specs
 from sfc.precision.solve import fill_budget, solve_choice
 from sfc.quant.gptq import GptqConfig
-from sfc.quant.plan import LayerPrecision, PlanConfig, exact_pattern, make_plan
+from sfc.quant.plan import (
+    LayerPrecision,
+    PlanConfig,
+    entries_for_graph,
+    entry_graph,
+    exact_pattern,
+    make_plan,
+)
 from sfc.quant.qdq import write_qdq
 from sfc.quant.recipe import Recipe
 from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
@@ -166,6 +173,39 @@ def test_precision_map_errors(tmp_path: Path) -> None:
     config = PlanConfig(precision=(LayerPrecision("q_proj", weights=2),))
     with pytest.raises(SfcError, match="does not run 2-bit weights"):
         make_plan(speech_model(), config, caps)
+
+
+def test_graph_qualified_entries_apply_to_their_graph_only() -> None:
+    entries = (LayerPrecision("decoder:/k_proj/MatMul", weights=8),
+               LayerPrecision("encoder:/k_proj/MatMul", weights=2),
+               LayerPrecision("/encoder/conv1/Conv", weights="float"),
+               LayerPrecision("*fc2*", weights=8))
+    assert [entry_graph(e) for e in entries] == ["decoder", "encoder", None, None]
+    dec = entries_for_graph(entries, "decoder")
+    assert [(e.pattern, e.weights) for e in dec] == [
+        ("/k_proj/MatMul", 8), ("/encoder/conv1/Conv", "float"), ("*fc2*", 8)]
+    assert [e.weights for e in entries_for_graph(entries, "encoder")][:1] == [2]
+    assert len(entries_for_graph(entries, "model")) == 2  # the unqualified ones
+    # The graph's plan config carries only its own entries, so its recipe does too.
+    config = BuildConfig(weights=4, precision=entries)
+    assert config.plan_config("decoder").precision == dec
+    assert config.plan_config().precision == entries
+
+
+def test_graph_qualified_map_in_a_build(tmp_path: Path) -> None:
+    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
+    config = _config(feeds, weights=4, precision=(LayerPrecision("model:fc1", weights=8),))
+    compile_model(str(src), tmp_path / "a", config, eval_data=None)
+    recipe = Recipe.load(tmp_path / "a" / "model" / "recipe.json")
+    assert {t.tensor: t.spec.bits for t in recipe.tensors if t.kind == "weight"} == \
+        {"w1": 8, "w2": 4}
+    # A graph the model does not have: one line, before calibration (no data here).
+    bad = _config(tmp_path / "missing", weights=4,
+                  precision=(LayerPrecision("decoder:fc1", weights=8),))
+    with pytest.raises(SfcError, match=r"'decoder:fc1': this model has no graph 'decoder' "
+                                       r"\(its graphs: model\)"):
+        compile_model(str(src), tmp_path / "b", bad, eval_data=None)
+    assert not (tmp_path / "b").exists()
 
 
 def test_exact_pattern_matches_only_its_name() -> None:

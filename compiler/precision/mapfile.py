@@ -5,7 +5,8 @@
 
 Keys are fnmatch patterns on node names, tried in file order (the first entry that sets
 a field wins); a value is weight bits (8, 4, 2, "float") or an object with any of
-`weights`, `block_size`, `activations`.
+`weights`, `block_size`, `activations`. A key "GRAPH:pattern" (`decoder:/k_proj/MatMul`)
+applies to that graph of a multi-graph model only (`quant.plan.entries_for_graph`).
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ activation tensor (shared by all its quantized consumers).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import onnx
@@ -43,6 +44,8 @@ __all__ = [
     "Quantizer",
     "Skipped",
     "WeightedOpRule",
+    "entries_for_graph",
+    "entry_graph",
     "gather_copy_spec",
     "make_plan",
     "name_nodes",
@@ -127,6 +130,31 @@ class LayerPrecision:
             raise SfcError(f"malformed precision entry: {data!r} (keys: {', '.join(sorted(keys))})")
         return cls(data["pattern"], data.get("weights"), data.get("block_size"),
                    data.get("activations"))
+
+
+# "decoder:/k_proj/MatMul": an entry for one graph of a multi-graph model, whose graphs
+# can share node names (Whisper's encoder graph computes the cross-attention k/v with the
+# same names as the decoder's self-attention). Exported node names start with "/".
+_QUALIFIED = re.compile(r"([A-Za-z_][\w.-]*):(.+)", re.S)
+
+
+def entry_graph(entry: LayerPrecision) -> str | None:
+    """The graph a "GRAPH:pattern" entry is for (None: every graph)."""
+    m = _QUALIFIED.fullmatch(entry.pattern)
+    return m.group(1) if m else None
+
+
+def entries_for_graph(entries: tuple[LayerPrecision, ...], graph: str
+                      ) -> tuple[LayerPrecision, ...]:
+    """The entries that apply to `graph`, a qualified entry's qualifier removed."""
+    out = []
+    for e in entries:
+        m = _QUALIFIED.fullmatch(e.pattern)
+        if m is None:
+            out.append(e)
+        elif m.group(1) == graph:
+            out.append(replace(e, pattern=m.group(2)))
+    return tuple(out)
 
 
 def exact_pattern(node: str) -> str:
