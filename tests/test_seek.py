@@ -56,6 +56,18 @@ def test_without_a_pair_the_window_is_taken_whole() -> None:
     assert complete_segments([], TB, 3000, STEP) == (0, 3000)
 
 
+def test_known_speech_after_a_single_ending_restarts_the_window_there() -> None:
+    ids = [ts(0), 1, ts(40), ts(50), 2, ts(90)]
+    # Speech known after frame 90 (a VAD region): the next window starts at 90.
+    assert complete_segments(ids, TB, 3000, STEP, lambda f: f < 300) == (len(ids), 90)
+    # None known there: OpenAI's rule, the whole window.
+    assert complete_segments(ids, TB, 3000, STEP, lambda f: False) == (len(ids), 3000)
+    # Only a single ending is continued; an unfinished segment keeps its pair's rule.
+    assert complete_segments(ids[:-1] + [3], TB, 3000, STEP, lambda f: True) == (3, 40)
+    # An ending at the window's end (or at 0) moves the whole window.
+    assert complete_segments([ts(0), 1, ts(100)], TB, 100, STEP, lambda f: True) == (3, 100)
+
+
 def test_a_segment_ending_at_zero_never_stalls_the_seek() -> None:
     assert complete_segments([ts(0), ts(0), 1], TB, 3000, STEP) == (3, 3000)
 
@@ -152,6 +164,24 @@ def test_recordings_stepped_together_get_the_windows_they_get_alone() -> None:
     assert together == alone
     assert max(decoder.batches) == 2 and sum(decoder.batches) == sum(map(len, alone))
     assert seek_decode([], decoder, WINDOW, TB, 2, STEP) == []
+
+
+def test_an_utterance_left_out_before_known_speech_is_decoded_in_a_window_of_its_own() -> None:
+    # A decoder that ends each window after its first span, like Whisper leaving the last
+    # utterance of a window for the next one.
+    class FirstOnly(Scripted):
+        def _row(self, window: np.ndarray) -> list[int]:
+            ids = super()._row(window)
+            return ids[:3] if len(ids) >= 3 and ids[2] >= TB else ids
+
+    spans = [(4, 30), (40, 90)]
+    decoder = FirstOnly({100: spans})
+    (plain,) = seek_decode([_recording(100)], decoder, WINDOW, TB, 8, STEP)
+    assert [w.start for w in plain] == [0]  # OpenAI's rule: 40-90 is lost
+    (known,) = seek_decode([_recording(100)], decoder, WINDOW, TB, 8, STEP,
+                           lambda r, frame: any(e > frame for _, e in spans))
+    assert [w.start for w in known] == [0, 30]
+    assert [t for w in known for t in w.ids if t < TB] == [0, 1]  # both spans' text
 
 
 # ----------------------------------------------------------------------- the real model

@@ -36,12 +36,23 @@ __all__ = ["SeekWindow", "complete_segments", "recording_features", "seek_decode
 
 
 def complete_segments(ids: Sequence[int], timestamp_begin: int, frames: int,
-                      frames_per_timestamp: int) -> tuple[int, int]:
+                      frames_per_timestamp: int,
+                      speech_after: Callable[[int], bool] | None = None) -> tuple[int, int]:
     """(how many of `ids` to keep, frames to move the seek by) for one window's generated
-    tokens (prompt and eot removed) holding `frames` frames of audio (module docstring)."""
+    tokens (prompt and eot removed) holding `frames` frames of audio (module docstring).
+
+    `speech_after(frame)`: whether speech is known to follow that frame of the window (a
+    VAD's regions). Then a window whose tokens end with a single timestamp t but leave
+    speech after t moves the seek to t, not to its end: Whisper often ends a window's
+    tokens one utterance early, leaving it to the next window, which OpenAI's rule would
+    start after it (BENCHMARKS.md, issue 14: whole utterances lost at VAD window ends)."""
     stamp = [t >= timestamp_begin for t in ids]
     single_ending = len(ids) >= 2 and stamp[-1] and not stamp[-2]
     pairs = [i for i in range(1, len(ids)) if stamp[i] and stamp[i - 1]]
+    if single_ending and speech_after is not None:
+        end = (ids[-1] - timestamp_begin) * frames_per_timestamp
+        if 0 < end < frames and speech_after(end):
+            return len(ids), end
     if single_ending or not pairs:
         return len(ids), frames
     last = pairs[-1]  # ids[last - 1] ends the last complete segment
@@ -84,11 +95,14 @@ class SeekWindow:
 def seek_decode(features: Sequence[np.ndarray],
                 decode: Callable[[np.ndarray, list[int]], Decoded],
                 n_frames: int, timestamp_begin: int, batch: int,
-                frames_per_timestamp: int) -> list[list[SeekWindow]]:
+                frames_per_timestamp: int,
+                speech_after: Callable[[int, int], bool] | None = None,
+                ) -> list[list[SeekWindow]]:
     """Each recording's windows, decoded from frame 0 until the seek passes its features.
 
     `decode(windows, rows)` turns windows [B, n_mels, n_frames], window b of recording
-    `rows[b]`, into their generated ids with timestamps.
+    `rows[b]`, into their generated ids with timestamps. `speech_after(r, frame)`: whether
+    speech follows that frame of recording r (`complete_segments`).
     Every call takes the next window of at most `batch` unfinished recordings (the first
     ones, in order); where a recording's next window starts depends only on its own
     tokens, so its windows are those it gets alone.
@@ -104,7 +118,9 @@ def seek_decode(features: Sequence[np.ndarray],
         qualities: list[Quality | None] = [*dec.quality] if dec.quality else [None] * len(rows)
         for r, (_, size), ids, looped, quality in zip(rows, cut, dec.ids, dec.looped,
                                                       qualities, strict=True):
+            after = None if speech_after is None else (
+                lambda frame, r=r: speech_after(r, seeks[r] + frame))
             keep, advance = complete_segments(ids, timestamp_begin, size,
-                                              frames_per_timestamp)
+                                              frames_per_timestamp, after)
             out[r].append(SeekWindow(seeks[r], size, tuple(ids[:keep]), looped, quality))
             seeks[r] += advance

@@ -195,5 +195,10 @@ class SileroVad:
 
     def windows(self, audio: np.ndarray) -> list[Region]:
         """The decoding windows of 16 kHz `audio` (none when nothing is speech)."""
+        return self.plan(audio)[0]
+
+    def plan(self, audio: np.ndarray) -> tuple[list[Region], list[Region]]:
+        """(decoding windows, speech regions) of 16 kHz `audio`."""
         probs = self.probabilities(audio)
-        return plan_windows(speech_regions(probs, len(audio), self.params), probs, self.most)
+        regions = speech_regions(probs, len(audio), self.params)
+        return plan_windows(regions, probs, self.most), regions

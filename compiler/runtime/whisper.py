@@ -9,8 +9,10 @@ decoded without timestamps (batched with other recordings, see `WhisperRuntime.l
 Longer audio, and any audio asked for timestamps, is decoded with Whisper's timestamp
 tokens window after window, each window starting where the last complete segment of the
 one before ended (`seek`, as OpenAI's and faster-whisper's decoders do), its text that of
-the segments. With voice activity detection (`vad`), the windows are instead stretches of
-at most 30 s holding the recording's speech regions, cut at pauses and decoded together.
+the segments. With voice activity detection (`vad`), the recording is first cut into
+stretches of at most 30 s holding its speech regions, cut at pauses, and each stretch is
+decoded the same way, stretches decoded together; a stretch whose tokens stop before
+speech the VAD found in it goes on from there (`seek.complete_segments`).
 `seek=False` gives the old consecutive 30 s windows (`features.whisper_windows`), decoded
 independently and joined with a space. Segments are placed in the recording's time
 (`segments`).
@@ -45,7 +47,7 @@ from .seek import SeekWindow, recording_features, seek_decode
 from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
-from .vad import SileroVad
+from .vad import Region, SileroVad
 
 __all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime", "encode_in_chunks"]
 
@@ -57,6 +59,10 @@ CACHE = {"present_key": "past_key", "present_value": "past_value"}
 
 # OpenAI's no-speech token: <|nospeech|> (multilingual), <|nocaptions|> (English-only).
 NO_SPEECH = ("<|nospeech|>", "<|nocaptions|>")
+# A VAD window is decoded on past its tokens' last timestamp only when at least this much
+# of the speech the VAD found follows it: Whisper's segment ends fall up to about a second
+# off the speech, so a shorter tail is that, not an utterance left out.
+SPEECH_LEFT_S = 1.0
 
 
 def _open(folder: Path, graph: GraphSpec, threads: int | None,
@@ -291,7 +297,10 @@ class WhisperRuntime:
         `vad` its windows: stretches of speech regions and the pauses between them, the
         silence between windows skipped (a recording with no speech gets empty text).
         With `timestamps`, each window's segments are moved into the recording's time by
-        the window's clock and clamped to its audio.
+        the window's clock and clamped to its audio. VAD windows are decoded with
+        timestamps, by `seek` inside each one: Whisper often ends a window's tokens an
+        utterance early, and that utterance is decoded in a window of its own (without it,
+        21.5% WER against 14.6% on BENCHMARKS.md's long-audio set, nearly all deletions).
 
         `seek`: decode each recording window after window with timestamps, each window
         starting at the end of the last complete segment of the one before (`seek`); the
@@ -309,8 +318,10 @@ class WhisperRuntime:
         if seek and vad is not None:
             raise SfcError("seek and VAD windows are two ways of cutting long audio; "
                            "choose one")
-        chosen = [seek if seek is not None else
-                  vad is None and (timestamps or len(a) > self.mel.n_samples) for a in audios]
+        if vad is not None:
+            return self._seek_many(audios, timestamps, plan, vad)
+        chosen = [seek if seek is not None else timestamps or len(a) > self.mel.n_samples
+                  for a in audios]
         if any(chosen):
             picks = [i for i, c in enumerate(chosen) if c]
             rest = [i for i, c in enumerate(chosen) if not c]
@@ -318,11 +329,10 @@ class WhisperRuntime:
                                                    plan), strict=True))
             if rest:
                 done.update(zip(rest, self.transcribe_many([audios[i] for i in rest],
-                                                           timestamps, vad, False, language,
+                                                           timestamps, None, False, language,
                                                            task), strict=True))
             return [done[i] for i in range(len(audios))]
-        planned = [self._vad_windows(a, vad) if vad else self._fixed_windows(a)
-                   for a in audios]
+        planned = [self._fixed_windows(a) for a in audios]
         if not planned:
             return []
         decoded = iter(self.decode_windows(
@@ -338,21 +348,44 @@ class WhisperRuntime:
         return out
 
     def _seek_many(self, audios: Sequence[np.ndarray], timestamps: bool,
-                   plan: LanguagePlan) -> list[Transcript]:
-        """`transcribe_many` by `seek` windows: a recording's segments are its windows'
-        complete ones, its text theirs joined (segments returned with `timestamps`)."""
+                   plan: LanguagePlan, vad: SileroVad | None = None) -> list[Transcript]:
+        """`transcribe_many` by `seek` windows over each recording, or over each of its
+        `vad` windows: a recording's segments are its windows' complete ones, its text
+        theirs joined (segments returned with `timestamps`)."""
         size, new_tokens = self.limits()
         rate, hop = self.mel.sample_rate, self.mel.hop_length
-        decoded = seek_decode([recording_features(a, self.mel) for a in audios],
-                              lambda windows, rows: self._decode(windows, True, new_tokens,
-                                                                 plan, rows),
+        # Pieces decoded by seek: whole recordings, or VAD windows (with their speech).
+        pieces: list[np.ndarray] = []
+        owners: list[int] = []
+        offsets: list[float] = []
+        speech: list[list[tuple[int, int]]] = []  # each piece's regions, in its frames
+        for r, audio in enumerate(audios):
+            cuts, regions = vad.plan(audio) if vad else ([Region(0, len(audio))], [])
+            for w in cuts:
+                pieces.append(recording_features(audio[w.start:w.end], self.mel))
+                owners.append(r)
+                offsets.append(w.start / rate)
+                speech.append([((g.start - w.start) // hop, (g.end - w.start) // hop)
+                               for g in regions if w.start <= g.start < w.end])
+        least = round(SPEECH_LEFT_S * rate / hop)
+
+        def speech_after(piece: int, frame: int) -> bool:
+            return sum(max(0, e - max(s, frame)) for s, e in speech[piece]) >= least
+
+        decoded = seek_decode(pieces,
+                              lambda windows, rows: self._decode(
+                                  windows, True, new_tokens, plan, [owners[i] for i in rows]),
                               self.mel.n_frames, self.decoding.timestamp_begin, size,
-                              round(TIME_PRECISION * rate / hop))
+                              round(TIME_PRECISION * rate / hop),
+                              speech_after if vad else None)
+        found: list[list[tuple[SeekWindow, float]]] = [[] for _ in audios]
+        for piece, windows in enumerate(decoded):
+            found[owners[piece]] += [(w, offsets[piece]) for w in windows]
         out = []
-        for r, windows in enumerate(decoded):
-            segments = tuple(s for w in windows for s in self._seek_segments(w))
+        for r, placed in enumerate(found):
+            segments = tuple(s for w, at in placed for s in self._seek_segments(w, at))
             out.append(Transcript(" ".join(s.text for s in segments),
-                                  sum(w.looped for w in windows),
+                                  sum(w.looped for w, _ in placed),
                                   segments if timestamps else None, plan.language_of(r),
                                   self._recorded()))
         return out
@@ -361,13 +394,14 @@ class WhisperRuntime:
         """The options a recording's transcript records: none for greedy decoding."""
         return None if self.options.greedy else self.options
 
-    def _seek_segments(self, window: SeekWindow) -> list[Segment]:
-        """The segments of one `seek` window, in the recording's time."""
+    def _seek_segments(self, window: SeekWindow, offset: float = 0.0) -> list[Segment]:
+        """The segments of one `seek` window of a piece starting `offset` seconds into the
+        recording, in the recording's time."""
         frame_s = self.mel.hop_length / self.mel.sample_rate
         seconds = window.frames * frame_s
         return map_times(segments_from_tokens(window.ids, self.decoding.timestamp_begin,
                                               seconds, self._text, window.quality),
-                         window_clock(window.start * frame_s, seconds))
+                         window_clock(offset + window.start * frame_s, seconds))
 
     def _fixed_windows(self, audio: np.ndarray) -> tuple[np.ndarray, list[Clock]]:
         """Consecutive 30 s windows of `audio` and the clock of each."""
@@ -375,15 +409,6 @@ class WhisperRuntime:
         seconds, span = len(audio) / self.mel.sample_rate, self.mel.chunk_length_s
         return windows, [window_clock(i * span, min(span, seconds - i * span))
                          for i in range(len(windows))]
-
-    def _vad_windows(self, audio: np.ndarray,
-                     vad: SileroVad) -> tuple[np.ndarray, list[Clock]]:
-        """`vad`'s windows of `audio` (each at most one encoder window) and their clocks."""
-        cuts, rate = vad.windows(audio), self.mel.sample_rate
-        features = [whisper_windows(audio[w.start:w.end], self.mel) for w in cuts]
-        empty = np.zeros((0, self.mel.n_mels, self.mel.n_frames), np.float32)
-        return (np.concatenate(features) if features else empty,
-                [window_clock(w.start / rate, len(w) / rate) for w in cuts])
 
 
 def _in_recording(windows: Sequence[Transcript],
