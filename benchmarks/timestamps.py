@@ -247,7 +247,8 @@ def run_long(runtime: WhisperRuntime, recordings: Sequence[LongRecording],
                          **_placed(rec, segments)}
         rows.append(row)
         print(f"{rec.name}: {rec.seconds:.0f} s, {len(rec.utterances)} utterances, "
-              f"{len(row['timestamps']['segments'])} segments", file=sys.stderr)
+              + ", ".join(f"{w.name} {len(row[w.name].get('segments', ()))} segments"
+                          for w in ways if w.timestamps), file=sys.stderr)
     return {"recordings": rows,
             "summary": summarize_long(rows, [w.name for w in ways] + list(peers))}
 
@@ -275,6 +276,22 @@ def summarize_long(rows: Sequence[dict[str, Any]],
             key = "boundaries" if path == "timestamps" else f"boundaries_{path}"
             out[key] = boundaries([r[path] for r in rows], rows)
     return out
+
+
+def merge_long(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old`'s long-audio results with `new`'s paths added (or replacing the same names),
+    recording by recording, and the summary computed again over all paths."""
+    rows = {r["name"]: dict(r) for r in old["recordings"]}
+    if set(rows) != {r["name"] for r in new["recordings"]}:
+        raise SystemExit("--merge: the reports hold different recordings")
+    names = list(old["summary"]["paths"])
+    for path in new["summary"]["paths"]:
+        if path not in names:
+            names.append(path)
+    for r in new["recordings"]:
+        rows[r["name"]].update({p: r[p] for p in new["summary"]["paths"]})
+    merged = list(rows.values())
+    return {"recordings": merged, "summary": summarize_long(merged, names)}
 
 
 def paired_by_recording(rows: Sequence[dict[str, Any]], names: Sequence[str],
@@ -371,17 +388,31 @@ def run(args: argparse.Namespace) -> int:
     utterances = read_manifest(EVAL)
     recordings = make_long_set(utterances, args.work / "long", args.recordings, args.min_s,
                                args.max_s, (args.pause_min, args.pause_max), args.seed)
+    chosen = ways(args.vad_batches)
+    if args.paths:
+        unknown = set(args.paths) - {w.name for w in chosen}
+        if unknown:
+            raise SystemExit(f"--paths: unknown {', '.join(sorted(unknown))} (known: "
+                             f"{', '.join(w.name for w in chosen)})")
+        chosen = [w for w in chosen if w.name in args.paths]
     runtime = WhisperRuntime.open(model_folder(args.model), threads=args.threads)
     report: dict[str, Any] = {
         "machine": machine_info(args.threads),
         "command": shlex.join(["python", "benchmarks/timestamps.py", *sys.argv[1:]]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "long": run_long(runtime, recordings, ways(args.vad_batches),
+        "long": run_long(runtime, recordings, chosen,
                          faster_whisper_peers(args.threads, args.fw_batch)
                          if args.faster_whisper else None),
     }
     if args.paired:
         report["paired"] = run_paired(runtime, utterances[:args.paired])
+    if args.merge:  # an earlier report's paths next to these (its machine state noted)
+        old = json.loads(args.merge.read_text())
+        report["long"] = merge_long(old["long"], report["long"])
+        report["merged_from"] = {"file": str(args.merge), "command": old["command"],
+                                 "machine": old["machine"]}
+        if "paired" in old and "paired" not in report:
+            report["paired"] = old["paired"]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     show(report)
@@ -408,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vad-batches", type=lambda v: [int(b) for b in v.split(",") if b],
                         default=[1, 4], help="VAD paths: windows decoded together, comma-"
                         "separated (empty: no VAD path)")
+    parser.add_argument("--paths", type=lambda v: [p for p in v.split(",") if p],
+                        default=None, help="run only these paths (comma-separated names)")
+    parser.add_argument("--merge", type=Path, default=None, metavar="REPORT",
+                        help="add this run's paths to an earlier report of the same set")
     parser.add_argument("--paired", type=int, default=50,
                         help="first N eval utterances for the paired WER check (0: skip)")
     parser.add_argument("--json", type=Path, default=None,

@@ -34,3 +34,27 @@ def test_paired_by_recording_is_seeded(ts: Any) -> None:
     rows = [_row(50 + i, default=i % 4, other=(i * 7) % 5) for i in range(10)]
     first = ts.paired_by_recording(rows, ["default", "other"], "default")
     assert first == ts.paired_by_recording(rows, ["default", "other"], "default")
+
+
+def _report(paths: dict[str, int], names: list[str]) -> dict[str, Any]:
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"name": name, "seconds": 10.0}
+        for path, errors in paths.items():
+            row[path] = {**_row(100, **{path: errors})[path], "compute_s": 1.0,
+                         "loop_stops": 0}
+        rows.append(row)
+    return {"recordings": rows, "summary": {"paths": list(paths)}}
+
+
+def test_merge_adds_new_paths_replaces_same_names_and_recomputes_the_summary(ts: Any) -> None:
+    old = _report({"default": 40, "vad": 30}, ["a", "b"])
+    new = _report({"vad": 10, "seek": 20}, ["b", "a"])
+    merged = ts.merge_long(old, new)
+    s = merged["summary"]
+    assert s["paths"] == ["default", "vad", "seek"]
+    assert s["default"]["wer"] == pytest.approx(0.40)  # kept from the old report
+    assert s["vad"]["wer"] == pytest.approx(0.10)  # the new run's, not the old one's
+    assert s["seek"]["wer"] == pytest.approx(0.20)
+    with pytest.raises(SystemExit, match="different recordings"):
+        ts.merge_long(old, _report({"vad": 1}, ["a", "c"]))
