@@ -15,15 +15,16 @@ from sfc.precision.budget import storage_bits
 from sfc.precision.fakequant import fake_quantize
 from sfc.precision.onestage import OneStageConfig, SearchedWeight, one_stage_search
 from sfc.quant.spec import QuantSpec
-from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
+from sfc.quant.weights import dequantize_weight, pairs_over, quantize_weight, weight_scales
 
 C8 = QuantSpec(8, "channel", axis=1)
 B4 = QuantSpec(4, "block", axis=0, block_size=32)
 B2 = QuantSpec(2, "block", axis=0, block_size=32)
 B4_128 = QuantSpec(4, "block", axis=0, block_size=128)
+C8_PAIRS = QuantSpec(8, "channel", axis=1, pair_limit=128)  # ort-cpu:avx2's INT8
 
 
-@pytest.mark.parametrize("spec", [C8, B4, B2, B4_128], ids=lambda s: s.describe())
+@pytest.mark.parametrize("spec", [C8, B4, B2, B4_128, C8_PAIRS], ids=lambda s: s.describe())
 def test_fake_quantize_is_the_writers_dequantized_weight_bit_for_bit(spec: QuantSpec) -> None:
     rng = np.random.default_rng(3)
     w = rng.normal(0, 0.05, (80, 24)).astype(np.float32)  # K=80: a partial last block
@@ -37,6 +38,13 @@ def test_fake_quantize_is_the_writers_dequantized_weight_bit_for_bit(spec: Quant
     got = fake_quantize(torch.from_numpy(w), torch.from_numpy(scales), spec).numpy()
     assert got.dtype == np.float32
     assert np.array_equal(got.view(np.int32), expected.view(np.int32))
+    if spec.pair_limit is not None:  # scales half as large: many pairs over the limit
+        half = (scales / 2).astype(np.float32)
+        q = quantize_weight(w, spec, half)
+        assert pairs_over(np.round(w / half).clip(-128, 127).astype(np.int8), 1,
+                          spec.pair_limit) > 100 and pairs_over(q, 1, spec.pair_limit) == 0
+        got = fake_quantize(torch.from_numpy(w), torch.from_numpy(half), spec).numpy()
+        assert np.array_equal(got, dequantize_weight(q, spec, half))
 
 
 def test_fake_quantize_passes_gradients_straight_through_inside_the_range() -> None:

@@ -63,7 +63,7 @@ def test_known_speech_after_a_single_ending_restarts_the_window_there() -> None:
     # None known there: OpenAI's rule, the whole window.
     assert complete_segments(ids, TB, 3000, STEP, lambda f: False) == (len(ids), 3000)
     # Only a single ending is continued; an unfinished segment keeps its pair's rule.
-    assert complete_segments(ids[:-1] + [3], TB, 3000, STEP, lambda f: True) == (3, 40)
+    assert complete_segments([*ids[:-1], 3], TB, 3000, STEP, lambda f: True) == (3, 40)
     # An ending at the window's end (or at 0) moves the whole window.
     assert complete_segments([ts(0), 1, ts(100)], TB, 100, STEP, lambda f: True) == (3, 100)
 

@@ -43,11 +43,9 @@ def expand_scales(scales: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]
 
 
 def fake_quantize(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize `w` (float32) with `scales` under `spec` (no pair limits)."""
+    """Quantize-dequantize `w` (float32) with `scales` under `spec`."""
     import torch
 
-    if spec.pair_limit is not None:
-        raise SfcError(f"fake quantization does not model pair limits ({spec.describe()})")
     if w.dtype != torch.float32 or scales.dtype != torch.float32:
         raise SfcError("fake quantization works in float32 (the QDQ writer's precision)")
     shape = tuple(w.shape)
@@ -70,7 +68,33 @@ def fake_quantize(w: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tor
                        f"only, not {spec.describe()} of shape {shape}")
     s = expand_scales(scales, spec, shape)
     lo, hi = _bounds(w, s, spec)
-    return (_round_clip(w / s, lo, hi) * s).reshape(shape)
+    q = _round_clip(w / s, lo, hi)
+    if spec.pair_limit is not None:
+        assert spec.axis is not None  # pair limits are per-channel (QuantSpec checks)
+        q = _limit_pairs(q, spec.axis, spec.pair_limit)
+    return (q * s).reshape(shape)
+
+
+def _limit_pairs(q: torch.Tensor, axis: int, limit: int) -> torch.Tensor:
+    """`q` with `quant.weights.limit_pairs`' change added (the same integers: the excess of
+    each K-adjacent pair over `limit` split between the two), outside the gradient, as
+    the rounding is: an INT8 weight for a CPU without VNNI (`ort-cpu:avx2`)."""
+    import torch
+
+    with torch.no_grad():
+        rows = torch.movedim(q, axis, 0)
+        moved = rows.shape
+        rows = rows.reshape(moved[0], -1)
+        even = rows.shape[1] - rows.shape[1] % 2
+        a, b = rows[:, 0:even:2], rows[:, 1:even:2]
+        over = torch.clamp(a.abs() + b.abs() - limit, min=0)
+        a_larger = a.abs() >= b.abs()
+        big, small = torch.floor((over + 1) / 2), torch.floor(over / 2)
+        delta = torch.zeros_like(rows)
+        delta[:, 0:even:2] = -torch.sign(a) * torch.where(a_larger, big, small)
+        delta[:, 1:even:2] = -torch.sign(b) * torch.where(a_larger, small, big)
+        delta = torch.movedim(delta.reshape(moved), 0, axis)
+    return q + delta
 
 
 def _round_clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
