@@ -27,6 +27,7 @@ from sfc.runtime.vad import (
     VadParams,
     plan_windows,
     silero_model_path,
+    speech_in,
     speech_regions,
 )
 from sfc.runtime.whisper import WhisperRuntime
@@ -83,6 +84,16 @@ def test_regions_merge_greedily_into_windows_cut_only_in_pauses() -> None:
     assert plan_windows(longer, np.zeros(1), most=100) == [Region(0, 80), Region(90, 101),
                                                            Region(200, 260)]
     assert plan_windows([], np.zeros(1)) == []
+
+
+def test_speech_in_a_window_includes_a_region_split_across_windows() -> None:
+    regions = [Region(0, 50), Region(60, 250)]  # the second longer than a window of 100
+    windows = plan_windows(regions, np.zeros(1), most=100)
+    assert windows == [Region(0, 50), Region(60, 160), Region(160, 250)]
+    assert speech_in(windows[0], regions) == [Region(0, 50)]
+    assert speech_in(windows[1], regions) == [Region(0, 100)]
+    assert speech_in(windows[2], regions) == [Region(0, 90)]  # begins inside a region
+    assert speech_in(Region(40, 70), regions) == [Region(0, 10), Region(20, 30)]
 
 
 def test_a_region_longer_than_a_window_is_split_where_speech_is_least_likely() -> None:

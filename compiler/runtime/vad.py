@@ -25,7 +25,7 @@ from .audio import SAMPLE_RATE
 from .session import open_session
 
 __all__ = ["CHUNK", "CONTEXT", "Region", "SileroVad", "VadParams",
-           "plan_windows", "silero_model_path", "speech_regions"]
+           "plan_windows", "silero_model_path", "speech_in", "speech_regions"]
 
 # Silero VAD at 16 kHz scores 512-sample chunks, each fed after the previous chunk's last
 # 64 samples: on 512 samples alone the graph scores everything as silence.
@@ -148,6 +148,14 @@ def plan_windows(regions: Sequence[Region], probs: np.ndarray,
             windows.append(current)
         current = piece
     return windows if current is None else [*windows, current]
+
+
+def speech_in(window: Region, regions: Sequence[Region]) -> list[Region]:
+    """The parts of `regions` inside `window`, in the window's samples (a region longer
+    than a window is split across windows by `plan_windows`, so one may begin inside)."""
+    return [Region(max(g.start, window.start) - window.start,
+                   min(g.end, window.end) - window.start)
+            for g in regions if g.start < window.end and g.end > window.start]
 
 
 def silero_model_path() -> Path:

@@ -47,7 +47,7 @@ from .seek import SeekWindow, recording_features, seek_decode
 from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
-from .vad import Region, SileroVad
+from .vad import Region, SileroVad, speech_in
 
 __all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime", "encode_in_chunks"]
 
@@ -365,8 +365,7 @@ class WhisperRuntime:
                 pieces.append(recording_features(audio[w.start:w.end], self.mel))
                 owners.append(r)
                 offsets.append(w.start / rate)
-                speech.append([((g.start - w.start) // hop, (g.end - w.start) // hop)
-                               for g in regions if w.start <= g.start < w.end])
+                speech.append([(g.start // hop, g.end // hop) for g in speech_in(w, regions)])
         least = round(SPEECH_LEFT_S * rate / hop)
 
         def speech_after(piece: int, frame: int) -> bool:
