@@ -153,6 +153,37 @@ def test_fine_tuning_starts_from_the_callers_integers_and_scales() -> None:
                for n in chosen)
 
 
+def test_zero_search_steps_fine_tune_the_one_candidate_of_each_weight() -> None:
+    """`steps` 0 (a two-stage choice, or QAT): each weight's one candidate is fixed from
+    the start; no fine-tuning exports the start bit for bit, fine-tuning moves it."""
+    weights, _, params = _problem()
+    fixed = [SearchedWeight("a", weights[0].value, (C8,)),
+             SearchedWeight("b", weights[1].value, (B2,))]
+    allowed = float(sum(storage_bits(w.value.shape, w.specs[0]) for w in fixed))
+    values = {w.name: w.value for w in fixed}
+
+    def start(name: str, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+        scales = weight_scales(values[name], spec, "absmax")
+        return quantize_weight(values[name], spec, scales), scales
+
+    task = _task(values["a"], values["b"])
+    runs = {n: one_stage_search(fixed, task, bits_allowed=allowed, params=params,
+                                config=OneStageConfig(steps=0, finetune_steps=n,
+                                                      lr_finetune=0.1),
+                                progress=False, start=start) for n in (0, 20)}
+    for name, (spec, q, scales) in runs[0].weights.chosen.items():
+        q0, s0 = start(name, spec)
+        assert np.array_equal(q, q0) and np.array_equal(scales, s0)
+    assert [h["step"] for h in runs[20].history] == list(range(20))
+    assert all(h["probs"] is None for h in runs[20].history)  # nothing was searched
+    assert any(not np.array_equal(runs[20].weights.chosen[n][1], runs[0].weights.chosen[n][1])
+               for n in values)
+    assert runs[20].seconds["search"] == 0.0
+    with pytest.raises(SfcError, match="0 search steps needs one candidate"):
+        one_stage_search(weights, task, bits_allowed=allowed * 2, params=params,
+                         config=OneStageConfig(steps=0), progress=False)
+
+
 def test_scales_move_relative_to_their_size_at_every_bit_width() -> None:
     """An INT8 channel's scale (~1e-3) moves no faster, relatively, than an INT2 block's:
     Adam's step on log-scales bounds the drift by about lr_scales per step."""
@@ -184,7 +215,7 @@ def test_linear_schedule_decays_each_groups_own_rate_and_constant_keeps_it() -> 
 
 
 @pytest.mark.parametrize("field,value", [("finetune_init", "rtn"), ("lr_finetune", -1.0),
-                                         ("steps", 0), ("augment", -1),
+                                         ("steps", -1), ("augment", -1),
                                          ("finetune_schedule", "cosine")])
 def test_config_refuses_bad_values(field: str, value: object) -> None:
     with pytest.raises(SfcError, match=field):

@@ -66,7 +66,8 @@ StartFn = Callable[[str, QuantSpec], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class OneStageConfig:
-    """The search's knobs. `steps` of joint search, then `finetune_steps` with bits fixed.
+    """The search's knobs. `steps` of joint search, then `finetune_steps` with bits fixed
+    (`steps` 0: nothing is searched, each weight's one candidate is its format).
     Learning rates are Adam's, per parameter kind: `lr_weights` for the FP32 latents while
     searching (absolute); `lr_scales` for the log of every scale (relative: 1e-3 moves a
     scale by at most about 0.1% a step); the temperature decays geometrically
@@ -107,8 +108,8 @@ class OneStageConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SfcError(f"one-stage {name} must be a non-negative int, not {value!r}")
-        if self.steps < 1 or self.checkpoint_every < 1:
-            raise SfcError("one-stage search needs steps >= 1 and checkpoint_every >= 1")
+        if self.checkpoint_every < 1:
+            raise SfcError("one-stage search needs checkpoint_every >= 1")
         for name in ("lr_weights", "lr_scales", "lr_logits", "tau_start", "tau_end",
                      "size_weight", "dual_lr", "lr_finetune"):
             value = getattr(self, name)
@@ -131,7 +132,7 @@ class OneStageConfig:
 
     def tau(self, step: int) -> float:
         """The Gumbel-softmax temperature at search step `step` (0-based)."""
-        frac = step / max(1, self.steps - 1)
+        frac = min(step, self.steps - 1) / max(1, self.steps - 1) if self.steps else 1.0
         return float(self.tau_start * (self.tau_end / self.tau_start) ** frac)
 
 
@@ -360,6 +361,9 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
         raise SfcError("one-stage search: no weight to search")
     if len({w.name for w in weights}) != len(weights):
         raise SfcError("one-stage search: a weight is listed twice")
+    if config.steps == 0 and any(len(w.specs) > 1 for w in weights):
+        raise SfcError("one-stage search with 0 search steps needs one candidate format per "
+                       "weight (nothing else fixes the bits)")
     if params < 1 or not math.isfinite(bits_allowed) or bits_allowed <= fixed_bits:
         raise SfcError("one-stage search: the budget leaves no bits for the searched weights")
     target_avg = bits_allowed / params
@@ -428,6 +432,16 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 mixed.base[n][index].copy_(s)
                 mixed.log_scales[n][index].zero_()
 
+    def settle() -> None:
+        # Fix the bits once, before any checkpoint of the fine-tuning phase is written.
+        nonlocal opt
+        began = time.perf_counter()
+        fix_bits()
+        opt = _optimizer(mixed, config, searching=False)
+        spent["fixing bits"] += time.perf_counter() - began
+
+    if config.steps == 0 and not mixed.fixed:  # nothing to search: fine-tuning only
+        settle()
     try:
         with progress_bar(enabled=progress, transient=True) as bar:
             task = bar.add_task("one-stage search", total=total, completed=step)
@@ -436,7 +450,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                     raise KeyboardInterrupt
                 searching = step < config.steps
                 began = time.perf_counter()
-                tau = config.tau(min(step, config.steps - 1))
+                tau = config.tau(step)
                 opt.zero_grad(set_to_none=True)
                 loss = task_loss(step, mixed.sample(tau, generator))
                 avg = (mixed.expected_bits() + fixed_bits) / params
@@ -461,13 +475,8 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
                 bar.update(task, completed=step, description=(
                     f"one-stage {'search' if searching else 'fine-tune'} loss "
                     f"{last['loss']:.4g} bits {last['expected_bits']:.2f} tau {tau:.2f}"))
-                if step == config.steps:
-                    # Bits are fixed once, right after the last search step, before any
-                    # checkpoint of the fine-tuning phase is written.
-                    began = time.perf_counter()
-                    fix_bits()
-                    opt = _optimizer(mixed, config, searching=False)
-                    spent["fixing bits"] += time.perf_counter() - began
+                if step == config.steps:  # right after the last search step
+                    settle()
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     save()
     except KeyboardInterrupt:
