@@ -174,13 +174,13 @@ class BuildConfig:
         if self.weight_method not in WEIGHT_METHODS:
             raise SfcError(f"--weight-method must be one of {', '.join(WEIGHT_METHODS)}, "
                            f"not {self.weight_method!r}")
-        if self.train_data and not self.one_stage:
-            raise SfcError("--train-data applies to --search one-stage only")
+        if self.train_data and not self.learns:
+            raise SfcError("--train-data applies to --search one-stage and to --finetune-steps "
+                           "only")
         for folder in self.train_data:
             read_manifest(folder)  # a bad manifest fails now, not after the export
         if self.gptq_start and self.weight_method != "gptq":
-            raise SfcError("one-stage fine-tuning starts from GPTQ: it needs --weight-method "
-                           "gptq")
+            raise SfcError("fine-tuning starts from GPTQ: it needs --weight-method gptq")
         if self.gptq != GptqConfig() and self.weight_method != "gptq":
             raise SfcError("--gptq-damp, --gptq-act-order and --gptq-stages apply to "
                            "--weight-method gptq only")
@@ -242,10 +242,16 @@ class BuildConfig:
         return self.mixed and self.search is not None and self.search.method == "one-stage"
 
     @property
+    def learns(self) -> bool:
+        """Whether distillation learns the quantized weights (one-stage, or a two-stage
+        search with fine-tuning)."""
+        return self.mixed and self.search is not None and self.search.learning is not None
+
+    @property
     def gptq_start(self) -> bool:
-        """Whether a one-stage build fine-tunes from GPTQ's integers and scales."""
-        return (self.one_stage and self.search is not None
-                and self.search.one_stage.finetune_init == "gptq")
+        """Whether the weights are fine-tuned from GPTQ's integers and scales."""
+        learning = None if self.search is None else self.search.learning
+        return self.mixed and learning is not None and learning.finetune_init == "gptq"
 
     @property
     def needs_grams(self) -> bool:
@@ -279,8 +285,8 @@ class BuildConfig:
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
                 "calibration": calib}
         if self.low_bit:
-            # One-stage builds learn every searched weight; the convs keep absmax INT8.
-            method = LEARNED if self.one_stage else self.weight_method
+            # Learned builds learn every searched weight; the convs keep absmax INT8.
+            method = LEARNED if self.learns else self.weight_method
             weights: dict[str, Any] = {"method": method}
             if method == "gptq" or self.gptq_start:
                 weights["gptq"] = self.gptq.to_dict()
@@ -524,10 +530,12 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "
                            f"{recipe.model_sha256[:12]}, this one {sha[:12]})")
-        # A recipe for a VNNI CPU replayed for ort-cpu:avx2 would overflow its kernels.
+        # A recipe's INT8 per-channel weights for a VNNI CPU replayed for ort-cpu:avx2
+        # would overflow its kernels (its 4/2-bit weights lower to MatMulNBits, no limit).
         for q in plan.weights:
             old = recipe.get(q.tensor)
-            if old is not None and old.spec.pair_limit != q.spec.pair_limit:
+            if (old is not None and old.spec.bits == 8 and old.spec.granularity == "channel"
+                    and old.spec.pair_limit != q.spec.pair_limit):
                 raise SfcError(f"{replay} quantizes weight '{q.tensor}' as "
                                f"{old.spec.describe()}, but {config.target} needs "
                                f"{q.spec.describe()}; replay it with the recipe's own target")
@@ -726,23 +734,24 @@ def _save_interrupted(out: Path, recipes: dict[str, Recipe], result: EscResult) 
 
 
 def _check_one_stage(card: ModelCard, config: BuildConfig) -> None:
-    """Before any calibration: the one-stage search needs a zoo Whisper checkpoint."""
-    if config.one_stage and config.recipe is None and (
+    """Before any calibration: learning the weights needs a zoo Whisper checkpoint."""
+    if config.learns and config.recipe is None and (
             card.family != "whisper" or "zoo" not in card.source):
-        raise SfcError("--search one-stage trains through the PyTorch checkpoint: it needs a "
-                       "zoo Whisper model (e.g. whisper-tiny.en)")
+        what = "--search one-stage" if config.one_stage else "--finetune-steps"
+        raise SfcError(f"{what} trains through the PyTorch checkpoint: it needs a zoo "
+                       "Whisper model (e.g. whisper-tiny.en)")
 
 
 def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCard,
-               config: BuildConfig, runtime: Any, utterances: list[Any],
-               stage: Path) -> SearchResult:
-    """The one-stage search; the learned integers and scales go to each graph."""
+               config: BuildConfig, search: SearchConfig, runtime: Any,
+               utterances: list[Any], stage: Path) -> SearchResult:
+    """The one-stage search (`search`: one-stage settings); the learned integers and
+    scales go to each graph."""
     from .precision.onestage_whisper import audio_digest, choose_one_stage
 
-    assert config.search is not None
     zoo = card.source["zoo"]  # `_check_one_stage` made sure
     extra = [u for folder in config.train_data for u in read_manifest(folder)]
-    result, learned = choose_one_stage(weights, config.search, zoo, runtime, utterances,
+    result, learned = choose_one_stage(weights, search, zoo, runtime, utterances,
                                        cache_dir() / "onestage", extra)
     write_json_atomic(stage / ONE_STAGE_FILE, learned.to_dict())
     plot_one_stage(learned.to_dict(), result.bits_allowed / result.params, stage)
@@ -781,7 +790,8 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
                               runtime=runtime, utterances=utterances, feeds=_sources(pending))
 
     if config.search.method == "one-stage":
-        result = _one_stage(weights, pending, card, config, runtime, utterances, stage)
+        result = _one_stage(weights, pending, card, config, config.search, runtime,
+                            utterances, stage)
     else:
         # The probes' GPTQ uses the FP32 pass's Gram matrices whatever the stages.
         method_key = json.dumps([config.weight_method, replace(config.gptq, stages=1).to_dict(),
@@ -804,6 +814,15 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         g.plan = plan
         if g.stats is not None:
             g.stats = {q.tensor: g.stats[q.tensor] for q in plan.activations}
+    if config.search.finetune is not None:
+        # Two-stage with fine-tuning: the one-stage run on one candidate per weight, the
+        # format the program chose; its own result only records the fine-tuning.
+        chosen = {(c.graph, c.tensor): c.chosen for c in result.layers}
+        fixed = [replace(w, specs={t: [s[chosen[w.name, t]]] if (w.name, t) in chosen else s
+                                   for t, s in w.specs.items()}) for w in weights]
+        _one_stage(fixed, pending, card, config,
+                   replace(config.search, method="one-stage", one_stage=config.search.finetune,
+                           finetune=None), runtime, utterances, stage)
 
 
 def _whisper_source(runtime: Any, utterances: list[Any], graph: str,
@@ -870,7 +889,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
         single = len(card.graphs) == 1
         runtime = None
         utterances = []
-        needs_data = config.activations is not None or config.needs_grams or config.one_stage
+        needs_data = config.activations is not None or config.needs_grams or config.learns
         if card.family == "whisper" and needs_data and config.recipe is None:
             runtime = _fp32_runtime(fp32_folder)
             utterances = read_manifest(config.calib)[: config.calib_limit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,14 @@ from sfc.pipeline import compile_model
 from tests.conftest import EVAL_DATA
 
 
-def _mlp(path: Path, *, log: bool = False, external: bool = False) -> Path:
-    """x[n, 64] -> MatMul -> Relu -> (Log) -> MatMul -> y, with one unsupported-op branch."""
+def _mlp(path: Path, *, log: bool = False, external: bool = False, act: str = "Relu") -> Path:
+    """x[n, 64] -> MatMul -> Relu (or `act`) -> (Log) -> MatMul -> y, with one
+    unsupported-op branch."""
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((128, 32)).astype(np.float32), "w2")
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu")]
+             helper.make_node(act, ["h"], ["r"], name="relu")]
     last = "r"
     if log:
         nodes.append(helper.make_node("Log", ["r"], ["l"], name="log"))
@@ -117,6 +119,17 @@ def test_replay_refuses_a_recipe_for_another_cpu_class(tmp_path: Path) -> None:
         compile_model(str(src), tmp_path / "avx2", replay, eval_data=None)
     out = tmp_path / "avx2"
     assert not out.exists() or not any(p.suffix == ".onnx" for p in out.rglob("*"))
+    # 4-bit block weights have no pair limit: such a recipe replays on either class. (Not
+    # on the Relu MLP: ORT leaves a 4-bit MatMul followed by Relu unfused, and its ORT
+    # format cannot store the INT4 DequantizeLinear left behind.)
+    src = _mlp(tmp_path / "sigmoid.onnx", act="Sigmoid")
+    compile_model(str(src), tmp_path / "w4", BuildConfig(
+        target="ort-cpu:vnni", weights=4, activations=None, calibrator="mse",
+        weight_method="rtn"), eval_data=None)
+    compile_model(str(src), out, replace(replay, recipe=tmp_path / "w4", activations=None,
+                                         calibrator="mse"), eval_data=None)
+    assert (tmp_path / "w4/model/model.qdq.onnx").read_bytes() == \
+        (out / "model/model.qdq.onnx").read_bytes()
 
 
 def test_whisper_w4_build_folder_is_a_deployable(tmp_path: Path) -> None:

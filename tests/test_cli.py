@@ -150,6 +150,10 @@ def test_plain_onnx_file_is_a_source(tmp_path: Path) -> None:
     _assert_user_error(_sfc("build", str(src), "-o", str(tmp_path / "b"), "--weights",
                             "mixed", "--avg-bits", "5", "--search", "one-stage"),
                        "zoo Whisper model")
+    # So does two-stage's fine-tuning.
+    _assert_user_error(_sfc("build", str(src), "-o", str(tmp_path / "b"), "--weights",
+                            "mixed", "--avg-bits", "5", "--finetune-steps", "3"),
+                       "--finetune-steps trains through the PyTorch checkpoint")
     assert not (tmp_path / "b").exists()
 
 
@@ -177,9 +181,13 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
         (["--search", "one-stage"], "--weights mixed only"),
         ([*mixed5, "--search-steps", "9"], "--search one-stage only"),
         ([*mixed5, "--search", "three-stage"], "--search must be"),
-        ([*mixed5, "--search", "one-stage", "--search-steps", "0"], "steps >= 1"),
+        ([*mixed5, "--search", "one-stage", "--search-steps", "0"], "exactly one --candidates"),
+        ([*mixed5, "--search", "one-stage", "--search-steps", "-1"], "non-negative"),
+        (["--finetune-steps", "5"], "--weights mixed only"),
+        ([*mixed5, "--train-device", "cuda"], "and to --finetune-steps only"),
+        ([*mixed5, "--finetune-steps", "3", "--weight-method", "mse"], "starts from GPTQ"),
         ([*mixed5, "--search", "one-stage", "--train-device", "tpu"], "--train-device must be"),
-        ([*mixed5, "--train-data", str(tmp_path)], "--search one-stage only"),
+        ([*mixed5, "--train-data", str(tmp_path)], "and to --finetune-steps only"),
         ([*mixed5, "--search", "one-stage", "--train-data", str(tmp_path)],
          "manifest not found"),
         (["--calibrator", "mse", "--workers", "2"], "apply to --calibrator esc and"),

@@ -379,6 +379,41 @@ def test_one_stage_whisper_build_stores_learned_weights_and_replays(tmp_path: Pa
             (tmp_path / "b" / graph / "model.qdq.onnx").read_bytes()
 
 
+@pytest.mark.slow
+def test_two_stage_with_fine_tuning_learns_the_chosen_formats_weights(tmp_path: Path) -> None:
+    """`--finetune-steps` on a two-stage build: the program's formats stay as chosen, the
+    weights at them are learned (recipe method "learned"), and the build replays."""
+    import json
+
+    from sfc.build import ONE_STAGE_FILE, BuildConfig
+    from sfc.pipeline import compile_model
+    from sfc.precision.budget import Budget
+    from sfc.precision.search import RESULT_FILE, SearchConfig
+
+    search = SearchConfig(Budget(avg_bits=4.5), sensitivity="proxy",
+                          finetune=OneStageConfig(steps=0, finetune_steps=1))
+    config = BuildConfig(weights="mixed", activations=None, search=search, calib_limit=2)
+    compile_model("whisper-tiny.en", tmp_path / "b", config, eval_data=None)
+    chosen = json.loads((tmp_path / "b" / RESULT_FILE).read_text())
+    tuned = json.loads((tmp_path / "b" / ONE_STAGE_FILE).read_text())
+    assert {f"{c['graph']}:{c['tensor']}": c["chosen"] for c in chosen["layers"]
+            if f"{c['graph']}:{c['tensor']}" in tuned["chosen"]} == tuned["chosen"]
+    assert len(tuned["chosen"]) == 65  # every MatMul weight (the convs keep INT8)
+    assert chosen["config"]["finetune"]["finetune_steps"] == 1
+    assert len(tuned["history"]) == 1 and tuned["history"][0]["probs"] is None
+    assert tuned["original_sha256"] != tuned["learned_sha256"]
+    for graph in ("encoder", "decoder"):
+        recipe = json.loads((tmp_path / "b" / graph / "recipe.json").read_text())["_data"]
+        weights = recipe["config"]["weights"]
+        assert weights["method"] == "learned" and weights["search"]["finetune"]["steps"] == 0
+        assert "learned" in {t["method"] for t in recipe["tensors"] if t["kind"] == "weight"}
+    compile_model("whisper-tiny.en", tmp_path / "r", BuildConfig(recipe=tmp_path / "b"),
+                  eval_data=None)
+    for graph in ("encoder", "decoder"):
+        assert (tmp_path / "r" / graph / "model.qdq.onnx").read_bytes() == \
+            (tmp_path / "b" / graph / "model.qdq.onnx").read_bytes()
+
+
 def _sharded_task(a: np.ndarray, b: np.ndarray):
     """`_task` written for data parallelism: each process's rows' squared error over the
     whole batch's normaliser, so the processes' losses sum to `_task`'s."""

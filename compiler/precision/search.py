@@ -58,7 +58,9 @@ class SearchConfig:
     """How a mixed build picks bits: the budget, candidate formats, the sensitivity
     measure ("task": probes against the task objective; "proxy": layer-output error) and
     the calibration items the probes run on; or, with `method` "one-stage", the learned
-    search of `onestage` with its `one_stage` settings (sensitivity and samples unused)."""
+    search of `onestage` with its `one_stage` settings (sensitivity and samples unused).
+    `finetune` (two-stage only): once the probes and the program have fixed the formats,
+    fine-tune the weights at them by distillation (`onestage` with 0 search steps)."""
 
     budget: Budget
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
@@ -66,6 +68,7 @@ class SearchConfig:
     samples: int = 16
     method: str = "two-stage"
     one_stage: OneStageConfig = field(default_factory=OneStageConfig)
+    finetune: OneStageConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -80,12 +83,22 @@ class SearchConfig:
         if self.method not in SEARCH_METHODS:
             raise SfcError(f"--search must be {' or '.join(SEARCH_METHODS)}, not "
                            f"{self.method!r}")
+        if self.finetune is not None and (self.method != "two-stage" or self.finetune.steps):
+            raise SfcError("a two-stage search's fine-tuning has 0 search steps (one-stage "
+                           "fine-tunes in its own run)")
+
+    @property
+    def learning(self) -> OneStageConfig | None:
+        """The settings of the distillation that learns the weights, if any (one-stage's
+        search and fine-tuning, or two-stage's fine-tuning)."""
+        return self.one_stage if self.method == "one-stage" else self.finetune
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**self.budget.to_dict(), "candidates": list(self.candidates)}
+        out: dict[str, Any] = {**self.budget.to_dict(), "candidates": list(self.candidates)}
         if self.method == "one-stage":
             return {**out, "method": self.method, "one_stage": self.one_stage.to_dict()}
-        return {**out, "sensitivity": self.sensitivity, "samples": self.samples}
+        out.update(sensitivity=self.sensitivity, samples=self.samples)
+        return out if self.finetune is None else {**out, "finetune": self.finetune.to_dict()}
 
 
 @dataclass(frozen=True)
