@@ -126,6 +126,11 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
                                   finetune_schedule="constant"),
         # Longer, on three augmented copies of each clip, the rate decayed linearly.
         "qat-4-32-300": _one_stage(5.1, 1, 300, augment=3, candidates=("4/32",)),
+        # With a --precision map that fixes every weight's format (a two-stage choice,
+        # `resolve_mix.py`): GPTQ at those formats fine-tuned by distillation as qat-4-32.
+        # The map decides the size; the budget only has to admit it.
+        "qat-map": _one_stage(8.0, 1, 150, augment=1, finetune_schedule="constant"),
+        "qat-map-100": _one_stage(8.0, 1, 100, augment=1, finetune_schedule="constant"),
     }
 
 
