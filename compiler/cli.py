@@ -389,8 +389,8 @@ def build_cmd(
         help="Mixed: distillation steps that fine-tune the weights with the bits fixed "
         "(one-stage: default 100; two-stage: default 0, none; zoo Whisper models)")] = None,
     train_data: Annotated[list[Path] | None, typer.Option(
-        help="One-stage: more training audio, a manifest folder (repeatable; e.g. sfc "
-        "synth's); the FP32 teacher labels it")] = None,
+        help="One-stage and fine-tuning: more training audio, a manifest folder "
+        "(repeatable; e.g. sfc synth's); the FP32 teacher labels it")] = None,
     train_device: Annotated[str, typer.Option(
         help="One-stage and fine-tuning: cpu (deterministic) or cuda (a GPU torch can "
         "see)")] = "cpu",
