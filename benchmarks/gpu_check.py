@@ -560,8 +560,9 @@ def ort_cuda_status() -> str | None:
     return None
 
 
-def _decoder_utterance(sess: Any, spec: Any, cross_shape: tuple[int, ...], device: str,
-                       steps: int, rng: np.random.Generator) -> Callable[[], list[float]]:
+def _decoder_utterance(sess: Any, spec: Any, cross_shapes: dict[str, tuple[int, ...]],
+                       device: str, steps: int,
+                       rng: np.random.Generator) -> Callable[[], list[float]]:
     """Bind one utterance and return its loop of `steps` greedy decoder steps, which gives
     the wall ms of each step.
 
@@ -574,10 +575,9 @@ def _decoder_utterance(sess: Any, spec: Any, cross_shape: tuple[int, ...], devic
     from sfc.runtime.decoding import suppression_mask
 
     io = sess.io_binding()
-    cross = [ort.OrtValue.ortvalue_from_numpy(
-        rng.standard_normal(cross_shape).astype(np.float32), device, 0) for _ in range(2)]
-    io.bind_ortvalue_input("cross_key", cross[0])
-    io.bind_ortvalue_input("cross_value", cross[1])
+    for name, shape in cross_shapes.items():  # per layer, or stacked in older exports
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
+            rng.standard_normal(shape).astype(np.float32), device, 0))
     empty = np.zeros((spec.n_layers, 1, spec.n_heads, 0, spec.head_dim), dtype=np.float32)
     io.bind_cpu_input("past_key", empty)
     io.bind_cpu_input("past_value", empty)
@@ -656,12 +656,13 @@ def decoder_part(source: str, cuda: bool, steps: int, utterances: int, seed: int
                        "missing? see its log)")
     spec = card.decoding
     steps = min(steps, spec.max_target_positions - len(spec.prompt))
-    cross = next(t.shape for t in graph.inputs if t.name == "cross_key")
+    cross = {t.name: concrete_shape(t.shape) for t in graph.inputs
+             if t.name.startswith("cross_")}
     rng = np.random.default_rng(seed)
     device = "cuda" if cuda else "cpu"
 
     def utterance() -> Callable[[], list[float]]:
-        return _decoder_utterance(sess, spec, concrete_shape(cross), device, steps, rng)
+        return _decoder_utterance(sess, spec, cross, device, steps, rng)
 
     utterance()()  # warm-up: allocator, cuBLAS/cuDNN handles, kernel selection
     result: dict[str, Any] = {"model": card.name, "folder": str(folder), "provider": provider,

@@ -57,6 +57,7 @@ from common import (
 )
 
 from sfc.errors import SfcError
+from sfc.runtime.cross import STACKED
 from sfc.runtime.features import LogMelSpec, whisper_windows
 
 if TYPE_CHECKING:
@@ -70,8 +71,6 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "short_window.json"
 DEFAULT_WINDOWS = "30,15,10,8"
 ENCODER_OUTPUTS = ("last_hidden_state", "cross_key", "cross_value")
-CROSS_INPUTS = ("cross_key", "cross_value")
-CROSS_POSITION_AXIS = 3  # [layers, batch, heads, positions, head_dim]
 # Same weights, same float32 ops: only ORT's fusions and the positional Slice differ.
 PARITY_TOL = 1e-3
 
@@ -182,8 +181,9 @@ def dynamic_encoder(loaded: LoadedWhisper) -> torch.nn.Module:
 def cross_positions_dynamic(decoder: onnx.ModelProto) -> onnx.ModelProto:
     """The decoder with its cross-attention K/V inputs' position axis made symbolic."""
     for value in decoder.graph.input:
-        if value.name in CROSS_INPUTS:
-            dim = value.type.tensor_type.shape.dim[CROSS_POSITION_AXIS]
+        if value.name.startswith("cross_"):
+            # stacked [layers, batch, heads, positions, head_dim] or per layer [batch, ...]
+            dim = value.type.tensor_type.shape.dim[3 if value.name in STACKED else 2]
             dim.Clear()
             dim.dim_param = "positions"
     return decoder

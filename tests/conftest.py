@@ -14,6 +14,15 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "calibration_data" / "eval"
 
 
+def stacked_decoder_graph() -> Any:
+    """The decoder graph spec a fake Whisper runtime's card names: cross K/V stacked, as
+    the fakes' decoders read them (`sfc.runtime.cross`)."""
+    from sfc.card import GraphSpec, TensorSpec
+    from sfc.runtime.cross import STACKED
+
+    return GraphSpec("decoder.onnx", tuple(TensorSpec(n, "float32", ()) for n in STACKED), ())
+
+
 def bench_module(name: str) -> Any:
     """benchmarks/<name>.py as a module (the scripts import their sibling `common` by name,
     so their folder is on sys.path while it loads)."""

@@ -26,6 +26,7 @@ from sfc.runtime.search import Searched, SearchSetup, beam_search, rank, sample
 from sfc.runtime.subtitles import FORMATS
 from sfc.runtime.whisper import WhisperRuntime
 from tests import test_language
+from tests.conftest import stacked_decoder_graph
 
 VOCAB = 80
 EOT = 50
@@ -296,8 +297,8 @@ class _Tokenizer:
 
 
 def _runtime(table: Table, options: DecodeOptions) -> WhisperRuntime:
-    card = ModelCard(name="m", family="whisper", graphs={}, objective="whisper-teacher-forced",
-                     decoding=SPEC)
+    card = ModelCard(name="m", family="whisper", graphs={"decoder": stacked_decoder_graph()},
+                     objective="whisper-teacher-forced", decoding=SPEC)
     return WhisperRuntime(card=card, decoding=SPEC, mel=LogMelSpec(), encoder=_Encoder(),
                           decoder=_Decoder(table), tokenizer=_Tokenizer(),  # type: ignore[arg-type]
                           guard=None, options=options, no_speech=NO_SPEECH)

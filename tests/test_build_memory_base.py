@@ -27,6 +27,7 @@ from sfc.calib.objectives import (
     score,
     teacher_forcing,
 )
+from sfc.runtime.cross import STACKED
 from tests.conftest import bench_module
 
 SPEC = SimpleNamespace(n_layers=2, n_heads=2, head_dim=3)
@@ -85,6 +86,8 @@ class _Encoder:
 class _Decoder:
     """Logits from the tokens, the cross K/V and one scale; records, at each call, how many
     distinct cross K arrays it has been given are still alive."""
+
+    input_names = frozenset(STACKED)  # stacked cross K/V: the array itself, not views
 
     def __init__(self) -> None:
         self.seen: list[weakref.ref[np.ndarray]] = []

@@ -19,6 +19,8 @@ import pytest
 
 from sfc import atomic
 from sfc.atomic import file_lock, staging_dir
+from sfc.card import ModelCard
+from sfc.models.zoo import EXPORT_FORMAT
 from tests.test_build import _feeds, _mlp
 
 
@@ -181,7 +183,8 @@ def test_sigkill_while_publishing_leaves_the_old_folder_or_the_new_one(tmp_path:
 def _fake_export(model: str, folder: Path) -> None:
     """Stands in for the torch export: slow, and counts its runs in a file."""
     with staging_dir(folder) as stage:
-        (stage / "card.json").write_text("{}")
+        ModelCard(name=model, family="whisper", graphs={}, objective="whisper-teacher-forced",
+                  source={"format": EXPORT_FORMAT}).save(stage)
         time.sleep(1.0)
         (stage / "encoder").mkdir()
         (stage / "encoder" / "model.onnx").write_text("weights")

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import soundfile as sf
 
 from sfc.card import ModelCard
+from sfc.models.zoo import EXPORT_FORMAT
+from sfc.runtime.cross import cross_feed
 from tests.conftest import EVAL_DATA
 
 
@@ -29,9 +32,12 @@ def test_card_describes_both_graphs(tiny_export: Path) -> None:
     assert card.family == "whisper" and card.objective == "whisper-teacher-forced"
     assert set(card.graphs) == {"encoder", "decoder"}
     dec = card.graphs["decoder"]
-    assert [t.name for t in dec.inputs] == ["tokens", "past_key", "past_value", "cross_key",
-                                            "cross_value"]
+    assert [t.name for t in dec.inputs] == ["tokens", "past_key", "past_value",
+                                            *(f"cross_key_{i}" for i in range(4)),
+                                            *(f"cross_value_{i}" for i in range(4))]
     assert dec.inputs[1].shape == (4, "batch", 6, "past", 64)
+    assert dec.inputs[3].shape == ("batch", 6, 1500, 64)
+    assert card.source["format"] == EXPORT_FORMAT
     assert card.decoding is not None
     assert card.decoding.prompt == (50257, 50362)  # <|startoftranscript|> <|notimestamps|>
     assert card.decoding.eot == 50256 and card.decoding.timestamp_begin == 50363
@@ -46,6 +52,7 @@ def test_encoder_and_cached_decoder_match_pytorch(tiny_export: Path, tiny_hf,  #
     enc = ort.InferenceSession(str(tiny_export / "encoder.onnx"))
     dec = ort.InferenceSession(str(tiny_export / "decoder.onnx"))
     hidden, ck, cv = enc.run(None, {"input_features": features})
+    names = {i.name for i in dec.get_inputs()}
     tokens = np.array([[50257, 50362, 383, 4252, 286, 262, 3290],
                        [50257, 50362, 1081, 262, 12823, 11875, 13]])
     with torch.no_grad():
@@ -59,12 +66,78 @@ def test_encoder_and_cached_decoder_match_pytorch(tiny_export: Path, tiny_hf,  #
     chunks = []
     for lo, hi in [(0, 2), *((i, i + 1) for i in range(2, tokens.shape[1]))]:
         logits, pk, pv = dec.run(None, {"tokens": tokens[:, lo:hi], "past_key": pk,
-                                        "past_value": pv, "cross_key": ck, "cross_value": cv})
+                                        "past_value": pv, **cross_feed(names, ck, cv)})
         chunks.append(logits)
     logits = np.concatenate(chunks, axis=1)
     diff = np.abs(logits - ref.logits.numpy()).max()
     assert diff <= 2e-3, f"logits differ from PyTorch by {diff}"
     assert pk.shape == (4, 2, 6, tokens.shape[1], 64)
+
+
+def _stacked_cross(decoder: onnx.ModelProto, n_layers: int) -> onnx.ModelProto:
+    """The decoder as exports before format 2 had it: one stacked cross K and one V input
+    [layers, batch, heads, frames, head_dim], a Gather per layer."""
+    from onnx import TensorProto, helper
+
+    graph = decoder.graph
+    per_layer = [i for i in graph.input if i.name.startswith("cross_")]
+    kept = [i for i in graph.input if not i.name.startswith("cross_")]
+    gathers = []
+    for kind in ("cross_key", "cross_value"):
+        kept.append(helper.make_tensor_value_info(kind, TensorProto.FLOAT,
+                                                  [n_layers, "batch", 6, 1500, 64]))
+        for i in range(n_layers):
+            index = helper.make_tensor(f"{kind}_index_{i}", TensorProto.INT64, [], [i])
+            graph.initializer.append(index)
+            gathers.append(helper.make_node("Gather", [kind, index.name], [f"{kind}_{i}"],
+                                            axis=0))
+    assert len(per_layer) == 2 * n_layers
+    del graph.input[:]
+    graph.input.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(gathers + nodes)
+    return decoder
+
+
+def test_older_stacked_cross_decoders_still_run(tiny_export: Path, features: np.ndarray,
+                                                tmp_path: Path) -> None:
+    """Folders exported before per-layer cross K/V inputs take them stacked: the runtime's
+    feed (`cross_feed`) runs both layouts to the same logits."""
+    enc = ort.InferenceSession(str(tiny_export / "encoder.onnx"))
+    _, ck, cv = enc.run(None, {"input_features": features})
+    onnx.save(_stacked_cross(onnx.load(str(tiny_export / "decoder.onnx")), len(ck)),
+              str(tmp_path / "stacked.onnx"))
+    tokens = np.array([[50257, 50362]] * 2)
+    past = np.zeros((4, 2, 6, 0, 64), dtype=np.float32)
+    logits = []
+    for path in (tiny_export / "decoder.onnx", tmp_path / "stacked.onnx"):
+        dec = ort.InferenceSession(str(path))
+        names = {i.name for i in dec.get_inputs()}
+        assert ("cross_key" in names) == (path.name == "stacked.onnx")
+        logits.append(dec.run(["logits"], {"tokens": tokens, "past_key": past,
+                                           "past_value": past,
+                                           **cross_feed(names, ck, cv)})[0])
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+
+
+def test_a_cached_export_of_an_older_format_is_not_reused(
+        tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    from sfc.models import zoo_export_cached
+
+    monkeypatch.setenv("SFC_CACHE", str(tmp_path))
+    cached = tmp_path / "exports" / "whisper-tiny.en"
+    cached.mkdir(parents=True)
+    for name in ("card.json", "tokenizer.json"):
+        shutil.copyfile(tiny_export / name, cached / name)
+    assert zoo_export_cached("whisper-tiny.en")
+    card = json.loads((cached / "card.json").read_text())
+    del card["_data"]["source"]["format"]  # as every export before format 2
+    (cached / "card.json").write_text(json.dumps(card))
+    assert not zoo_export_cached("whisper-tiny.en")
 
 
 def test_zoo_export_runs_in_its_own_process(tmp_path: Path) -> None:

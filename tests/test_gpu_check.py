@@ -330,7 +330,8 @@ def test_decoder_loop_matches_plain_runs(gc: Any, tiny_export: Path) -> None:
     spec, graph = card.decoding, card.graphs["decoder"]
     assert spec is not None
     sess = ort.InferenceSession(str(tiny_export / graph.path), providers=["CPUExecutionProvider"])
-    cross = gc.concrete_shape(next(t.shape for t in graph.inputs if t.name == "cross_key"))
+    cross = {t.name: gc.concrete_shape(t.shape) for t in graph.inputs
+             if t.name.startswith("cross_")}
 
     class Recording:  # the session, keeping each step's logits
         def __init__(self) -> None:
@@ -346,12 +347,13 @@ def test_decoder_loop_matches_plain_runs(gc: Any, tiny_export: Path) -> None:
     rec = Recording()
     assert len(gc._decoder_utterance(rec, spec, cross, "cpu", 4, np.random.default_rng(5))()) == 4
     rng = np.random.default_rng(5)
-    ck, cv = (rng.standard_normal(cross).astype(np.float32) for _ in range(2))
+    cross_feed = {name: rng.standard_normal(shape).astype(np.float32)
+                  for name, shape in cross.items()}  # drawn in the order the check binds
     pk = pv = np.zeros((spec.n_layers, 1, spec.n_heads, 0, spec.head_dim), np.float32)
     tokens = np.asarray([spec.prompt], dtype=np.int64)
     for i, got in enumerate(rec.logits):
         logits, pk, pv = sess.run(None, {"tokens": tokens, "past_key": pk, "past_value": pv,
-                                         "cross_key": ck, "cross_value": cv})
+                                         **cross_feed})
         np.testing.assert_array_equal(got, logits)
         last = logits[:, -1].copy()
         last[:, suppression_mask(spec, i == 0)] = -np.inf

@@ -28,7 +28,7 @@ from sfc.runtime.language import (
     window_recordings,
 )
 from sfc.runtime.whisper import WhisperRuntime
-from tests.conftest import EVAL_DATA
+from tests.conftest import EVAL_DATA, stacked_decoder_graph
 
 VOCAB = 100
 EOT, SOT = 50, 51
@@ -282,8 +282,8 @@ class _Tokenizer:
 
 
 def _scripted_runtime() -> tuple[WhisperRuntime, _Decoder]:
-    card = ModelCard(name="m", family="whisper", graphs={}, objective="whisper-teacher-forced",
-                     decoding=MULTI)
+    card = ModelCard(name="m", family="whisper", graphs={"decoder": stacked_decoder_graph()},
+                     objective="whisper-teacher-forced", decoding=MULTI)
     decoder = _Decoder()
     runtime = WhisperRuntime(card=card, decoding=MULTI, mel=LogMelSpec(),
                              encoder=_Encoder(), decoder=decoder,

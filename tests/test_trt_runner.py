@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from sfc.card import ModelCard, WhisperDecoding
 from sfc.errors import SfcError
+from sfc.runtime.cross import STACKED, cross_feed, cross_input_names
 from sfc.runtime.decoding import DecoderStep, greedy_decode
 from sfc.runtime.features import LogMelSpec
 from sfc.runtime.trt_session import TrtSession, engine_io
@@ -161,9 +162,11 @@ def _toy_decoder(dec: WhisperDecoding) -> Callable[[Arrays], Arrays]:
         k = np.concatenate([x["past_key"], new * 1e-3], axis=3)
         v = np.concatenate([x["past_value"], new * -2e-3], axis=3)
         positions = np.arange(1, k.shape[3] + 1, dtype=np.float64)
+        cross_k, cross_v = (np.stack([x[f"{kind}_{i}"] for i in range(dec.n_layers)])
+                            for kind in STACKED)  # the engine takes them per layer
         mix = (k[0, :, 0, :, 0] @ positions + v[-1, :, -1, :, -1] @ positions ** 2
-               + x["cross_key"][:, :, 0, :, 0].sum(axis=(0, 2))
-               - x["cross_value"][:, :, -1, :, -1].sum(axis=(0, 2)))
+               + cross_k[:, :, 0, :, 0].sum(axis=(0, 2))
+               - cross_v[:, :, -1, :, -1].sum(axis=(0, 2)))
         target = (np.abs(mix) * 1e4).astype(np.int64) % 40000 + 300  # [B]: never eot
         vocab = np.arange(dec.vocab_size)
         logits = -np.abs(vocab[None, None, :] - target[:, None, None]).astype(np.float32)
@@ -238,7 +241,8 @@ def test_decoder_cache_stays_on_the_device(tiny_export: Path) -> None:
     dec = card.decoding
     assert dec is not None
     spec = {t.name: t for t in card.graphs["decoder"].inputs}
-    assert list(spec) == ["tokens", "past_key", "past_value", "cross_key", "cross_value"]
+    assert list(spec) == ["tokens", "past_key", "past_value",
+                          *cross_input_names(dec.n_layers)]
     rng = np.random.default_rng(0)
     cross_shape = (dec.n_layers, 1, dec.n_heads, 1500, dec.head_dim)
     cross_k = rng.standard_normal(cross_shape).astype(np.float32)
@@ -249,7 +253,7 @@ def test_decoder_cache_stays_on_the_device(tiny_export: Path) -> None:
     def reference(tokens: np.ndarray, past_k: np.ndarray,
                   past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = compute({"tokens": tokens, "past_key": past_k, "past_value": past_v,
-                       "cross_key": cross_k, "cross_value": cross_v})
+                       **cross_feed(spec, cross_k, cross_v)})
         return out["logits"], out["present_key"], out["present_value"]
 
     want = greedy_decode(reference, dec, 1, max_new_tokens=steps, guard=None).ids
@@ -301,13 +305,14 @@ def test_loop_refuses_to_continue_after_another_run(tiny_export: Path) -> None:
     session, _ = _session(card, "decoder", ProfileLimits())
     cross = np.zeros((dec.n_layers, 1, dec.n_heads, 1500, dec.head_dim), np.float32)
     empty = cross[:, :, :, :0]
-    loop = session.loop({"cross_key": cross, "cross_value": cross},
+    names = {t.name for t in card.graphs["decoder"].inputs}
+    loop = session.loop(cross_feed(names, cross, cross),
                         {"past_key": empty, "past_value": empty},
                         {"present_key": "past_key", "present_value": "past_value"})
     tokens = np.asarray([dec.prompt], np.int64)
     loop.run({"tokens": tokens}, ["logits"])
     session.run(["logits"], {"tokens": tokens, "past_key": empty, "past_value": empty,
-                             "cross_key": cross, "cross_value": cross})
+                             **cross_feed(names, cross, cross)})
     with pytest.raises(SfcError, match="since the loop started"):
         loop.run({"tokens": tokens[:, :1]}, ["logits"])
     with pytest.raises(SfcError, match="cannot carry"):

@@ -53,7 +53,7 @@ def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance], grap
         tokens = np.asarray([[*spec.prompt, *ids]], dtype=np.int64)
         empty = np.zeros((spec.n_layers, 1, spec.n_heads, 0, spec.head_dim), np.float32)
         yield {"tokens": tokens, "past_key": empty, "past_value": empty,
-               "cross_key": cross_k, "cross_value": cross_v}
+               **runtime.cross_feed(cross_k, cross_v)}
 
 
 def npz_feeds(folder: Path, input_names: Sequence[str],

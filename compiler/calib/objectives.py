@@ -40,6 +40,7 @@ from ..errors import SfcError, first_line
 from ..quant.qdq import scale_input_name, write_qdq
 from ..quant.recipe import Recipe
 from ..quant.stored import StoredWeights
+from ..runtime.cross import cross_feed
 from ..runtime.session import session_options
 from ..runtime.whisper import encode_in_chunks
 from .esc import quantizer_key
@@ -128,6 +129,7 @@ class ScaledSession:
             raise SfcError(f"ONNX Runtime cannot load the ESC model of graph {graph!r}: "
                            f"{first_line(exc)}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.input_names = frozenset(i.name for i in self.session.get_inputs())
 
     def scale_feed(self, scales: Mapping[str, float]) -> dict[str, np.ndarray]:
         """The scale inputs for `scales` (keyed by quantizer key)."""
@@ -318,7 +320,7 @@ def whisper_reference(runtime: Any, utterances: Sequence[Any], metric: str,
                                  np.float32)
                 logits = runtime.decoder.run(["logits"], {
                     "tokens": tokens, "past_key": empty, "past_value": empty,
-                    "cross_key": cross_k, "cross_value": cross_v})[0][:, :-1][mask]
+                    **runtime.cross_feed(cross_k, cross_v)})[0][:, :-1][mask]
                 reference = (_log_softmax_rows(logits) if metric == "kl"
                              else logits.astype(np.float32))
             batches.append(_Batch(features, tokens, mask, reference))
@@ -360,7 +362,7 @@ class WhisperObjective:
         empty = np.zeros((spec.n_layers, n, spec.n_heads, 0, spec.head_dim), np.float32)
         logits = self.decoder.run(["logits"], {
             "tokens": batch.tokens, "past_key": empty, "past_value": empty,
-            "cross_key": cross[0], "cross_value": cross[1]}, scales)[0][:, :-1][batch.mask]
+            **cross_feed(self.decoder.input_names, *cross)}, scales)[0][:, :-1][batch.mask]
         return score(self.name, logits, batch.tokens[:, 1:][batch.mask], batch.reference)
 
     def __call__(self, scales: Mapping[str, float]) -> float:

@@ -12,7 +12,7 @@ from ..card import CARD_NAME, ModelCard
 from ..errors import SfcError
 from ..memory import peak_rss_kib
 from ..paths import cache_dir
-from .zoo import ZOO
+from .zoo import EXPORT_FORMAT, ZOO
 
 __all__ = ["EXPORT_FACTS", "ZOO", "export_peak_mib", "export_source", "model_folder",
            "zoo_export_cached"]
@@ -57,8 +57,14 @@ def _zoo_folder(model: str) -> Path:
 
 
 def zoo_export_cached(model: str) -> bool:
-    """Whether zoo model `model` is already exported in the cache (False for other names)."""
-    return model in ZOO and (_zoo_folder(model) / CARD_NAME).is_file()
+    """Whether zoo model `model` is already exported in the cache, in this sfc's export
+    format (False for other names)."""
+    if model not in ZOO or not (_zoo_folder(model) / CARD_NAME).is_file():
+        return False
+    try:
+        return ModelCard.load(_zoo_folder(model)).source.get("format") == EXPORT_FORMAT
+    except SfcError:  # a damaged card: export again
+        return False
 
 
 def export_peak_mib(folder: Path) -> float | None:

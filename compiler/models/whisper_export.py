@@ -5,8 +5,11 @@ Graphs (L decoder layers, H heads, D head dim, S = 1500 encoder frames):
 - encoder.onnx: input_features [B, n_mels, 3000] -> last_hidden_state [B, S, d_model],
   cross_key / cross_value [L, B, H, S, D].
 - decoder.onnx: tokens [B, T] int64, past_key / past_value [L, B, H, P, D] (P may be 0),
-  cross_key / cross_value -> logits [B, T, vocab], present_key / present_value
-  [L, B, H, P+T, D]. The position offset is P, read from the cache's shape.
+  cross_key_0 .. cross_key_{L-1} / cross_value_0 .. [B, H, S, D] -> logits [B, T, vocab],
+  present_key / present_value [L, B, H, P+T, D]. The position offset is P, read from the
+  cache's shape. The cross K/V go in per layer because a stacked input is split into
+  per-layer copies at every step (13-17% of a step on CPU; BENCHMARKS.md, issue 13); the
+  runtime feeds views of the encoder's stacked outputs (`sfc.runtime.whisper.cross_feed`).
 The decoder step is written here, on the HF module's weights, because an explicit step
 function exports to a clean graph (plain MatMul attention, no cache classes).
 """
@@ -29,9 +32,10 @@ from ..card import (
     special_tokens,
 )
 from ..errors import SfcError
+from ..runtime.cross import cross_input_names
 from ..runtime.features import LogMelSpec
 from .whisper_hf import LoadedWhisper, load_whisper
-from .zoo import locate_checkpoint
+from .zoo import EXPORT_FORMAT, locate_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -115,9 +119,10 @@ def _modules(loaded: LoadedWhisper) -> tuple[torch.nn.Module, torch.nn.Module]:
             self.table = nn.Parameter(hf.decoder.embed_tokens.weight.detach().T.contiguous())
 
         def forward(self, tokens: torch.Tensor, past_key: torch.Tensor,
-                    past_value: torch.Tensor, cross_key: torch.Tensor,
-                    cross_value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    past_value: torch.Tensor, *cross: torch.Tensor) -> tuple[torch.Tensor, ...]:
             dec = self.decoder
+            n = len(dec.layers)
+            cross_key, cross_value = cross[:n], cross[n:]
             past, t = past_key.shape[3], tokens.shape[1]
             positions = torch.arange(t, device=tokens.device) + past
             x = self.table[:, tokens].permute(1, 2, 0) + dec.embed_positions.weight[positions]
@@ -186,14 +191,15 @@ def export_loaded(loaded: LoadedWhisper, name: str, out_dir: Path,
                 ["last_hidden_state", "cross_key", "cross_value"],
                 {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"},
                  "cross_key": {1: "batch"}, "cross_value": {1: "batch"}})
-        cross = torch.zeros(L, 1, H, cfg.max_source_positions, D)
+        cross = [torch.zeros(1, H, cfg.max_source_positions, D) for _ in range(2 * L)]
         past = torch.zeros(L, 1, H, 3, D)
         tokens = torch.zeros(1, 2, dtype=torch.int64)
-        _export(decoder, (tokens, past, past, cross, cross), stage / DECODER_FILE,
-                ["tokens", "past_key", "past_value", "cross_key", "cross_value"],
+        cross_names = cross_input_names(L)
+        _export(decoder, (tokens, past, past, *cross), stage / DECODER_FILE,
+                ["tokens", "past_key", "past_value", *cross_names],
                 ["logits", "present_key", "present_value"],
                 {"tokens": {0: "batch", 1: "tokens"}, "past_key": kv_axes,
-                 "past_value": kv_axes, "cross_key": {1: "batch"}, "cross_value": {1: "batch"},
+                 "past_value": kv_axes, **{name: {0: "batch"} for name in cross_names},
                  "logits": {0: "batch", 1: "tokens"}, "present_key": {1: "batch", 3: "total"},
                  "present_value": {1: "batch", 3: "total"}})
         graphs = {}
@@ -208,7 +214,8 @@ def export_loaded(loaded: LoadedWhisper, name: str, out_dir: Path,
             graphs=graphs,
             objective="whisper-teacher-forced",
             source={**source,
-                    "exporter": f"torch {torch.__version__} TorchScript, opset {OPSET}"},
+                    "exporter": f"torch {torch.__version__} TorchScript, opset {OPSET}",
+                    "format": EXPORT_FORMAT},
             preprocessing=mel.to_dict(),
             tokenizer=TOKENIZER_FILE,
             decoding=decoding,

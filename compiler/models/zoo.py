@@ -10,7 +10,11 @@ from pathlib import Path
 
 from ..errors import SfcError
 
-__all__ = ["ZOO", "CheckpointFiles", "ZooEntry", "locate_checkpoint"]
+__all__ = ["EXPORT_FORMAT", "ZOO", "CheckpointFiles", "ZooEntry", "locate_checkpoint"]
+
+# The graph interface of sfc's zoo exports, recorded in the card's source; a cached export
+# of another format is made again. 2: per-layer cross-attention K/V decoder inputs.
+EXPORT_FORMAT = "2"
 
 
 @dataclass(frozen=True)

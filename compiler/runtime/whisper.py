@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from ..card import GraphSpec, ModelCard, WhisperDecoding
 from ..errors import SfcError
+from .cross import cross_feed
 from .decoding import (
     LOOP_GUARD,
     TIME_PRECISION,
@@ -185,20 +186,24 @@ class WhisperRuntime:
                                            {"input_features": chunk}),
             features, None if isinstance(self.encoder, TrtSession) else self.encoder_batch)
 
+    def cross_feed(self, cross_k: np.ndarray, cross_v: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoder's cross-attention inputs for the encoder's stacked K/V."""
+        return cross_feed({t.name for t in self.card.graphs["decoder"].inputs}, cross_k, cross_v)
+
     def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray) -> DecoderStep:
         """A decoder step with this utterance's cross-attention K/V bound.
 
         On a TensorRT engine the K/V cache stays on the device (`DeviceCacheStep`); an ORT
         session gets and returns it as arrays.
         """
+        cross = self.cross_feed(cross_k, cross_v)
         if isinstance(self.decoder, TrtSession):
-            return DeviceCacheStep(self.decoder, cross_k, cross_v)
+            return DeviceCacheStep(self.decoder, cross)
 
         def step(tokens: np.ndarray, past_k: np.ndarray,
                  past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             logits, k, v = self.decoder.run(None, {
-                "tokens": tokens, "past_key": past_k, "past_value": past_v,
-                "cross_key": cross_k, "cross_value": cross_v})
+                "tokens": tokens, "past_key": past_k, "past_value": past_v, **cross})
             return logits, k, v
 
         return step
@@ -429,9 +434,9 @@ class DeviceCacheStep:
     with any other cache (a new decode) it starts over from that one.
     """
 
-    def __init__(self, decoder: TrtSession, cross_k: np.ndarray, cross_v: np.ndarray) -> None:
+    def __init__(self, decoder: TrtSession, cross: dict[str, np.ndarray]) -> None:
         self._decoder = decoder
-        self._cross = {"cross_key": cross_k, "cross_value": cross_v}
+        self._cross = cross
         self._state: tuple[ResidentLoop, np.ndarray, np.ndarray] | None = None  # + start
 
     def __call__(self, tokens: np.ndarray, past_k: np.ndarray,
