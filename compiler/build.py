@@ -591,6 +591,7 @@ def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
 
     numerics = [[name, s.recipe.model_sha256, s.recipe.weight_data,
                  [t.to_dict() for t in s.recipe.tensors], list(s.tuned)]
+                + ([list(s.session_config)] if s.session_config else [])
                 for name, s in sorted(setups.items())]
     if card.family == "whisper":
         data = audio_digest(utterances[:samples])
@@ -608,6 +609,12 @@ def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
     what = [numerics, card.to_dict(), get_target(config.target).optimization,
             config.calib_limit, data, onnxruntime.__version__]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _session_config(config: BuildConfig, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """The target's ORT session config for `model`'s graph, for ESC's, the guard's and the
+    probes' sessions (`Target.session_config`)."""
+    return tuple(sorted(get_target(config.target).session_config(model).items()))
 
 
 def _ray(spec: Any, config: BuildConfig) -> RayExecutor | None:
@@ -634,7 +641,8 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
         starts[g.name] = start_scales(g.stats, op_types, method, bits)
         scales = {t: (r.scale, r.method, r.stats_summary) for t, (r, _) in starts[g.name].items()}
         tuned = tuple(t for t, (_, on) in starts[g.name].items() if on)
-        setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored)
+        setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored,
+                                    session_config=_session_config(config, g.model))
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     runtime = _fp32_runtime(fp32_folder) if card.family == "whisper" else None
     spec = objective_spec(method.objective, card, setups, samples=method.samples,
@@ -687,7 +695,8 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
             return gate_activations(model, acts)
 
         setups[g.name] = GraphSetup(g.model, recipes[g.name], (),
-                                    tuple(gate_name(t) for t in acts), g.stored, rewrite)
+                                    tuple(gate_name(t) for t in acts), g.stored, rewrite,
+                                    _session_config(config, g.model))
     clips = guard_clips(len(utterances), config.esc_samples if config.uses_esc else 0,
                         config.act_guard.samples)
     # The FP32 runtime serves the reference alone: the probes run without it.
@@ -697,8 +706,10 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
                                optimization=get_target(config.target).optimization)
     # Same quantizers and clips: the same probes, so a rerun, a resumed build or another
     # allowance reuses them (the recipes' config, which records the allowance, is left out).
-    numerics = [[r.model_sha256, r.weight_data, [t.to_dict() for t in r.tensors]]
-                for r in recipes.values()]
+    numerics: list[Any] = [[r.model_sha256, r.weight_data, [t.to_dict() for t in r.tensors]]
+                           for r in recipes.values()]
+    if any(s.session_config for s in setups.values()):  # earlier probe files keep their keys
+        numerics.append([list(s.session_config) for s in setups.values()])
     key = hashlib.sha256(json.dumps([numerics, [clips.start, clips.stop]]).encode()).hexdigest()
     checkpoint = cache_dir() / "probes" / f"act-{key[:24]}.json"
     try:
@@ -780,9 +791,12 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
 
         weights.append(GraphWeights(g.name, g.model, g.plan, g.specs, g.grams, quantize, caps))
 
+    sessions = {g.name: _session_config(config, g.model) for g in pending}
+
     def objective(built: dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]) -> Any:
         setups = {name: GraphSetup(model, Recipe(model_sha256(model), config.seed, {}, ()),
-                                   (), gates) for name, (model, gates) in built.items()}
+                                   (), gates, session_config=sessions[name])
+                  for name, (model, gates) in built.items()}
         # KL to FP32 (>= 0, no transcript-likelihood noise) for Whisper; distortion else.
         kind = "kl" if card.family == "whisper" else "auto"
         assert config.search is not None
@@ -796,7 +810,8 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         # The probes' GPTQ uses the FP32 pass's Gram matrices whatever the stages.
         method_key = json.dumps([config.weight_method, replace(config.gptq, stages=1).to_dict(),
                                  config.calib.name, config.calib_limit, config.seed,
-                                 config.target])
+                                 config.target]
+                                + ([sorted(sessions.items())] if any(sessions.values()) else []))
         result = choose(weights, config.search, objective, cache_dir() / "probes", method_key,
                         open_executor=lambda spec: _ray(spec, config))
     result.save(stage / RESULT_FILE)

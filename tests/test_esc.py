@@ -128,6 +128,23 @@ def test_scale_inputs_give_the_same_outputs_as_initializers() -> None:
         write_qdq(model, recipe, scales_as_inputs=["w1"])
 
 
+def test_esc_sessions_take_the_targets_session_config() -> None:
+    """ESC, the guard and the probes see the artifact's numerics: the target's session config
+    (MatMulNBits' accuracy level on AVX2) reaches their sessions."""
+    model = _outlier_model(branch=True)
+    x = np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)
+    recipe = _recipe(model, x)
+    key = "session.qdq_matmulnbits_accuracy_level"
+    for config in ((), ((key, "0"),)):
+        session = ScaledSession("model", GraphSetup(model, recipe, (), session_config=config))
+        options = session.session.get_session_options()
+        if config:
+            assert options.get_session_config_entry(key) == "0"
+        else:  # ORT's default (4): no entry
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                options.get_session_config_entry(key)
+
+
 # ---------------------------------------------------------------- the search
 
 

@@ -40,6 +40,7 @@ from sfc.targets import (
     fusion_census,
     get_target,
 )
+from sfc.targets.ort_cpu import NBITS_ACCURACY, weight_matmul_rows
 
 RNG_SEED = 0
 
@@ -178,6 +179,60 @@ def test_block_int4_lowers_to_matmulnbits(tmp_path: Path) -> None:
     x = {"x": rng.standard_normal((2, k)).astype(np.float32)}
     np.testing.assert_allclose(_run(tmp_path / "out" / "model.ort", x)[0], _run(src, x)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def _block_weight_model(x_shape: list[int | str], quantized: bool = True) -> onnx.ModelProto:
+    """x -> MatMul with an INT4 block-32 weight [64, 32] (its DequantizeLinear; or the float
+    weight it stands for, `quantized` False)."""
+    k, n, block = 64, 32, 32
+    rng = np.random.default_rng(1)
+    w = rng.integers(-8, 8, size=(k, n))
+    scale = (rng.random((k // block, n)) * 0.1 + 0.01).astype(np.float32)
+    if quantized:
+        inits = [helper.make_tensor("Wq", TensorProto.INT4, [k, n], w.flatten().tolist()),
+                 numpy_helper.from_array(scale, "Ws")]
+        nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], axis=0,
+                                  block_size=block)]
+    else:
+        inits = [numpy_helper.from_array((w * np.repeat(scale, block, 0)).astype(np.float32),
+                                         "W")]
+        nodes = []
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "int4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_shape[:-1], n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(("isa", "x_shape", "level"), [
+    ("avx2", [1, 512, 64], 0),  # an encoder-like call: many rows, float is faster there
+    ("avx2", ["batch", "tokens", 64], 4),  # a decoder step: ORT's int8 default
+    ("vnni", [1, 512, 64], 4),
+])
+def test_block_weights_run_float_on_avx2_when_calls_have_many_rows(
+        tmp_path: Path, isa: str, x_shape: list[int | str], level: int) -> None:
+    model = _block_weight_model(x_shape)
+    rows = 512 if x_shape[1] == 512 else 1
+    # The FP32 graph ESC's sessions start from and the QDQ graph lowering reads agree.
+    assert weight_matmul_rows(model) == weight_matmul_rows(
+        _block_weight_model(x_shape, quantized=False)) == [rows]
+    target = OrtCpuTarget(isa=isa)
+    assert target.session_config(model) == ({NBITS_ACCURACY: "0"} if level == 0 else {})
+    src = tmp_path / "int4.onnx"
+    onnx.save(model, str(src))
+    target.lower(src, tmp_path / "out")
+    lowered = onnx.load(str(tmp_path / "out" / "model.ort.onnx"))
+    assert [a.i for node in lowered.graph.node if node.op_type == "MatMulNBits"
+            for a in node.attribute if a.name == "accuracy_level"] == [level]
+    if level == 0:  # float activations times the dequantized weight: the QDQ graph itself
+        x = {"x": np.random.default_rng(2).standard_normal((1, 512, 64)).astype(np.float32)}
+        unfused = ort.SessionOptions()
+        unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        want = ort.InferenceSession(str(src), unfused).run(None, x)[0]
+        np.testing.assert_allclose(_run(tmp_path / "out" / "model.ort", x)[0], want,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_external_data_model(models: dict[str, Path], tmp_path: Path) -> None:

@@ -77,7 +77,8 @@ class GraphSetup:
     `gates`: other float32 scalar inputs of `model` fed from the same mapping as the
     scales (the precision probes' weight switches, `precision.probe`). `rewrite`: applied
     to the written QDQ model before the session loads it; the graph inputs it adds must be
-    among `gates` (the activation probes' switches).
+    among `gates` (the activation probes' switches). `session_config`: the target's ORT
+    session config entries for this graph (`Target.session_config`).
     """
 
     model: onnx.ModelProto
@@ -86,6 +87,7 @@ class GraphSetup:
     gates: tuple[str, ...] = ()
     stored: StoredWeights | None = None  # the recipe's stored weights (GPTQ)
     rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+    session_config: tuple[tuple[str, str], ...] = ()
 
 
 class ScaledSession:
@@ -110,7 +112,8 @@ class ScaledSession:
         # The level the target's artifact runs at: the search sees the deployed numerics.
         # With ORT's arena: without it ESC ran 45% longer for 0.4 GB less peak
         # (BENCHMARKS.md, issue 13).
-        options = session_options(threads=threads, optimization=optimization)
+        options = session_options(threads=threads, optimization=optimization,
+                                  config=setup.session_config)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         source: str | bytes
         if qdq.ByteSize() > _MAX_INLINE_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -22,14 +23,16 @@ OPTIMIZATION = {
 
 
 def session_options(*, threads: int | None = None, optimization: str = "all",
-                    arena: bool = True) -> ort.SessionOptions:
+                    arena: bool = True,
+                    config: Iterable[tuple[str, str]] = ()) -> ort.SessionOptions:
     """The options every sfc session starts from.
 
     `optimization`: a key of `OPTIMIZATION`. `threads`: intra-op threads (None: ORT's
     default, one per core). `arena`: ORT's CPU memory arena, which keeps the largest
     footprint any run needed for the session's life; the build runs the sessions it
     keeps open but idle (its FP32 runtime) and its one-pass statistics without it, so
-    their footprints do not add up under ESC's (BENCHMARKS.md, issue 13).
+    their footprints do not add up under ESC's (BENCHMARKS.md, issue 13). `config`:
+    session config entries (a target's `session_config`, e.g. MatMulNBits' accuracy level).
     """
     if optimization not in OPTIMIZATION:
         raise SfcError(f"unknown graph optimization level {optimization!r} "
@@ -37,6 +40,8 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[optimization]
     options.enable_cpu_mem_arena = arena
+    for key, value in config:
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -264,6 +264,11 @@ class Target(Protocol):
         """ORT graph optimisation level its artifacts (and ESC's search sessions) run at."""
         ...
 
+    def session_config(self, model: onnx.ModelProto) -> dict[str, str]:
+        """ORT session config entries its lowering fuses `model` (FP32 or QDQ) with, and
+        ESC's sessions of it run with, so the search sees the artifact's numerics."""
+        ...
+
     def for_graph(self, card: Any, graph: str) -> Target:
         """This target configured for `graph` of the model `card` describes (TensorRT takes
         its optimisation profile from it); targets that need nothing return themselves."""

@@ -26,7 +26,7 @@ from ..errors import SfcError, first_line
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
 
-__all__ = ["ISAS", "OrtCpuTarget"]
+__all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "weight_matmul_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,46 @@ ISAS: dict[str, str] = {
     "are limited to |a| + |b| <= 128",
     "arm64": "ARM64 (NEON / dot-product): exact INT8 dot products, 8-bit weights",
 }
+
+
+# ORT fuses DQ(weight) -> MatMul with a float activation into MatMulNBits at this session
+# config's accuracy level; its default, 4, quantizes the activation to int8 per block
+# itself. Without VNNI that int8 path loses to float when a call has many rows: on an AVX2
+# EPYC (onnxruntime 1.32, 2 threads) level 0 ran whisper-tiny.en's encoder window (1500 rows)
+# 11-13% faster, while a decoder step (one row) ran 1.8x slower at it (BENCHMARKS.md,
+# issue 13). Level 0 is also the QDQ graph's own numerics: a float activation times the
+# dequantized weight.
+NBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+_FLOAT_NBITS_MIN_ROWS = 256
+
+
+def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
+    """Rows per call of each MatMul whose B is a weight (an initializer, or its
+    DequantizeLinear): the product of A's fixed dimensions but the last, after ONNX shape
+    inference (symbolic ones, e.g. batch or tokens, count 1). Empty when shapes cannot be
+    inferred (e.g. a model of 2 GB or more)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises its own classes; no shapes means no rule
+        return []
+    graph = inferred.graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {n.output[0] for n in graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    shapes = {v.name: v.type.tensor_type.shape
+              for v in (*graph.input, *graph.value_info, *graph.output)}
+    rows = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in constants:
+            continue
+        shape = shapes.get(node.input[0])
+        if shape is None or not shape.dim:
+            continue
+        n = 1
+        for dim in list(shape.dim)[:-1]:
+            n *= dim.dim_value if dim.HasField("dim_value") else 1
+        rows.append(n)
+    return rows
 
 
 def _ort_session(src: Path, options: Any) -> Any:
@@ -109,6 +149,14 @@ class OrtCpuTarget:
         """ORT's own fusions at load: the deployment path."""
         return "all"
 
+    def session_config(self, model: onnx.ModelProto) -> dict[str, str]:
+        """MatMulNBits at accuracy level 0 (float) on AVX2 when every weight MatMul of
+        `model` takes at least 256 rows per call (see `NBITS_ACCURACY`); else ORT's default."""
+        rows = weight_matmul_rows(model) if self.isa == "avx2" else []
+        if rows and min(rows) >= _FLOAT_NBITS_MIN_ROWS:
+            return {NBITS_ACCURACY: "0"}
+        return {}
+
     def for_graph(self, card: Any, graph: str) -> OrtCpuTarget:
         """Nothing graph-specific: the same target."""
         return self
@@ -145,6 +193,9 @@ class OrtCpuTarget:
                     str(_EXTERNAL_MIN_BYTES))
             source = qdq_path
             model = onnx.load(str(qdq_path))
+            for key, value in self.session_config(model).items():
+                opts.add_session_config_entry(key, value)
+                notes.append(f"{key} = {value}")
             fired = {k: v for k, v in apply_rewrites(model).items() if v}
             if fired:
                 notes.append("rewrites: " + ", ".join(f"{k} x{v}" for k, v in fired.items()))

@@ -49,6 +49,10 @@ class SimTarget:
         """no QDQ rewrites: the Q/DQ nodes are the numerics under test."""
         return "basic"
 
+    def session_config(self, model: onnx.ModelProto) -> dict[str, str]:
+        """No fusions: nothing to configure."""
+        return {}
+
     def for_graph(self, card: Any, graph: str) -> SimTarget:
         """Nothing graph-specific: the same target."""
         return self

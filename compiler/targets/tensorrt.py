@@ -120,6 +120,10 @@ class TensorRTTarget:
         """ESC sessions (ORT) run the QDQ graph unfused: the numerics TensorRT implements."""
         return "basic"
 
+    def session_config(self, model: onnx.ModelProto) -> dict[str, str]:
+        """ESC runs the QDQ graph unfused: nothing to configure."""
+        return {}
+
     def for_graph(self, card: Any, graph: str) -> TensorRTTarget:
         """The profile of `graph` comes from `card`."""
         return replace(self, card=card, graph=graph)
