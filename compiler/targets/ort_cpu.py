@@ -14,6 +14,7 @@ Artifacts (in `out_dir`, named after `stem`):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ _FLOAT_NBITS_MIN_ROWS = 256
 
 def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
     """Rows per call of each MatMul whose B is a weight (an initializer, or its
-    DequantizeLinear): the product of A's fixed dimensions but the last, after ONNX shape
-    inference (symbolic ones, e.g. batch or tokens, count 1). Empty when shapes cannot be
-    inferred (e.g. a model of 2 GB or more)."""
+    DequantizeLinear) and whose A has a fixed dimension besides the last: the product of
+    A's fixed dimensions but the last, after ONNX shape inference (symbolic ones, e.g.
+    batch, count 1). MatMuls whose rows are all symbolic or unknown (a decoder step's
+    tokens, a Reshape's output) are left out; all are when shapes cannot be inferred
+    (e.g. a model of 2 GB or more)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # onnx raises its own classes; no shapes means no rule
@@ -77,12 +80,10 @@ def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
         if node.op_type != "MatMul" or node.input[1] not in constants:
             continue
         shape = shapes.get(node.input[0])
-        if shape is None or not shape.dim:
-            continue
-        n = 1
-        for dim in list(shape.dim)[:-1]:
-            n *= dim.dim_value if dim.HasField("dim_value") else 1
-        rows.append(n)
+        fixed = [d.dim_value for d in list(shape.dim)[:-1]
+                 if d.HasField("dim_value")] if shape is not None else []
+        if fixed:
+            rows.append(math.prod(fixed))
     return rows
 
 
@@ -151,7 +152,8 @@ class OrtCpuTarget:
 
     def session_config(self, model: onnx.ModelProto) -> dict[str, str]:
         """MatMulNBits at accuracy level 0 (float) on AVX2 when every weight MatMul of
-        `model` takes at least 256 rows per call (see `NBITS_ACCURACY`); else ORT's default."""
+        `model` whose rows are known takes at least 256 per call (see `NBITS_ACCURACY`);
+        else ORT's default."""
         rows = weight_matmul_rows(model) if self.isa == "avx2" else []
         if rows and min(rows) >= _FLOAT_NBITS_MIN_ROWS:
             return {NBITS_ACCURACY: "0"}
