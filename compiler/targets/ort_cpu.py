@@ -24,6 +24,8 @@ import onnx
 from ..atomic import staging_dir
 from ..cpu import host_isa
 from ..errors import SfcError, first_line
+from ..onnx_utils import inferred_shapes
+from ..quant.spec import ORT_CPU_SATURATING_CAPS
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
 
@@ -65,16 +67,11 @@ def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
     batch, count 1). MatMuls whose rows are all symbolic or unknown (a decoder step's
     tokens, a Reshape's output) are left out; all are when shapes cannot be inferred
     (e.g. a model of 2 GB or more)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # onnx raises its own classes; no shapes means no rule
-        return []
-    graph = inferred.graph
+    shapes = inferred_shapes(model)
+    graph = model.graph
     constants = {t.name for t in graph.initializer}
     constants |= {n.output[0] for n in graph.node
                   if n.op_type == "DequantizeLinear" and n.input[0] in constants}
-    shapes = {v.name: v.type.tensor_type.shape
-              for v in (*graph.input, *graph.value_info, *graph.output)}
     rows = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in constants:
@@ -198,7 +195,9 @@ class OrtCpuTarget:
             for key, value in self.session_config(model).items():
                 opts.add_session_config_entry(key, value)
                 notes.append(f"{key} = {value}")
-            fired = {k: v for k, v in apply_rewrites(model).items() if v}
+            pair_limit = (ORT_CPU_SATURATING_CAPS.int8_weight_pair_limit
+                          if self.isa == "avx2" else None)
+            fired = {k: v for k, v in apply_rewrites(model, pair_limit).items() if v}
             if fired:
                 notes.append("rewrites: " + ", ".join(f"{k} x{v}" for k, v in fired.items()))
                 source = stage / f"{stem}.rewritten.onnx"

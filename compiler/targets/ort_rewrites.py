@@ -1,6 +1,17 @@
 """Graph rewrites the ort-cpu target applies before ORT's optimizer, for patterns ORT
 leaves slow.
 
+`ConvAsMatMul`: ORT fuses a QDQ Conv into `QLinearConv` only when a QuantizeLinear follows
+it, so a quantized 1-D Conv whose output stays float (Whisper's two encoder convs, followed
+by GELU) runs as DequantizeLinear + float Conv. Rewritten as an im2col of the dequantized
+input (Transpose, Pad with 0, Reshape, Slices, Concat: data movement only) -> QuantizeLinear
+and DequantizeLinear with the input's own scale and zero point -> MatMul with the weight as
+a per-column INT8 [k*C, M] matrix -> Add bias -> Transpose back, which ORT fuses into
+`MatMulIntegerToFloat`. Exact: requantizing a dequantized value (or the padding's 0) with
+the same scale gives back the same integer, so the GEMM sees the QDQ graph's integers and
+scales; only the float summation order differs. (The im2col runs on floats rather than on
+the integers because ORT moves x86 activations from s8 to u8 only across a Q -> DQ pair.)
+
 `GatherOfDequantized`: a DequantizeLinear of a whole constant table read by a Gather (a
 quantized token-embedding table tied to the output projection) is not constant-folded by
 ORT, so every decoder step dequantizes all of it (~30 ms per step for Whisper's
@@ -16,15 +27,16 @@ blocks, per-tensor) are first re-expressed as INT8 per-channel along the gather 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_utils import int_attr
+from ..onnx_utils import inferred_shapes, int_attr, ints_attr
 
-__all__ = ["GatherOfDequantized", "apply_rewrites"]
+__all__ = ["ConvAsMatMul", "GatherOfDequantized", "apply_rewrites"]
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,176 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.n
     return x * (scale[None, :] if axis == 1 else scale[:, None])
 
 
-def apply_rewrites(model: onnx.ModelProto) -> dict[str, int]:
-    """Apply every ort-cpu rewrite in place; return rule name -> times fired."""
-    rules = (GatherOfDequantized(),)
+@dataclass(frozen=True)
+class ConvAsMatMul:
+    """DQ(x) -> Conv1d(DQ(W))  ==>  im2col(DQ(x)) -> Q -> DQ -> MatMul(DQ(W as [k*C, M])).
+
+    Fires on 1-D Convs (input [N, C, T] with C and T known after shape inference; group 1,
+    dilation 1, constant pads) whose input is a per-tensor DequantizeLinear and whose
+    weight is a per-output-channel INT8 DequantizeLinear of a constant. The window of
+    output t is x[s*t + j - pad] for j < k: the padded input [N, s*M, C] is viewed as
+    [N, M, s*C], so tap j is the column block j % s of row t + j // s and every tap is a
+    plain slice, strided convs included. `pair_limit` (ort-cpu:avx2): the INT8 GEMM adds
+    K-adjacent weight pairs in int16, so a Conv whose [k*C, M] weight has a pair over the
+    limit is left as it is.
+    """
+
+    name: str = "conv-as-matmul"
+    pair_limit: int | None = None
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        """Rewrite every match in the main graph in place; return how many fired."""
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        producer = {o: n for n in graph.node for o in n.output}
+        shapes: dict[str, onnx.TensorShapeProto] | None = None
+        fired = 0
+        for conv in [n for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]:
+            x_dq, w_dq = producer.get(conv.input[0]), producer.get(conv.input[1])
+            if (x_dq is None or w_dq is None or not (_is_dq(x_dq) and _is_dq(w_dq))
+                    or w_dq.input[0] not in inits):
+                continue
+            x_scale = inits.get(x_dq.input[1])
+            w_q = numpy_helper.to_array(inits[w_dq.input[0]])
+            w_scale = inits.get(w_dq.input[1])
+            if (x_scale is None or numpy_helper.to_array(x_scale).size != 1
+                    or w_scale is None or w_q.dtype != np.int8 or w_q.ndim != 3
+                    or int_attr(w_dq, "axis", 1) != 0 or _has_zero_point(w_dq, inits)
+                    or numpy_helper.to_array(w_scale).shape != (w_q.shape[0],)):
+                continue
+            if int_attr(conv, "group", 1) != 1 or any(d != 1 for d in ints_attr(
+                    conv, "dilations", [1])) or _attr_str(conv, "auto_pad") not in ("", "NOTSET"):
+                continue
+            if shapes is None:
+                shapes = inferred_shapes(model)
+            dims = _fixed_dims(shapes.get(x_dq.input[0]))
+            if (dims is None or len(dims) != 3 or dims[1] != w_q.shape[1]
+                    or dims[2] is None):
+                continue
+            columns = _im2col_weight(w_q)
+            if self.pair_limit is not None and _pairs_exceed(columns, self.pair_limit):
+                continue
+            self._rewrite(graph, conv, x_dq, w_dq, columns, w_q.shape[1], dims[2])
+            fired += 1
+        if fired:
+            _drop_unread(graph, (n for n in list(graph.node) if _is_dq(n)))
+        return fired
+
+    def _rewrite(self, graph: onnx.GraphProto, conv: onnx.NodeProto, x_dq: onnx.NodeProto,
+                 w_dq: onnx.NodeProto, columns: np.ndarray, channels: int, length: int) -> None:
+        taps = columns.shape[0] // channels
+        stride = ints_attr(conv, "strides", [1])[0]
+        left, right = ints_attr(conv, "pads", [0, 0])
+        out_len = (length + left + right - taps) // stride + 1
+        rows = out_len + (taps - 1) // stride
+        pad_right = stride * rows - length - left  # the view needs s * rows padded frames
+        base = conv.name or conv.output[0]
+        node = helper.make_node
+
+        def const(tag: str, values: list[int]) -> str:
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(values, np.int64), f"{base}_const_{tag}"))
+            return f"{base}_const_{tag}"
+
+        new = [node("Transpose", [x_dq.output[0]], [f"{base}_xt"], perm=[0, 2, 1],
+                    name=f"{base}_xt")]
+        padded = f"{base}_xt"
+        if left or pad_right > 0:
+            pads = const("pads", [0, left, 0, 0, max(pad_right, 0), 0])
+            new.append(node("Pad", [padded, pads], [f"{base}_padded"], name=f"{base}_pad"))
+            padded = f"{base}_padded"
+        if pad_right < 0:  # frames past the last window are never read
+            ends = const("trim_end", [stride * rows])
+            new.append(node("Slice", [padded, const("trim_start", [0]), ends, const("axis1", [1])],
+                            [f"{base}_trimmed"], name=f"{base}_trim"))
+            padded = f"{base}_trimmed"
+        new.append(node("Reshape", [padded, const("view", [-1, rows, stride * channels])],
+                        [f"{base}_view"], name=f"{base}_view"))
+        axes = const("axes", [1, 2])
+        parts = []
+        for j in range(taps):
+            first, col = j // stride, (j % stride) * channels
+            starts = const(f"tap{j}_starts", [first, col])
+            ends = const(f"tap{j}_ends", [first + out_len, col + channels])
+            parts.append(f"{base}_tap{j}")
+            new.append(node("Slice", [f"{base}_view", starts, ends, axes], [parts[-1]],
+                            name=f"{base}_tap{j}"))
+        new.append(node("Concat", parts, [f"{base}_cols_float"], axis=2, name=f"{base}_im2col"))
+        new.append(node("QuantizeLinear", [f"{base}_cols_float", *x_dq.input[1:]],
+                        [f"{base}_cols_quantized"], name=f"{base}_cols_quantize"))
+        new.append(node("DequantizeLinear", [f"{base}_cols_quantized", *x_dq.input[1:]],
+                        [f"{base}_cols"], name=f"{base}_cols_dequantize"))
+        graph.initializer.append(numpy_helper.from_array(columns, f"{base}_weight_columns"))
+        new.append(node("DequantizeLinear", [f"{base}_weight_columns", w_dq.input[1]],
+                        [f"{base}_weight"], axis=1, name=f"{base}_weight_dequantize"))
+        product = f"{base}_product"
+        new.append(node("MatMul", [f"{base}_cols", f"{base}_weight"], [product],
+                        name=f"{base}_matmul"))
+        if len(conv.input) > 2 and conv.input[2]:
+            new.append(node("Add", [product, conv.input[2]], [f"{base}_biased"],
+                            name=f"{base}_bias"))
+            product = f"{base}_biased"
+        new.append(node("Transpose", [product], [conv.output[0]], perm=[0, 2, 1],
+                        name=f"{base}_out"))
+        nodes = list(graph.node)
+        at = nodes.index(conv)
+        nodes[at : at + 1] = new
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def _drop_unread(graph: onnx.GraphProto, candidates: Iterable[onnx.NodeProto]) -> None:
+    """Remove the `candidates` whose outputs nothing reads any more (a rewritten Conv's
+    DequantizeLinears), and initializers left unread by them."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n for n in candidates if not any(o in read for o in n.output)]
+    for n in dead:
+        graph.node.remove(n)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    freed = {i for n in dead for i in n.input} - read
+    for t in [t for t in graph.initializer if t.name in freed]:
+        graph.initializer.remove(t)
+
+
+def _is_dq(node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "DequantizeLinear" and node.domain in (
+        "", "ai.onnx")
+
+
+def _has_zero_point(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    if len(dq.input) < 3 or not dq.input[2]:
+        return False
+    return dq.input[2] not in inits or bool(np.any(numpy_helper.to_array(inits[dq.input[2]])))
+
+
+def _attr_str(node: onnx.NodeProto, name: str) -> str:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.s.decode()
+    return ""
+
+
+def _fixed_dims(shape: onnx.TensorShapeProto | None) -> list[int | None] | None:
+    if shape is None or not shape.dim:
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def _im2col_weight(w_q: np.ndarray) -> np.ndarray:
+    """Conv weight [M, C, k] as the MatMul weight [k*C, M]: row j*C + c is tap j, channel c."""
+    return np.ascontiguousarray(w_q.transpose(2, 1, 0).reshape(-1, w_q.shape[0]))
+
+
+def _pairs_exceed(columns: np.ndarray, limit: int) -> bool:
+    """Whether |w[2i]| + |w[2i+1]| along K (rows) exceeds `limit` anywhere."""
+    mags = np.abs(columns.astype(np.int32))
+    if mags.shape[0] % 2:
+        mags = np.vstack([mags, np.zeros((1, mags.shape[1]), np.int32)])
+    return bool(np.any(mags[0::2] + mags[1::2] > limit))
+
+
+def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None) -> dict[str, int]:
+    """Apply every ort-cpu rewrite in place; return rule name -> times fired.
+    `pair_limit`: the target's INT8 weight pair limit (`TargetCaps.int8_weight_pair_limit`)."""
+    rules = (GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit))
     return {r.name: r.apply(model) for r in rules}
