@@ -93,6 +93,21 @@ def test_pairs_over_the_avx2_limit_keep_the_conv() -> None:
     assert ConvAsMatMul().apply(model) == 1  # VNNI: no pair limit
 
 
+def test_weights_quantized_for_avx2_keep_their_pair_limit_after_the_rewrite() -> None:
+    # The quantizer limits pairs along [M, C, k] flattened (c*k + j); the GEMM's K must
+    # follow that order, or pairs it never limited would meet in one int16 sum.
+    from sfc.quant.spec import QuantSpec
+    from sfc.quant.weights import quantize_weight, weight_scales
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 6, 3)).astype(np.float32)
+    spec = QuantSpec(8, "channel", axis=0, pair_limit=128)
+    w_q = quantize_weight(weight, spec, weight_scales(weight, spec)).astype(np.int8)
+    assert np.abs(w_q).max() > 64  # pairs the limit had to act on
+    model = _conv_model(w_q, 1, (1, 1), 12)
+    assert ConvAsMatMul(pair_limit=128).apply(model) == 1
+
+
 def test_grouped_or_unknown_length_conv_is_left_alone() -> None:
     w_q = np.ones((4, 2, 3), np.int8)
     assert ConvAsMatMul().apply(_conv_model(w_q, 1, (1, 1), 10, group=2)) == 0

@@ -6,7 +6,7 @@ it, so a quantized 1-D Conv whose output stays float (Whisper's two encoder conv
 by GELU) runs as DequantizeLinear + float Conv. Rewritten as an im2col of the dequantized
 input (Transpose, Pad with 0, Reshape, Slices, Concat: data movement only) -> QuantizeLinear
 and DequantizeLinear with the input's own scale and zero point -> MatMul with the weight as
-a per-column INT8 [k*C, M] matrix -> Add bias -> Transpose back, which ORT fuses into
+a per-column INT8 [C*k, M] matrix -> Add bias -> Transpose back, which ORT fuses into
 `MatMulIntegerToFloat`. Exact: requantizing a dequantized value (or the padding's 0) with
 the same scale gives back the same integer, so the GEMM sees the QDQ graph's integers and
 scales; only the float summation order differs. (The im2col runs on floats rather than on
@@ -164,16 +164,18 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.n
 
 @dataclass(frozen=True)
 class ConvAsMatMul:
-    """DQ(x) -> Conv1d(DQ(W))  ==>  im2col(DQ(x)) -> Q -> DQ -> MatMul(DQ(W as [k*C, M])).
+    """DQ(x) -> Conv1d(DQ(W))  ==>  im2col(DQ(x)) -> Q -> DQ -> MatMul(DQ(W as [C*k, M])).
 
     Fires on 1-D Convs (input [N, C, T] with C and T known after shape inference; group 1,
     dilation 1, constant pads) whose input is a per-tensor DequantizeLinear and whose
     weight is a per-output-channel INT8 DequantizeLinear of a constant. The window of
     output t is x[s*t + j - pad] for j < k: the padded input [N, s*M, C] is viewed as
     [N, M, s*C], so tap j is the column block j % s of row t + j // s and every tap is a
-    plain slice, strided convs included. `pair_limit` (ort-cpu:avx2): the INT8 GEMM adds
-    K-adjacent weight pairs in int16, so a Conv whose [k*C, M] weight has a pair over the
-    limit is left as it is.
+    plain slice, strided convs included. The taps are interleaved so that the GEMM's K
+    index is c*k + j, the order in which the weight quantizer flattens [M, C, k] and limits
+    K-adjacent pairs for ort-cpu:avx2 (that CPU's INT8 GEMM adds them in int16); a Conv
+    whose weight still has a pair over `pair_limit` (a QDQ file from elsewhere) is left as
+    it is.
     """
 
     name: str = "conv-as-matmul"
@@ -248,15 +250,21 @@ class ConvAsMatMul:
         new.append(node("Reshape", [padded, const("view", [-1, rows, stride * channels])],
                         [f"{base}_view"], name=f"{base}_view"))
         axes = const("axes", [1, 2])
+        last = const("last_axis", [3])
         parts = []
         for j in range(taps):
             first, col = j // stride, (j % stride) * channels
             starts = const(f"tap{j}_starts", [first, col])
             ends = const(f"tap{j}_ends", [first + out_len, col + channels])
-            parts.append(f"{base}_tap{j}")
-            new.append(node("Slice", [f"{base}_view", starts, ends, axes], [parts[-1]],
+            new.append(node("Slice", [f"{base}_view", starts, ends, axes], [f"{base}_tap{j}"],
                             name=f"{base}_tap{j}"))
-        new.append(node("Concat", parts, [f"{base}_cols_float"], axis=2, name=f"{base}_im2col"))
+            parts.append(f"{base}_tap{j}_last")
+            new.append(node("Unsqueeze", [f"{base}_tap{j}", last], [parts[-1]],
+                            name=f"{base}_tap{j}_last"))
+        new.append(node("Concat", parts, [f"{base}_windows"], axis=3, name=f"{base}_windows"))
+        new.append(node("Reshape", [f"{base}_windows",
+                                    const("cols_shape", [-1, out_len, channels * taps])],
+                        [f"{base}_cols_float"], name=f"{base}_im2col"))
         new.append(node("QuantizeLinear", [f"{base}_cols_float", *x_dq.input[1:]],
                         [f"{base}_cols_quantized"], name=f"{base}_cols_quantize"))
         new.append(node("DequantizeLinear", [f"{base}_cols_quantized", *x_dq.input[1:]],
@@ -318,8 +326,8 @@ def _fixed_dims(shape: onnx.TensorShapeProto | None) -> list[int | None] | None:
 
 
 def _im2col_weight(w_q: np.ndarray) -> np.ndarray:
-    """Conv weight [M, C, k] as the MatMul weight [k*C, M]: row j*C + c is tap j, channel c."""
-    return np.ascontiguousarray(w_q.transpose(2, 1, 0).reshape(-1, w_q.shape[0]))
+    """Conv weight [M, C, k] as the MatMul weight [C*k, M]: row c*k + j is channel c, tap j."""
+    return np.ascontiguousarray(w_q.reshape(w_q.shape[0], -1).T)
 
 
 def _pairs_exceed(columns: np.ndarray, limit: int) -> bool:
