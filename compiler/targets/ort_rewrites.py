@@ -4,7 +4,8 @@ leaves slow.
 `ConvAsMatMul`: ORT fuses a QDQ Conv into `QLinearConv` only when a QuantizeLinear follows
 it, so a quantized 1-D Conv whose output stays float (Whisper's two encoder convs, followed
 by GELU) runs as DequantizeLinear + float Conv. Rewritten as an im2col of the dequantized
-input (Transpose, Pad with 0, Reshape, Slices, Concat: data movement only) -> QuantizeLinear
+input (Transpose, Pad with 0, Reshape, Slices interleaved by Unsqueeze, Concat and Reshape:
+data movement only) -> QuantizeLinear
 and DequantizeLinear with the input's own scale and zero point -> MatMul with the weight as
 a per-column INT8 [C*k, M] matrix -> Add bias -> Transpose back, which ORT fuses into
 `MatMulIntegerToFloat`. Exact: requantizing a dequantized value (or the padding's 0) with
