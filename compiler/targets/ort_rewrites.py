@@ -5,9 +5,9 @@ leaves slow.
 it, so a quantized 1-D Conv whose output stays float (Whisper's two encoder convs, followed
 by GELU) runs as DequantizeLinear + float Conv. Rewritten as an im2col of the dequantized
 input (Transpose, Pad with 0, Reshape, Slices interleaved by Unsqueeze, Concat and Reshape:
-data movement only) -> QuantizeLinear
-and DequantizeLinear with the input's own scale and zero point -> MatMul with the weight as
-a per-column INT8 [C*k, M] matrix -> Add bias -> Transpose back, which ORT fuses into
+data movement only) -> QuantizeLinear and DequantizeLinear with the input's own scale and
+zero point -> MatMul with the weight as a per-column INT8 [C*k, M] matrix -> Add bias ->
+Transpose back, which ORT fuses into
 `MatMulIntegerToFloat`. Exact: requantizing a dequantized value (or the padding's 0) with
 the same scale gives back the same integer, so the GEMM sees the QDQ graph's integers and
 scales; only the float summation order differs. (The im2col runs on floats rather than on
