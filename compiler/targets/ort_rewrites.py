@@ -7,11 +7,11 @@ by GELU) runs as DequantizeLinear + float Conv. Rewritten as an im2col of the de
 input (Transpose, Pad with 0, Reshape, Slices interleaved by Unsqueeze, Concat and Reshape:
 data movement only) -> QuantizeLinear and DequantizeLinear with the input's own scale and
 zero point -> MatMul with the weight as a per-column INT8 [C*k, M] matrix -> Add bias ->
-Transpose back, which ORT fuses into
-`MatMulIntegerToFloat`. Exact: requantizing a dequantized value (or the padding's 0) with
-the same scale gives back the same integer, so the GEMM sees the QDQ graph's integers and
-scales; only the float summation order differs. (The im2col runs on floats rather than on
-the integers because ORT moves x86 activations from s8 to u8 only across a Q -> DQ pair.)
+Transpose back, which ORT fuses into `MatMulIntegerToFloat`. Exact: requantizing a
+dequantized value (or the padding's 0) with the same scale gives back the same integer, so
+the GEMM sees the QDQ graph's integers and scales; only the float summation order differs.
+(The im2col runs on floats rather than on the integers because ORT moves x86 activations
+from s8 to u8 only across a Q -> DQ pair.)
 
 `GatherOfDequantized`: a DequantizeLinear of a whole constant table read by a Gather (a
 quantized token-embedding table tied to the output projection) is not constant-folded by
