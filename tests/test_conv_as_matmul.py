@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -48,8 +50,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray, level: ort.GraphOptimizationLeve
     return np.asarray(session.run(None, {"x": x})[0])
 
 
-def _optimized_ops(model: onnx.ModelProto, tmp_path: object) -> list[str]:
-    path = f"{tmp_path}/opt.onnx"
+def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    path = str(tmp_path / "opt.onnx")
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = path
     ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -64,7 +66,7 @@ CASES = [(3, 1, (1, 1), 30), (3, 2, (1, 1), 30), (4, 2, (1, 2), 17), (2, 4, (0, 
 
 @pytest.mark.parametrize(("taps", "stride", "pads", "length"), CASES)
 def test_rewritten_conv_computes_the_qdq_convs_values(
-        taps: int, stride: int, pads: tuple[int, int], length: int, tmp_path: object) -> None:
+        taps: int, stride: int, pads: tuple[int, int], length: int, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     w_q = rng.integers(-127, 128, size=(6, 5, taps)).astype(np.int8)
     model = _conv_model(w_q, stride, pads, length)
