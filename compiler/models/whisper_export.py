@@ -9,7 +9,7 @@ Graphs (L decoder layers, H heads, D head dim, S = 1500 encoder frames):
   present_key / present_value [L, B, H, P+T, D]. The position offset is P, read from the
   cache's shape. The cross K/V go in per layer because a stacked input is split into
   per-layer copies at every step (13-17% of a step on CPU; BENCHMARKS.md, issue 13); the
-  runtime feeds views of the encoder's stacked outputs (`sfc.runtime.whisper.cross_feed`).
+  runtime feeds views of the encoder's stacked outputs (`sfc.runtime.cross.cross_feed`).
 The decoder step is written here, on the HF module's weights, because an explicit step
 function exports to a clean graph (plain MatMul attention, no cache classes).
 """

@@ -53,7 +53,7 @@ ISAS: dict[str, str] = {
 # config's accuracy level; its default, 4, quantizes the activation to int8 per block
 # itself. Without VNNI that int8 path loses to float when a call has many rows: on an AVX2
 # EPYC (onnxruntime 1.32, 2 threads) level 0 ran whisper-tiny.en's encoder window (1500 rows)
-# 11-13% faster, while a decoder step (one row) ran 1.8x slower at it (BENCHMARKS.md,
+# 11-12% faster, while a decoder step (one row) ran 1.8-2.4x slower at it (BENCHMARKS.md,
 # issue 13). Level 0 is also the QDQ graph's own numerics: a float activation times the
 # dequantized weight.
 NBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
