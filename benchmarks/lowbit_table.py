@@ -131,6 +131,11 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # The map decides the size; the budget only has to admit it.
         "qat-map": _one_stage(8.0, 1, 150, augment=1, finetune_schedule="constant"),
         "qat-map-100": _one_stage(8.0, 1, 100, augment=1, finetune_schedule="constant"),
+        # The same fine-tuning against each block's output (`--finetune-objective blocks`).
+        "qat-map-blocks": _one_stage(8.0, 1, 150, augment=1, finetune_schedule="constant",
+                                     objective="blocks"),
+        "qat-map-blocks-100": _one_stage(8.0, 1, 100, augment=1,
+                                         finetune_schedule="constant", objective="blocks"),
     }
 
 

@@ -388,6 +388,10 @@ def build_cmd(
     finetune_steps: Annotated[int | None, typer.Option(
         help="Mixed: distillation steps that fine-tune the weights with the bits fixed "
         "(one-stage: default 100; two-stage: default 0, none; zoo Whisper models)")] = None,
+    finetune_objective: Annotated[str, typer.Option(
+        help="One-stage and fine-tuning: kl (the teacher's next-token distribution) or "
+        "blocks (each transformer block's output against the teacher's, on the teacher's "
+        "input)")] = "kl",
     train_data: Annotated[list[Path] | None, typer.Option(
         help="One-stage and fine-tuning: more training audio, a manifest folder "
         "(repeatable; e.g. sfc synth's); the FP32 teacher labels it")] = None,
@@ -510,10 +514,12 @@ def build_cmd(
     # Two-stage fine-tunes only when asked, at the rate the benchmarks measured.
     finetune = None if search == "one-stage" or not finetune_steps else OneStageConfig(
         steps=0, finetune_steps=finetune_steps, seed=seed, device=train_device,
-        finetune_schedule="constant")
-    if train_device != "cpu" and search != "one-stage" and finetune is None:
-        raise SfcError("--train-device applies to --search one-stage and to --finetune-steps "
-                       "only")
+        finetune_schedule="constant", objective=finetune_objective)
+    for flag, value, default in (("--train-device", train_device, "cpu"),
+                                 ("--finetune-objective", finetune_objective, "kl")):
+        if value != default and search != "one-stage" and finetune is None:
+            raise SfcError(f"{flag} applies to --search one-stage and to --finetune-steps "
+                           "only")
     if avg_bits is not None or size_mb is not None or weights == "mixed":
         if weights != "mixed":
             raise SfcError("--avg-bits and --size-mb apply to --weights mixed only")
@@ -526,7 +532,8 @@ def build_cmd(
                                  else search_steps,
                                  finetune_steps=OneStageConfig.finetune_steps
                                  if finetune_steps is None else finetune_steps,
-                                 seed=seed, device=train_device), finetune)
+                                 seed=seed, device=train_device,
+                                 objective=finetune_objective), finetune)
         if mixed.learning is not None:
             check_device(train_device)
         if search == "one-stage" and search_steps == 0 and len(formats) != 1:

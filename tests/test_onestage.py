@@ -307,6 +307,48 @@ def test_whisper_task_loss_feeds_the_gather_copy_to_the_embedding_only(tiny_hf) 
     assert torch.equal(dict(model.named_parameters())[name].detach().T, table)
 
 
+def test_block_loss_is_zero_at_the_teachers_weights_and_trains_each_weight_by_its_block(
+        tiny_hf) -> None:
+    from types import SimpleNamespace
+
+    from sfc.precision.onestage_whisper import whisper_task_loss
+
+    model = tiny_hf.model
+    params = dict(model.named_parameters())
+    names = {"enc_fc1": "model.encoder.layers.0.fc1.weight",
+             "cross_k": "model.decoder.layers.1.encoder_attn.k_proj.weight",
+             "table": "model.decoder.embed_tokens.weight"}
+    teacher = {n: params[p].detach().T.clone() for n, p in names.items()}
+    rng = np.random.default_rng(2)
+    batch = SimpleNamespace(features=rng.normal(size=(2, 80, 3000)).astype(np.float32),
+                            tokens=np.array([[50257, 50362, 400, 318, 257, 50256],
+                                             [50257, 50362, 11, 50256, 50256, 50256]]),
+                            mask=np.array([[False, True, True, True, True],
+                                           [False, True, True, False, False]]))
+    loss = whisper_task_loss(model, names, [batch], objective="blocks")
+
+    def grads(weights: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        weights = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+        value = loss(0, weights)
+        value.backward()
+        return float(value.detach()), {n: w.grad for n, w in weights.items()}
+
+    at_teacher, base = grads(teacher)
+    assert at_teacher == pytest.approx(0.0, abs=1e-6)
+    for bent_name in names:  # one weight off the teacher: a loss, and only it trained
+        bent = dict(teacher)
+        bent[bent_name] = teacher[bent_name] + 0.05 * teacher[bent_name].abs().mean() * (
+            torch.from_numpy(rng.normal(size=tuple(teacher[bent_name].shape))
+                             .astype(np.float32)))
+        value, got = grads(bent)
+        assert value > 1e-5, bent_name
+        assert float(got[bent_name].abs().max()) > 100 * float(base[bent_name].abs().max())
+        assert all(torch.equal(got[n], base[n]) for n in names if n != bent_name), bent_name
+    with pytest.raises(SfcError, match="in no encoder or decoder layer"):
+        whisper_task_loss(model, {"pos": "model.decoder.embed_positions.weight"}, [batch],
+                          objective="blocks")
+
+
 def test_report_shows_a_one_stage_search() -> None:
     from sfc.precision.budget import Budget
     from sfc.precision.search import LayerChoice, SearchConfig, SearchResult

@@ -84,7 +84,10 @@ class OneStageConfig:
     move half a step to change its integer, so 0.01 allows that in about 50 steps.
     `finetune_schedule`: "linear" decays every fine-tuning rate towards 0 (step k of n at
     (n - k) / n of it: the integers settle instead of flipping on the last batches'
-    noise), "constant" keeps it."""
+    noise), "constant" keeps it. `objective`: what the caller's task loss measures, "kl"
+    (the teacher's next-token distribution) or "blocks" (each transformer block's output
+    against the teacher's, the block fed the teacher's own input, AutoRound-style; the
+    logits table against the teacher's logits)."""
 
     steps: int = 200
     finetune_steps: int = 100
@@ -102,6 +105,7 @@ class OneStageConfig:
     finetune_init: str = "gptq"
     lr_finetune: float = 0.01
     finetune_schedule: str = "linear"
+    objective: str = "kl"
 
     def __post_init__(self) -> None:
         for name in ("steps", "finetune_steps", "checkpoint_every", "seed", "augment"):
@@ -124,6 +128,8 @@ class OneStageConfig:
         if self.finetune_schedule not in ("linear", "constant"):
             raise SfcError(f"one-stage finetune_schedule must be linear or constant, not "
                            f"{self.finetune_schedule!r}")
+        if self.objective not in ("kl", "blocks"):
+            raise SfcError(f"one-stage objective must be kl or blocks, not {self.objective!r}")
         if self.device not in ("cpu", "cuda"):
             raise SfcError(f"--train-device must be cpu or cuda, not {self.device!r}")
 

@@ -14,7 +14,12 @@ Training data: the first 30 s windows of the calibration clips and of any `--tra
 clips (e.g. `sfc synth`'s), and `augment` perturbed copies of each (`calib.augment`), with
 the teacher's own greedy transcripts (`whisper_reference`),
 teacher-forced; the loss is the mean KL divergence
-from the teacher's to the student's next-token distributions over transcript positions.
+from the teacher's to the student's next-token distributions over transcript positions,
+or (objective "blocks") each transformer block's relative squared error against the
+teacher's block output, every block fed the teacher's own input, plus the KL of the
+logits computed from the teacher's final decoder state: a dense signal per block, as
+AutoRound's and BRECQ's block reconstruction use, where the KL of the last layer alone is
+a sparse one.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +47,8 @@ from .search import GraphWeights, LayerChoice, SearchConfig, SearchResult, float
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["audio_digest", "choose_one_stage", "hf_names", "whisper_task_loss"]
+__all__ = ["audio_digest", "choose_one_stage", "hf_names", "whisper_block_loss",
+           "whisper_task_loss"]
 
 BATCH = 4  # training clips per step
 
@@ -99,13 +106,13 @@ def _embedding_uses(model: torch.nn.Module, name: str) -> tuple[list[str], list[
 def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
                       batches: Sequence[Any], device: str = "cpu",
                       gathered: Mapping[str, np.ndarray] | None = None,
-                      world: World = ALONE) -> TaskLoss:
+                      world: World = ALONE, objective: str = "kl") -> TaskLoss:
     """The task loss of step `step`: KL to the teacher on batch `step % len(batches)`
     (`batches`: `whisper_reference` batches: features, tokens, mask), the mean over its
     tokens. `gathered`: ONNX weight name -> the fixed copy (ONNX [K, N] layout) its
     embedding uses read instead of the student's weight (the Gathers' own copy). With
     several processes (`world`), this process's rows' share: their KL summed over the
-    whole batch's token count."""
+    whole batch's token count. `objective` "blocks": `whisper_block_loss` instead."""
     import torch
 
     if not batches:
@@ -113,6 +120,8 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if objective == "blocks":
+        return whisper_block_loss(model, names, batches, device, world)
     # Untied: each use of a gathered table named explicitly (functional_call would
     # otherwise give every tied name the student's weight).
     fixed: dict[str, torch.Tensor] = {}
@@ -141,6 +150,85 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
         if world.parallel:
             return kl.sum() / max(1, int(batch.mask.sum()))
         return kl.mean()
+
+    return loss
+
+
+_LAYER = re.compile(r"(?:.*\.)?(?:encoder|decoder)\.layers\.\d+")
+
+
+def whisper_block_loss(model: torch.nn.Module, names: Mapping[str, str],
+                       batches: Sequence[Any], device: str = "cpu",
+                       world: World = ALONE) -> TaskLoss:
+    """Block reconstruction against the teacher on batch `step % len(batches)`: for each
+    encoder and decoder layer holding a searched weight, the layer is run with the
+    student's weights on the teacher's own input to it, and its output's squared error
+    relative to the teacher's output's energy is taken per clip (decoder layers over the
+    transcript positions); the logits table is scored by the KL of the logits it gives from
+    the teacher's final decoder state (its embedding use reads the teacher's input, so a
+    Gather copy plays no part). The loss is the sum over blocks of each block's mean over
+    clips (plus the mean KL per token), so each weight is trained by its own block only.
+    SfcError names a searched weight that is neither in a layer nor the logits table."""
+    import torch
+
+    model = model.to(device).eval()
+    layers = {n: m for n, m in model.named_modules() if _LAYER.fullmatch(n)}
+    seq2seq: Any = model.model  # encoder + decoder, without the logits projection
+    head = getattr(model, "proj_out", None)
+    params = dict(model.named_parameters())  # a tied table under one of its names
+    by_layer: dict[str, dict[str, str]] = {}  # layer -> onnx name -> parameter in it
+    head_weights: list[str] = []
+    for onnx_name, param in names.items():
+        layer = next((n for n in layers if param.startswith(n + ".")), None)
+        if layer is not None:
+            by_layer.setdefault(layer, {})[onnx_name] = param[len(layer) + 1:]
+        elif head is not None and params.get(param) is head.weight:
+            head_weights.append(onnx_name)
+        else:
+            raise SfcError(f"block reconstruction: weight '{onnx_name}' ({param}) is in no "
+                           "encoder or decoder layer and is not the logits table")
+
+    def loss(step: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        batch = batches[step % len(batches)]
+        rows = shard(len(batch.tokens), world)
+        features = torch.from_numpy(np.ascontiguousarray(batch.features[rows])).to(device)
+        tokens = torch.from_numpy(np.ascontiguousarray(batch.tokens[rows, :-1])).to(device)
+        mask = torch.from_numpy(np.ascontiguousarray(batch.mask[rows])).to(device)
+        seen: dict[str, tuple[Any, dict[str, Any], torch.Tensor]] = {}
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(_: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+                seen[name] = (args, kwargs, out[0] if isinstance(out, tuple) else out)
+            return hook
+
+        handles = [layers[n].register_forward_hook(keep(n), with_kwargs=True)
+                   for n in by_layer]
+        try:
+            with torch.no_grad():
+                final = seq2seq(input_features=features, decoder_input_ids=tokens,
+                                use_cache=False).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        total = torch.zeros((), device=device)
+        clips = len(batch.tokens)  # the whole batch's, so shards' sums add up
+        for layer, params in by_layer.items():
+            args, kwargs, want = seen[layer]
+            got = torch.func.functional_call(layers[layer], {
+                sub: weights[n].T for n, sub in params.items()}, args, kwargs)
+            got = got[0] if isinstance(got, tuple) else got
+            keep_rows = mask if ".decoder." in f".{layer}" else torch.ones(
+                got.shape[:2], dtype=torch.bool, device=device)
+            weight = keep_rows.unsqueeze(-1).to(got.dtype)
+            err = (((got - want) ** 2) * weight).sum((1, 2))
+            energy = ((want ** 2) * weight).sum((1, 2)).clamp_min(1e-12)
+            total = total + (err / energy).sum() / clips
+        for n in head_weights:
+            teacher = torch.nn.functional.linear(final, head.weight)  # type: ignore[union-attr]
+            student = torch.nn.functional.linear(final, weights[n].T)
+            total = total + _kl(teacher, student, mask).sum() / max(1, int(batch.mask.sum()))
+        return total
 
     return loss
 
@@ -221,7 +309,8 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
     data_key = json.dumps([zoo, [u.id for u in utterances], audio_digest(extra)]
                           + ([sorted(copies)] if copies else []))
     world = join(config.one_stage.device)
-    task = whisper_task_loss(model, names, batches, config.one_stage.device, copies, world)
+    task = whisper_task_loss(model, names, batches, config.one_stage.device, copies, world,
+                             config.one_stage.objective)
     by_graph = {g.name: g for g in graphs}
 
     def gptq(key: str, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
