@@ -278,18 +278,29 @@ def layers(path: Path, fmt: str) -> None:
                  for k, v in sorted(groups.items(), key=lambda kv: -kv[1])])
 
 
+def _per_utterance(ref: str) -> tuple[list[int], list[int]]:
+    """(errors, reference words) per utterance of RESULTS_JSON:VARIANT (this script's
+    rows keep per-utterance errors from commit 8f8933d on; the eval set's words) or of
+    an `sfc eval --json` file (any set)."""
+    if Path(ref).is_file():
+        utterances = json.loads(Path(ref).read_text())["_data"]["utterances"]
+        return ([u["substitutions"] + u["deletions"] + u["insertions"] for u in utterances],
+                [u["ref_words"] for u in utterances])
+    path, _, name = ref.rpartition(":")
+    found = json.loads(Path(path).read_text())["variants"].get(name)
+    if found is None or "errors" not in found:
+        raise SystemExit(f"{ref}: no such variant with per-utterance errors")
+    return found["errors"], [count_errors(u.text, "").ref_words
+                             for u in read_manifest(BUNDLED_DATA / "eval")]
+
+
 def paired(a: str, b: str) -> None:
-    """WER(b) - WER(a) with its paired 95% CI over the eval utterances; each of `a`, `b` is
-    RESULTS_JSON:VARIANT (rows keep per-utterance errors from commit 8f8933d on)."""
-    rows = []
-    for ref in (a, b):
-        path, _, name = ref.rpartition(":")
-        found = json.loads(Path(path).read_text())["variants"].get(name)
-        if found is None or "errors" not in found:
-            raise SystemExit(f"{ref}: no such variant with per-utterance errors")
-        rows.append(found)
-    words = [count_errors(u.text, "").ref_words for u in read_manifest(BUNDLED_DATA / "eval")]
-    d = paired_bootstrap_delta(rows[0]["errors"], rows[1]["errors"], words)
+    """WER(b) - WER(a) with its paired 95% CI over the utterances; each of `a`, `b` is
+    RESULTS_JSON:VARIANT or an `sfc eval --json` file, both of the same set."""
+    (errors_a, words), (errors_b, words_b) = _per_utterance(a), _per_utterance(b)
+    if words != words_b:
+        raise SystemExit(f"{a} and {b} are not results on the same utterances")
+    d = paired_bootstrap_delta(errors_a, errors_b, words)
     print(f"{b} - {a}: {100 * d.delta:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}] "
           f"WER points, p = {d.p_value:.3g}, {len(words)} utterances")
 
@@ -315,7 +326,7 @@ def main() -> int:
     parser.add_argument("--format", default="4/32", help="the format --layers ranks by")
     parser.add_argument("--compare", nargs="+", metavar="PRECISION_JSON",
                         help="per-layer formats of mixed builds side by side")
-    parser.add_argument("--paired", nargs=2, metavar="JSON:VARIANT",
+    parser.add_argument("--paired", nargs=2, metavar="JSON:VARIANT|EVAL_JSON",
                         help="the paired WER difference of two variants' rows (B - A)")
     args = parser.parse_args()
     if args.paired:
