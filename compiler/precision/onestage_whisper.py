@@ -87,6 +87,18 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return (t.exp() * (t - s)).sum(-1)
 
 
+def _shard_tensors(batch: Any, world: World, device: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's rows of a `whisper_reference` batch as tensors on `device`:
+    features, the decoder's input tokens (the transcript less its last token), and the
+    mask of the positions scored."""
+    import torch
+
+    rows = shard(len(batch.tokens), world)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)  # type: ignore[return-value]
+                 for a in (batch.features[rows], batch.tokens[rows, :-1], batch.mask[rows]))
+
+
 def _embedding_uses(model: torch.nn.Module, name: str) -> tuple[list[str], list[str]]:
     """(names under which parameter `name` is an nn.Embedding's weight, its other names):
     a tied table is one tensor under several names."""
@@ -134,10 +146,7 @@ def whisper_task_loss(model: torch.nn.Module, names: Mapping[str, str],
 
     def loss(step: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         batch = batches[step % len(batches)]
-        rows = shard(len(batch.tokens), world)
-        features = torch.from_numpy(np.ascontiguousarray(batch.features[rows])).to(device)
-        tokens = torch.from_numpy(np.ascontiguousarray(batch.tokens[rows, :-1])).to(device)
-        mask = torch.from_numpy(np.ascontiguousarray(batch.mask[rows])).to(device)
+        features, tokens, mask = _shard_tensors(batch, world, device)
         kwargs = {"input_features": features, "decoder_input_ids": tokens}
         with torch.no_grad():
             teacher = model(**kwargs).logits
@@ -190,10 +199,7 @@ def whisper_block_loss(model: torch.nn.Module, names: Mapping[str, str],
 
     def loss(step: int, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         batch = batches[step % len(batches)]
-        rows = shard(len(batch.tokens), world)
-        features = torch.from_numpy(np.ascontiguousarray(batch.features[rows])).to(device)
-        tokens = torch.from_numpy(np.ascontiguousarray(batch.tokens[rows, :-1])).to(device)
-        mask = torch.from_numpy(np.ascontiguousarray(batch.mask[rows])).to(device)
+        features, tokens, mask = _shard_tensors(batch, world, device)
         seen: dict[str, tuple[Any, dict[str, Any], torch.Tensor]] = {}
 
         def keep(name: str) -> Callable[..., None]:
