@@ -136,6 +136,8 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
                                      objective="blocks"),
         "qat-map-blocks-100": _one_stage(8.0, 1, 100, augment=1,
                                          finetune_schedule="constant", objective="blocks"),
+        "qat-map-blocks-200": _one_stage(8.0, 1, 200, augment=1,
+                                         finetune_schedule="constant", objective="blocks"),
     }
 
 
