@@ -13,6 +13,11 @@ the GEMM sees the QDQ graph's integers and scales; only the float summation orde
 (The im2col runs on floats rather than on the integers because ORT moves x86 activations
 from s8 to u8 only across a Q -> DQ pair.)
 
+`AttentionAsMultiHead`: ORT's CPU optimizer leaves the exported float attention core as
+MatMul -> Softmax -> MatMul over a materialised [H, T, T] score tensor (Whisper's 1500-frame
+encoder: a third of the W8A8 encoder's kernel time in MatMul, a fifth in Softmax); its
+contrib `MultiHeadAttention` computes the same core tiled.
+
 `GatherOfDequantized`: a DequantizeLinear of a whole constant table read by a Gather (a
 quantized token-embedding table tied to the output projection) is not constant-folded by
 ORT, so every decoder step dequantizes all of it (~30 ms per step for Whisper's
@@ -37,7 +42,7 @@ from onnx import helper, numpy_helper
 
 from ..onnx_utils import inferred_shapes, int_attr, ints_attr
 
-__all__ = ["ConvAsMatMul", "GatherOfDequantized", "apply_rewrites"]
+__all__ = ["AttentionAsMultiHead", "ConvAsMatMul", "GatherOfDequantized", "apply_rewrites"]
 
 
 @dataclass(frozen=True)
@@ -289,14 +294,165 @@ class ConvAsMatMul:
         graph.node.extend(nodes)
 
 
+@dataclass(frozen=True)
+class AttentionAsMultiHead:
+    """Float attention core ==> `com.microsoft.MultiHeadAttention` (one op, no [T, T] tensor).
+
+    The matched core, as PyTorch's exporter writes a transformer's eager attention with the
+    query already scaled (Whisper's `q_proj(x) * head_dim**-0.5`):
+    `Reshape(q, [B, T, H, d]) -> Transpose(0, 2, 1, 3)`, the same for k with
+    `Transpose(0, 2, 3, 1)` and for v with `Transpose(0, 2, 1, 3)`; `MatMul(q, k) ->
+    Softmax(last axis) -> MatMul(., v) -> Transpose(0, 2, 1, 3) -> Reshape(3-D)`. With no
+    mask, no bias and no Q/DQ inside, it is exactly `MultiHeadAttention(q, k, v)` with
+    `num_heads` H and `scale` 1 (the query carries the scale), which ORT's CPU kernel runs
+    tiled (softmax fused, the [H, T, T] scores never stored whole). Not bit-exact: the
+    softmax sums in another order. An attention whose matmuls take Q/DQ
+    (`--quantize-attention`) does not match, and stays as ORT fuses it.
+    """
+
+    name: str = "attention-as-multihead"
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        """Rewrite every match in the main graph in place; return how many fired."""
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        producer = {o: n for n in graph.node for o in n.output}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        outputs = {o.name for o in graph.output}
+
+        def only(name: str, op: str) -> onnx.NodeProto | None:
+            """The single reader of `name` if it is an `op` (and `name` is no graph output)."""
+            users = readers.get(name, [])
+            if name in outputs or len(users) != 1 or users[0].op_type != op:
+                return None
+            return users[0]
+
+        def split_heads(name: str, perm: list[int]) -> tuple[onnx.NodeProto, ...] | None:
+            """Transpose(perm) <- Reshape(x, [.., .., .., d]), both read once: (T, R)."""
+            transpose = producer.get(name)
+            if (transpose is None or transpose.op_type != "Transpose"
+                    or ints_attr(transpose, "perm", []) != perm
+                    or only(transpose.output[0], "MatMul") is None):
+                return None
+            reshape = producer.get(transpose.input[0])
+            if reshape is None or reshape.op_type != "Reshape" or only(
+                    reshape.output[0], "Transpose") is None:
+                return None
+            return transpose, reshape
+
+        shapes: dict[str, onnx.TensorShapeProto] | None = None
+        replaced: dict[str, onnx.NodeProto] = {}  # the output Reshape's output -> MHA
+        removed: set[str] = set()  # first outputs of the matched cores' nodes
+        for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+            scores = producer.get(softmax.input[0])
+            scaled: list[onnx.NodeProto] = []
+            scale = 1.0
+            if scores is not None and scores.op_type == "Mul":  # scores * a scalar constant
+                factor = _constant(scores.input[1], inits, producer)
+                if factor is None or factor.size != 1 or only(scores.output[0], "Softmax") is None:
+                    continue
+                scaled, scale = [scores], float(factor.reshape(-1)[0])
+                scores = producer.get(scores.input[0])
+            if (scores is None or scores.op_type != "MatMul"
+                    or int_attr(softmax, "axis", -1) not in (-1, 3)
+                    or only(scores.output[0], scaled[0].op_type if scaled else "Softmax") is None):
+                continue
+            mix = only(softmax.output[0], "MatMul")
+            if mix is None or mix.input[0] != softmax.output[0]:
+                continue
+            q = split_heads(scores.input[0], [0, 2, 1, 3])
+            k = split_heads(scores.input[1], [0, 2, 3, 1])
+            v = split_heads(mix.input[1], [0, 2, 1, 3])
+            merge = only(mix.output[0], "Transpose")
+            if q is None or k is None or v is None or merge is None or ints_attr(
+                    merge, "perm", []) != [0, 2, 1, 3]:
+                continue
+            out = only(merge.output[0], "Reshape")
+            if out is None or len(_shape_values(out.input[1], inits, producer) or ()) != 3:
+                continue
+            head_dims = {(_shape_values(r.input[1], inits, producer) or [None])[-1]
+                         for _, r in (q, k, v)}
+            if shapes is None:
+                shapes = inferred_shapes(model)
+            widths = {(_fixed_dims(shapes.get(r.input[0])) or [None])[-1] for _, r in (q, k, v)}
+            if len(head_dims) != 1 or len(widths) != 1:
+                continue
+            head_dim, width = head_dims.pop(), widths.pop()
+            if not head_dim or not width or head_dim <= 0 or width % head_dim:
+                continue
+            attention = helper.make_node(
+                "MultiHeadAttention", [q[1].input[0], k[1].input[0], v[1].input[0]],
+                [out.output[0]], domain="com.microsoft", num_heads=width // head_dim,
+                scale=scale, name=f"{softmax.name or softmax.output[0]}_multihead")
+            replaced[out.output[0]] = attention
+            removed.update(n.output[0] for n in (*q, *k, *v, scores, *scaled, softmax, mix, merge))
+        if replaced:
+            nodes = [replaced.get(n.output[0], n) for n in graph.node
+                     if n.output[0] not in removed]
+            del graph.node[:]
+            graph.node.extend(nodes)
+            _drop_unread(graph, [n for n in list(graph.node) if n.op_type in _SHAPE_OPS])
+            if not any(o.domain == "com.microsoft" for o in model.opset_import):
+                model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return len(replaced)
+
+
+# The ops that compute a Reshape's target shape or a constant (dropped once unread).
+_SHAPE_OPS = frozenset({"Shape", "Gather", "Unsqueeze", "Concat", "Slice", "Squeeze", "Cast",
+                        "Constant"})
+
+
+def _constant(name: str, inits: dict[str, onnx.TensorProto],
+              producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of an initializer or of a `Constant` node's tensor; None otherwise."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and (
+            node.attribute[0].name == "value"):
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _shape_values(name: str, inits: dict[str, onnx.TensorProto],
+                  producer: dict[str, onnx.NodeProto]) -> list[int | None] | None:
+    """The elements of a 1-D shape tensor: a constant, or a Concat of one-element parts (a
+    constant's value, or None for a computed one); None if unknown."""
+    whole = _constant(name, inits, producer)
+    if whole is not None:
+        return [int(v) for v in whole.reshape(-1)]
+    node = producer.get(name)
+    if node is None or node.op_type != "Concat":
+        return None
+    values: list[int | None] = []
+    for part in node.input:
+        array = _constant(part, inits, producer)
+        if array is not None:
+            values.extend(int(v) for v in array.reshape(-1))
+        elif producer.get(part) is not None and producer[part].op_type == "Unsqueeze":
+            values.append(None)  # a scalar made 1-D: one element, value known at run time
+        else:
+            return None
+    return values
+
+
 def _drop_unread(graph: onnx.GraphProto, candidates: Iterable[onnx.NodeProto]) -> None:
     """Remove the `candidates` whose outputs nothing reads any more (a rewritten Conv's
-    DequantizeLinears), and initializers left unread by them."""
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    dead = [n for n in candidates if not any(o in read for o in n.output)]
-    for n in dead:
-        graph.node.remove(n)
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    DequantizeLinears, a chain of shape ops), and initializers left unread by them."""
+    left = list(candidates)
+    dead: list[onnx.NodeProto] = []
+    while True:  # a chain dies from its end: repeat until nothing more is unread
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        now = [n for n in left if not any(o in read for o in n.output)]
+        if not now:
+            break
+        for n in now:
+            graph.node.remove(n)
+            left.remove(n)
+        dead.extend(now)
     freed = {i for n in dead for i in n.input} - read
     for t in [t for t in graph.initializer if t.name in freed]:
         graph.initializer.remove(t)
@@ -342,5 +498,5 @@ def _pairs_exceed(columns: np.ndarray, limit: int) -> bool:
 def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None) -> dict[str, int]:
     """Apply every ort-cpu rewrite in place; return rule name -> times fired.
     `pair_limit`: the target's INT8 weight pair limit (`TargetCaps.int8_weight_pair_limit`)."""
-    rules = (GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit))
+    rules = (GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit), AttentionAsMultiHead())
     return {r.name: r.apply(model) for r in rules}
