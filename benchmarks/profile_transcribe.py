@@ -81,7 +81,10 @@ BEST = "best"  # each GEMM at the faster of the two precisions' rates at its sha
 FLOAT_GEMMS = frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv"})
 INT8_GEMMS = frozenset({"MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
                         "DynamicQuantizeMatMul", "ConvInteger", "QLinearConv"})
-GEMM_OPS = FLOAT_GEMMS | INT8_GEMMS | {"MatMulNBits"}
+# ORT's fused attention (sfc's ort-cpu rewrite makes it): its two products, QK^T and AV,
+# count as FP32 GEMMs; its kernel time, softmax included, is split evenly between them.
+ATTENTION_OPS = frozenset({"MultiHeadAttention"})
+GEMM_OPS = FLOAT_GEMMS | INT8_GEMMS | ATTENTION_OPS | {"MatMulNBits"}
 CONV_OPS = frozenset({"Conv", "FusedConv", "ConvInteger", "QLinearConv"})
 WEIGHT_INPUT = {"QLinearMatMul": 3, "QLinearConv": 3}  # else input 1
 
@@ -230,6 +233,9 @@ def gemms_of_run(graph: onnx.GraphProto,
             raise ValueError(f"profiled node {name} is not in the saved graph; the profile "
                              "needs named GEMM nodes")
         node = nodes[name]
+        if node.op_type in ATTENTION_OPS:
+            out.extend(attention_gemms(node, args, float(e["dur"])))
+            continue
         # ORT leaves out the inputs it prepacked (constant weights): the first input (never
         # a weight here) and the output are read from the event, the weight only when
         # every input is listed.
@@ -241,6 +247,21 @@ def gemms_of_run(graph: onnx.GraphProto,
         shape = gemm_shape(node, a, _first_shape(args["output_type_shape"]), initializers, w)
         out.append(Gemm(name, node.op_type, gemm_kind(node), shape, float(e["dur"])))
     return out
+
+
+def attention_gemms(node: onnx.NodeProto, args: Mapping[str, Any], us: float) -> list[Gemm]:
+    """QK^T and AV of a MultiHeadAttention event whose query and key are [B, T, H*d]."""
+    inputs = args["input_type_shape"]
+    (q,), (k,) = inputs[0].values(), inputs[1].values()
+    heads = int(_attrs(node)["num_heads"])
+    b, t, width = (int(d) for d in q)
+    keys, d = int(k[1]), int(q[2]) // heads
+    if len(k) != 3 or width % heads:
+        raise ValueError(f"{node.name}: attention shapes {q} x {k} are not [B, T, H*d]")
+    return [Gemm(f"{node.name}/QK", node.op_type, FP32,
+                 GemmShape(batch=b * heads, m=t, k=d, n=keys, weight=False), us / 2),
+            Gemm(f"{node.name}/AV", node.op_type, FP32,
+                 GemmShape(batch=b * heads, m=t, k=keys, n=d, weight=False), us / 2)]
 
 
 RateKey = tuple[str, GemmShape]

@@ -106,6 +106,7 @@ SFC = "sfc-ort-fp32"
 FW_FP32 = "faster-whisper-fp32"
 FW_INT8 = "faster-whisper-int8"
 SFC_PREFIX = "sfc-"
+SPIN = "+spin"  # the sfc runtime with ORT's spinning threads (`--sfc-spin`)
 CT2_PREFIX = "ct2-int8-batch"
 # The WER differences the report gives: every variant minus each of these.
 DELTA_REFERENCES = (FW_INT8, SFC)
@@ -138,9 +139,11 @@ def parse_build(spec: str) -> tuple[str, Path]:
     return label, path
 
 
-def variant_names(builds: Sequence[str], batch: int) -> tuple[str, ...]:
-    """The variants one round runs, in order: sfc first, then faster-whisper."""
-    names = [SFC, *(SFC_PREFIX + label for label in builds), FW_FP32, FW_INT8]
+def variant_names(builds: Sequence[str], batch: int, spin: bool = False) -> tuple[str, ...]:
+    """The variants one round runs, in order: sfc first, then faster-whisper; with `spin`,
+    each sfc variant again with ORT's idle threads spinning (``<variant>+spin``)."""
+    sfc = [SFC, *(SFC_PREFIX + label for label in builds)]
+    names = [*sfc, *(name + SPIN for name in sfc if spin), FW_FP32, FW_INT8]
     if batch > 1:
         names.append(f"{CT2_PREFIX}{batch}")
     return tuple(names)
@@ -214,10 +217,10 @@ def format_delta(d: PairedDelta) -> str:
 # ----------------------------------------------------------------------------- worker side
 
 
-def _load_sfc(folder: Path, threads: int, batch: int) -> Transcriber:
+def _load_sfc(folder: Path, threads: int, batch: int, spinning: bool) -> Transcriber:
     from sfc.runtime.whisper import WhisperRuntime
 
-    rt = WhisperRuntime.open(folder, threads=threads)
+    rt = WhisperRuntime.open(folder, threads=threads, spinning=spinning)
     if batch > 1:
         rt.max_batch = batch  # decode one call's N windows as one batch
 
@@ -278,10 +281,12 @@ def load_variant(variant: str, threads: int, builds: Mapping[str, Path],
     """The transcriber behind a variant name."""
     from sfc.models import model_folder
 
-    if variant == SFC:
-        return _load_sfc(model_folder(SFC_MODEL), threads, batch)
-    if variant.startswith(SFC_PREFIX) and variant[len(SFC_PREFIX):] in builds:
-        return _load_sfc(builds[variant[len(SFC_PREFIX):]], threads, batch)
+    spinning = variant.endswith(SPIN)
+    name = variant.removesuffix(SPIN)
+    if name == SFC:
+        return _load_sfc(model_folder(SFC_MODEL), threads, batch, spinning)
+    if name.startswith(SFC_PREFIX) and name[len(SFC_PREFIX):] in builds:
+        return _load_sfc(builds[name[len(SFC_PREFIX):]], threads, batch, spinning)
     if variant == FW_FP32:
         return _load_faster_whisper("float32", threads, batch)
     if variant == FW_INT8:
@@ -486,7 +491,7 @@ def run_parent(args: argparse.Namespace) -> int:
     from sfc.atomic import write_json_atomic
     from sfc.models import model_folder
 
-    variants = variant_names([label for label, _ in args.sfc_build], args.batch)
+    variants = variant_names([label for label, _ in args.sfc_build], args.batch, args.sfc_spin)
     command = shlex.join(["python", *sys.argv])
     machine = machine_info(args.threads)
     line = machine_line(machine)
@@ -586,6 +591,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         metavar="LABEL=FOLDER",
                         help="also run the sfc build or export in FOLDER as variant "
                              "sfc-LABEL (repeatable)")
+    parser.add_argument("--sfc-spin", action="store_true",
+                        help="also run each sfc variant with ORT's idle threads spinning "
+                             "(variant <name>+spin; sfc's runtime turns spinning off)")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write the JSON report (default: benchmarks/results/"
                              "rtf_vs_faster_whisper_t{threads}.json, or "

@@ -125,6 +125,30 @@ def test_int8_gemm_counts_as_int8_at_its_weight_shape(pt: Any, tmp_path: Path) -
     assert gemm.shape == pt.GemmShape(batch=1, m=m, k=k, n=n, weight=True)
 
 
+def test_multihead_attention_counts_as_its_two_products(pt: Any, tmp_path: Path) -> None:
+    b, t, keys, heads, d = 1, 12, 9, 2, 8  # query [b, t, H*d], key/value [b, keys, H*d]
+    rng = np.random.default_rng(4)
+    f = TensorProto.FLOAT
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], name="mha",
+                            domain="com.microsoft", num_heads=heads)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("q", f, [b, t, heads * d]),
+         *(helper.make_tensor_value_info(n, f, [b, keys, heads * d]) for n in "kv")],
+        [helper.make_tensor_value_info("o", f, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"q": rng.standard_normal((b, t, heads * d), dtype=np.float32),
+             **{n: rng.standard_normal((b, keys, heads * d), dtype=np.float32) for n in "kv"}}
+    gemms = _profiled_run(tmp_path, model, feeds, pt)
+    assert [g.shape for g in gemms] == [
+        pt.GemmShape(batch=b * heads, m=t, k=d, n=keys, weight=False),
+        pt.GemmShape(batch=b * heads, m=t, k=keys, n=d, weight=False)]
+    assert all(g.kind == pt.FP32 and g.op_type == "MultiHeadAttention" for g in gemms)
+    assert sum(g.flops for g in gemms) == 2 * 2 * b * heads * t * keys * d
+    assert gemms[0].us == gemms[1].us > 0
+
+
 def test_unnamed_gemm_nodes_are_refused(pt: Any, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     model = pt.gemm_model(pt.FP32, pt.GemmShape(1, 2, 8, 4, True), 1, rng)

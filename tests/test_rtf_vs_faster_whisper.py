@@ -77,6 +77,9 @@ def test_variant_names_by_mode(rvf: Any) -> None:
         "sfc-ort-fp32", "sfc-w8a8", "faster-whisper-fp32", "faster-whisper-int8")
     assert rvf.variant_names([], 8)[-1] == "ct2-int8-batch8"
     assert not any(v.startswith("ct2") for v in rvf.variant_names([], 1))
+    assert rvf.variant_names(["w8a8"], 1, spin=True) == (
+        "sfc-ort-fp32", "sfc-w8a8", "sfc-ort-fp32+spin", "sfc-w8a8+spin",
+        "faster-whisper-fp32", "faster-whisper-int8")
 
 
 def test_limit_0_selects_every_utterance(rvf: Any) -> None:

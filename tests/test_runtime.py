@@ -178,3 +178,21 @@ def test_transcribe_many_gives_each_recording_its_own_text(tiny_export: Path) ->
     assert [t.text for t in together] == [t.text for t in alone]
     assert len({t.text for t in alone}) == len(clips)  # distinct texts: order is checked
     assert runtime.transcribe_many([]) == []
+
+
+def test_runtime_sessions_do_not_spin_unless_asked(tiny_export: Path) -> None:
+    """The encoder's and decoder's ORT pools take turns: idle threads must not spin."""
+    from sfc.runtime.whisper import WhisperRuntime
+
+    def spinning(rt: WhisperRuntime) -> set[str | None]:
+        found: set[str | None] = set()
+        for session in (rt.encoder, rt.decoder):
+            try:
+                found.add(session.get_session_options().get_session_config_entry(
+                    "session.intra_op.allow_spinning"))
+            except Exception:  # ORT raises for an entry never set: its default, spinning
+                found.add(None)
+        return found
+
+    assert spinning(WhisperRuntime.open(tiny_export, threads=2)) == {"0"}
+    assert spinning(WhisperRuntime.open(tiny_export, threads=2, spinning=True)) == {None}

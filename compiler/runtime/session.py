@@ -23,7 +23,7 @@ OPTIMIZATION = {
 
 
 def session_options(*, threads: int | None = None, optimization: str = "all",
-                    arena: bool = True,
+                    arena: bool = True, spinning: bool = True,
                     config: Iterable[tuple[str, str]] = ()) -> ort.SessionOptions:
     """The options every sfc session starts from.
 
@@ -33,6 +33,10 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
     keeps open but idle (its FP32 runtime) and its one-pass statistics without it, so
     their footprints do not add up under ESC's (BENCHMARKS.md, issue 13). `config`:
     session config entries (a target's `session_config`, e.g. MatMulNBits' accuracy level).
+    `spinning`: ORT's worker threads spin for a while after each parallel section, waiting
+    for the next; off, they sleep. Two sessions that take turns (Whisper's encoder and
+    decoder, each with its own pool) should not spin: the idle pool's spinning takes the
+    cores from the busy one.
     """
     if optimization not in OPTIMIZATION:
         raise SfcError(f"unknown graph optimization level {optimization!r} "
@@ -40,6 +44,9 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[optimization]
     options.enable_cpu_mem_arena = arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     for key, value in config:
         options.add_session_config_entry(key, value)
     if threads:
@@ -50,16 +57,18 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
 
 def open_session(path: Path, *, threads: int | None = None,
                  providers: list[str] | None = None,
-                 optimization: str = "all", arena: bool = True) -> ort.InferenceSession:
+                 optimization: str = "all", arena: bool = True,
+                 spinning: bool = True) -> ort.InferenceSession:
     """Open `path` in ONNX Runtime; a file ORT cannot load is a one-line user error.
 
     `optimization`: a key of `OPTIMIZATION` (the model card's choice for the graph);
-    `arena`: see `session_options`.
+    `arena`, `spinning`: see `session_options`.
     """
     path = Path(path)
     if not path.is_file():
         raise SfcError(f"model file not found: {path}")
-    options = session_options(threads=threads, optimization=optimization, arena=arena)
+    options = session_options(threads=threads, optimization=optimization, arena=arena,
+                              spinning=spinning)
     try:
         return ort.InferenceSession(str(path), sess_options=options,
                                     providers=providers or ["CPUExecutionProvider"])

@@ -67,12 +67,12 @@ SPEECH_LEFT_S = 1.0
 
 
 def _open(folder: Path, graph: GraphSpec, threads: int | None,
-          providers: list[str] | None, arena: bool) -> Any:
+          providers: list[str] | None, arena: bool, spinning: bool) -> Any:
     """An ORT session, or a TensorRT engine runner for a `.plan` (same `run` interface)."""
     if graph.path.endswith(".plan"):
         return open_engine(folder / graph.path)
     return open_session(folder / graph.path, threads=threads, providers=providers,
-                        optimization=graph.optimization, arena=arena)
+                        optimization=graph.optimization, arena=arena, spinning=spinning)
 
 
 def encode_in_chunks(run: Callable[[np.ndarray], Sequence[np.ndarray]],
@@ -128,12 +128,14 @@ class WhisperRuntime:
     def open(cls, folder: str | Path, *, threads: int | None = None,
              guard: LoopGuard | None = LOOP_GUARD,
              providers: list[str] | None = None, arena: bool = True,
-             options: DecodeOptions = GREEDY) -> WhisperRuntime:
+             options: DecodeOptions = GREEDY, spinning: bool = False) -> WhisperRuntime:
         """Open an export or build folder (its `card.json` says which file is which).
 
         `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU);
         `arena`: ORT's CPU memory arena (`session.session_options`); `options`: greedy
-        decoding, or beam search and temperature fallback.
+        decoding, or beam search and temperature fallback; `spinning`: ORT's idle worker
+        threads spin (off by default: the encoder's and the decoder's pools take turns,
+        and on 2 cores transcription ran 8-9% faster without it; BENCHMARKS.md, issue 13).
         """
         folder = Path(folder)
         card = ModelCard.load(folder)
@@ -150,8 +152,8 @@ class WhisperRuntime:
             card=card,
             decoding=card.decoding,
             mel=LogMelSpec.from_dict(card.preprocessing or {}),
-            encoder=_open(folder, card.graphs["encoder"], threads, providers, arena),
-            decoder=_open(folder, card.graphs["decoder"], threads, providers, arena),
+            encoder=_open(folder, card.graphs["encoder"], threads, providers, arena, spinning),
+            decoder=_open(folder, card.graphs["decoder"], threads, providers, arena, spinning),
             tokenizer=tokenizer,
             guard=guard,
             encoder_batch=1 if providers in (None, ["CPUExecutionProvider"]) else None,
