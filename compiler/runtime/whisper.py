@@ -134,8 +134,9 @@ class WhisperRuntime:
         `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU);
         `arena`: ORT's CPU memory arena (`session.session_options`); `options`: greedy
         decoding, or beam search and temperature fallback; `spinning`: ORT's idle worker
-        threads spin (off by default: the encoder's and the decoder's pools take turns,
-        and on 2 cores transcription ran 8-9% faster without it; BENCHMARKS.md, issue 13).
+        threads spin (off by default: the encoder's and the decoder's pools take turns;
+        on 2 cores transcription ran 1-3% faster without it over all 350 eval clips, and
+        8-9% on 40 clips in one process; BENCHMARKS.md, issue 13).
         """
         folder = Path(folder)
         card = ModelCard.load(folder)
