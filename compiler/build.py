@@ -92,7 +92,7 @@ from .quant.spec import (
 from .quant.stored import LEARNED, STORED_FILE, StoredWeights
 from .quant.tied_table import MAX_HELDOUT_RATIO, SplitGramAccumulator, heldout_ratio
 from .quant.weights import dequantize_weight
-from .targets import TensorRTTarget, canonical_target, get_target
+from .targets import OrtCpuTarget, TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
 
@@ -162,6 +162,8 @@ class BuildConfig:
     engine_limits: ProfileLimits = field(default_factory=ProfileLimits)
     # TensorRT only: the type of the TensorRT-ready graph's float layers (`trt_float`).
     trt_float: str = "fp16"
+    # ort-cpu only: float attention cores as ORT's fused MultiHeadAttention.
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
@@ -205,7 +207,8 @@ class BuildConfig:
 
     def lowering_target(self) -> Target:
         """The target this build lowers with, carrying the engine limits where it has any."""
-        return with_limits(get_target(self.target), self.engine_limits, self.trt_float)
+        return with_limits(get_target(self.target), self.engine_limits, self.trt_float,
+                           self.fused_attention)
 
     @property
     def uses_esc(self) -> bool:
@@ -980,9 +983,14 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
     return Built(built, graphs, config)
 
 
-def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16") -> Target:
+def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16",
+                fused_attention: bool = False) -> Target:
     """`target` with TensorRT profile `limits` and float-layer type (other targets have no
-    dynamic-shape limits and keep the graph's float type)."""
+    dynamic-shape limits and keep the graph's float type), or ort-cpu's fused attention."""
+    if fused_attention:
+        if not isinstance(target, OrtCpuTarget):
+            raise SfcError("--fused-attention applies to --target ort-cpu only")
+        target = replace(target, fused_attention=True)
     if isinstance(target, TensorRTTarget):
         return replace(target, limits=limits, float_type=float_type)
     if limits != ProfileLimits():
@@ -992,8 +1000,8 @@ def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16")
     return target
 
 
-def lower_qdq(qdq: Path, out: Path, target: str,
-              limits: ProfileLimits | None = None, float_type: str = "fp16") -> LoweringResult:
+def lower_qdq(qdq: Path, out: Path, target: str, limits: ProfileLimits | None = None,
+              float_type: str = "fp16", fused_attention: bool = False) -> LoweringResult:
     """`sfc build --from-qdq`: lower an existing QDQ (or TensorRT-ready) ONNX file into `out`.
 
     Inside a build folder (`out` is `<build>/<graph>`), the build's model card gives the
@@ -1002,7 +1010,8 @@ def lower_qdq(qdq: Path, out: Path, target: str,
     qdq, out = Path(qdq), Path(out)
     if not qdq.is_file():
         raise SfcError(f"QDQ model not found: {qdq}")
-    lowering = with_limits(get_target(target), limits or ProfileLimits(), float_type)
+    lowering = with_limits(get_target(target), limits or ProfileLimits(), float_type,
+                           fused_attention)
     card_folder = out.parent
     if (card_folder / "card.json").is_file():
         card = ModelCard.load(card_folder)

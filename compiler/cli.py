@@ -477,6 +477,9 @@ def build_cmd(
     trt_float: Annotated[str, typer.Option(
         help="TensorRT: type of the float layers, fp16, bf16 (sm_80 on, e.g. Orin) or fp32; "
         "LayerNorm, softmax, reductions and logits stay fp32 by rule")] = "fp16",
+    fused_attention: Annotated[bool, typer.Option(
+        help="ort-cpu: float attention cores as ORT's fused MultiHeadAttention (faster "
+        "encoder, less memory; not bit-exact)")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
@@ -490,7 +493,7 @@ def build_cmd(
                            opt_decoder_steps=opt_decoder_steps,
                            dims=ProfileLimits.parse_dims(dim or ()))
     if from_qdq is not None:
-        result = lower_qdq(from_qdq, out, target, limits, trt_float)
+        result = lower_qdq(from_qdq, out, target, limits, trt_float, fused_attention)
         for note in result.notes:
             _say(f"- {note}")
         if not (out / result.artifact).is_file():
@@ -561,7 +564,7 @@ def build_cmd(
                          esc_samples=esc_samples, esc_objective=esc_objective,
                          workers=workers, ray_address=ray_address,
                          act_guard=guard, engine_limits=limits, trt_float=trt_float,
-                         train_data=tuple(train_data or ()))
+                         fused_attention=fused_attention, train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads)
     if env_world().rank > 0:

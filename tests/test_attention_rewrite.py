@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from sfc.runtime.audio import load_audio
 from sfc.runtime.features import whisper_windows
@@ -33,7 +34,8 @@ def test_whisper_encoder_attention_becomes_multihead(tiny_export: Path,
     features = whisper_windows(load_audio(shortest_clips[0]))[:1]
     expected = _encode(model, features)
     rewritten = _copy(model)
-    assert apply_rewrites(rewritten)["attention-as-multihead"] == 4  # one per encoder layer
+    assert "attention-as-multihead" not in apply_rewrites(_copy(model))  # opt-in
+    assert apply_rewrites(rewritten, fused_attention=True)["attention-as-multihead"] == 4
     ops = [n.op_type for n in rewritten.graph.node]
     assert ops.count("MultiHeadAttention") == 4 and "Softmax" not in ops
     # The shape arithmetic of the removed Reshapes went with them: nothing dangles.
@@ -72,3 +74,15 @@ def test_a_model_without_attention_is_unchanged() -> None:
     before = model.SerializeToString()
     assert AttentionAsMultiHead().apply(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_fused_attention_is_an_ort_cpu_lowering_option() -> None:
+    from sfc.build import BuildConfig
+    from sfc.errors import SfcError
+    from sfc.targets import OrtCpuTarget
+
+    target = BuildConfig(target="ort-cpu", fused_attention=True).lowering_target()
+    assert isinstance(target, OrtCpuTarget) and target.fused_attention
+    assert not BuildConfig(target="ort-cpu").lowering_target().fused_attention  # type: ignore[attr-defined]
+    with pytest.raises(SfcError, match=r"--fused-attention applies to --target ort-cpu only"):
+        BuildConfig(target="sim", fused_attention=True)

@@ -120,6 +120,8 @@ class OrtCpuTarget:
     InferenceSession, so a file ORT cannot open never ships.
 
     `isa`: the CPU class the build is for (a key of `ISAS`; default: this machine's).
+    `fused_attention`: float attention cores become ORT's `MultiHeadAttention`
+    (`sfc build --fused-attention`).
 
     Note: on x86-64 ORT rewrites s8 activations to u8 (its faster u8s8 kernels), so the saved
     graph carries u8 activations; it still runs on ARM, where ORT handles both.
@@ -128,6 +130,7 @@ class OrtCpuTarget:
     isa: str = field(default_factory=host_isa)
     ort_format: bool = True
     verify: bool = True
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.isa not in ISAS:
@@ -199,7 +202,8 @@ class OrtCpuTarget:
                 notes.append(f"{key} = {value}")
             pair_limit = (ORT_CPU_SATURATING_CAPS.int8_weight_pair_limit
                           if self.isa == "avx2" else None)
-            fired = {k: v for k, v in apply_rewrites(model, pair_limit).items() if v}
+            fired = {k: v for k, v in apply_rewrites(model, pair_limit,
+                                                          self.fused_attention).items() if v}
             if fired:
                 notes.append("rewrites: " + ", ".join(f"{k} x{v}" for k, v in fired.items()))
                 source = stage / f"{stem}.rewritten.onnx"

@@ -495,8 +495,14 @@ def _pairs_exceed(columns: np.ndarray, limit: int) -> bool:
     return bool(np.any(mags[0::2] + mags[1::2] > limit))
 
 
-def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None) -> dict[str, int]:
-    """Apply every ort-cpu rewrite in place; return rule name -> times fired.
-    `pair_limit`: the target's INT8 weight pair limit (`TargetCaps.int8_weight_pair_limit`)."""
-    rules = (GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit), AttentionAsMultiHead())
+def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None,
+                   fused_attention: bool = False) -> dict[str, int]:
+    """Apply the ort-cpu rewrites in place; return rule name -> times fired.
+    `pair_limit`: the target's INT8 weight pair limit (`TargetCaps.int8_weight_pair_limit`);
+    `fused_attention`: also `AttentionAsMultiHead` (opt-in: not bit-exact, and the default
+    build's seeds x sets table has not been measured with it; BENCHMARKS.md, issue 13)."""
+    rules: tuple[GatherOfDequantized | ConvAsMatMul | AttentionAsMultiHead, ...] = (
+        GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit))
+    if fused_attention:
+        rules += (AttentionAsMultiHead(),)
     return {r.name: r.apply(model) for r in rules}
