@@ -5,8 +5,9 @@ the QDQ graph's (DQ(x) -> MatMul <- DQ(w) -> Q becomes QLinearMatMul computing
 `y_q = saturate(round((x_q - zx) * (w_q - zw) * sx * sw / sy) + zy)`; without the output Q,
 MatMulIntegerToFloat returns the float product; DQ(block weights) -> MatMul becomes
 MatMulNBits). Everything ORT cannot fuse stays as it was, and the census reports it. sfc's
-own rewrites before it (`ort_rewrites`) keep the integers and scales; the float attention
-core becomes ORT's `MultiHeadAttention`, equal up to the order of float sums.
+own rewrites before it (`ort_rewrites`) keep the integers and scales; with
+`fused_attention` the float attention core becomes ORT's `MultiHeadAttention`, equal up to
+the order of float sums.
 
 Artifacts (in `out_dir`, named after `stem`):
 - `<stem>.ort.onnx`: the optimized graph as ONNX (opens in any ORT build; inspectable).
