@@ -135,8 +135,8 @@ class WhisperRuntime:
         `arena`: ORT's CPU memory arena (`session.session_options`); `options`: greedy
         decoding, or beam search and temperature fallback; `spinning`: ORT's idle worker
         threads spin (off by default: the encoder's and the decoder's pools take turns;
-        on 2 cores transcription ran 1-3% faster without it over all 350 eval clips, and
-        8-9% on 40 clips in one process; BENCHMARKS.md, issue 13).
+        on a 2-core AMX Xeon (VNNI class) transcription ran 1-3% faster without it over all
+        350 eval clips, and 8-9% on 40 clips in one process; BENCHMARKS.md, issue 13).
         """
         folder = Path(folder)
         card = ModelCard.load(folder)
