@@ -107,6 +107,7 @@ FW_FP32 = "faster-whisper-fp32"
 FW_INT8 = "faster-whisper-int8"
 SFC_PREFIX = "sfc-"
 SPIN = "+spin"  # the sfc runtime with ORT's spinning threads (`--sfc-spin`)
+WINDOW = "+window"  # the sfc runtime with `--sfc-window`'s encoder window
 CT2_PREFIX = "ct2-int8-batch"
 # The WER differences the report gives: every variant minus each of these.
 DELTA_REFERENCES = (FW_INT8, SFC)
@@ -139,11 +140,14 @@ def parse_build(spec: str) -> tuple[str, Path]:
     return label, path
 
 
-def variant_names(builds: Sequence[str], batch: int, spin: bool = False) -> tuple[str, ...]:
+def variant_names(builds: Sequence[str], batch: int, spin: bool = False,
+                  window: bool = False) -> tuple[str, ...]:
     """The variants one round runs, in order: sfc first, then faster-whisper; with `spin`,
-    each sfc variant again with ORT's idle threads spinning (``<variant>+spin``)."""
+    each sfc variant again with ORT's idle threads spinning (``<variant>+spin``); with
+    `window`, again with `--sfc-window`'s encoder window (``<variant>+window``)."""
     sfc = [SFC, *(SFC_PREFIX + label for label in builds)]
-    names = [*sfc, *(name + SPIN for name in sfc if spin), FW_FP32, FW_INT8]
+    names = [*sfc, *(name + SPIN for name in sfc if spin),
+             *(name + WINDOW for name in sfc if window), FW_FP32, FW_INT8]
     if batch > 1:
         names.append(f"{CT2_PREFIX}{batch}")
     return tuple(names)
@@ -217,10 +221,13 @@ def format_delta(d: PairedDelta) -> str:
 # ----------------------------------------------------------------------------- worker side
 
 
-def _load_sfc(folder: Path, threads: int, batch: int, spinning: bool) -> Transcriber:
+def _load_sfc(folder: Path, threads: int, batch: int, spinning: bool,
+              window: str) -> Transcriber:
     from sfc.runtime.whisper import WhisperRuntime
+    from sfc.runtime.window import EncoderWindow
 
-    rt = WhisperRuntime.open(folder, threads=threads, spinning=spinning)
+    rt = WhisperRuntime.open(folder, threads=threads, spinning=spinning,
+                             window=EncoderWindow.parse(window))
     if batch > 1:
         rt.max_batch = batch  # decode one call's N windows as one batch
 
@@ -277,16 +284,19 @@ def _load_ct2(threads: int) -> Transcriber:
 
 
 def load_variant(variant: str, threads: int, builds: Mapping[str, Path],
-                 batch: int) -> Transcriber:
-    """The transcriber behind a variant name."""
+                 batch: int, window: str = "full") -> Transcriber:
+    """The transcriber behind a variant name (`window`: the encoder window of ``+window``
+    variants)."""
     from sfc.models import model_folder
 
     spinning = variant.endswith(SPIN)
-    name = variant.removesuffix(SPIN)
+    windowed = variant.endswith(WINDOW)
+    name = variant.removesuffix(SPIN).removesuffix(WINDOW)
+    chosen = window if windowed else "full"
     if name == SFC:
-        return _load_sfc(model_folder(SFC_MODEL), threads, batch, spinning)
+        return _load_sfc(model_folder(SFC_MODEL), threads, batch, spinning, chosen)
     if name.startswith(SFC_PREFIX) and name[len(SFC_PREFIX):] in builds:
-        return _load_sfc(builds[name[len(SFC_PREFIX):]], threads, batch, spinning)
+        return _load_sfc(builds[name[len(SFC_PREFIX):]], threads, batch, spinning, chosen)
     if variant == FW_FP32:
         return _load_faster_whisper("float32", threads, batch)
     if variant == FW_INT8:
@@ -315,7 +325,8 @@ def run_worker(variant: str, args: argparse.Namespace) -> None:
         digest.update(a.tobytes())
 
     t0 = time.perf_counter()
-    transcribe = load_variant(variant, args.threads, dict(args.sfc_build), args.batch)
+    transcribe = load_variant(variant, args.threads, dict(args.sfc_build), args.batch,
+                              args.sfc_window or "full")
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -491,7 +502,8 @@ def run_parent(args: argparse.Namespace) -> int:
     from sfc.atomic import write_json_atomic
     from sfc.models import model_folder
 
-    variants = variant_names([label for label, _ in args.sfc_build], args.batch, args.sfc_spin)
+    variants = variant_names([label for label, _ in args.sfc_build], args.batch, args.sfc_spin,
+                             args.sfc_window is not None)
     command = shlex.join(["python", *sys.argv])
     machine = machine_info(args.threads)
     line = machine_line(machine)
@@ -545,6 +557,7 @@ def run_parent(args: argparse.Namespace) -> int:
         "model": SFC_MODEL,
         "sfc_folder": str(folder),
         "sfc_builds": {label: str(build) for label, build in args.sfc_build},
+        "sfc_window": args.sfc_window,
         "data": str(args.data),
         "limit": args.limit,
         "rounds": args.rounds,
@@ -594,6 +607,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sfc-spin", action="store_true",
                         help="also run each sfc variant with ORT's idle threads spinning "
                              "(variant <name>+spin; sfc's runtime turns spinning off)")
+    parser.add_argument("--sfc-window", default=None, metavar="SPEC",
+                        help="also run each sfc variant with this encoder window (variant "
+                             "<name>+window; sfc's --encoder-window, e.g. fit)")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write the JSON report (default: benchmarks/results/"
                              "rtf_vs_faster_whisper_t{threads}.json, or "
@@ -613,6 +629,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sfc-build labels repeat: {labels}")
     if SFC in (SFC_PREFIX + label for label in labels):
         parser.error(f"--sfc-build label {SFC[len(SFC_PREFIX):]!r} names the FP32 variant")
+    if args.sfc_window is not None:
+        from sfc.errors import SfcError
+        from sfc.runtime.window import EncoderWindow
+
+        try:
+            EncoderWindow.parse(args.sfc_window)
+        except SfcError as exc:
+            parser.error(str(exc))
     if args.json is None:
         args.json = default_json(args.batch, args.threads)
     return args

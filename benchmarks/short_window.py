@@ -6,15 +6,10 @@
 sfc's encoder always sees a 30 s window (3000 mel frames, 1500 positions), however short
 the clip. This script measures what a W-second window costs in WER and saves in time:
 
-1. Export. The zoo model's PyTorch weights (loaded as `sfc export` loads them) go into an
-   encoder ONNX whose number of frames is dynamic: conv1, GELU, conv2, GELU, then the first
-   frames / 2 rows of the positional table, the layers and the final layer norm (the order
-   of transformers' `WhisperEncoder.forward`, which refuses anything but 3000 frames), and
-   the export's own cross-attention K/V projection on top. The FP32 export's decoder gets
-   a dynamic cross-attention length. Both go into WORK/run with the export's tokenizer and
-   card (graph shapes updated); one folder serves every W, since only the input's length
-   changes. At 3000 frames the new encoder must match the export's `encoder.onnx` (all
-   three outputs, `PARITY_TOL`); at the shortest W it must match PyTorch.
+1. Parity. sfc's export (format 3) takes any even number of frames: conv1, GELU, conv2,
+   GELU, then the first frames / 2 rows of the positional table, the layers and the final
+   layer norm, and the decoder any cross-attention length. Its encoder.onnx must match its
+   PyTorch module (`PARITY_TOL`) at 30 s and at the shortest W.
 2. Transcription. Features are `whisper_windows` (log-mel of the clip and 30 s of zeros,
    normalised together) cut to the first W * 100 frames: "pad to 30 s, keep the first W s",
    exact for clips no longer than W (a W shorter than the longest clip is refused). They go
@@ -35,33 +30,28 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 from common import (
     eval_summary,
     machine_info,
     machine_line,
-    outside_repo,
     per_utterance,
     print_table,
     run_or_show,
 )
 
 from sfc.errors import SfcError
-from sfc.runtime.cross import STACKED
 from sfc.runtime.features import LogMelSpec, whisper_windows
 
 if TYPE_CHECKING:
-    import torch
 
     from sfc.eval import Utterance
     from sfc.models.whisper_hf import LoadedWhisper
@@ -142,112 +132,34 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- parity
 
 
-def dynamic_encoder(loaded: LoadedWhisper) -> torch.nn.Module:
-    """The export's encoder module with HF's encoder swapped for one that takes any frames.
-
-    The export's wrapper calls `self.encoder(features).last_hidden_state` and adds the
-    cross-attention K/V; only that inner call changes, so the K/V are the export's own.
-    """
-    from torch import nn
-    from transformers.modeling_outputs import BaseModelOutput
-
-    from sfc.models.whisper_export import _modules
-
-    class AnyFrames(nn.Module):
-        """transformers' `WhisperEncoder.forward` (inference) without its 3000-frame check:
-        positions 0 .. frames / 2 - 1 of the table, as the first frames of a 30 s window get."""
-
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_features: torch.Tensor) -> BaseModelOutput:
-            enc: Any = self.inner
-            x = nn.functional.gelu(enc.conv1(input_features))
-            x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
-            x = x + enc.embed_positions.weight[: x.shape[1]]
-            for layer in enc.layers:
-                x = layer(x, None)
-            return BaseModelOutput(last_hidden_state=enc.layer_norm(x))
-
-    encoder, _decoder = _modules(loaded)
-    encoder.encoder = AnyFrames(loaded.model.model.encoder)
-    return encoder
-
-
-def cross_positions_dynamic(decoder: onnx.ModelProto) -> onnx.ModelProto:
-    """The decoder with its cross-attention K/V inputs' position axis made symbolic."""
-    for value in decoder.graph.input:
-        if value.name.startswith("cross_"):
-            # stacked [layers, batch, heads, positions, head_dim] or per layer [batch, ...]
-            dim = value.type.tensor_type.shape.dim[3 if value.name in STACKED else 2]
-            dim.Clear()
-            dim.dim_param = "positions"
-    return decoder
-
-
-def write_run_folder(loaded: LoadedWhisper, export: Path, out: Path) -> None:
-    """WORK/run: the dynamic-frames encoder, the decoder with a dynamic cross length, and
-    the export's tokenizer and card (graph specs from the new files)."""
-    import torch
-
-    from sfc.atomic import staging_dir
-    from sfc.card import ModelCard, graph_spec_from_onnx
-    from sfc.models.whisper_export import DECODER_FILE, ENCODER_FILE, _export
-
-    card = ModelCard.load(export)
-    cfg = loaded.model.config
-    with staging_dir(out) as stage, torch.no_grad():
-        feats = torch.zeros(1, cfg.num_mel_bins, 2 * cfg.max_source_positions)
-        _export(dynamic_encoder(loaded), (feats,), stage / ENCODER_FILE, ["input_features"],
-                list(ENCODER_OUTPUTS),
-                {"input_features": {0: "batch", 2: "frames"},
-                 "last_hidden_state": {0: "batch", 1: "positions"},
-                 "cross_key": {1: "batch", 3: "positions"},
-                 "cross_value": {1: "batch", 3: "positions"}})
-        onnx.save(cross_positions_dynamic(onnx.load(str(export / DECODER_FILE))),
-                  str(stage / DECODER_FILE))
-        graphs = {}
-        for key, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
-            onnx.checker.check_model(str(stage / file))
-            graphs[key] = graph_spec_from_onnx(onnx.load(str(stage / file),
-                                                         load_external_data=False), file)
-        shutil.copyfile(export / str(card.tokenizer), stage / str(card.tokenizer))
-        replace(card, graphs=graphs,
-                source={**card.source, "encoder_frames": "dynamic, benchmarks/short_window.py"}
-                ).save(stage)
-
-
-def check_parity(loaded: LoadedWhisper, export: Path, run_folder: Path, features: np.ndarray,
+def check_parity(loaded: LoadedWhisper, export: Path, features: np.ndarray,
                  short_frames: int, threads: int) -> dict[str, Any]:
-    """Max abs differences of the new encoder against the export's at the full window and
-    against PyTorch at `short_frames`; an AssertionError over `PARITY_TOL`."""
+    """Max abs differences of the export's encoder.onnx against its PyTorch module (the
+    export's own, `whisper_export._modules`) at the full window and at `short_frames`; an
+    AssertionError over `PARITY_TOL`."""
     import torch
 
     from sfc.card import ModelCard
+    from sfc.models.whisper_export import _modules
     from sfc.runtime.session import open_session
 
-    def outputs(folder: Path, x: np.ndarray) -> list[np.ndarray]:
-        path = folder / ModelCard.load(folder).graphs["encoder"].path
-        return list(open_session(path, threads=threads).run(list(ENCODER_OUTPUTS),
-                                                           {"input_features": x}))
-
-    def diffs(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> dict[str, float]:
-        return {n: float(np.max(np.abs(x - y))) for n, x, y in zip(ENCODER_OUTPUTS, a, b,
-                                                                    strict=True)}
-
-    short = np.ascontiguousarray(features[:, :, :short_frames])
-    with torch.no_grad():
-        reference = dynamic_encoder(loaded)(torch.from_numpy(short))
-    report = {"frames": features.shape[-1], "short_frames": short_frames, "tol": PARITY_TOL,
-              "vs_export_onnx": diffs(outputs(run_folder, features), outputs(export, features)),
-              "vs_torch_short": diffs(outputs(run_folder, short),
-                                      [t.numpy() for t in reference])}
-    worst = max(max(report["vs_export_onnx"].values()), max(report["vs_torch_short"].values()))
-    assert worst <= PARITY_TOL, f"dynamic encoder differs by {worst:.3g}: {report}"
+    session = open_session(export / ModelCard.load(export).graphs["encoder"].path,
+                           threads=threads)
+    module = _modules(loaded)[0]
+    report: dict[str, Any] = {"frames": features.shape[-1], "short_frames": short_frames,
+                              "tol": PARITY_TOL}
+    for key, frames in (("full", features.shape[-1]), ("short", short_frames)):
+        x = np.ascontiguousarray(features[:, :, :frames])
+        with torch.no_grad():
+            reference = [t.numpy() for t in module(torch.from_numpy(x))]
+        ours = session.run(list(ENCODER_OUTPUTS), {"input_features": x})
+        report[key] = {n: float(np.max(np.abs(a - b)))
+                       for n, a, b in zip(ENCODER_OUTPUTS, ours, reference, strict=True)}
+    worst = max(max(report["full"].values()), max(report["short"].values()))
+    assert worst <= PARITY_TOL, f"encoder.onnx differs from PyTorch by {worst:.3g}: {report}"
     return report
 
 
@@ -319,7 +231,6 @@ def run(args: argparse.Namespace) -> int:
     from sfc.runtime.audio import load_audio
     from sfc.runtime.whisper import WhisperRuntime
 
-    work = outside_repo(args.parser, args.work, REPO)
     command = shlex.join(["python", *sys.argv])
     machine = machine_info(args.threads)
     print(machine_line(machine), flush=True)
@@ -336,16 +247,12 @@ def run(args: argparse.Namespace) -> int:
     frames = {w: window_frames(w, mel) for w in windows}
 
     loaded = load_whisper(locate_checkpoint(args.model))
-    run_folder = work / "run"
-    write_run_folder(loaded, export, run_folder)
     probe = whisper_windows(load_audio(utterances[0].audio), mel)[:1]
-    parity = check_parity(loaded, export, run_folder, probe, frames[windows[-1]],
-                          args.threads)
-    print(f"parity: max abs diff vs export encoder.onnx at {parity['frames']} frames "
-          f"{parity['vs_export_onnx']}; vs PyTorch at {parity['short_frames']} frames "
-          f"{parity['vs_torch_short']}", flush=True)
+    parity = check_parity(loaded, export, probe, frames[windows[-1]], args.threads)
+    print(f"parity: max abs diff of encoder.onnx vs PyTorch at {parity['frames']} frames "
+          f"{parity['full']}; at {parity['short_frames']} frames {parity['short']}", flush=True)
 
-    runtimes = {w: WhisperRuntime.open(run_folder, threads=args.threads) for w in windows}
+    runtimes = {w: WhisperRuntime.open(export, threads=args.threads) for w in windows}
     latencies = encoder_latencies(runtimes, probe, frames, args.runs, args.warmup)
     evaluated = interleaved_eval({w: transcriber(runtimes[w], frames[w]) for w in windows},
                                  utterances, str(args.data), args.seed, args.n_resamples)
@@ -369,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             "encoder_s": latencies[w], "encoder_median_s": median,
             "encoder_speedup": base_median / median, **per_utterance(ev)}
     result = {"command": command, "machine": machine, "model": args.model,
-              "export": str(export), "run_folder": str(run_folder), "data": str(args.data),
+              "export": str(export), "data": str(args.data),
               "n": len(utterances), "ids": [u.id for u in utterances], "ref_words": ref_words,
               "longest_clip": {"id": longest, "seconds": seconds[longest]},
               "windows": list(windows), "baseline": base, "seed": args.seed,
@@ -387,9 +294,13 @@ def show(result: dict[str, Any]) -> None:
     print(machine_line(result["machine"]))
     print(f"command: {result['command']}")
     p = result["parity"]
-    print(f"parity (max abs diff): vs export encoder.onnx at {p['frames']} frames "
-          f"{p['vs_export_onnx']}; vs PyTorch at {p['short_frames']} frames "
-          f"{p['vs_torch_short']}")
+    if "full" in p:
+        print(f"parity (max abs diff) of encoder.onnx vs PyTorch: at {p['frames']} frames "
+              f"{p['full']}; at {p['short_frames']} frames {p['short']}")
+    else:  # reports from before export format 3 (the script's own dynamic encoder)
+        print(f"parity (max abs diff): vs export encoder.onnx at {p['frames']} frames "
+              f"{p['vs_export_onnx']}; vs PyTorch at {p['short_frames']} frames "
+              f"{p['vs_torch_short']}")
     print_table(
         f"{result['model']} FP32, encoder window vs WER (n={result['n']}, longest clip "
         f"{result['longest_clip']['seconds']:.2f} s, threads {result['threads']})",
@@ -409,7 +320,6 @@ def main() -> int:
     parser.add_argument("--model", default="whisper-tiny.en", choices=sorted(ZOO))
     parser.add_argument("--windows", type=parse_windows, default=parse_windows(DEFAULT_WINDOWS),
                         help=f"window seconds (default {DEFAULT_WINDOWS}; 30 is always run)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/short_window"))
     parser.add_argument("--data", type=Path, default=BUNDLED_DATA / "eval")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)

@@ -532,7 +532,8 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
             stored = StoredWeights.load(replay.parent / STORED_FILE, recipe.weight_data)
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "
-                           f"{recipe.model_sha256[:12]}, this one {sha[:12]})")
+                           f"{recipe.model_sha256[:12]}, this one {sha[:12]}; a zoo "
+                           "model's export changes with sfc's export format: build anew)")
         # A recipe's INT8 per-channel weights for a VNNI CPU replayed for ort-cpu:avx2
         # would overflow its kernels (its 4/2-bit weights lower to MatMulNBits, no limit).
         for q in plan.weights:

@@ -107,6 +107,11 @@ LoopGuardOpt = Annotated[bool, typer.Option(
 BeamSizeOpt = Annotated[int, typer.Option(
     "--beam-size", help="Beam search with N beams (1: greedy, the default; ONNX Runtime "
     "decoders only)")]
+EncoderWindowOpt = Annotated[str, typer.Option(
+    "--encoder-window", help="full: the encoder sees Whisper's 30 s window (default); fit: a "
+    "file of at most 30 s is encoded on its length plus 6 s (fit:pad=S,min=S: plus S "
+    "seconds, at least S), faster on short files; transcripts change, about +0.5 WER points "
+    "on tiny.en (BENCHMARKS.md, issue 13; ONNX Runtime only)")]
 FallbackOpt = Annotated[bool, typer.Option(
     "--temperature-fallback/--no-temperature-fallback",
     help="OpenAI's fallback: re-decode a window whose text is repetitive (gzip ratio > 2.4, "
@@ -223,6 +228,7 @@ def transcribe(
     temperature_fallback: FallbackOpt = False,
     seed: Annotated[int, typer.Option(
         help="Seed of the temperature fallback's sampling (recorded in json output)")] = 0,
+    encoder_window: EncoderWindowOpt = "full",
 ) -> None:
     """Print or write the transcript of each audio file."""
     from .atomic import write_text_atomic
@@ -232,8 +238,10 @@ def transcribe(
     from .runtime.subtitles import FORMATS
     from .runtime.vad import SileroVad
     from .runtime.whisper import WhisperRuntime
+    from .runtime.window import EncoderWindow
 
     options = _decode_options(beam_size, temperature_fallback, seed)
+    window = EncoderWindow.parse(encoder_window)
     if sum(str(p) == STDIN for p in audio) > 1:
         raise SfcError(f"{STDIN} (stdin) may be given once: stdin holds one audio file")
     if output_format not in FORMATS:
@@ -246,7 +254,8 @@ def transcribe(
                else [None] * len(audio))
     detector = SileroVad.open() if vad else None  # a missing package fails before loading
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
-                                  guard=LOOP_GUARD if loop_guard else None, options=options)
+                                  guard=LOOP_GUARD if loop_guard else None, options=options,
+                                  window=window)
     language = check_options(runtime.decoding, language, task)  # before reading any audio
     runtime.max_batch = batch_size or max(runtime.max_batch, batch)
     for first in range(0, len(audio), batch):
@@ -292,6 +301,7 @@ def eval_cmd(
     ray_address: Annotated[str | None, typer.Option(
         help="Transcribe on the Ray cluster at auto or HOST:PORT (--workers: how many; "
              "default one per node); the model folder must be readable there")] = None,
+    encoder_window: EncoderWindowOpt = "full",
 ) -> None:
     """WER (normalised, 95% bootstrap CI, per voice and condition) and real-time factor."""
     from .eval import evaluate, read_manifest, render
@@ -300,7 +310,9 @@ def eval_cmd(
     from .models import model_folder
     from .runtime.decoding import LOOP_GUARD, check_options
     from .runtime.whisper import WhisperRuntime
+    from .runtime.window import EncoderWindow
 
+    window = EncoderWindow.parse(encoder_window)
     distributed = workers is not None or ray_address is not None
     if distributed:
         check_ray_options(workers, ray_address)
@@ -310,11 +322,14 @@ def eval_cmd(
         utterances = utterances[:limit]
     folder = model_folder(model)
     runtime = WhisperRuntime.open(folder, threads=threads,
-                                  guard=LOOP_GUARD if loop_guard else None, options=options)
+                                  guard=LOOP_GUARD if loop_guard else None, options=options,
+                                  window=window)
     chosen = check_options(runtime.decoding, None if language == "auto" else language, task)
     name, executor = runtime.card.name, None
+    if window.fit:  # the result says how it was decoded
+        name += f" (encoder window {window})"
     if distributed:
-        spec = TranscriberSpec(folder.resolve(), loop_guard, options, chosen, task)
+        spec = TranscriberSpec(folder.resolve(), loop_guard, options, chosen, task, window)
         del runtime  # the workers hold their own
         executor = RayExecutor(spec, address=ray_address, workers=workers)
         transcribe = None

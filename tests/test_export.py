@@ -36,7 +36,8 @@ def test_card_describes_both_graphs(tiny_export: Path) -> None:
                                             *(f"cross_key_{i}" for i in range(4)),
                                             *(f"cross_value_{i}" for i in range(4))]
     assert dec.inputs[1].shape == (4, "batch", 6, "past", 64)
-    assert dec.inputs[3].shape == ("batch", 6, 1500, 64)
+    assert dec.inputs[3].shape == ("batch", 6, "positions", 64)
+    assert card.graphs["encoder"].inputs[0].shape == ("batch", 80, "frames")
     assert card.source["format"] == EXPORT_FORMAT
     assert card.decoding is not None
     assert card.decoding.prompt == (50257, 50362)  # <|startoftranscript|> <|notimestamps|>
@@ -72,6 +73,33 @@ def test_encoder_and_cached_decoder_match_pytorch(tiny_export: Path, tiny_hf,  #
     diff = np.abs(logits - ref.logits.numpy()).max()
     assert diff <= 2e-3, f"logits differ from PyTorch by {diff}"
     assert pk.shape == (4, 2, 6, tokens.shape[1], 64)
+
+
+def test_encoder_takes_a_shorter_window_as_its_pytorch_module_does(
+        tiny_export: Path, tiny_hf, features: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Format 3: the encoder's frames are not baked in; the first 800 frames give the
+    export's PyTorch module's outputs on them (positions 0..399), and a decoder step runs
+    on 400 cross-attention positions."""
+    import torch
+
+    from sfc.models.whisper_export import _modules
+
+    short = np.ascontiguousarray(features[:1, :, :800])
+    enc = ort.InferenceSession(str(tiny_export / "encoder.onnx"))
+    got = enc.run(None, {"input_features": short})
+    with torch.no_grad():
+        want = _modules(tiny_hf)[0](torch.from_numpy(short))
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == tuple(b.shape)
+        assert np.abs(a - b.numpy()).max() <= 2e-3
+    assert got[1].shape[3] == 400
+    dec = ort.InferenceSession(str(tiny_export / "decoder.onnx"))
+    past = np.zeros((4, 1, 6, 0, 64), dtype=np.float32)
+    logits, _, _ = dec.run(None, {"tokens": np.array([[50257, 50362]]), "past_key": past,
+                                  "past_value": past,
+                                  **cross_feed({i.name for i in dec.get_inputs()},
+                                               got[1], got[2])})
+    assert logits.shape == (1, 2, 51864) and np.isfinite(logits).all()
 
 
 def _stacked_cross(decoder: onnx.ModelProto, n_layers: int) -> onnx.ModelProto:

@@ -80,6 +80,15 @@ def test_variant_names_by_mode(rvf: Any) -> None:
     assert rvf.variant_names(["w8a8"], 1, spin=True) == (
         "sfc-ort-fp32", "sfc-w8a8", "sfc-ort-fp32+spin", "sfc-w8a8+spin",
         "faster-whisper-fp32", "faster-whisper-int8")
+    assert rvf.variant_names(["w8a8"], 1, window=True) == (
+        "sfc-ort-fp32", "sfc-w8a8", "sfc-ort-fp32+window", "sfc-w8a8+window",
+        "faster-whisper-fp32", "faster-whisper-int8")
+
+
+def test_a_bad_sfc_window_is_refused_by_the_parser(rvf: Any) -> None:
+    assert rvf.parse_args(["--sfc-window", "fit"]).sfc_window == "fit"
+    with pytest.raises(SystemExit):
+        rvf.parse_args(["--sfc-window", "half"])
 
 
 def test_limit_0_selects_every_utterance(rvf: Any) -> None:

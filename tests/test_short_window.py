@@ -1,5 +1,5 @@
-"""benchmarks/short_window.py: window arguments, the cut features, the decoder's dynamic
-cross length in ONNX Runtime, the any-frames encoder against HF's at 30 s, and the table."""
+"""benchmarks/short_window.py: window arguments, the cut features and the table (the
+export's any-frames encoder is tested in test_export.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from sfc.errors import SfcError
 from sfc.runtime.features import LogMelSpec, whisper_windows
@@ -80,51 +77,6 @@ def test_short_windows_takes_a_clip_that_just_fits_and_refuses_a_longer_one(sw: 
 def test_rotated_wraps(sw: Any) -> None:
     assert sw.rotated([30, 15, 10], 0) == [30, 15, 10]
     assert sw.rotated([30, 15, 10], 4) == [15, 10, 30]
-
-
-def _cross_model() -> onnx.ModelProto:
-    """A stand-in decoder: cross K/V [L, B, H, 1500, D] summed over positions."""
-    shape: list[int | str] = [2, "batch", 3, 1500, 4]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
-              for n in ("cross_key", "cross_value")]
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, "batch", 3, 1, 4])
-    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [3])
-    nodes = [helper.make_node("Add", ["cross_key", "cross_value"], ["s"]),
-             helper.make_node("ReduceSum", ["s", "axes"], ["out"])]
-    graph = helper.make_graph(nodes, "cross", inputs, [out], initializer=[axes])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _run(model: onnx.ModelProto, positions: int) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    x = np.ones((2, 1, 3, positions, 4), np.float32)
-    return session.run(None, {"cross_key": x, "cross_value": x})[0]
-
-
-def test_cross_positions_dynamic_lets_ort_take_a_shorter_encoder(sw: Any) -> None:
-    model = _cross_model()
-    with pytest.raises(Exception, match="Expected: 1500"):
-        _run(model, 400)  # the export's fixed 1500 positions
-    patched = sw.cross_positions_dynamic(model)
-    onnx.checker.check_model(patched)
-    np.testing.assert_array_equal(_run(patched, 400), np.full((2, 1, 3, 1, 4), 800.0))
-
-
-def test_dynamic_encoder_matches_hf_at_30s_and_runs_shorter(sw: Any, tiny_hf: Any) -> None:
-    import torch
-
-    from sfc.models.whisper_export import _modules
-
-    torch.manual_seed(0)
-    feats = torch.randn(1, tiny_hf.model.config.num_mel_bins, 3000)
-    with torch.no_grad():
-        ours = sw.dynamic_encoder(tiny_hf)(feats)
-        theirs = _modules(tiny_hf)[0](feats)  # HF's own encoder inside the export's wrapper
-        short = sw.dynamic_encoder(tiny_hf)(feats[:, :, :800])
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert short[0].shape[1] == 400 and short[1].shape[3] == 400
 
 
 def test_table_rows_mark_a_window_that_loses(sw: Any) -> None:

@@ -55,16 +55,19 @@ class TranscriberSpec:
     options: Any = None  # runtime.fallback.DecodeOptions; None: greedy
     language: str | None = "en"
     task: str = "transcribe"
+    window: Any = None  # runtime.window.EncoderWindow; None: the full window
 
     def make(self, threads: int | None = None) -> Any:
         """A function utterance -> Transcribed over a runtime with `threads` threads."""
         from ..runtime.decoding import LOOP_GUARD
         from ..runtime.fallback import GREEDY
         from ..runtime.whisper import WhisperRuntime
+        from ..runtime.window import FULL
 
         runtime = WhisperRuntime.open(self.folder, threads=threads,
                                       guard=LOOP_GUARD if self.guard else None,
-                                      options=self.options or GREEDY)
+                                      options=self.options or GREEDY,
+                                      window=self.window or FULL)
         language, task = self.language, self.task
 
         def run(utt: Utterance) -> Transcribed:

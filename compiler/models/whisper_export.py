@@ -1,9 +1,12 @@
 """Export Whisper to FP32 ONNX: an encoder that also emits the cross-attention K/V once
 per utterance, and a decoder step with a growing self-attention KV cache.
 
-Graphs (L decoder layers, H heads, D head dim, S = 1500 encoder frames):
-- encoder.onnx: input_features [B, n_mels, 3000] -> last_hidden_state [B, S, d_model],
-  cross_key / cross_value [L, B, H, S, D].
+Graphs (L decoder layers, H heads, D head dim, F mel frames, S = F / 2 encoder positions):
+- encoder.onnx: input_features [B, n_mels, F] -> last_hidden_state [B, S, d_model],
+  cross_key / cross_value [L, B, H, S, D]. F is 3000 (a 30 s window) unless the runtime is
+  asked for a shorter window (`WhisperRuntime.encoder_window`, whisper.cpp's `audio_ctx`):
+  the positional table's first S rows are added, as the first S positions of a 30 s
+  window get them, so at 3000 frames the graph computes what transformers' encoder does.
 - decoder.onnx: tokens [B, T] int64, past_key / past_value [L, B, H, P, D] (P may be 0),
   cross_key_0 .. cross_key_{L-1} / cross_value_0 .. [B, H, S, D] -> logits [B, T, vocab],
   present_key / present_value [L, B, H, P+T, D]. The position offset is P, read from the
@@ -104,7 +107,14 @@ def _modules(loaded: LoadedWhisper) -> tuple[torch.nn.Module, torch.nn.Module]:
             self.cross = nn.ModuleList([layer.encoder_attn for layer in hf.decoder.layers])
 
         def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            h = self.encoder(input_features).last_hidden_state
+            # transformers' WhisperEncoder.forward (inference), less its 3000-frame check.
+            enc: Any = self.encoder
+            h = nn.functional.gelu(enc.conv1(input_features))
+            h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
+            h = h + enc.embed_positions.weight[: h.shape[1]]
+            for layer in enc.layers:
+                h = layer(h, None)
+            h = enc.layer_norm(h)
             cross: list[Any] = list(self.cross)
             keys = torch.stack([heads(a.k_proj(h)) for a in cross])
             values = torch.stack([heads(a.v_proj(h)) for a in cross])
@@ -189,8 +199,10 @@ def export_loaded(loaded: LoadedWhisper, name: str, out_dir: Path,
         feats = torch.zeros(1, cfg.num_mel_bins, n_frames)
         _export(encoder, (feats,), stage / ENCODER_FILE, ["input_features"],
                 ["last_hidden_state", "cross_key", "cross_value"],
-                {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"},
-                 "cross_key": {1: "batch"}, "cross_value": {1: "batch"}})
+                {"input_features": {0: "batch", 2: "frames"},
+                 "last_hidden_state": {0: "batch", 1: "positions"},
+                 "cross_key": {1: "batch", 3: "positions"},
+                 "cross_value": {1: "batch", 3: "positions"}})
         cross = [torch.zeros(1, H, cfg.max_source_positions, D) for _ in range(2 * L)]
         past = torch.zeros(L, 1, H, 3, D)
         tokens = torch.zeros(1, 2, dtype=torch.int64)
@@ -199,7 +211,8 @@ def export_loaded(loaded: LoadedWhisper, name: str, out_dir: Path,
                 ["tokens", "past_key", "past_value", *cross_names],
                 ["logits", "present_key", "present_value"],
                 {"tokens": {0: "batch", 1: "tokens"}, "past_key": kv_axes,
-                 "past_value": kv_axes, **{name: {0: "batch"} for name in cross_names},
+                 "past_value": kv_axes,
+                 **{name: {0: "batch", 2: "positions"} for name in cross_names},
                  "logits": {0: "batch", 1: "tokens"}, "present_key": {1: "batch", 3: "total"},
                  "present_value": {1: "batch", 3: "total"}})
         graphs = {}

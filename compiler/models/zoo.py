@@ -13,8 +13,9 @@ from ..errors import SfcError
 __all__ = ["EXPORT_FORMAT", "ZOO", "CheckpointFiles", "ZooEntry", "locate_checkpoint"]
 
 # The graph interface of sfc's zoo exports, recorded in the card's source; a cached export
-# of another format is made again. 2: per-layer cross-attention K/V decoder inputs.
-EXPORT_FORMAT = "2"
+# of another format is made again. 2: per-layer cross-attention K/V decoder inputs;
+# 3: the encoder takes any even number of frames up to 3000, the decoder any cross length.
+EXPORT_FORMAT = "3"
 
 
 @dataclass(frozen=True)

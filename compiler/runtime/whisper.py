@@ -49,6 +49,7 @@ from .segments import Segment, map_times, segments_from_tokens, window_clock
 from .session import open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
 from .vad import Region, SileroVad, speech_in
+from .window import FULL, EncoderWindow
 
 __all__ = ["CACHE", "DeviceCacheStep", "Transcript", "WhisperRuntime", "encode_in_chunks"]
 
@@ -123,12 +124,14 @@ class WhisperRuntime:
     encoder_batch: int | None = 1
     options: DecodeOptions = GREEDY
     no_speech: int | None = None  # the no-speech token's id (temperature fallback)
+    window: EncoderWindow = FULL  # the encoder's window for recordings of one window
 
     @classmethod
     def open(cls, folder: str | Path, *, threads: int | None = None,
              guard: LoopGuard | None = LOOP_GUARD,
              providers: list[str] | None = None, arena: bool = True,
-             options: DecodeOptions = GREEDY, spinning: bool = False) -> WhisperRuntime:
+             options: DecodeOptions = GREEDY, spinning: bool = False,
+             window: EncoderWindow = FULL) -> WhisperRuntime:
         """Open an export or build folder (its `card.json` says which file is which).
 
         `providers`: ONNX Runtime execution providers for `.onnx` graphs (default CPU);
@@ -136,7 +139,9 @@ class WhisperRuntime:
         decoding, or beam search and temperature fallback; `spinning`: ORT's idle worker
         threads spin (off by default: the encoder's and the decoder's pools take turns;
         on a 2-core AMX Xeon (VNNI class) transcription ran 1-3% faster without it over all
-        350 eval clips, and 8-9% on 40 clips in one process; BENCHMARKS.md, issue 13).
+        350 eval clips, and 8-9% on 40 clips in one process; BENCHMARKS.md, issue 13);
+        `window`: the encoder's window for a recording of at most one window
+        (`window.EncoderWindow`; ONNX Runtime encoders of sfc's export format 3 or later).
         """
         folder = Path(folder)
         card = ModelCard.load(folder)
@@ -148,6 +153,8 @@ class WhisperRuntime:
         tok_path = folder / card.tokenizer
         if not tok_path.is_file():
             raise SfcError(f"tokenizer file not found: {tok_path}")
+        if window.fit:
+            _check_short_windows(folder, card.graphs["encoder"])
         tokenizer = Tokenizer.from_file(str(tok_path))
         return cls(
             card=card,
@@ -161,6 +168,7 @@ class WhisperRuntime:
             options=options,
             no_speech=next((i for i in map(tokenizer.token_to_id, NO_SPEECH)
                             if i is not None), None),
+            window=window,
         )
 
     def limits(self) -> tuple[int, int | None]:
@@ -341,14 +349,25 @@ class WhisperRuntime:
                                                            task), strict=True))
             return [done[i] for i in range(len(audios))]
         planned = [self._fixed_windows(a) for a in audios]
-        if not planned:
-            return []
-        decoded = iter(self.decode_windows(
-            np.concatenate([f for f, _ in planned]), timestamps, plan,
-            window_recordings([len(f) for f, _ in planned])))
+        # Recordings of one window may be encoded on a shorter one (`window`); windows of
+        # one size are decoded together, and a recording's text does not depend on which
+        # others share its batch.
+        sizes = [self.mel.n_frames if timestamps or len(f) > 1
+                 else self.window.frames(len(a), self.mel)
+                 for a, (f, _) in zip(audios, planned, strict=True)]
+        owners = window_recordings([len(f) for f, _ in planned])
+        decoded: dict[int, Transcript] = {}
+        for size in sorted(set(sizes), reverse=True):
+            picks = [w for w, r in enumerate(owners) if sizes[r] == size]
+            windows = np.concatenate([planned[r][0] for r in dict.fromkeys(owners[w]
+                                                                           for w in picks)])
+            for w, got in zip(picks, self.decode_windows(
+                    np.ascontiguousarray(windows[:, :, :size]), timestamps, plan,
+                    [owners[w] for w in picks]), strict=True):
+                decoded[w] = got
         out = []
-        for r, (features, clocks) in enumerate(planned):
-            mine = [next(decoded) for _ in range(len(features))]
+        for r, (_, clocks) in enumerate(planned):
+            mine = [decoded[w] for w, owner in enumerate(owners) if owner == r]
             out.append(Transcript(
                 " ".join(w.text for w in mine if w.text), sum(w.loop_stops for w in mine),
                 _in_recording(mine, clocks) if timestamps else None, plan.language_of(r),
@@ -416,6 +435,17 @@ class WhisperRuntime:
         seconds, span = len(audio) / self.mel.sample_rate, self.mel.chunk_length_s
         return windows, [window_clock(i * span, min(span, seconds - i * span))
                          for i in range(len(windows))]
+
+
+def _check_short_windows(folder: Path, encoder: GraphSpec) -> None:
+    """Refuse a shorter encoder window where the encoder cannot take one."""
+    if encoder.path.endswith(".plan"):
+        raise SfcError(f"{folder}: a TensorRT engine takes the full 30 s window only; "
+                       "use --encoder-window full")
+    frames = next((t.shape[-1] for t in encoder.inputs if t.name == "input_features"), None)
+    if isinstance(frames, int):
+        raise SfcError(f"{folder}: its encoder takes {frames} frames only (an export older "
+                       "than sfc's format 3); export and build it again for a shorter window")
 
 
 def _in_recording(windows: Sequence[Transcript],

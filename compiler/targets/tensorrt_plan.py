@@ -25,6 +25,7 @@ import onnx
 
 from ..card import ModelCard
 from ..errors import SfcError
+from ..runtime.features import LogMelSpec
 
 __all__ = [
     "DEFAULT_VERSION",
@@ -161,6 +162,12 @@ def _whisper_dim(dim: str, card: ModelCard, limits: ProfileLimits) -> tuple[int,
     if dim == "past":  # cache length: 0 on the first step, then grows to the last position
         last = max(0, max_pos - 1)
         return 0, min(limits.opt_decoder_steps, last), last
+    if dim in ("frames", "positions"):
+        # Engines take the full 30 s window only; shorter ones (`encoder_window`) are an
+        # ONNX Runtime option, refused on engines by the runtime.
+        frames = LogMelSpec.from_dict(card.preprocessing or {}).n_frames
+        size = frames if dim == "frames" else frames // 2
+        return size, size, size
     raise SfcError(f"whisper graph input dimension {dim!r} has no profile rule")
 
 
