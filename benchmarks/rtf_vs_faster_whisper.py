@@ -292,6 +292,8 @@ def load_variant(variant: str, threads: int, builds: Mapping[str, Path],
     spinning = variant.endswith(SPIN)
     windowed = variant.endswith(WINDOW)
     name = variant.removesuffix(SPIN).removesuffix(WINDOW)
+    if windowed and window == "full":
+        raise ValueError(f"variant {variant!r} needs --sfc-window")
     chosen = window if windowed else "full"
     if name == SFC:
         return _load_sfc(model_folder(SFC_MODEL), threads, batch, spinning, chosen)
@@ -372,6 +374,8 @@ def spawn_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     ]
     for label, folder in args.sfc_build:
         cmd += ["--sfc-build", f"{label}={folder}"]
+    if args.sfc_window is not None:
+        cmd += ["--sfc-window", args.sfc_window]
     result: dict[str, Any] = run_marked_worker(cmd, variant, RESULT_MARKER)
     return result
 

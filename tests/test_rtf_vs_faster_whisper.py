@@ -206,3 +206,19 @@ def test_script_throughput_mode_end_to_end(tiny_export: Path, tmp_path: Path) ->
     assert run["ct2-int8-batch2"]["hyps"] == run["faster-whisper-int8"]["hyps"]
     assert all(len(r["compute_s"]) == 1 for r in run.values())
     assert all(r["peak_rss_kib"] > 0 for r in run.values())
+
+
+def test_workers_get_the_encoder_window(rvf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(rvf, "run_marked_worker",
+                        lambda cmd, variant, marker: seen.append(cmd) or {})
+    rvf.spawn_worker("sfc-ort-fp32+window", rvf.parse_args(["--sfc-window", "fit:pad=4"]))
+    cmd = seen[0]
+    assert cmd[cmd.index("--sfc-window") + 1] == "fit:pad=4"
+    rvf.spawn_worker("sfc-ort-fp32", rvf.parse_args([]))
+    assert "--sfc-window" not in seen[1]
+
+
+def test_a_window_variant_without_a_window_is_refused(rvf: Any) -> None:
+    with pytest.raises(ValueError, match="needs --sfc-window"):
+        rvf.load_variant("sfc-ort-fp32+window", 1, {}, 1)

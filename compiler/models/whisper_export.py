@@ -100,21 +100,33 @@ def _modules(loaded: LoadedWhisper) -> tuple[torch.nn.Module, torch.nn.Module]:
         b, h, t, d = out.shape
         return out.transpose(1, 2).reshape(b, t, h * d)
 
+    class AnyFrames(nn.Module):
+        """transformers' WhisperEncoder.forward (inference), less its 3000-frame check, on
+        the same submodules under the same names (so graph and weight names stay those of
+        earlier exports)."""
+
+        def __init__(self, enc: Any) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = enc.conv1, enc.conv2
+            self.embed_positions, self.layers, self.layer_norm = (
+                enc.embed_positions, enc.layers, enc.layer_norm)
+
+        def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+            h = nn.functional.gelu(self.conv1(input_features))
+            h = nn.functional.gelu(self.conv2(h)).permute(0, 2, 1)
+            h = h + self.embed_positions.weight[: h.shape[1]]
+            for layer in self.layers:
+                h = layer(h, None)
+            return self.layer_norm(h)
+
     class Encoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = hf.encoder
+            self.encoder = AnyFrames(hf.encoder)
             self.cross = nn.ModuleList([layer.encoder_attn for layer in hf.decoder.layers])
 
         def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            # transformers' WhisperEncoder.forward (inference), less its 3000-frame check.
-            enc: Any = self.encoder
-            h = nn.functional.gelu(enc.conv1(input_features))
-            h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
-            h = h + enc.embed_positions.weight[: h.shape[1]]
-            for layer in enc.layers:
-                h = layer(h, None)
-            h = enc.layer_norm(h)
+            h = self.encoder(input_features)
             cross: list[Any] = list(self.cross)
             keys = torch.stack([heads(a.k_proj(h)) for a in cross])
             values = torch.stack([heads(a.v_proj(h)) for a in cross])
