@@ -3,8 +3,9 @@
     python benchmarks/short_window.py [--windows 30,15,10,8] [--limit N] [--threads 2]
     python benchmarks/short_window.py --show
 
-sfc's encoder always sees a 30 s window (3000 mel frames, 1500 positions), however short
-the clip. This script measures what a W-second window costs in WER and saves in time:
+sfc's encoder sees a 30 s window (3000 mel frames, 1500 positions) by default, however
+short the clip (`--encoder-window fit` picks a window per clip instead). This script
+measures what one fixed W-second window for every clip costs in WER and saves in time:
 
 1. Parity. sfc's export (format 3) takes any even number of frames: conv1, GELU, conv2,
    GELU, then the first frames / 2 rows of the positional table, the layers and the final

@@ -109,7 +109,7 @@ BeamSizeOpt = Annotated[int, typer.Option(
     "decoders only)")]
 EncoderWindowOpt = Annotated[str, typer.Option(
     "--encoder-window", help="full: the encoder sees Whisper's 30 s window (default); fit: a "
-    "file of at most 30 s is encoded on its length plus 6 s (fit:pad=S,min=S: plus S "
+    "file of at most 30 s is encoded on its length plus 10 s (fit:pad=S,min=S: plus S "
     "seconds, at least S), faster on short files; transcripts change, about +0.5 WER points "
     "on tiny.en (BENCHMARKS.md, issue 13; ONNX Runtime only)")]
 FallbackOpt = Annotated[bool, typer.Option(
