@@ -4,7 +4,8 @@ per utterance, and a decoder step with a growing self-attention KV cache.
 Graphs (L decoder layers, H heads, D head dim, F mel frames, S = F / 2 encoder positions):
 - encoder.onnx: input_features [B, n_mels, F] -> last_hidden_state [B, S, d_model],
   cross_key / cross_value [L, B, H, S, D]. F is 3000 (a 30 s window) unless the runtime is
-  asked for a shorter window (`WhisperRuntime.encoder_window`, whisper.cpp's `audio_ctx`):
+  asked for a shorter window (`WhisperRuntime.window`, `--encoder-window`; whisper.cpp's
+  `audio_ctx`):
   the positional table's first S rows are added, as the first S positions of a 30 s
   window get them, so at 3000 frames the graph computes what transformers' encoder does.
 - decoder.onnx: tokens [B, T] int64, past_key / past_value [L, B, H, P, D] (P may be 0),

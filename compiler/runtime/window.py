@@ -26,7 +26,7 @@ __all__ = ["FULL", "EncoderWindow"]
 # and +1.1 WER points (the decoder repeats the clip's text until the window ends); 6, 8 and
 # 10 s +0.3 to +0.5, not significant. Over FP32, the default W8A8 build and its fused-
 # attention lowering on two sets, 10 s never lost more than 1.2 points where 6 s lost 1.65
-# (repetitions again) (BENCHMARKS.md, issue 13).
+# and 2.1 (repetitions again) (BENCHMARKS.md, issue 13).
 FIT_PAD_S = 10.0
 FIT_LEAST_S = 0.0
 FIT_STEP_S = 1.0
