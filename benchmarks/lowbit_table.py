@@ -104,6 +104,16 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # at 4.0 bits the default candidates must put about a fifth of the weights at 2-bit.
         "mixed-4-c512": _mixed(4.0, search=SearchConfig(
             Budget(avg_bits=4.0), candidates=("8", "4/32", "4/128", "4/512", "2/32"))),
+        # Float16 block scales (`--block-scales float16`): INT4 in blocks of 32 with zero
+        # points at 4.625 bits instead of 5.125, 2/32 at 2.625 instead of 3.125.
+        "w4-b32-gptq-h16": {**NONE, "weights": 4, "weight_method": "gptq",
+                            "block_scale_bits": 16},
+        "w4-b64-gptq-h16": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq",
+                            "block_scale_bits": 16},
+        "mixed-4.5-c64-h16": _mixed(4.5, block_scale_bits=16, search=SearchConfig(
+            Budget(avg_bits=4.5), candidates=("8", "4/32", "4/64", "4/128", "2/32"))),
+        "mixed-4-h16": _mixed(4.0, block_scale_bits=16, search=SearchConfig(
+            Budget(avg_bits=4.0), candidates=("8", "4/64", "4/128", "4/512", "2/32"))),
         # W{2,4,8}A8: ESC activations on top of the mixed weights (ort-cpu runs the 4/2-bit
         # layers weight-only, sim quantizes every input).
         "mixed-4.5-a8": _mixed(4.5, activations=8, calibrator="esc"),

@@ -136,6 +136,7 @@ class BuildConfig:
     block_size: int = 32
     quantize_attention: bool = False
     symmetric_blocks: bool = False  # no zero points even where the target runs them
+    block_scale_bits: int = 32  # 16: 4/2-bit block scales stored as float16 values
     seed: int = 0
     # How sub-8-bit integers are chosen (quant.lowbit), and GPTQ's knobs.
     weight_method: str = "gptq"  # measured better than mse on tiny.en and base (BENCHMARKS.md)
@@ -186,6 +187,13 @@ class BuildConfig:
         if self.gptq != GptqConfig() and self.weight_method != "gptq":
             raise SfcError("--gptq-damp, --gptq-act-order and --gptq-stages apply to "
                            "--weight-method gptq only")
+        if self.block_scale_bits != 32:
+            if not self.target.startswith("ort-cpu"):
+                raise SfcError("--block-scales float16 is for --target ort-cpu (its files store "
+                               "them; sim and TensorRT files keep float32 scales)")
+            if self.weights == 8 and not any(p.weights in (4, 2) for p in self.precision):
+                raise SfcError("--block-scales applies to 4/2-bit weights: --weights 4, 2, "
+                               "mixed, or a --precision map with 4/2-bit layers")
         # Fail on a bad option before minutes of calibration, not after.
         check_caps(self.plan_config(), target_caps(self.target))
         if self.activations is not None:
@@ -276,7 +284,8 @@ class BuildConfig:
                           quantize_attention=self.quantize_attention, exclude=self.exclude,
                           precision=self.precision if graph is None
                           else entries_for_graph(self.precision, graph),
-                          symmetric_blocks=self.symmetric_blocks)
+                          symmetric_blocks=self.symmetric_blocks,
+                          block_scale_bits=self.block_scale_bits)
 
     def recipe_config(self, plan: PlanConfig | None = None) -> dict[str, Any]:
         """What goes into recipe.json: machine-independent settings only (`plan`: the plan

@@ -368,6 +368,14 @@ def _activation_bits(activations: str) -> int | None:
     return bits[bare]
 
 
+def _block_scale_bits(block_scales: str) -> int:
+    """--block-scales as BuildConfig takes it (bits per stored scale)."""
+    bits = {"float32": 32, "fp32": 32, "float16": 16, "fp16": 16}
+    if block_scales not in bits:
+        raise SfcError(f"--block-scales must be float32 or float16, not {block_scales!r}")
+    return bits[block_scales]
+
+
 @command("build")
 def build_cmd(
     src: Annotated[str, typer.Argument(help="Zoo name, export folder or .onnx")] = DEFAULT_MODEL,
@@ -445,6 +453,10 @@ def build_cmd(
     symmetric_blocks: Annotated[bool, typer.Option(
         help="No zero points in 4/2-bit blocks even where the target runs them (ort-cpu, "
              "sim); TensorRT's are always symmetric")] = False,
+    block_scales: Annotated[str, typer.Option(
+        help="How 4/2-bit block scales are stored: float32, or float16 (half the scales' "
+             "bits: INT4 in blocks of 32 with zero points 4.625 bits, not 5.125)")]
+    = "float32",
     seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
     esc_budget: Annotated[int, typer.Option(help="ESC: candidate evaluations")] = 100,
     esc_popsize: Annotated[int | None, typer.Option(
@@ -574,7 +586,8 @@ def build_cmd(
                          calibrator=calibrator, calib=calib, calib_limit=calib_limit,
                          recipe=recipe, exclude=tuple(exclude or ()), block_size=block_size,
                          quantize_attention=quantize_attention,
-                         symmetric_blocks=symmetric_blocks, seed=seed,
+                         symmetric_blocks=symmetric_blocks,
+                         block_scale_bits=_block_scale_bits(block_scales), seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
                          workers=workers, ray_address=ray_address,

@@ -194,6 +194,10 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
         ([*mixed5, "--search", "one-stage", "--train-data", str(tmp_path)],
          "manifest not found"),
         (["--calibrator", "mse", "--workers", "2"], "apply to --calibrator esc and"),
+        (["--weights", "4", "--block-scales", "float8"], "--block-scales must be"),
+        (["--block-scales", "float16"], "applies to 4/2-bit weights"),
+        (["--weights", "4", "--target", "sim", "--block-scales", "float16"],
+         "is for --target ort-cpu"),
     ]
     if not __import__("torch").cuda.is_available():
         cases.append(([*mixed5, "--search", "one-stage", "--train-device", "cuda"],

@@ -1,10 +1,12 @@
 """What a weight format costs, and the budget a mixed build must meet.
 
-Bits are counted as stored: every integer at its width plus one float32 scale per
-block or channel (so INT4 in blocks of 32 costs 5.0 bits per weight, INT8 per-channel
-8 + 32/K; ONNX Runtime's MatMulNBits takes its scales in the activations' type, so an
-FP32 graph deploys float32 scales; a zero point per block adds its integer's width: INT4
-in blocks of 32 with zero points costs 5.125). The average is over the parameters of the weights
+Bits are counted as stored: every integer at its width plus one scale per block or
+channel, float32 unless the spec stores float16 block scales (`QuantSpec.scale_bits`; so
+INT4 in blocks of 32 costs 5.0 bits per weight, 4.5 with float16 scales, INT8 per-channel
+8 + 32/K; ONNX Runtime's MatMulNBits takes its scales in the activations' type, so `ort-cpu`
+deploys float16 scales through a Cast that ONNX Runtime folds at load); a zero point per
+block adds its integer's width: INT4 in blocks of 32 with zero points costs 5.125 (4.625
+with float16 scales). The average is over the parameters of the weights
 the build can quantize (each tensor once, a tied embedding included); weights kept float
 count 32 bits. Not counted: the INT8 copy a
 Gather reads on a target with `gather_copy_int8` (ONNX Runtime's Gather has no 4/2-bit
@@ -33,7 +35,7 @@ def storage_bits(shape: tuple[int, ...], spec: QuantSpec | None) -> int:
     numel = math.prod(shape)
     if spec is None:
         return numel * FLOAT_BITS
-    per_group = 32 + (spec.bits if spec.zero_point else 0)  # scale, and zero point
+    per_group = spec.scale_bits + (spec.bits if spec.zero_point else 0)  # scale, zero point
     return numel * spec.bits + math.prod(scale_shape(shape, spec)) * per_group
 
 

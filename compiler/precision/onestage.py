@@ -40,7 +40,7 @@ from ..atomic import atomic_path
 from ..errors import Interrupted, SfcError
 from ..progress import progress_bar
 from ..quant.spec import QuantSpec
-from ..quant.weights import quantize_weight, weight_scales
+from ..quant.weights import quantize_weight, stored_scales, weight_scales
 from .budget import WeightOption, storage_bits
 from .data_parallel import join
 from .fakequant import expand_scales, fake_quantize
@@ -498,7 +498,7 @@ def one_stage_search(weights: Sequence[SearchedWeight], task_loss: TaskLoss, *,
         index = mixed.fixed[w.name]
         spec = w.specs[index]
         latent = mixed.latent[w.name].detach().cpu().numpy()
-        scales = mixed.scale(w.name, index).detach().cpu().numpy()
+        scales = stored_scales(mixed.scale(w.name, index).detach().cpu().numpy(), spec)
         chosen[w.name] = (spec, quantize_weight(latent, spec, scales), scales)
         learned[w.name] = latent
     used = sum(options[n][i].bits for n, i in mixed.fixed.items()) + fixed_bits

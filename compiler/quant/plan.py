@@ -30,7 +30,7 @@ import onnx
 
 from ..errors import SfcError
 from ..onnx_utils import int_attr
-from .spec import SIM_CAPS, QuantSpec, TargetCaps, min_opset
+from .spec import SCALE_BITS, SIM_CAPS, QuantSpec, TargetCaps, min_opset
 
 __all__ = [
     "STRUCTURAL_OPS",
@@ -173,6 +173,8 @@ class PlanConfig:
     `symmetric_blocks`: keep 4/2-bit block weights symmetric even on a target that runs
     a zero point per block (`TargetCaps.block_zero_point`), e.g. to compare the two or to
     keep one file's weights what TensorRT would take.
+    `block_scale_bits`: 32, or 16 to store 4/2-bit block weights' scales as float16 values
+    (`QuantSpec.scale_bits`): half the scales' bits for a scale rounding of <= 2^-11.
     """
 
     weight_bits: int = 8
@@ -182,9 +184,12 @@ class PlanConfig:
     exclude: tuple[str, ...] = ()
     precision: tuple[LayerPrecision, ...] = ()
     symmetric_blocks: bool = False
+    block_scale_bits: int = 32
 
     def __post_init__(self) -> None:
         _check_weight_bits(self.weight_bits, "weight_bits")
+        if self.block_scale_bits not in SCALE_BITS or isinstance(self.block_scale_bits, bool):
+            raise SfcError(f"block_scale_bits must be 32 or 16, not {self.block_scale_bits!r}")
         _check_activation_bits(self.activation_bits, "activation_bits")
         _check_block_size(self.block_size, "block_size")
         if not isinstance(self.precision, tuple) or not all(
@@ -217,8 +222,8 @@ class PlanConfig:
         return weights, block, acts
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (for the recipe's `config`); `precision` and `symmetric_blocks` only
-        when set, so recipes of earlier builds keep their bytes."""
+        """JSON form (for the recipe's `config`); `precision`, `symmetric_blocks` and
+        `block_scale_bits` only when set, so recipes of earlier builds keep their bytes."""
         data: dict[str, Any] = {
             "weight_bits": self.weight_bits,
             "activation_bits": self.activation_bits,
@@ -230,13 +235,15 @@ class PlanConfig:
             data["precision"] = [p.to_dict() for p in self.precision]
         if self.symmetric_blocks:
             data["symmetric_blocks"] = True
+        if self.block_scale_bits != 32:
+            data["block_scale_bits"] = self.block_scale_bits
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:
         """Inverse of `to_dict`; unknown keys raise SfcError."""
         known = {"weight_bits", "activation_bits", "block_size", "quantize_attention", "exclude",
-                 "precision", "symmetric_blocks"}
+                 "precision", "symmetric_blocks", "block_scale_bits"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SfcError(f"unknown plan settings: {', '.join(unknown)}")
@@ -465,7 +472,8 @@ class WeightedOpRule:
         if bits == 8:
             return _Match(node.name, op, (data,), weight, per_channel, per_channel)
         block = QuantSpec(bits, "block", axis=k_axis, block_size=block_size,
-                          zero_point=caps.block_zero_point and not ctx.config.symmetric_blocks)
+                          zero_point=caps.block_zero_point and not ctx.config.symmetric_blocks,
+                          scale_bits=ctx.config.block_scale_bits)
         multiple, last = caps.last_dim_multiple(bits), int(tensor.dims[-1])
         if op not in caps.block_weight_ops:
             why = f"{caps.name} has no block-quantized {op}"

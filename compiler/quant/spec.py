@@ -5,7 +5,8 @@ that run zero points (`TargetCaps.block_zero_point`): TensorRT rejects any other
 point ("TensorRT only supports symmetric quantization"), while ONNX Runtime's
 MatMulNBits takes one per block, and a zero point halves INT4's squared rounding error on
 Whisper's weights (whose blocks are rarely centred on 0). So a spec is bits, granularity,
-axis, block size and whether blocks have a zero point.
+axis, block size, whether blocks have a zero point, and how many bits each block's scale
+is stored in (`scale_bits`: 32, or 16 where the scales are float16 values).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "INT_RANGES",
     "ORT_CPU_CAPS",
     "ORT_CPU_SATURATING_CAPS",
+    "SCALE_BITS",
     "SIM_CAPS",
     "TENSORRT_CAPS",
     "Granularity",
@@ -28,6 +30,10 @@ __all__ = [
 ]
 
 Granularity = Literal["tensor", "channel", "block"]
+
+# Bits a block scale may be stored in: float32, or float16 (llama.cpp's q4_0 layout; half
+# the scale cost of INT4 in blocks of 32, at a relative rounding of the scale <= 2^-11).
+SCALE_BITS = (32, 16)
 
 # Signed two's-complement ranges; the DQ input types are INT8 / INT4 / INT2.
 INT_RANGES: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7), 2: (-2, 1)}
@@ -58,6 +64,7 @@ class QuantSpec:
     block_size: int | None = None
     pair_limit: int | None = None
     zero_point: bool = False
+    scale_bits: int = 32
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in INT_RANGES:
@@ -92,6 +99,10 @@ class QuantSpec:
                 self.zero_point and (self.granularity != "block" or self.bits == 8)):
             raise SfcError(f"zero points are for 4/2-bit block quantizers, not "
                            f"{self.zero_point!r} on INT{self.bits} {self.granularity}")
+        if self.scale_bits not in SCALE_BITS or not _is_int(self.scale_bits) or (
+                self.scale_bits != 32 and self.granularity != "block"):
+            raise SfcError(f"scale_bits must be 32, or 16 on a block quantizer, not "
+                           f"{self.scale_bits!r} on {self.granularity}")
 
     @property
     def qmin(self) -> int:
@@ -127,6 +138,8 @@ class QuantSpec:
         }
         if self.zero_point:
             data["zero_point"] = True
+        if self.scale_bits != 32:
+            data["scale_bits"] = self.scale_bits
         return data
 
     @classmethod
@@ -134,11 +147,12 @@ class QuantSpec:
         """Inverse of `to_dict` (recipes without `pair_limit` predate it: no limit);
         malformed input raises SfcError."""
         keys = {"bits", "granularity", "axis", "block_size"}
-        optional = {"pair_limit", "zero_point"}
+        optional = {"pair_limit", "zero_point", "scale_bits"}
         if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
             raise SfcError(f"malformed quantizer spec: {data!r}")
         return cls(data["bits"], data["granularity"], data["axis"], data["block_size"],
-                   data.get("pair_limit"), data.get("zero_point", False))
+                   data.get("pair_limit"), data.get("zero_point", False),
+                   data.get("scale_bits", 32))
 
     def describe(self) -> str:
         """Short human form, e.g. 'INT4 block(axis 0, 32)'."""
@@ -148,7 +162,8 @@ class QuantSpec:
         if self.granularity == "channel":
             return f"INT{self.bits} per-channel(axis {self.axis}{narrow})"
         zero = ", zero points" if self.zero_point else ""
-        return f"INT{self.bits} block(axis {self.axis}, {self.block_size}{zero})"
+        half = ", float16 scales" if self.scale_bits == 16 else ""
+        return f"INT{self.bits} block(axis {self.axis}, {self.block_size}{zero}{half})"
 
 
 def min_opset(spec: QuantSpec) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import SfcError
 from .spec import QuantSpec
-from .weights import check_integers, scale_shape
+from .weights import check_integers, scale_shape, stored_scales
 
 __all__ = ["LEARNED", "STORED_FILE", "STORED_METHODS", "StoredWeights"]
 
@@ -62,6 +62,8 @@ class StoredWeights:
             raise SfcError(f"stored integers for '{tensor}': {reason}")
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise SfcError(f"stored scales for '{tensor}' must be finite and > 0")
+        if not np.array_equal(stored_scales(scales, spec), scales):
+            raise SfcError(f"stored scales for '{tensor}' are not {spec.scale_bits}-bit values")
         return q, scales
 
     def save(self, path: Path) -> None:

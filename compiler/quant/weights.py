@@ -37,6 +37,7 @@ __all__ = [
     "round_to_nearest",
     "scale_shape",
     "split_zero_points",
+    "stored_scales",
     "weight_scales",
 ]
 
@@ -128,6 +129,20 @@ def _window(low: np.ndarray, high: np.ndarray, scale: np.ndarray, spec: QuantSpe
     return lo, lo + np.float32(spec.span)
 
 
+# float16's smallest subnormal and largest finite value: a float16 scale stays > 0 and finite.
+_HALF_TINY, _HALF_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
+
+
+def stored_scales(scales: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """`scales` as the spec stores them, as float32: unchanged at 32 bits, else rounded to
+    the nearest float16 value (kept inside float16's positive finite range), so every
+    rounding decision is made with the scale the deployed file holds."""
+    scales = np.asarray(scales, dtype=np.float32)
+    if spec.scale_bits == 32:
+        return scales
+    return np.clip(scales, _HALF_TINY, _HALF_MAX).astype(np.float16).astype(np.float32)
+
+
 def round_clip(x: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
     """Round half to even, then clip to [lo, hi]: the one rounding every quantizer uses."""
     return np.clip(np.rint(x), lo, hi)
@@ -154,6 +169,7 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     the least squared round-to-nearest error; clipping a few outliers buys resolution
     for the rest, which matters at 4 and 2 bits. Deterministic and vectorised.
     Zero-point specs size the step for the group's range instead: (max - min) / span.
+    Every candidate is the scale as stored (`stored_scales`).
     """
     method = method or default_method(spec)
     if method not in METHODS:
@@ -175,7 +191,7 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
         steps = np.float32(min(spec.qmax, spec.pair_limit - 1))
     # An all-zero group quantizes exactly at any scale; 1.0 keeps scales strictly positive.
     safe = np.where(top > 0, top, steps).astype(np.float32)
-    scales = (safe / steps).astype(np.float32)
+    scales = stored_scales(safe / steps, spec)
     if method == "mse":
         for part in _chunks(rows):
             block, base = rows[part], safe[part]
@@ -183,7 +199,7 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
             best_scale = scales[part].copy()
             best_err = _sq_error(block, best_scale, spec, low, high)
             for ratio in _MSE_RATIOS[1:]:
-                cand = (base * np.float32(ratio) / steps).astype(np.float32)
+                cand = stored_scales(base * np.float32(ratio) / steps, spec)
                 err = _sq_error(block, cand, spec, low, high)
                 better = err < best_err  # strict: ties keep the larger ratio
                 best_err = np.where(better, err, best_err)

@@ -11,7 +11,10 @@ the order of float sums.
 
 Artifacts (in `out_dir`, named after `stem`):
 - `<stem>.ort.onnx`: the optimized graph as ONNX (opens in any ORT build; inspectable).
-- `<stem>.ort`: the same graph in ORT format (flatbuffers), for minimal/mobile ORT builds.
+  MatMulNBits scales that are all float16 values (`QuantSpec.scale_bits` 16) are stored as
+  float16 behind a Cast, which ORT folds back to float32 at load (`half_nbits_scales`).
+- `<stem>.ort`: the same graph in ORT format (flatbuffers), for minimal/mobile ORT builds
+  (saved after ORT's folding, so its scales are float32).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from ..atomic import staging_dir
 from ..cpu import host_isa
@@ -32,7 +37,7 @@ from ..quant.spec import ORT_CPU_SATURATING_CAPS
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
 
-__all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "weight_matmul_rows"]
+__all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "half_nbits_scales", "weight_matmul_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,39 @@ def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
         if fixed:
             rows.append(math.prod(fixed))
     return rows
+
+
+def half_nbits_scales(model: onnx.ModelProto) -> int:
+    """Store each float32 MatMulNBits scale initializer whose every value is a float16 value
+    as float16, read through a Cast to float32 (MatMulNBits takes its scales in the
+    activations' type); returns how many. Lossless by construction: the Cast gives back the
+    same float32 values, and ORT's constant folding removes it when a session loads."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    halved = 0
+    casts = []
+    for name, uses in readers.items():
+        init = inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT or not all(
+                n.op_type == "MatMulNBits" and i == 2 for n, i in uses):
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if not (np.isfinite(half).all() and np.array_equal(half.astype(np.float32), values)):
+            continue
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}_f16"))
+        casts.append(helper.make_node("Cast", [init.name], [name], name=f"{name}_cast",
+                                      to=onnx.TensorProto.FLOAT))
+        halved += 1
+    # Topological order: the Casts read only initializers, so they go first.
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return halved
 
 
 def _ort_session(src: Path, options: Any) -> Any:
@@ -213,6 +251,14 @@ class OrtCpuTarget:
             _ort_session(source, opts)
             for leftover in stage.glob(f"{stem}.rewritten.onnx*"):
                 leftover.unlink()
+            if not (external or large):
+                optimized = onnx.load(str(stage / artifact))
+                halved = half_nbits_scales(optimized)
+                if halved:
+                    onnx.save(optimized, str(stage / artifact))
+                    notes.append(f"float16 MatMulNBits scales x{halved}")
+            else:  # not built for external data: its file would have to be rewritten whole
+                notes.append("MatMulNBits scales stored float32 (a model with external data)")
             census = fusion_census(onnx.load(str(stage / artifact), load_external_data=False))
             size = artifact_bytes(stage / artifact)
 
