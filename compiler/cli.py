@@ -248,6 +248,9 @@ def transcribe(
         raise SfcError(f"--output-format must be one of {', '.join(FORMATS)}, "
                        f"not {output_format!r}")
     fmt = FORMATS[output_format]
+    if window.fit and (fmt.timestamps or vad):
+        raise SfcError("--encoder-window fit applies to txt output without --vad: timestamps "
+                       "and VAD windows keep Whisper's full 30 s window")
     if output_dir is None and output_format != "txt" and len(audio) > 1:
         raise SfcError(f"{output_format} for several files needs --output-dir (one file each)")
     targets = (_output_paths(audio, output_dir, output_format) if output_dir is not None

@@ -143,10 +143,12 @@ def test_tensorrt_profiles_keep_the_full_window(tiny_export: Path) -> None:
     assert cross.min[2] == cross.max[2] == 1500
 
 
-def test_cli_refuses_a_bad_window_in_one_line(tiny_export: Path) -> None:
+@pytest.mark.parametrize("extra", [["half"], ["fit", "-f", "srt"], ["fit", "--vad"]])
+def test_cli_refuses_a_bad_window_in_one_line(tiny_export: Path, extra: list[str]) -> None:
+    """A window it cannot parse, or fit where it never applies (timestamps, VAD windows)."""
     clip = EVAL_DATA / "audio" / "eval_0001.flac"
     out = subprocess.run(["sfc", "transcribe", str(tiny_export), str(clip),
-                          "--encoder-window", "half"], capture_output=True, text=True,
+                          "--encoder-window", *extra], capture_output=True, text=True,
                          check=False)
     assert out.returncode != 0 and out.stdout == ""
     assert out.stderr.strip().count("\n") == 0 and "--encoder-window" in out.stderr
