@@ -164,6 +164,8 @@ def run_or_show(args: argparse.Namespace, run: Callable[[argparse.Namespace], in
                 show: Callable[[dict[str, Any]], None]) -> int:
     """`--show`: print the saved JSON report (`args.json`); else run the benchmark."""
     if args.show:
+        if not Path(args.json).is_file():
+            raise SystemExit(f"no saved report at {args.json} (run the benchmark first)")
         show(json.loads(Path(args.json).read_text()))
         return 0
     return run(args)
