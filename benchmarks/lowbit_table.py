@@ -37,7 +37,9 @@ from sfc.quant.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
-NONE = {"activations": None, "calibrator": "mse"}
+# Float32 block scales: what every variant measured before float16 became ort-cpu's default
+# (the -h16 variants set 16).
+NONE = {"activations": None, "calibrator": "mse", "block_scale_bits": 32}
 
 
 def _mixed(bits: float, method: str = "gptq", **extra: Any) -> dict[str, Any]:

@@ -371,11 +371,11 @@ def _activation_bits(activations: str) -> int | None:
     return bits[bare]
 
 
-def _block_scale_bits(block_scales: str) -> int:
-    """--block-scales as BuildConfig takes it (bits per stored scale)."""
-    bits = {"float32": 32, "fp32": 32, "float16": 16, "fp16": 16}
+def _block_scale_bits(block_scales: str) -> int | None:
+    """--block-scales as BuildConfig takes it (bits per stored scale; None: auto)."""
+    bits = {"auto": None, "float32": 32, "fp32": 32, "float16": 16, "fp16": 16}
     if block_scales not in bits:
-        raise SfcError(f"--block-scales must be float32 or float16, not {block_scales!r}")
+        raise SfcError(f"--block-scales must be auto, float32 or float16, not {block_scales!r}")
     return bits[block_scales]
 
 
@@ -457,9 +457,10 @@ def build_cmd(
         help="No zero points in 4/2-bit blocks even where the target runs them (ort-cpu, "
              "sim); TensorRT's are always symmetric")] = False,
     block_scales: Annotated[str, typer.Option(
-        help="How 4/2-bit block scales are stored: float32, or float16 (half the scales' "
-             "bits: INT4 in blocks of 32 with zero points 4.625 bits, not 5.125)")]
-    = "float32",
+        help="How 4/2-bit block scales are stored: float16 (INT4 in blocks of 32 with zero "
+             "points: 4.625 bits a weight), float32 (5.125), or auto: float16 on ort-cpu, "
+             "float32 on sim and TensorRT")]
+    = "auto",
     seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
     esc_budget: Annotated[int, typer.Option(help="ESC: candidate evaluations")] = 100,
     esc_popsize: Annotated[int | None, typer.Option(

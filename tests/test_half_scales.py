@@ -155,3 +155,16 @@ def test_half_nbits_scales_touches_only_float16_valued_nbits_scales() -> None:
     assert kinds == {"s": TensorProto.FLOAT, "h_f16": TensorProto.FLOAT16,
                      "o": TensorProto.FLOAT}
     assert model.graph.node[0].op_type == "Cast" and model.graph.node[0].output[0] == "h"
+
+
+def test_builds_store_float16_block_scales_on_ort_cpu_unless_told() -> None:
+    from sfc.build import BuildConfig
+
+    def bits(**kw: object) -> int:
+        config = BuildConfig(weights=4, activations=None, calibrator="mse", **kw)  # type: ignore[arg-type]
+        return config.plan_config().block_scale_bits
+
+    assert bits() == 16  # ort-cpu (this CPU's class) stores them
+    assert bits(target="sim") == 32 and bits(block_scale_bits=32) == 32
+    with pytest.raises(SfcError, match="is for --target ort-cpu"):
+        BuildConfig(weights=4, activations=None, target="sim", block_scale_bits=16)
