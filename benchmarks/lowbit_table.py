@@ -110,6 +110,8 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # points at 4.625 bits instead of 5.125, 2/32 at 2.625 instead of 3.125.
         "w4-b32-gptq-h16": {**NONE, "weights": 4, "weight_method": "gptq",
                             "block_scale_bits": 16},
+        # 8-bit scale codes times a float16 step per column (`--block-scales coded8`).
+        "w4-b32-gptq-c8": {**NONE, "weights": 4, "weight_method": "gptq", "block_scale_bits": 8},
         "w4-b64-gptq-h16": {**NONE, "weights": 4, "block_size": 64, "weight_method": "gptq",
                             "block_scale_bits": 16},
         "mixed-4.5-c64-h16": _mixed(4.5, block_scale_bits=16, search=SearchConfig(

@@ -136,7 +136,8 @@ class BuildConfig:
     block_size: int = 32
     quantize_attention: bool = False
     symmetric_blocks: bool = False  # no zero points even where the target runs them
-    # Bits of each stored 4/2-bit block scale: 16 (float16 values) or 32; None: 16 on
+    # Bits of each stored 4/2-bit block scale: 32, 16 (float16 values) or 8 (codes times a
+    # float16 step per column); None: 16 on
     # ort-cpu, whose files store them (as accurate as 32 on tiny.en and base, BENCHMARKS.md,
     # and 0.5 bit a weight smaller at blocks of 32), 32 where the files keep float32.
     block_scale_bits: int | None = None
@@ -190,10 +191,10 @@ class BuildConfig:
         if self.gptq != GptqConfig() and self.weight_method != "gptq":
             raise SfcError("--gptq-damp, --gptq-act-order and --gptq-stages apply to "
                            "--weight-method gptq only")
-        if self.block_scale_bits == 16:
+        if self.block_scale_bits in (16, 8):
             if not self.target.startswith("ort-cpu"):
-                raise SfcError("--block-scales float16 is for --target ort-cpu (its files store "
-                               "them; sim and TensorRT files keep float32 scales)")
+                raise SfcError("--block-scales float16 and coded8 are for --target ort-cpu (its "
+                               "files store them; sim and TensorRT files keep float32 scales)")
             if self.weights == 8 and not any(p.weights in (4, 2) for p in self.precision):
                 raise SfcError("--block-scales applies to 4/2-bit weights: --weights 4, 2, "
                                "mixed, or a --precision map with 4/2-bit layers")

@@ -373,9 +373,10 @@ def _activation_bits(activations: str) -> int | None:
 
 def _block_scale_bits(block_scales: str) -> int | None:
     """--block-scales as BuildConfig takes it (bits per stored scale; None: auto)."""
-    bits = {"auto": None, "float32": 32, "fp32": 32, "float16": 16, "fp16": 16}
+    bits = {"auto": None, "float32": 32, "fp32": 32, "float16": 16, "fp16": 16, "coded8": 8}
     if block_scales not in bits:
-        raise SfcError(f"--block-scales must be auto, float32 or float16, not {block_scales!r}")
+        raise SfcError(f"--block-scales must be auto, float32, float16 or coded8, not "
+                       f"{block_scales!r}")
     return bits[block_scales]
 
 
@@ -458,8 +459,9 @@ def build_cmd(
              "sim); TensorRT's are always symmetric")] = False,
     block_scales: Annotated[str, typer.Option(
         help="How 4/2-bit block scales are stored: float16 (INT4 in blocks of 32 with zero "
-             "points: 4.625 bits a weight), float32 (5.125), or auto: float16 on ort-cpu, "
-             "float32 on sim and TensorRT")]
+             "points: 4.625 bits a weight), float32 (5.125), coded8 (8-bit codes times a "
+             "float16 step per column: 4.375 + 16/K), or auto: float16 on ort-cpu, float32 "
+             "on sim and TensorRT")]
     = "auto",
     seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
     esc_budget: Annotated[int, typer.Option(help="ESC: candidate evaluations")] = 100,

@@ -197,7 +197,7 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
         (["--weights", "4", "--block-scales", "float8"], "--block-scales must be"),
         (["--block-scales", "float16"], "applies to 4/2-bit weights"),
         (["--weights", "4", "--target", "sim", "--block-scales", "float16"],
-         "is for --target ort-cpu"),
+         "are for --target ort-cpu"),
     ]
     if not __import__("torch").cuda.is_available():
         cases.append(([*mixed5, "--search", "one-stage", "--train-device", "cuda"],

@@ -1,5 +1,6 @@
-"""Float16 block scales (`QuantSpec.scale_bits` 16, `sfc build --block-scales float16`):
-what the quantizers choose, what the budget counts, and what `ort-cpu` stores and runs."""
+"""Float16 and 8-bit coded block scales (`QuantSpec.scale_bits` 16 and 8, `sfc build
+--block-scales float16|coded8`): what the quantizers choose, what the budget counts, and what
+`ort-cpu` stores and runs."""
 
 from __future__ import annotations
 
@@ -20,11 +21,20 @@ from sfc.quant.qdq import write_qdq
 from sfc.quant.spec import QuantSpec
 from sfc.quant.stored import StoredWeights
 from sfc.quant.weights import dequantize_weight, round_to_nearest, stored_scales, weight_scales
-from sfc.targets.ort_cpu import OrtCpuTarget, half_nbits_scales
+from sfc.targets.ort_cpu import OrtCpuTarget, compact_nbits_scales
 
 ZP4 = QuantSpec(4, "block", axis=0, block_size=32, zero_point=True)
 ZP4H = QuantSpec(4, "block", axis=0, block_size=32, zero_point=True, scale_bits=16)
 SYM2H = QuantSpec(2, "block", axis=0, block_size=32, scale_bits=16)
+ZP4C = QuantSpec(4, "block", axis=0, block_size=32, zero_point=True, scale_bits=8)
+
+
+def _is_coded(a: np.ndarray) -> bool:
+    """Each column (axis 1) is codes 1..255 times a float16 step = its largest value / 255."""
+    step = a.max(axis=0, keepdims=True) / np.float32(255)
+    codes = np.rint(a / step)
+    return bool(_is_half(step) and codes.min() >= 1 and codes.max() <= 255
+                and np.array_equal(codes.astype(np.float32) * step, a))
 
 
 def _is_half(a: np.ndarray) -> bool:
@@ -81,7 +91,7 @@ def test_spec_and_plan_config_round_trip_and_refuse_bad_values() -> None:
     with pytest.raises(SfcError, match="scale_bits"):
         QuantSpec(8, "channel", axis=1, scale_bits=16)
     with pytest.raises(SfcError, match="scale_bits"):
-        QuantSpec(4, "block", axis=0, block_size=32, scale_bits=8)
+        QuantSpec(4, "block", axis=0, block_size=32, scale_bits=12)
     with pytest.raises(SfcError, match="block_scale_bits"):
         PlanConfig(block_scale_bits=24)
     config = PlanConfig(weight_bits=4, activation_bits=None, block_scale_bits=16)
@@ -106,6 +116,29 @@ def test_stored_weights_must_hold_float16_scales() -> None:
         StoredWeights({"w": (q, scales)}).get("w", ZP4H, w.shape)
     q, scales = round_to_nearest(w, ZP4H)
     assert StoredWeights({"w": (q, scales)}).get("w", ZP4H, w.shape)[1] is scales
+
+
+def test_coded_scales_are_codes_times_a_float16_step_per_column() -> None:
+    w = _weights(5, (256, 24))
+    w[:, 3] *= 40  # a column of much larger weights: its own step
+    for method in ("absmax", "mse"):
+        scales = weight_scales(w, ZP4C, method)
+        assert scales.shape == (8, 24) and _is_coded(scales)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    for act_order in (False, True):  # group scales are fixed up front with codes
+        _, scales = gptq_quantize(w, x.T @ x, x.shape[0], ZP4C, GptqConfig(act_order=act_order))
+        assert _is_coded(scales)
+    assert storage_bits((64, 10), ZP4C) == 64 * 10 * 4 + 2 * 10 * (8 + 4) + 10 * 16
+    # Coding is idempotent, also where the step is a float16 subnormal (tiny scales).
+    for low in (1e-2, 1e-6):
+        raw = (rng.random((6, 50)) * low + low / 10).astype(np.float32)
+        once = stored_scales(raw, ZP4C)
+        assert _is_coded(once) and np.array_equal(stored_scales(once, ZP4C), once)
+    full, coded = (round_to_nearest(w, s) for s in (ZP4, ZP4C))
+    err = [float(np.sum((dequantize_weight(q, s, sc) - w) ** 2)) for (q, sc), s in
+           ((full, ZP4), (coded, ZP4C))]
+    assert err[1] / err[0] < 1.05  # codes cost little rounding error on these weights
 
 
 def _lowered(tmp_path: Path, scale_bits: int) -> tuple[Path, onnx.ModelProto, Path]:
@@ -134,6 +167,14 @@ def test_ort_cpu_stores_float16_scales_and_runs_them_as_the_qdq_file(tmp_path: P
     got = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
            .run(None, feeds)[0] for p in (out / "model.ort.onnx", out / "model.ort", qdq)]
     assert np.array_equal(got[0], got[2]) and np.array_equal(got[1], got[2])
+    # 8-bit codes: uint8 codes and float16 steps, the same outputs as their QDQ file.
+    qdq8, _, out8 = _lowered(tmp_path, 8)
+    saved8 = onnx.load(str(out8 / "model.ort.onnx"))
+    kinds = [t.data_type for t in saved8.graph.initializer]
+    assert TensorProto.UINT8 in kinds and "Reshape" in [n.op_type for n in saved8.graph.node]
+    got8 = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+            .run(None, feeds)[0] for p in (out8 / "model.ort.onnx", qdq8)]
+    assert np.array_equal(got8[0], got8[1])
     # float32 scales (not float16 values) are left as they are.
     _, _, out32 = _lowered(tmp_path, 32)
     saved32 = onnx.load(str(out32 / "model.ort.onnx"))
@@ -141,7 +182,7 @@ def test_ort_cpu_stores_float16_scales_and_runs_them_as_the_qdq_file(tmp_path: P
     assert (out / "model.ort.onnx").stat().st_size < (out32 / "model.ort.onnx").stat().st_size
 
 
-def test_half_nbits_scales_touches_only_float16_valued_nbits_scales() -> None:
+def test_compact_nbits_scales_touches_only_float16_valued_nbits_scales() -> None:
     scales = numpy_helper.from_array(np.array([0.1, 0.5], np.float32), "s")
     halves = numpy_helper.from_array(np.array([0.5, 0.25], np.float32), "h")
     other = numpy_helper.from_array(np.array([0.5], np.float32), "o")
@@ -150,7 +191,7 @@ def test_half_nbits_scales_touches_only_float16_valued_nbits_scales() -> None:
              onnx.helper.make_node("Mul", ["x", "o"], ["y3"])]
     graph = onnx.helper.make_graph(nodes, "g", [], [], [scales, halves, other])
     model = onnx.helper.make_model(graph)
-    assert half_nbits_scales(model) == 1
+    assert compact_nbits_scales(model) == {"coded8": 0, "float16": 1}
     kinds = {t.name: t.data_type for t in model.graph.initializer}
     assert kinds == {"s": TensorProto.FLOAT, "h_f16": TensorProto.FLOAT16,
                      "o": TensorProto.FLOAT}
@@ -166,5 +207,5 @@ def test_builds_store_float16_block_scales_on_ort_cpu_unless_told() -> None:
 
     assert bits() == 16  # ort-cpu (this CPU's class) stores them
     assert bits(target="sim") == 32 and bits(block_scale_bits=32) == 32
-    with pytest.raises(SfcError, match="is for --target ort-cpu"):
+    with pytest.raises(SfcError, match="are for --target ort-cpu"):
         BuildConfig(weights=4, activations=None, target="sim", block_scale_bits=16)

@@ -6,7 +6,8 @@ INT4 in blocks of 32 costs 5.0 bits per weight, 4.5 with float16 scales, INT8 pe
 8 + 32/K; ONNX Runtime's MatMulNBits takes its scales in the activations' type, so `ort-cpu`
 deploys float16 scales through a Cast that ONNX Runtime folds at load); a zero point per
 block adds its integer's width: INT4 in blocks of 32 with zero points costs 5.125 (4.625
-with float16 scales). The average is over the parameters of the weights
+with float16 scales, 4.375 + 16/K with 8-bit scale codes and a float16 step per column
+of K rows). The average is over the parameters of the weights
 the build can quantize (each tensor once, a tied embedding included); weights kept float
 count 32 bits. Not counted: the INT8 copy a
 Gather reads on a target with `gather_copy_int8` (ONNX Runtime's Gather has no 4/2-bit
@@ -36,7 +37,11 @@ def storage_bits(shape: tuple[int, ...], spec: QuantSpec | None) -> int:
     if spec is None:
         return numel * FLOAT_BITS
     per_group = spec.scale_bits + (spec.bits if spec.zero_point else 0)  # scale, zero point
-    return numel * spec.bits + math.prod(scale_shape(shape, spec)) * per_group
+    steps = 0
+    if spec.scale_bits == 8:  # and one float16 step per column
+        assert spec.axis is not None
+        steps = 16 * numel // shape[spec.axis]
+    return numel * spec.bits + math.prod(scale_shape(shape, spec)) * per_group + steps
 
 
 def parse_format(text: str) -> tuple[int, int | None]:

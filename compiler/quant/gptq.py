@@ -250,7 +250,8 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, count: int, spec: QuantSpec,
 
     # Row order of the walk; static (up-front) scales unless groups follow the walk.
     perm = np.argsort(-np.diagonal(h), kind="stable") if config.act_order else np.arange(k)
-    static = not block or config.act_order
+    # 8-bit scale codes share a step per column, so a column's scales are fixed together.
+    static = not block or config.act_order or spec.scale_bits == 8
     if static:
         scales = weight_scales(w, spec, method)
         lows, highs = integer_bounds(w, spec, scales)

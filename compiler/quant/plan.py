@@ -189,7 +189,7 @@ class PlanConfig:
     def __post_init__(self) -> None:
         _check_weight_bits(self.weight_bits, "weight_bits")
         if self.block_scale_bits not in SCALE_BITS or isinstance(self.block_scale_bits, bool):
-            raise SfcError(f"block_scale_bits must be 32 or 16, not {self.block_scale_bits!r}")
+            raise SfcError(f"block_scale_bits must be 32, 16 or 8, not {self.block_scale_bits!r}")
         _check_activation_bits(self.activation_bits, "activation_bits")
         _check_block_size(self.block_size, "block_size")
         if not isinstance(self.precision, tuple) or not all(

@@ -6,7 +6,8 @@ point ("TensorRT only supports symmetric quantization"), while ONNX Runtime's
 MatMulNBits takes one per block, and a zero point halves INT4's squared rounding error on
 Whisper's weights (whose blocks are rarely centred on 0). So a spec is bits, granularity,
 axis, block size, whether blocks have a zero point, and how many bits each block's scale
-is stored in (`scale_bits`: 32, or 16 where the scales are float16 values).
+is stored in (`scale_bits`: 32; 16, float16 values; 8, codes times a float16 step per
+column).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ __all__ = [
 
 Granularity = Literal["tensor", "channel", "block"]
 
-# Bits a block scale may be stored in: float32, or float16 (llama.cpp's q4_0 layout; half
-# the scale cost of INT4 in blocks of 32, at a relative rounding of the scale <= 2^-11).
-SCALE_BITS = (32, 16)
+# Bits a block scale may be stored in: float32; float16 (llama.cpp's q4_0 layout; half the
+# scale cost of INT4 in blocks of 32, at a relative rounding of the scale <= 2^-11); or 8:
+# a code in 1..255 times one float16 step per column (`weights.stored_scales`), like
+# llama.cpp's k-quants' 6-bit scales under a float16 super-scale.
+SCALE_BITS = (32, 16, 8)
 
 # Signed two's-complement ranges; the DQ input types are INT8 / INT4 / INT2.
 INT_RANGES: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7), 2: (-2, 1)}
@@ -101,7 +104,7 @@ class QuantSpec:
                            f"{self.zero_point!r} on INT{self.bits} {self.granularity}")
         if self.scale_bits not in SCALE_BITS or not _is_int(self.scale_bits) or (
                 self.scale_bits != 32 and self.granularity != "block"):
-            raise SfcError(f"scale_bits must be 32, or 16 on a block quantizer, not "
+            raise SfcError(f"scale_bits must be 32, or 16 or 8 on a block quantizer, not "
                            f"{self.scale_bits!r} on {self.granularity}")
 
     @property
@@ -162,7 +165,7 @@ class QuantSpec:
         if self.granularity == "channel":
             return f"INT{self.bits} per-channel(axis {self.axis}{narrow})"
         zero = ", zero points" if self.zero_point else ""
-        half = ", float16 scales" if self.scale_bits == 16 else ""
+        half = {32: "", 16: ", float16 scales", 8: ", 8-bit scale codes"}[self.scale_bits]
         return f"INT{self.bits} block(axis {self.axis}, {self.block_size}{zero}{half})"
 
 

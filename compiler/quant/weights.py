@@ -15,6 +15,7 @@ always holding 0 (`integer_bounds`), and the writer splits d into q and z
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -131,16 +132,35 @@ def _window(low: np.ndarray, high: np.ndarray, scale: np.ndarray, spec: QuantSpe
 
 # float16's smallest subnormal and largest finite value: a float16 scale stays > 0 and finite.
 _HALF_TINY, _HALF_MAX = np.float32(2.0 ** -24), np.float32(65504.0)
+_CODES = 255  # the largest 8-bit scale code
+
+
+def _half(scales: np.ndarray) -> np.ndarray:
+    """The nearest float16 values, inside float16's positive finite range, as float32."""
+    return np.clip(scales, _HALF_TINY, _HALF_MAX).astype(np.float16).astype(np.float32)
 
 
 def stored_scales(scales: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """`scales` as the spec stores them, as float32: unchanged at 32 bits, else rounded to
-    the nearest float16 value (kept inside float16's positive finite range), so every
-    rounding decision is made with the scale the deployed file holds."""
+    """`scales` (DequantizeLinear layout) as the spec stores them, as float32: unchanged at
+    32 bits; at 16, the nearest float16 values; at 8, per column (each index of the axes but
+    the blocked one) a float16 step near the column's largest scale / 255 and each scale the
+    nearest code in 1..255 times it, the largest code 255 (exact in float32: 8 + 11
+    significant bits). Idempotent. So every rounding decision is made with the scale the
+    deployed file holds."""
     scales = np.asarray(scales, dtype=np.float32)
     if spec.scale_bits == 32:
         return scales
-    return np.clip(scales, _HALF_TINY, _HALF_MAX).astype(np.float16).astype(np.float32)
+    if spec.scale_bits == 16:
+        return _half(scales)
+    assert spec.axis is not None  # 8-bit codes are for block specs (QuantSpec checks)
+    top = scales.max(axis=spec.axis, keepdims=True)
+    step = _half(top / np.float32(_CODES))
+    codes = np.clip(np.rint(scales / step), 1, _CODES)
+    # Each column's largest scale takes code 255 (a change of at most float16's rounding
+    # of the step), so the step is its largest value / 255: storing it again changes
+    # nothing, and the lowering reads the step back from the values.
+    codes = np.where(scales == top, _CODES, codes).astype(np.float32)
+    return codes * step
 
 
 def round_clip(x: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
@@ -169,7 +189,8 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
     the least squared round-to-nearest error; clipping a few outliers buys resolution
     for the rest, which matters at 4 and 2 bits. Deterministic and vectorised.
     Zero-point specs size the step for the group's range instead: (max - min) / span.
-    Every candidate is the scale as stored (`stored_scales`).
+    Every candidate is the scale as stored (`stored_scales`; 8-bit codes depend on the
+    whole column, so candidates are float16 values and the chosen scales are coded last).
     """
     method = method or default_method(spec)
     if method not in METHODS:
@@ -191,7 +212,8 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
         steps = np.float32(min(spec.qmax, spec.pair_limit - 1))
     # An all-zero group quantizes exactly at any scale; 1.0 keeps scales strictly positive.
     safe = np.where(top > 0, top, steps).astype(np.float32)
-    scales = stored_scales(safe / steps, spec)
+    row_spec = replace(spec, scale_bits=16) if spec.scale_bits == 8 else spec
+    scales = stored_scales(safe / steps, row_spec)
     if method == "mse":
         for part in _chunks(rows):
             block, base = rows[part], safe[part]
@@ -199,13 +221,13 @@ def weight_scales(w: np.ndarray, spec: QuantSpec, method: str | None = None) -> 
             best_scale = scales[part].copy()
             best_err = _sq_error(block, best_scale, spec, low, high)
             for ratio in _MSE_RATIOS[1:]:
-                cand = stored_scales(base * np.float32(ratio) / steps, spec)
+                cand = stored_scales(base * np.float32(ratio) / steps, row_spec)
                 err = _sq_error(block, cand, spec, low, high)
                 better = err < best_err  # strict: ties keep the larger ratio
                 best_err = np.where(better, err, best_err)
                 best_scale = np.where(better, cand, best_scale)
             scales[part] = best_scale
-    return scales.reshape(scale_shape(w.shape, spec))
+    return stored_scales(scales.reshape(scale_shape(w.shape, spec)), spec)
 
 
 def broadcast_scales(scales: np.ndarray, spec: QuantSpec, shape: tuple[int, ...]) -> np.ndarray:

@@ -11,8 +11,9 @@ the order of float sums.
 
 Artifacts (in `out_dir`, named after `stem`):
 - `<stem>.ort.onnx`: the optimized graph as ONNX (opens in any ORT build; inspectable).
-  MatMulNBits scales that are all float16 values (`QuantSpec.scale_bits` 16) are stored as
-  float16 behind a Cast, which ORT folds back to float32 at load (`half_nbits_scales`).
+  MatMulNBits scales that are 8-bit codes times a float16 step per row, or all float16
+  values (`QuantSpec.scale_bits` 8, 16), are stored so behind Cast/Mul/Reshape nodes, which
+  ORT folds back to float32 at load (`compact_nbits_scales`).
 - `<stem>.ort`: the same graph in ORT format (flatbuffers), for minimal/mobile ORT builds
   (saved after ORT's folding, so its scales are float32).
 """
@@ -37,7 +38,7 @@ from ..quant.spec import ORT_CPU_SATURATING_CAPS
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
 
-__all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "half_nbits_scales", "weight_matmul_rows"]
+__all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "compact_nbits_scales", "weight_matmul_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,37 +93,72 @@ def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
     return rows
 
 
-def half_nbits_scales(model: onnx.ModelProto) -> int:
-    """Store each float32 MatMulNBits scale initializer whose every value is a float16 value
-    as float16, read through a Cast to float32 (MatMulNBits takes its scales in the
-    activations' type); returns how many. Lossless by construction: the Cast gives back the
-    same float32 values, and ORT's constant folding removes it when a session loads."""
+def _coded(values: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 codes [rows, blocks], float16 steps [rows, 1]) with codes * steps == `values`
+    exactly in float32 and each row's step its largest value / 255 (`QuantSpec.scale_bits`
+    8), or None where the values are not such codes."""
+    grid = values.reshape(rows, -1)
+    step = grid.max(axis=1, keepdims=True) / np.float32(255)
+    codes = np.rint(grid / step)
+    if not (np.array_equal(step.astype(np.float16).astype(np.float32), step)
+            and codes.min() >= 1 and codes.max() <= 255
+            and np.array_equal(codes.astype(np.float32) * step, grid)):
+        return None
+    return codes.astype(np.uint8), step.astype(np.float16)
+
+
+def compact_nbits_scales(model: onnx.ModelProto) -> dict[str, int]:
+    """Store each float32 MatMulNBits scale initializer in fewer bytes where its values
+    allow it exactly: 8-bit codes times a float16 step per row of N (`QuantSpec.scale_bits`
+    8), else float16 where every value is a float16 value; read back to float32 through
+    Cast (and Mul, Reshape) nodes, since MatMulNBits takes its scales in the activations'
+    type. Returns how many of each. Lossless by construction (the nodes give back the same
+    float32 values), and ORT's constant folding removes them when a session loads."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
             readers.setdefault(name, []).append((node, i))
-    halved = 0
-    casts = []
+    done = {"coded8": 0, "float16": 0}
+    added: list[onnx.NodeProto] = []
     for name, uses in readers.items():
         init = inits.get(name)
         if init is None or init.data_type != onnx.TensorProto.FLOAT or not all(
                 n.op_type == "MatMulNBits" and i == 2 for n, i in uses):
             continue
         values = numpy_helper.to_array(init)
+        rows = next((a.i for a in uses[0][0].attribute if a.name == "N"), 0)
+        coded = _coded(values, rows) if rows and values.size % rows == 0 else None
+        if coded is not None:
+            codes, step = coded
+            init.CopyFrom(numpy_helper.from_array(codes, f"{name}_codes"))
+            graph.initializer.extend([
+                numpy_helper.from_array(step, f"{name}_step"),
+                numpy_helper.from_array(np.array(values.shape, np.int64), f"{name}_shape")])
+            added += [
+                helper.make_node("Cast", [init.name], [f"{name}_codes_f"], name=f"{name}_cast",
+                                 to=onnx.TensorProto.FLOAT),
+                helper.make_node("Cast", [f"{name}_step"], [f"{name}_step_f"],
+                                 name=f"{name}_step_cast", to=onnx.TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{name}_codes_f", f"{name}_step_f"],
+                                 [f"{name}_grid"], name=f"{name}_mul"),
+                helper.make_node("Reshape", [f"{name}_grid", f"{name}_shape"], [name],
+                                 name=f"{name}_reshape")]
+            done["coded8"] += 1
+            continue
         half = values.astype(np.float16)
         if not (np.isfinite(half).all() and np.array_equal(half.astype(np.float32), values)):
             continue
         init.CopyFrom(numpy_helper.from_array(half, f"{name}_f16"))
-        casts.append(helper.make_node("Cast", [init.name], [name], name=f"{name}_cast",
+        added.append(helper.make_node("Cast", [init.name], [name], name=f"{name}_cast",
                                       to=onnx.TensorProto.FLOAT))
-        halved += 1
-    # Topological order: the Casts read only initializers, so they go first.
-    nodes = casts + list(graph.node)
+        done["float16"] += 1
+    # Topological order: the added nodes read only initializers and each other, in order.
+    nodes = added + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return halved
+    return done
 
 
 def _ort_session(src: Path, options: Any) -> Any:
@@ -253,10 +289,11 @@ class OrtCpuTarget:
                 leftover.unlink()
             if not (external or large):
                 optimized = onnx.load(str(stage / artifact))
-                halved = half_nbits_scales(optimized)
-                if halved:
+                compacted = {k: v for k, v in compact_nbits_scales(optimized).items() if v}
+                if compacted:
                     onnx.save(optimized, str(stage / artifact))
-                    notes.append(f"float16 MatMulNBits scales x{halved}")
+                    notes.append("MatMulNBits scales stored as " + ", ".join(
+                        f"{k} x{v}" for k, v in compacted.items()))
             else:  # not built for external data: its file would have to be rewritten whole
                 notes.append("MatMulNBits scales stored float32 (a model with external data)")
             census = fusion_census(onnx.load(str(stage / artifact), load_external_data=False))
