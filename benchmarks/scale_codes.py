@@ -1,4 +1,4 @@
-"""What WER would 8-bit block scales cost? A measurement of the idea, not a format sfc builds.
+"""What WER do coded block scales cost when a build's integers are kept? A copy, not a build.
 
     python benchmarks/scale_codes.py BUILD OUT [--bits 8]
     sfc eval OUT --json F
@@ -10,8 +10,10 @@ the scale a file of `bits`-bit scale codes plus one float16 per column would hol
 integers and zero points stay as the build chose them for the exact scales, so the result
 is a pessimistic estimate (a build would choose its integers for the coded scales). The
 files keep float scales: OUT is not smaller, only its numbers are those of the coded
-format. Why: to decide whether storing such codes (4.375 bits a weight for INT4 in blocks of
-32 with zero points, against 4.625 with float16 scales) is worth building.
+format. Why: to measure coded scales (4.375 bits a weight for INT4 in blocks of 32 with
+zero points at 8 bits, against 4.625 with float16 scales) before building them; the built
+8-bit format is `sfc build --block-scales coded8`, which also re-chooses the integers
+(BENCHMARKS.md, issue 10: the build measured worse than this copy).
 """
 
 from __future__ import annotations
