@@ -7,8 +7,9 @@ Copies an ort-cpu build folder to OUT and replaces every MatMulNBits scale with 
 value on a linear grid of 2^bits - 1 steps up to the largest scale of its output column
 (llama.cpp's k-quants store 6-bit block scales under a float16 super-scale the same way):
 the scale a file of `bits`-bit scale codes plus one float16 per column would hold. The
-integers and zero points stay as the build chose them for the exact scales, so the result
-is a pessimistic estimate (a build would choose its integers for the coded scales). The
+integers and zero points stay as the build chose them for the exact scales, which was
+expected to make the result pessimistic (a build chooses its integers for the coded
+scales; measured, the build did worse, not better). The
 files keep float scales: OUT is not smaller, only its numbers are those of the coded
 format. Why: to measure coded scales (4.375 bits a weight for INT4 in blocks of 32 with
 zero points at 8 bits, against 4.625 with float16 scales) before building them; the built
