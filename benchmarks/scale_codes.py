@@ -5,7 +5,7 @@
 
 Copies an ort-cpu build folder to OUT and replaces every MatMulNBits scale with its nearest
 value on a linear grid of 2^bits - 1 steps up to the largest scale of its output column
-(llama.cpp's k-quants store 6-bit block scales under a float16 super-scale the same way):
+(llama.cpp's k-quants keep integer block scales under float16 super-scales in this spirit):
 the scale a file of `bits`-bit scale codes plus one float16 per column would hold. The
 integers and zero points stay as the build chose them for the exact scales, which was
 expected to make the result pessimistic (a build chooses its integers for the coded

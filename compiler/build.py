@@ -137,9 +137,9 @@ class BuildConfig:
     quantize_attention: bool = False
     symmetric_blocks: bool = False  # no zero points even where the target runs them
     # Bits of each stored 4/2-bit block scale: 32, 16 (float16 values) or 8 (codes times a
-    # float16 step per column); None: 16 on
-    # ort-cpu, whose files store them (as accurate as 32 on tiny.en and base, BENCHMARKS.md,
-    # and 0.5 bit a weight smaller at blocks of 32), 32 where the files keep float32.
+    # float16 step per column); None: 16 on ort-cpu, whose files store them (as accurate as
+    # 32 on tiny.en and base, BENCHMARKS.md, and 0.5 bit a weight smaller at blocks of 32),
+    # 32 where the files keep float32.
     block_scale_bits: int | None = None
     seed: int = 0
     # How sub-8-bit integers are chosen (quant.lowbit), and GPTQ's knobs.

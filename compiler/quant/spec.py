@@ -32,10 +32,10 @@ __all__ = [
 
 Granularity = Literal["tensor", "channel", "block"]
 
-# Bits a block scale may be stored in: float32; float16 (llama.cpp's q4_0 layout; half the
+# Bits a block scale may be stored in: float32; float16 (as llama.cpp's q4_0; half the
 # scale cost of INT4 in blocks of 32, at a relative rounding of the scale <= 2^-11); or 8:
-# a code in 1..255 times one float16 step per column (`weights.stored_scales`), like
-# llama.cpp's k-quants' 6-bit scales under a float16 super-scale.
+# a code in 1..255 times one float16 step per column (`weights.stored_scales`), as
+# llama.cpp's k-quants keep integer block scales under float16 super-scales.
 SCALE_BITS = (32, 16, 8)
 
 # Signed two's-complement ranges; the DQ input types are INT8 / INT4 / INT2.

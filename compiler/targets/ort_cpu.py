@@ -294,9 +294,10 @@ class OrtCpuTarget:
                     onnx.save(optimized, str(stage / artifact))
                     notes.append("MatMulNBits scales stored as " + ", ".join(
                         f"{k} x{v}" for k, v in compacted.items()))
-            else:  # not built for external data: its file would have to be rewritten whole
-                notes.append("MatMulNBits scales stored float32 (a model with external data)")
             census = fusion_census(onnx.load(str(stage / artifact), load_external_data=False))
+            if (external or large) and "MatMulNBits" in census.fused:
+                # Not built for external data: its file would have to be rewritten whole.
+                notes.append("MatMulNBits scales stored float32 (a model with external data)")
             size = artifact_bytes(stage / artifact)
 
             ort_written: str | None = None
