@@ -40,6 +40,7 @@ from sfc.paths import cache_dir
 from sfc.quant.gptq import GptqConfig, gptq_quantize
 from sfc.quant.spec import QuantSpec
 from sfc.quant.weights import dequantize_weight, round_to_nearest
+from sfc.runtime.search import log_softmax
 from sfc.runtime.whisper import WhisperRuntime
 
 TABLE = {"whisper-tiny.en": "/MatMul_16", "whisper-base": "/MatMul_24"}
@@ -55,11 +56,6 @@ class _Rows:
 
     def update(self, x: np.ndarray) -> None:
         self.rows.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def _inputs(folder: Path, table: str, manifests: list[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -94,13 +90,13 @@ def main() -> int:
     args = ap.parse_args()
     heldout = args.heldout or cache_dir() / "heldout"
     w, (xc, xh) = _inputs(model_folder(args.model), TABLE[args.model], [args.calib, heldout])
-    lp = _log_softmax(xh @ w)
+    lp = log_softmax(xh @ w)
     p, top = np.exp(lp), lp.argmax(axis=1)
     rows: list[dict[str, Any]] = []
 
     def score(wq: np.ndarray, label: str, **extra: Any) -> None:
         z = xh @ wq
-        kl = float((p * (lp - _log_softmax(z))).sum(axis=1).mean())
+        kl = float((p * (lp - log_softmax(z))).sum(axis=1).mean())
         rows.append({"rounding": label, "kl": kl, "top1": float((z.argmax(axis=1) == top).mean()),
                      **extra})
         print(f"{label:44s} KL {kl:.3e}  top-1 kept {rows[-1]['top1']:.4f}", flush=True)
@@ -112,7 +108,7 @@ def main() -> int:
     for damp in args.damps:
         q, s = gptq_quantize(w, gram, xc.shape[0], W4, GptqConfig(damp=damp))
         score(dequantize_weight(q, W4, s), f"GPTQ 4/32, damp {damp:g}")
-    pc = np.exp(_log_softmax(xc @ w))
+    pc = np.exp(log_softmax(xc @ w))
     mass = pc.sum(axis=0)
     order = np.argsort(-mass, kind="stable")
     x64 = xc.astype(np.float64)
