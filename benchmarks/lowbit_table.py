@@ -136,6 +136,8 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "onestage-4.5-gptq": _one_stage(4.5, 100, 100, augment=1),
         "onestage-5-gptq": _one_stage(5.0, 100, 100, augment=1),
         "onestage-4-gptq": _one_stage(4.0, 100, 100, augment=1),
+        # Four times the steps on two augmented copies of each clip (a GPU's run).
+        "onestage-4.5-long": _one_stage(4.5, 400, 400, augment=2),
         # One candidate: no search, GPTQ 4/32 everywhere fine-tuned by distillation (QAT).
         "qat-4-32": _one_stage(5.1, 1, 150, augment=1, candidates=("4/32",),
                                finetune_schedule="constant"),
@@ -192,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
         if args.precision:  # a hand-written or re-solved map on top: its own key too
             config["precision"] = load_precision(Path(args.precision))
             name = f"{name}+{Path(args.precision).stem}"
+        search = config.get("search")
+        if args.train_device and search is not None and search.method == "one-stage":
+            config["search"] = replace(search, one_stage=replace(search.one_stage,
+                                                                 device=args.train_device))
+            name = f"{name}@{args.train_device}"
         if name in results.get("variants", {}):
             continue
         out = work / args.model / name
@@ -338,6 +345,8 @@ def main() -> int:
     parser.add_argument("--precision", default=None, metavar="MAP_JSON",
                         help="a --precision map applied to the variants (benchmarks/"
                         "resolve_mix.py writes one from a search)")
+    parser.add_argument("--train-device", default=None, choices=("cpu", "cuda"),
+                        help="where one-stage variants train (a row of its own: NAME@DEVICE)")
     parser.add_argument("--sensitivity-samples", type=int, default=None,
                         help="calibration items for the mixed variants' probes (default 16)")
     parser.add_argument("--show", action="store_true")
