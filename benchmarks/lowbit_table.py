@@ -151,6 +151,8 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # The map decides the size; the budget only has to admit it.
         "qat-map": _one_stage(8.0, 1, 150, augment=1, finetune_schedule="constant"),
         "qat-map-100": _one_stage(8.0, 1, 100, augment=1, finetune_schedule="constant"),
+        # Four times as long, the rate decayed linearly (a GPU's run: 0.1 s a step on an H100).
+        "qat-map-600": _one_stage(8.0, 1, 600, augment=2),
         # The same fine-tuning against each block's output (`--finetune-objective blocks`).
         "qat-map-blocks": _one_stage(8.0, 1, 150, augment=1, finetune_schedule="constant",
                                      objective="blocks"),

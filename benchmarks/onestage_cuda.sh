@@ -13,8 +13,13 @@
 #   benchmarks/onestage_cuda.sh stage           carry .gpu/whl .gpu/pkg .gpu/model.bin.a
 #                                               .gpu/model.sha256 (calibration_data/ and
 #                                               benchmarks/results/ moved out of the tree)
-#   benchmarks/onestage_cuda.sh run VARIANT...  carry .gpu/model.bin.b
+#   benchmarks/onestage_cuda.sh run ARGS...     carry .gpu/model.bin.b; ARGS go to
+#                                               lowbit_table.py (--variants V, --precision M)
 # `run` writes lowbit_table.py's JSON, each build's precision.json and report.json to $OUT.
+# Sizing (H100, 2026-12-05): export and GPTQ's Gram pass ~95 s, teacher transcripts ~0.47 s
+# a clip (ONNX Runtime, 16 cores), a search step 0.52 s, a fine-tuning step 0.10 s, then
+# the QDQ export and the WER check of 350 clips: keep the whole call under 600 s
+# (onestage-4.5-long's 400 + 400 steps on 300 clips ran out at 560 s, before its WER).
 set -euo pipefail
 stage=/tmp/sfc-stage
 site=$stage/site
@@ -37,17 +42,17 @@ run)
     echo "$(cat "$stage/model.sha256")  $model" | sha256sum -c -
     export PYTHONPATH=$site SFC_CACHE=/tmp/sfc-cache PYTHONUNBUFFERED=1
     nvidia-smi -L
-    for variant in "$@"; do
-        python3 benchmarks/lowbit_table.py --model whisper-tiny.en --variants "$variant" \
-            --train-device cuda --work /tmp/sfc-lowbit-cuda --json "$OUT/lowbit_cuda.json" \
-            --threads 16
+    work=/tmp/sfc-lowbit-cuda
+    python3 benchmarks/lowbit_table.py --model whisper-tiny.en --train-device cuda \
+        --work "$work" --json "$OUT/lowbit_cuda.json" --threads 16 "$@"
+    for build in "$work"/whisper-tiny.en/*/; do
         for f in precision report; do
-            cp "/tmp/sfc-lowbit-cuda/whisper-tiny.en/$variant@cuda/$f.json" "$OUT/$f-$variant.json"
+            cp "$build/$f.json" "$OUT/$f-$(basename "$build" | tr -c 'A-Za-z0-9._\n-' _).json"
         done
     done
     ;;
 *)
-    echo "usage: $0 stage | run VARIANT..." >&2
+    echo "usage: $0 stage | run LOWBIT_TABLE_ARGS..." >&2
     exit 2
     ;;
 esac
