@@ -1,7 +1,8 @@
 """Whisper log-mel features in plain numpy.
 
-Matches `transformers.WhisperFeatureExtractor` (numpy path: float64 STFT, Slaney mel bank,
-log10, dynamic-range clamp to max - 8, then (x + 4) / 4) so the runtime needs no torch.
+Matches `transformers.WhisperFeatureExtractor` (numpy path: STFT, Slaney mel bank, log10,
+dynamic-range clamp to max - 8, then (x + 4) / 4) within 1e-4, in float32 where it
+computes in float64, so the runtime needs no torch.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def mel_filters(spec: LogMelSpec) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _hann(n_fft: int) -> np.ndarray:
-    """Periodic Hann window of length n_fft (float64)."""
-    window = np.hanning(n_fft + 1)[:-1]
+    """Periodic Hann window of length n_fft (float32)."""
+    window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
     window.setflags(write=False)
     return window
 
@@ -130,15 +131,28 @@ def _fit_window(audio: np.ndarray, spec: LogMelSpec) -> np.ndarray:
 
 
 def _log_power(wave: np.ndarray, spec: LogMelSpec, n_frames: int) -> np.ndarray:
-    """log10 mel power of the first `n_frames` centred STFT frames, float64 [n_mels, n_frames]."""
+    """log10 mel power of the first `n_frames` centred STFT frames, float32 [n_mels, n_frames].
+
+    In float32 (transformers computes in float64): within 1e-4 of its log10 power, 2e-5
+    after `_normalise`, and 4-8x faster on a recording of minutes (0.74 -> 0.09-0.19 s for
+    185 s on a 2-core Xeon), where the log-mel was a fifth of a VAD transcription's time.
+    """
     half = spec.n_fft // 2
-    padded = np.pad(wave.astype(np.float64), half, mode="reflect")
+    padded = np.pad(wave.astype(np.float32, copy=False), half, mode="reflect")
     # Only the frames that are kept: the centred STFT's last frame is dropped anyway.
     frames = sliding_window_view(padded, spec.n_fft)[:: spec.hop_length][:n_frames]
     stft = np.fft.rfft(frames * _hann(spec.n_fft), axis=-1)
-    power = stft.real**2 + stft.imag**2  # [n_frames, n_bins]
-    mel = mel_filters(spec).T @ power.T  # [n_mels, n_frames]
+    power = (stft.real**2 + stft.imag**2).astype(np.float32, copy=False)  # [n_frames, n_bins]
+    mel = _mel_filters32(spec).T @ power.T  # [n_mels, n_frames]
     return np.log10(np.maximum(mel, 1e-10))
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_filters32(spec: LogMelSpec) -> np.ndarray:
+    """`mel_filters` in float32 (cached; read-only)."""
+    bank = mel_filters(spec).astype(np.float32)
+    bank.setflags(write=False)
+    return bank
 
 
 def _normalise(log_spec: np.ndarray) -> np.ndarray:
