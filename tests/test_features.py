@@ -144,3 +144,18 @@ def test_whisper_windows_match_faster_whisper() -> None:
         diff = float(np.abs(win[:, : seg.shape[1]] - seg).max())
         assert diff <= TOL, f"window {i}: max abs diff {diff}"
         assert not win[:, seg.shape[1] :].any()
+
+
+def test_stft_in_blocks_equals_the_whole_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sfc.runtime.features as features
+
+    rng = np.random.default_rng(3)
+    wave = (rng.standard_normal(SR * 3) * 0.1).astype(np.float32)
+    spec = LogMelSpec()
+    n_frames = len(wave) // spec.hop_length
+    monkeypatch.setattr(features, "STFT_BLOCK", 10**9)
+    whole = features._log_power(wave, spec, n_frames)
+    monkeypatch.setattr(features, "STFT_BLOCK", 7)  # blocks that do not divide the frames
+    blocked = features._log_power(wave, spec, n_frames)
+    assert blocked.shape == (spec.n_mels, n_frames) and blocked.dtype == np.float32
+    np.testing.assert_array_equal(blocked, whole)
