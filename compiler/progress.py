@@ -3,7 +3,7 @@
 Bars go to stderr so stdout stays clean for results piped elsewhere. Where stderr is no
 terminal (a log file, CI, `nohup`), rich draws nothing while a bar runs, and nothing at
 all for a transient one, so there each task also prints a plain line every `log_every_s`
-seconds and when it completes.
+seconds, and a transient one that did also prints one when it completes.
 """
 
 from __future__ import annotations
@@ -55,11 +55,16 @@ class _LoggingProgress(Progress):
             return
         task = next(t for t in self.tasks if t.id == task_id)
         now = self.get_time()
-        if last is None:
-            last = now if task.start_time is None else task.start_time
-        since = now - last
-        if not task.finished and since < self._log_every_s:
-            return
+        if task.finished:
+            # Its end, after the lines it printed on the way, where rich prints nothing: a
+            # transient bar (a kept one prints its last state itself; a short task, nothing).
+            if last is None or not self.live.transient:
+                return
+        else:
+            if last is None:
+                last = now if task.start_time is None else task.start_time
+            if now - last < self._log_every_s:
+                return
         self._logged[task_id] = math.inf if task.finished else now
         fields = "".join(f", {k} {v}" for k, v in task.fields.items())
         total = "?" if task.total is None else f"{task.total:g}"
@@ -72,7 +77,8 @@ def progress_bar(*extra: ProgressColumn, enabled: bool = True, transient: bool =
                  console: Console | None = None, log_every_s: float = LOG_EVERY_S,
                  clock: Callable[[], float] = time.monotonic) -> Progress:
     """A bar: description, bar, done/total, `extra` columns, elapsed and remaining time;
-    off a terminal, a line per task every `log_every_s` seconds (`clock`'s) and at its end."""
+    off a terminal, a line per task every `log_every_s` seconds (`clock`'s) and, for a
+    transient bar, at the end of a task that printed one."""
     return _LoggingProgress(
         TextColumn("[progress.description]{task.description}"), BarColumn(),
         MofNCompleteColumn(), *extra, TimeElapsedColumn(), TimeRemainingColumn(),

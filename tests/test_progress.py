@@ -40,16 +40,20 @@ def test_lines_at_interval_and_end_off_a_terminal() -> None:
     ]
 
 
-def test_advance_logs_the_end_once() -> None:
+def test_a_short_task_prints_nothing_and_a_kept_bar_no_second_end() -> None:
     out = io.StringIO()
     clock = Clock()
     with progress_bar(console=Console(file=out, force_terminal=False), clock=clock,
                       transient=True) as bar:
         task = bar.add_task("eval", total=2)
         bar.advance(task)
-        bar.advance(task)
-        bar.update(task, description="eval done")  # finished already: no second line
-    assert [line for line in out.getvalue().splitlines() if line] == ["eval: 2/2, 0 s"]
+        bar.advance(task)  # done within the interval: no line at all
+    assert not [line for line in out.getvalue().splitlines() if line.strip()]
+    lines = _run(terminal=False, transient=False)
+    # The interval line, then rich's own last state of the kept bar (not a plain line).
+    assert lines[0] == "search [bold]/data/x[/bold]: 5/10, loss 0.4, 35 s"
+    assert not any(line.startswith("search [bold]/data/x[/bold]: 10/10") for line in lines)
+    assert len(lines) == 2 and "10/10" in lines[1]
 
 
 def test_no_plain_lines_on_a_terminal() -> None:
