@@ -133,15 +133,17 @@ def _fit_window(audio: np.ndarray, spec: LogMelSpec) -> np.ndarray:
 # STFT frames computed at a time: one window's. A block's temporaries (frames, spectrum,
 # power: about 15 MB) stay below malloc's mmap threshold and are reused block after block,
 # where the whole recording's at once took 0.2 GB per 10 minutes of audio, in fresh pages
-# (on this VM, which backs a page on first touch, that cost 1-6 s a recording).
+# (on the VM this was measured on, which backs a page on first touch, up to 6 s for a
+# 9-minute recording).
 STFT_BLOCK = 3000
 
 
 def _log_power(wave: np.ndarray, spec: LogMelSpec, n_frames: int) -> np.ndarray:
     """log10 mel power of the first `n_frames` centred STFT frames, float32 [n_mels, n_frames].
 
-    In float32 (transformers computes in float64): within 1e-4 of its log10 power, 2e-5
-    after `_normalise`, and 4-8x faster on a recording of minutes (0.74 -> 0.09-0.19 s for
+    In float32 (transformers computes in float64): within 1e-4 of the float64 log10 power
+    (8.3e-5 on a 185 s recording; features within 4.8e-5 of transformers' over the 350
+    eval files), and 4-8x faster on a recording of minutes (0.74 -> 0.09-0.19 s for
     185 s on a 2-core Xeon), where the log-mel was a fifth of a VAD transcription's time.
     """
     half = spec.n_fft // 2

@@ -106,8 +106,8 @@ def encode_in_chunks(run: Callable[[np.ndarray], Sequence[np.ndarray]],
 class CrossScratch:
     """Two buffers that a batch's stacked cross K/V are written into, kept from one batch
     to the next: a new array of that size (147 MB for 8 tiny.en windows) takes fresh
-    pages from the OS each time, which cost 1.3 s here (the VM backs pages on first touch)
-    against 0.03 s for the copy into pages already held."""
+    pages from the OS each time; for 7 windows (129 MB) that took 1.3 s on the VM this was
+    measured on (it backs pages on first touch) against 0.03 s into pages already held."""
 
     def __init__(self, rows: int = 1) -> None:
         self.rows = rows  # windows the first buffers hold, at least: the runtime's batch
