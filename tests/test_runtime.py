@@ -165,6 +165,27 @@ def test_encoder_runs_a_window_at_a_time_on_the_cpu_with_the_batch_result(
     np.testing.assert_allclose(chunked[0][:, 2:3], alone[0], rtol=1e-4, atol=1e-4)
 
 
+def test_a_narrowed_ort_step_steps_the_rows_it_keeps(tiny_export: Path) -> None:
+    """`OrtStep.keep` moves the kept rows' cross K/V in place: the logits of the narrowed
+    step are those of a step on just those rows."""
+    from sfc.runtime.decoding import compacted, start
+
+    runtime = WhisperRuntime.open(tiny_export)
+    clips = [load_audio(u.audio) for u in read_manifest(EVAL_DATA)[:3]]
+    cross_k, cross_v = runtime.encode(
+        np.concatenate([whisper_windows(a, runtime.mel)[:1] for a in clips]))
+    order = compacted(np.asarray([True, False, False]))  # row 2 moves into position 0
+    assert order.tolist() == [2, 1]
+    alone = runtime.step_fn(cross_k[:, order].copy(), cross_v[:, order].copy())
+    narrowed = runtime.step_fn(cross_k, cross_v, narrowing=True)
+    narrowed.keep(order)  # type: ignore[attr-defined]
+    begin = start(runtime.decoding, 2, None, None, None, "transcribe")
+    want = alone(begin.tokens, begin.past_k, begin.past_v)[0]
+    got = narrowed(begin.tokens, begin.past_k, begin.past_v)[0]
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want[0], want[1])  # two different windows
+
+
 def test_transcribe_many_gives_each_recording_its_own_text(tiny_export: Path) -> None:
     """Throughput mode batches the windows of several recordings (one of two windows)
     through the decoder; each recording still gets the text it gets alone."""

@@ -29,8 +29,10 @@ def cross_feed(decoder_inputs: Collection[str], cross_k: np.ndarray,
                cross_v: np.ndarray) -> dict[str, np.ndarray]:
     """The decoder feed of the encoder's stacked `cross_k` / `cross_v` for a decoder whose
     inputs are `decoder_inputs`: per-layer views (no copy), or the stacked pair for a
-    decoder exported before per-layer inputs."""
+    decoder exported before per-layer inputs (contiguous: a narrowed batch's rows are a
+    view across layers, `whisper.OrtStep`)."""
     if STACKED[0] in decoder_inputs:
-        return {STACKED[0]: cross_k, STACKED[1]: cross_v}
+        return {STACKED[0]: np.ascontiguousarray(cross_k),
+                STACKED[1]: np.ascontiguousarray(cross_v)}
     names = cross_input_names(len(cross_k))
     return dict(zip(names, [*cross_k, *cross_v], strict=True))

@@ -51,8 +51,8 @@ from .trt_session import ResidentLoop, TrtSession, open_engine
 from .vad import Region, SileroVad, speech_in
 from .window import FULL, EncoderWindow
 
-__all__ = ["CACHE", "CrossScratch", "DeviceCacheStep", "Transcript", "WhisperRuntime",
-           "encode_in_chunks"]
+__all__ = ["CACHE", "CrossScratch", "DeviceCacheStep", "OrtStep", "Transcript",
+           "WhisperRuntime", "encode_in_chunks"]
 
 # Window time (s) to recording time (s) for one decoding window.
 Clock = Callable[[float], float]
@@ -238,23 +238,20 @@ class WhisperRuntime:
         """The decoder's cross-attention inputs for the encoder's stacked K/V."""
         return cross_feed({t.name for t in self.card.graphs["decoder"].inputs}, cross_k, cross_v)
 
-    def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray) -> DecoderStep:
+    def step_fn(self, cross_k: np.ndarray, cross_v: np.ndarray,
+                narrowing: bool = False) -> DecoderStep:
         """A decoder step with this utterance's cross-attention K/V bound.
 
         On a TensorRT engine the K/V cache stays on the device (`DeviceCacheStep`); an ORT
-        session gets and returns it as arrays.
+        session gets and returns it as arrays. `narrowing`: an ORT step that `greedy_decode`
+        may shrink to its unfinished rows by moving rows of `cross_k` / `cross_v` in place
+        (`OrtStep`), so only for arrays nothing reads after the decode.
         """
-        cross = self.cross_feed(cross_k, cross_v)
         if isinstance(self.decoder, TrtSession):
-            return DeviceCacheStep(self.decoder, cross)
-
-        def step(tokens: np.ndarray, past_k: np.ndarray,
-                 past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            logits, k, v = self.decoder.run(None, {
-                "tokens": tokens, "past_key": past_k, "past_value": past_v, **cross})
-            return logits, k, v
-
-        return step
+            return DeviceCacheStep(self.decoder, self.cross_feed(cross_k, cross_v))
+        step = OrtStep(self.decoder, cross_k, cross_v,
+                       {t.name for t in self.card.graphs["decoder"].inputs})
+        return step if narrowing else step.__call__  # a bound method has no `keep`
 
     def decode_windows(self, windows: np.ndarray, timestamps: bool = False,
                        plan: LanguagePlan | None = None,
@@ -294,7 +291,7 @@ class WhisperRuntime:
         # The K/V are dead once this batch is decoded, so the next batch reuses their pages.
         self.scratch.rows = self.max_batch
         cross_k, cross_v = self.encode(windows, self.scratch)
-        step = self.step_fn(cross_k, cross_v)
+        step = self.step_fn(cross_k, cross_v, narrowing=self.options.greedy)
         rules = TIMESTAMP_RULES if timestamps else None
         languages = plan.batch(step, recordings)
         opts = self.options
@@ -494,6 +491,35 @@ def _in_recording(windows: Sequence[Transcript],
     for window, clock in zip(windows, clocks, strict=True):
         out += map_times(window.segments or (), clock)
     return tuple(out)
+
+
+class OrtStep:
+    """A `DecoderStep` on an ONNX Runtime decoder with one batch's cross K/V bound, which
+    `keep` narrows to some of its rows (`decoding.Narrowable`).
+
+    The rows kept are moved to the front of the bound arrays in place (one window's K/V is
+    18 MB on tiny.en, 37 MB on base; `compacted` moves each row at most once), rather than
+    gathered into new arrays: fresh pages are slow on some machines (`CrossScratch`).
+    """
+
+    def __init__(self, decoder: Any, cross_k: np.ndarray, cross_v: np.ndarray,
+                 inputs: set[str]) -> None:
+        self._decoder, self._k, self._v, self._inputs = decoder, cross_k, cross_v, inputs
+        self._cross = cross_feed(inputs, cross_k, cross_v)
+
+    def __call__(self, tokens: np.ndarray, past_k: np.ndarray,
+                 past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, k, v = self._decoder.run(None, {
+            "tokens": tokens, "past_key": past_k, "past_value": past_v, **self._cross})
+        return logits, k, v
+
+    def keep(self, rows: np.ndarray) -> None:
+        for dst, src in enumerate(rows):
+            if src != dst:
+                self._k[:, dst] = self._k[:, src]
+                self._v[:, dst] = self._v[:, src]
+        size = len(rows)
+        self._cross = cross_feed(self._inputs, self._k[:, :size], self._v[:, :size])
 
 
 class DeviceCacheStep:
