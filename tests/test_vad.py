@@ -20,8 +20,10 @@ from sfc.errors import SfcError
 from sfc.eval import read_manifest
 from sfc.runtime import vad as vad_module
 from sfc.runtime.audio import SAMPLE_RATE, load_audio
+from sfc.runtime.session import open_session
 from sfc.runtime.vad import (
     CHUNK,
+    CONTEXT,
     Region,
     SileroVad,
     VadParams,
@@ -155,6 +157,54 @@ def test_regions_equal_the_silero_vad_packages(detector: SileroVad,
     assert [(r.start, r.end) for r in got] == [(d["start"], d["end"]) for d in expected]
 
 
+def _per_chunk(audio: np.ndarray) -> np.ndarray:
+    """The package graph's probabilities one chunk at a time (`OnnxWrapper.__call__`)."""
+    session = open_session(silero_model_path(), threads=1)
+    n = -(-len(audio) // CHUNK)
+    padded = np.zeros(CONTEXT + n * CHUNK, np.float32)
+    padded[CONTEXT:CONTEXT + len(audio)] = audio
+    state, out = np.zeros((2, 1, 128), np.float32), np.empty(n, np.float32)
+    for i in range(n):
+        frame = padded[None, i * CHUNK:(i + 1) * CHUNK + CONTEXT]
+        prob, state = session.run(None, {"input": frame, "state": state,
+                                         "sr": np.array(SAMPLE_RATE, np.int64)})
+        out[i] = prob.item()
+    return out
+
+
+@pytest.mark.parametrize("block", [None, 7])  # one block; blocks carrying the LSTM state
+def test_the_cut_graph_scores_chunks_as_the_packages_graph_does(
+        detector: SileroVad, clips: list[np.ndarray], block: int | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if block:
+        monkeypatch.setattr(vad_module, "BLOCK", block)
+    audio, _ = _join(clips, [0.3, 1.2, 0.1])
+    audio = audio[:len(audio) - 100]  # a last chunk that needs padding
+    want = _per_chunk(audio)
+    got = detector.probabilities(audio)
+    assert got.shape == want.shape and want.max() > 0.9 and want.min() < 0.1
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert detector.probabilities(np.zeros(0, np.float32)).shape == (0,)
+
+
+def test_a_graph_that_is_not_silero_is_a_one_line_error(tmp_path: Path) -> None:
+    junk = tmp_path / "vad.onnx"
+    junk.write_bytes(b"not a graph")
+    with pytest.raises(SfcError, match="cannot read Silero VAD's graph"):
+        SileroVad.open(junk)
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    other = tmp_path / "other.onnx"
+    x = oh.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])
+    y = oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    onnx.save(oh.make_model(oh.make_graph([oh.make_node("Relu", ["input"], ["y"])], "g",
+                                          [x], [y])), str(other))
+    with pytest.raises(SfcError, match="not Silero VAD's 16 kHz graph"):
+        SileroVad.open(other)
+
+
 def test_a_missing_silero_vad_package_is_a_one_line_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vad_module.importlib.util, "find_spec", lambda name: None)
@@ -190,7 +240,7 @@ def test_batched_vad_windows_give_the_sequential_text(
         runtime: WhisperRuntime, detector: SileroVad, clips: list[np.ndarray]) -> None:
     # Three windows of at most 6 s: decoded one at a time, then all three together.
     audio, _ = _join(clips, [0.5, 1.0, 1.0])
-    small = SileroVad(detector.session, most=6 * SAMPLE_RATE)
+    small = SileroVad(detector.encoder, detector.recurrent, most=6 * SAMPLE_RATE)
     assert len(small.windows(audio)) == 3
     texts = []
     for batch in (1, 3):

@@ -55,23 +55,27 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
     return options
 
 
-def open_session(path: Path, *, threads: int | None = None,
+def open_session(path: Path | bytes, *, threads: int | None = None,
                  providers: list[str] | None = None,
                  optimization: str = "all", arena: bool = True,
                  spinning: bool = True) -> ort.InferenceSession:
-    """Open `path` in ONNX Runtime; a file ORT cannot load is a one-line user error.
+    """Open `path` (or a serialized graph) in ONNX Runtime; a file ORT cannot load is a
+    one-line user error.
 
     `optimization`: a key of `OPTIMIZATION` (the model card's choice for the graph);
     `arena`, `spinning`: see `session_options`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SfcError(f"model file not found: {path}")
+    if not isinstance(path, bytes):
+        path = Path(path)
+        if not path.is_file():
+            raise SfcError(f"model file not found: {path}")
     options = session_options(threads=threads, optimization=optimization, arena=arena,
                               spinning=spinning)
     try:
-        return ort.InferenceSession(str(path), sess_options=options,
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path),
+                                    sess_options=options,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own opaque classes; keep their first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SfcError(f"ONNX Runtime cannot load {path}: {first}") from None
+        where = "a graph sfc made" if isinstance(path, bytes) else str(path)
+        raise SfcError(f"ONNX Runtime cannot load {where}: {first}") from None

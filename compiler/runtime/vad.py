@@ -7,7 +7,8 @@ speech / min silence durations, speech padding; `silero_vad/utils_vad.py`, versi
 and `plan_windows` merges consecutive regions greedily into windows of at most 30 s of
 the recording, cut only in pauses (a region longer than a window is split where it is
 least likely speech). Long silences between windows are never decoded; a window is one
-stretch of the recording, so `segments.window_clock` places its segments.
+stretch of the recording, so `segments.window_clock` places its segments. The graph runs
+cut in two (`silero_graph`): a recording takes two ORT calls per block of chunks.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import google.protobuf.message
 import numpy as np
+import onnx
 
 from ..errors import SfcError
 from .audio import SAMPLE_RATE
 from .session import open_session
+from .silero_graph import HIDDEN, split_silero
 
 __all__ = ["CHUNK", "CONTEXT", "Region", "SileroVad", "VadParams",
            "plan_windows", "silero_model_path", "speech_in", "speech_regions"]
@@ -31,6 +35,7 @@ __all__ = ["CHUNK", "CONTEXT", "Region", "SileroVad", "VadParams",
 # 64 samples: on 512 samples alone the graph scores everything as silence.
 CHUNK = 512
 CONTEXT = 64
+BLOCK = 1024  # chunks per pair of calls: 33 s of audio, 2.4 MB of encoder input
 _MODEL = ("data", "silero_vad_16k_op15.onnx")
 
 
@@ -172,33 +177,48 @@ def silero_model_path() -> Path:
 
 @dataclass
 class SileroVad:
-    """A Silero VAD session, its parameters and the longest window (samples)."""
+    """Silero VAD's two sessions (`silero_graph.split_silero`: per-chunk encoder, LSTM over
+    the chunks), its parameters and the longest window (samples)."""
 
-    session: Any
+    encoder: Any
+    recurrent: Any
     params: VadParams = field(default_factory=VadParams)
     most: int = 30 * SAMPLE_RATE
 
     @classmethod
-    def open(cls, path: Path | None = None, params: VadParams | None = None) -> SileroVad:
-        """One-thread ORT session (the package's `OnnxWrapper` uses one: the graph is tiny
-        and runs once per 32 ms chunk) of `path`, by default the package's graph."""
-        session = open_session(path or silero_model_path(), threads=1)
-        return cls(session, params or VadParams())
+    def open(cls, path: Path | None = None, params: VadParams | None = None,
+             threads: int | None = None) -> SileroVad:
+        """Sessions of `path`'s graph (by default the package's), cut in two: the encoder on
+        `threads` (None: ORT's default, one per core; its idle threads do not spin, since
+        the Whisper sessions run next), the LSTM on one."""
+        path = path or silero_model_path()
+        try:
+            model = onnx.load(str(path))
+        except (OSError, google.protobuf.message.DecodeError) as exc:
+            raise SfcError(f"cannot read Silero VAD's graph {path}: {exc}") from None
+        encoder, recurrent = split_silero(model)
+        return cls(open_session(encoder.SerializeToString(), threads=threads, spinning=False),
+                   open_session(recurrent.SerializeToString(), threads=1),
+                   params or VadParams())
 
     def probabilities(self, audio: np.ndarray) -> np.ndarray:
         """Speech probability of each 512-sample chunk of 16 kHz `audio` (the last one
-        zero-padded), as `OnnxWrapper.__call__` computes them: each chunk after the
-        previous one's last 64 samples, the recurrent state carried over."""
+        zero-padded), as `OnnxWrapper.__call__` computes them up to float rounding: each
+        chunk after the previous one's last 64 samples, the recurrent state carried over.
+        """
         n = -(-len(audio) // CHUNK)
+        if n == 0:
+            return np.empty(0, np.float32)
         padded = np.zeros(CONTEXT + n * CHUNK, np.float32)
         padded[CONTEXT:CONTEXT + len(audio)] = audio
-        state = np.zeros((2, 1, 128), np.float32)
-        rate = np.array(SAMPLE_RATE, np.int64)
+        frames = np.lib.stride_tricks.sliding_window_view(padded, CHUNK + CONTEXT)[::CHUNK]
+        h = c = np.zeros((1, 1, HIDDEN), np.float32)
         out = np.empty(n, np.float32)
-        for i in range(n):
-            frame = padded[None, i * CHUNK:(i + 1) * CHUNK + CONTEXT]
-            prob, state = self.session.run(None, {"input": frame, "state": state, "sr": rate})
-            out[i] = prob.item()
+        for first in range(0, n, BLOCK):
+            block = np.ascontiguousarray(frames[first:first + BLOCK])
+            (encoded,) = self.encoder.run(None, {"input": block})  # [chunks, HIDDEN, 1]
+            out[first:first + len(block)], h, c = self.recurrent.run(
+                None, {"x": encoded.reshape(-1, 1, HIDDEN), "h0": h, "c0": c})
         return out
 
     def windows(self, audio: np.ndarray) -> list[Region]:
