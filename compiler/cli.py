@@ -255,7 +255,8 @@ def transcribe(
         raise SfcError(f"{output_format} for several files needs --output-dir (one file each)")
     targets = (_output_paths(audio, output_dir, output_format) if output_dir is not None
                else [None] * len(audio))
-    detector = SileroVad.open() if vad else None  # a missing package fails before loading
+    # A missing package fails before loading.
+    detector = SileroVad.open(threads=threads) if vad else None
     runtime = WhisperRuntime.open(model_folder(model), threads=threads,
                                   guard=LOOP_GUARD if loop_guard else None, options=options,
                                   window=window)

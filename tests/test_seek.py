@@ -225,7 +225,7 @@ def test_seek_recordings_batched_get_their_text_alone(
 
 
 def test_seek_and_vad_windows_are_refused_together(tiny_runtime: WhisperRuntime) -> None:
-    vad = SileroVad(session=None)  # never run: the refusal comes first
+    vad = SileroVad(encoder=None, recurrent=None)  # never run: the refusal comes first
     with pytest.raises(SfcError, match="choose one"):
         tiny_runtime.transcribe(np.zeros(16000, np.float32), True, vad, seek=True)
 
