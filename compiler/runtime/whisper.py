@@ -514,6 +514,8 @@ class OrtStep:
         return logits, k, v
 
     def keep(self, rows: np.ndarray) -> None:
+        """Bind the rows at positions `rows`, in `compacted`'s order (no source row is also
+        a destination, so copying in place in any order is safe)."""
         for dst, src in enumerate(rows):
             if src != dst:
                 self._k[:, dst] = self._k[:, src]
