@@ -168,7 +168,7 @@ def test_encoder_runs_a_window_at_a_time_on_the_cpu_with_the_batch_result(
 def test_a_narrowed_ort_step_steps_the_rows_it_keeps(tiny_export: Path) -> None:
     """`OrtStep.keep` moves the kept rows' cross K/V in place: the logits of the narrowed
     step are those of a step on just those rows."""
-    from sfc.runtime.decoding import compacted, start
+    from sfc.runtime.decoding import Narrowable, compacted, start
 
     runtime = WhisperRuntime.open(tiny_export)
     clips = [load_audio(u.audio) for u in read_manifest(EVAL_DATA)[:3]]
@@ -178,7 +178,9 @@ def test_a_narrowed_ort_step_steps_the_rows_it_keeps(tiny_export: Path) -> None:
     assert order.tolist() == [2, 1]
     alone = runtime.step_fn(cross_k[:, order].copy(), cross_v[:, order].copy())
     narrowed = runtime.step_fn(cross_k, cross_v, narrowing=True)
-    narrowed.keep(order)  # type: ignore[attr-defined]
+    # Only a step asked to narrow may move the caller's K/V (`greedy_decode` checks this).
+    assert isinstance(narrowed, Narrowable) and not isinstance(alone, Narrowable)
+    narrowed.keep(order)
     begin = start(runtime.decoding, 2, None, None, None, "transcribe")
     want = alone(begin.tokens, begin.past_k, begin.past_v)[0]
     got = narrowed(begin.tokens, begin.past_k, begin.past_v)[0]

@@ -10,7 +10,9 @@ nodes, extracted (run on a block of chunks at once), and the recurrent part is o
 `LSTM` over the whole sequence with the package's weights, its gates reordered as the
 package's export reorders them (PyTorch i, f, g, o to ONNX i, o, f, c). The probabilities
 differ from the per-chunk graph's by float rounding (2.4e-7 at most on that recording).
-faster-whisper runs the same model split the same way.
+faster-whisper (1.2.1) does the same with a graph of its own that takes a block of chunks
+and the LSTM state (`silero_vad_v6.onnx`, `SileroVADModel`); the silero-vad package ships
+only the per-chunk graph, hence the cut here.
 """
 
 from __future__ import annotations
