@@ -5,6 +5,7 @@ real model on an utterance that straddles the 30 s edge."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,15 @@ def test_known_speech_after_a_single_ending_restarts_the_window_there() -> None:
     assert complete_segments([ts(0), 1, ts(100)], TB, 100, STEP, lambda f: True) == (3, 100)
 
 
+def test_a_pair_at_the_end_with_no_speech_left_takes_the_whole_window() -> None:
+    ids = [ts(0), 1, ts(40), ts(44)]
+    # Less speech known after its end than the runtime's tail: the window is done.
+    assert complete_segments(ids, TB, 3000, STEP, lambda f: False) == (3, 3000)
+    assert complete_segments(ids, TB, 3000, STEP, lambda f: f < 300) == (3, 40)
+    # A pair with text after it is an unfinished segment whatever the speech.
+    assert complete_segments([*ids, 2], TB, 3000, STEP, lambda f: False) == (3, 40)
+
+
 def test_a_segment_ending_at_zero_never_stalls_the_seek() -> None:
     assert complete_segments([ts(0), ts(0), 1], TB, 3000, STEP) == (3, 3000)
 
@@ -116,7 +126,8 @@ class Scripted:
         self.spans = spans  # each recording's spans, keyed by its length in frames
         self.batches: list[int] = []
 
-    def __call__(self, windows: np.ndarray, _rows: list[int]) -> Decoded:
+    def __call__(self, windows: np.ndarray, _rows: list[int],
+                 _afters: list[Callable[[int], bool] | None]) -> Decoded:
         self.batches.append(len(windows))
         return Decoded([self._row(w) for w in windows], [False] * len(windows))
 
@@ -182,6 +193,31 @@ def test_an_utterance_left_out_before_known_speech_is_decoded_in_a_window_of_its
                            lambda r, frame: any(e > frame for _, e in spans))
     assert [w.start for w in known] == [0, 30]
     assert [t for w in known for t in w.ids if t < TB] == [0, 1]  # both spans' text
+
+
+def test_the_decoder_is_told_the_speech_after_each_frame_of_each_window() -> None:
+    # Recording 0's speech runs to frame 150, recording 1's to 30; windows start where
+    # the scripted tokens' last complete segment ended.
+    ends = {0: 150, 1: 30}
+    seen: list[list[tuple[int, list[bool]]]] = []
+
+    class Telling(Scripted):
+        def __call__(self, windows: np.ndarray, rows: list[int],
+                     afters: list[Callable[[int], bool] | None]) -> Decoded:
+            seen.append([(r, [bool(a(f)) for f in (0, 10, 60, 99, 100)])
+                         for r, a in zip(rows, afters, strict=True) if a is not None])
+            return super().__call__(windows, rows, afters)
+
+    decoder = Telling({270: SPANS, 40: [(2, 36)]})
+    seek_decode([_recording(270), _recording(40)], decoder, WINDOW, TB, 2, STEP,
+                lambda r, frame: frame < ends[r])
+    # Frame 0 and frames past a window's audio never count; the rest, from the seek on.
+    assert seen[0] == [(0, [False, True, True, True, False]),
+                       (1, [False, True, False, False, False])]
+    assert seen[1] == [(0, [False, True, False, False, False])]  # the window at frame 90
+    assert [len(a) for a in seen] == [2, 1, 1, 1]
+    assert seek_decode([_recording(40)], decoder, WINDOW, TB, 1, STEP)[0]  # no predicate
+    assert seen[-1] == []  # every predicate None
 
 
 # ----------------------------------------------------------------------- the real model

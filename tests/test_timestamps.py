@@ -23,6 +23,7 @@ from sfc.runtime.audio import load_audio
 from sfc.runtime.decoding import (
     TIME_PRECISION,
     TIMESTAMP_RULES,
+    Narrowable,
     TimestampRules,
     decoding_prompt,
     greedy_decode,
@@ -100,6 +101,33 @@ def test_timestamp_wins_when_their_summed_probability_beats_every_text_token(
         assert picked == 5
 
 
+def test_known_speech_after_a_timestamp_keeps_the_text_going() -> None:
+    # Speech known until 0.30 s (ids up to TS + 15): a segment's end or a pair there may
+    # not end the text; the rule's other masks stay.
+    rules = TimestampRules(speech_after=(lambda t: t < 0.3,))
+    eot = {f"t{EOT}": 9.0}
+    assert _pick(_logits(t70=1.0, t5=3.0, **eot), [TS, 5, TS + 10], rules) == TS + 10
+    assert _pick(_logits(t70=1.0, t6=2.0, **eot), [TS, 5, TS + 10, TS + 11], rules) == 6
+    assert _pick(_logits(t6=2.0, **eot), [TS], rules) == 6
+    # Past the known speech, after text, or without a predicate: OpenAI's rules.
+    assert _pick(_logits(t90=1.0, **eot), [TS, 5, TS + 20], rules) == EOT
+    assert _pick(_logits(t6=2.0, **eot), [TS, 5], rules) == EOT
+    assert _pick(_logits(t70=1.0, **eot), [TS, 5, TS + 10],
+                 TimestampRules(speech_after=(None,))) == EOT
+
+
+def test_each_row_is_held_to_its_own_windows_speech() -> None:
+    rules = TimestampRules(speech_after=(None, lambda t: True))
+    seq = [TS, 5, TS + 10, TS + 11]
+    rows = np.repeat(_logits(t6=2.0, **{f"t{EOT}": 9.0}), 2, axis=0)
+    rules.apply(rows, [seq, seq], SPEC)
+    assert rows.argmax(axis=-1).tolist() == [EOT, 6]
+    # After finished rows left the batch, position 0 is batch row 1.
+    rows = _logits(t6=2.0, **{f"t{EOT}": 9.0})
+    rules.apply(rows, [seq], SPEC, rows=[1])
+    assert rows.argmax(axis=-1).tolist() == [6]
+
+
 def _scripted(script: list[int], fed: list[np.ndarray]):  # type: ignore[no-untyped-def]
     """A decoder step that favours script[i] at step i (eot after), recording its inputs."""
 
@@ -135,6 +163,38 @@ def test_loop_guard_sees_a_loop_whose_copies_are_separate_segments() -> None:
     out = greedy_decode(_scripted(script, []), SPEC, 1, timestamps=TimestampRules())
     assert out.looped == [True]
     assert out.ids == [[TS, 7, 8, TS + 1, TS + 1]]  # one copy of the unit kept
+
+
+def test_greedy_decode_holds_narrowed_rows_to_their_own_speech() -> None:
+    # Two rows whose model would end at the pair <|0.20|><|0.20|>; row 1 has speech known
+    # after it and goes on to 8 <|0.40|>; row 0 ends first and leaves the (narrowable)
+    # batch, so row 1 is decoded at position 0 from then on.
+    class Step:
+        def __init__(self) -> None:
+            self.rows = [0, 1]
+            self.kept: list[list[int]] = []
+            self.i = 0
+
+        def keep(self, order: np.ndarray) -> None:
+            self.rows = [self.rows[int(p)] for p in order]
+            self.kept.append(list(self.rows))
+
+        def __call__(self, tokens, pk, pv):  # type: ignore[no-untyped-def]
+            script = [TS, 5, TS + 10, TS + 10, 8, TS + 20]
+            logits = np.full((len(tokens), 1, VOCAB), LOW, np.float32)
+            for p in range(len(tokens)):
+                logits[p, -1, script[self.i] if self.i < len(script) else EOT] = 0.0
+                if self.i == 4:  # the end of text beats the text after the pair
+                    logits[p, -1, EOT] = 1.0
+            self.i += 1
+            return logits, pk, pv
+
+    step = Step()
+    assert isinstance(step, Narrowable)
+    rules = TimestampRules(speech_after=(None, lambda t: t < 0.3))
+    out = greedy_decode(step, SPEC, 2, timestamps=rules)
+    assert out.ids == [[TS, 5, TS + 10, TS + 10], [TS, 5, TS + 10, TS + 10, 8, TS + 20]]
+    assert step.kept == [[1]]
 
 
 # -------------------------------------------------------------------------------- segments

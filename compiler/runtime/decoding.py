@@ -111,15 +111,26 @@ class TimestampRules:
     text); timestamps never decrease and a segment ends after it starts; and when the
     timestamps' summed probability exceeds that of every text token, the next token is a
     timestamp.
+
+    One rule of sfc's own: where a row's `speech_after` says speech follows the time of
+    its last timestamp (a VAD window's speech regions), the text may not end there. Whisper
+    often ends a window's text at the start of its last utterance (a timestamp pair, then
+    <|endoftext|>), as it does for speech cut by the window's end; a VAD window ends in a
+    pause, so that utterance is whole in the window and is decoded there, not in a window
+    of its own.
     """
 
     max_initial: float | None = 1.0
+    # Per row of the batch, whether speech goes on after a time (s) of its window: where
+    # it does, a timestamp there may not end the text (None: OpenAI's rules alone).
+    speech_after: tuple[Callable[[float], bool] | None, ...] | None = None
 
     def apply(self, logits: np.ndarray, generated: Sequence[Sequence[int]],
-              spec: WhisperDecoding) -> None:
-        """Mask `logits` [B, vocab] in place; `generated[b]` is row b's tokens so far."""
+              spec: WhisperDecoding, rows: Sequence[int] | None = None) -> None:
+        """Mask `logits` [B, vocab] in place; `generated[p]` is the tokens so far of the
+        row at position p, which is batch row `rows[p]` (default p)."""
         begin = spec.timestamp_begin
-        for row, seq in zip(logits, generated, strict=True):
+        for p, (row, seq) in enumerate(zip(logits, generated, strict=True)):
             if not seq:
                 row[:begin] = -np.inf
                 if self.max_initial is not None:
@@ -131,6 +142,10 @@ class TimestampRules:
                 row[begin:] = -np.inf
             elif last:  # a segment's end: the next start, or the end of text
                 row[:spec.eot] = -np.inf
+            after = self.speech_after[p if rows is None else rows[p]] \
+                if self.speech_after else None
+            if last and after is not None and after((seq[-1] - begin) * TIME_PRECISION):
+                row[spec.eot] = -np.inf
             stamps = [t for t in seq if t >= begin]
             if stamps:
                 # The next start may equal the last end; an end must pass its start.
@@ -259,14 +274,15 @@ def start(spec: WhisperDecoding, batch: int, max_new_tokens: int | None,
 
 def next_logits(logits: np.ndarray, spec: WhisperDecoding, first: bool,
                 timestamps: TimestampRules | None,
-                generated: Sequence[Sequence[int]]) -> np.ndarray:
+                generated: Sequence[Sequence[int]],
+                rows: Sequence[int] | None = None) -> np.ndarray:
     """The next-token logits [B, vocab] of a step's logits [B, T, vocab], float32, with the
     suppressed tokens and (with `timestamps`) the timestamp rules masked to -inf; `first`:
     the first generated token; `generated[b]`: row b's tokens so far."""
     last = logits[:, -1, :].astype(np.float32, copy=True)
     last[:, suppression_mask(spec, first, timestamps is not None)] = -np.inf
     if timestamps is not None:
-        timestamps.apply(last, generated, spec)
+        timestamps.apply(last, generated, spec, rows)
     return last
 
 
@@ -305,7 +321,7 @@ def greedy_decode(step: DecoderStep, spec: WhisperDecoding, batch: int,
     for i in range(begin.limit):
         logits, past_k, past_v = step(tokens, past_k, past_v)
         nxt = next_logits(logits, spec, i == 0, timestamps,
-                          [out[r] for r in rows]).argmax(axis=-1)
+                          [out[r] for r in rows], rows.tolist()).argmax(axis=-1)
         nxt[done] = spec.eot  # finished rows keep feeding eot; their output is ignored
         for p in np.flatnonzero(~done):
             b = rows[p]

@@ -45,7 +45,9 @@ def complete_segments(ids: Sequence[int], timestamp_begin: int, frames: int,
     VAD's regions). Then a window whose tokens end with a single timestamp t but leave
     speech after t moves the seek to t, not to its end: Whisper often ends a window's
     tokens one utterance early, leaving it to the next window, which OpenAI's rule would
-    start after it (BENCHMARKS.md, issue 14: whole utterances lost at VAD window ends)."""
+    start after it (BENCHMARKS.md, issue 14: whole utterances lost at VAD window ends).
+    Tokens that end with a pair (a segment's end, and a start with no text after it) and
+    leave no speech after it take the whole window: there is nothing left to decode."""
     stamp = [t >= timestamp_begin for t in ids]
     single_ending = len(ids) >= 2 and stamp[-1] and not stamp[-2]
     pairs = [i for i in range(1, len(ids)) if stamp[i] and stamp[i - 1]]
@@ -57,6 +59,8 @@ def complete_segments(ids: Sequence[int], timestamp_begin: int, frames: int,
         return len(ids), frames
     last = pairs[-1]  # ids[last - 1] ends the last complete segment
     advance = (ids[last - 1] - timestamp_begin) * frames_per_timestamp
+    if last == len(ids) - 1 and speech_after is not None and not speech_after(advance):
+        return last, frames  # an empty last segment, and no speech left to decode
     # A segment ending at 0 s would restart the window where it began, for ever; the
     # timestamp rules never emit one (an end passes its start), a faulty decoder might.
     return (last, advance) if advance > 0 else (len(ids), frames)
@@ -92,17 +96,27 @@ class SeekWindow:
     quality: Quality | None = None
 
 
+def _after(speech_after: Callable[[int, int], bool], r: int, seek: int,
+           size: int) -> Callable[[int], bool]:
+    """Whether speech follows a frame of recording r's window at `seek` of `size` frames:
+    only inside its audio."""
+    return lambda frame: 0 < frame < size and speech_after(r, seek + frame)
+
+
 def seek_decode(features: Sequence[np.ndarray],
-                decode: Callable[[np.ndarray, list[int]], Decoded],
+                decode: Callable[[np.ndarray, list[int], list[Callable[[int], bool] | None]],
+                                 Decoded],
                 n_frames: int, timestamp_begin: int, batch: int,
                 frames_per_timestamp: int,
                 speech_after: Callable[[int, int], bool] | None = None,
                 ) -> list[list[SeekWindow]]:
     """Each recording's windows, decoded from frame 0 until the seek passes its features.
 
-    `decode(windows, rows)` turns windows [B, n_mels, n_frames], window b of recording
-    `rows[b]`, into their generated ids with timestamps. `speech_after(r, frame)`: whether
-    speech follows that frame of recording r (`complete_segments`).
+    `decode(windows, rows, afters)` turns windows [B, n_mels, n_frames], window b of
+    recording `rows[b]`, into their generated ids with timestamps; `afters[b]` (None
+    without `speech_after`) tells whether speech follows a frame of window b's audio.
+    `speech_after(r, frame)`: whether speech follows that frame of recording r
+    (`complete_segments`).
     Every call takes the next window of at most `batch` unfinished recordings (the first
     ones, in order); where a recording's next window starts depends only on its own
     tokens, so its windows are those it gets alone.
@@ -114,12 +128,12 @@ def seek_decode(features: Sequence[np.ndarray],
         if not rows:
             return out
         cut = [window_at(features[r], seeks[r], n_frames) for r in rows]
-        dec = decode(np.stack([w for w, _ in cut]), rows)
+        afters = [None if speech_after is None else _after(speech_after, r, seeks[r], size)
+                  for r, (_, size) in zip(rows, cut, strict=True)]
+        dec = decode(np.stack([w for w, _ in cut]), rows, afters)
         qualities: list[Quality | None] = [*dec.quality] if dec.quality else [None] * len(rows)
-        for r, (_, size), ids, looped, quality in zip(rows, cut, dec.ids, dec.looped,
-                                                      qualities, strict=True):
-            after = None if speech_after is None else (
-                lambda frame, r=r: speech_after(r, seeks[r] + frame))
+        for (_, size), r, after, ids, looped, quality in zip(
+                cut, rows, afters, dec.ids, dec.looped, qualities, strict=True):
             keep, advance = complete_segments(ids, timestamp_begin, size,
                                               frames_per_timestamp, after)
             out[r].append(SeekWindow(seeks[r], size, tuple(ids[:keep]), looped, quality))

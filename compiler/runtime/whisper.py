@@ -11,8 +11,11 @@ tokens window after window, each window starting where the last complete segment
 one before ended (`seek`, as OpenAI's and faster-whisper's decoders do), its text that of
 the segments. With voice activity detection (`vad`), the recording is first cut into
 stretches of at most 30 s holding its speech regions, cut at pauses, and each stretch is
-decoded the same way, stretches decoded together; a stretch whose tokens stop before
-speech the VAD found in it goes on from there (`seek.complete_segments`).
+decoded the same way, stretches decoded together. A stretch's text may not end at a
+timestamp while speech the VAD found follows it (`decoding.TimestampRules`): left to
+itself, Whisper ended a third of the stretches one utterance early, and each such stretch
+took a second encoder window for what was left (BENCHMARKS.md, issue 14); where its
+tokens still stop before that speech, it goes on from there (`seek.complete_segments`).
 `seek=False` gives the old consecutive 30 s windows (`features.whisper_windows`), decoded
 independently and joined with a space. Segments are placed in the recording's time
 (`segments`).
@@ -21,7 +24,7 @@ independently and joined with a space. Segments are placed in the recording's ti
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from .decoding import (
     Decoded,
     DecoderStep,
     LoopGuard,
+    TimestampRules,
     greedy_decode,
 )
 from .fallback import GREEDY, DecodeOptions, decode_with_fallback, sampling_rngs
@@ -62,9 +66,10 @@ CACHE = {"present_key": "past_key", "present_value": "past_value"}
 
 # OpenAI's no-speech token: <|nospeech|> (multilingual), <|nocaptions|> (English-only).
 NO_SPEECH = ("<|nospeech|>", "<|nocaptions|>")
-# A VAD window is decoded on past its tokens' last timestamp only when at least this much
-# of the speech the VAD found follows it: Whisper's segment ends fall up to about a second
-# off the speech, so a shorter tail is that, not an utterance left out.
+# A VAD window's text may not end at a timestamp, and its decoding goes on past its tokens'
+# last one, only when at least this much of the speech the VAD found follows it: Whisper's
+# segment ends fall up to about a second off the speech, so a shorter tail is that, not an
+# utterance left out.
 SPEECH_LEFT_S = 1.0
 
 
@@ -285,20 +290,37 @@ class WhisperRuntime:
         return out
 
     def _decode(self, windows: np.ndarray, timestamps: bool, new_tokens: int | None,
-                plan: LanguagePlan, recordings: Sequence[int]) -> Decoded:
+                plan: LanguagePlan, recordings: Sequence[int],
+                speech_after: Sequence[Callable[[int], bool] | None] | None = None,
+                ) -> Decoded:
         """Decoding of one batch of windows [B, n_mels, frames], window b of recording
-        `recordings[b]`, in the languages and task of `plan`: greedy, or by `options`."""
+        `recordings[b]`, in the languages and task of `plan`: greedy, or by `options`.
+        `speech_after[b]`: whether speech is known to follow a frame of window b (VAD
+        windows): its text may not end at a timestamp there (`TimestampRules`)."""
         # The K/V are dead once this batch is decoded, so the next batch reuses their pages.
         self.scratch.rows = self.max_batch
         cross_k, cross_v = self.encode(windows, self.scratch)
         step = self.step_fn(cross_k, cross_v, narrowing=self.options.greedy)
-        rules = TIMESTAMP_RULES if timestamps else None
         languages = plan.batch(step, recordings)
         opts = self.options
+        per_s = self.mel.sample_rate / self.mel.hop_length
+        after_s = [None if f is None else (lambda t, f=f: f(round(t * per_s)))
+                   for f in speech_after or [None] * len(windows)]
+
+        def rules(rows: Sequence[int], group: int) -> TimestampRules | None:
+            # The rules of `group` adjacent decoder rows per window of `rows`.
+            if not timestamps:
+                return None
+            if not any(after_s):
+                return TIMESTAMP_RULES
+            return replace(TIMESTAMP_RULES,
+                           speech_after=tuple(after_s[r] for r in rows for _ in range(group)))
+
         if opts.greedy:
             return greedy_decode(step, self.decoding, len(windows),
                                  max_new_tokens=new_tokens, guard=self.guard,
-                                 timestamps=rules, languages=languages, task=plan.task)
+                                 timestamps=rules(range(len(windows)), 1),
+                                 languages=languages, task=plan.task)
         if isinstance(self.decoder, TrtSession):
             raise SfcError("beam search and temperature fallback need an ONNX Runtime "
                            "decoder; this folder's is a TensorRT engine (decode greedily)")
@@ -308,7 +330,7 @@ class WhisperRuntime:
             group = opts.beam_size if temperature == 0 else opts.best_of
             pick = np.repeat(np.asarray(rows), group)
             sub = self.step_fn(cross_k[:, pick], cross_v[:, pick])
-            setup = SearchSetup(self.decoding, new_tokens, self.guard, rules,
+            setup = SearchSetup(self.decoding, new_tokens, self.guard, rules(rows, group),
                                 [languages[r] for r in rows], plan.task, self.no_speech,
                                 opts.length_penalty)
             if temperature == 0:
@@ -435,8 +457,9 @@ class WhisperRuntime:
             return sum(max(0, e - max(s, frame)) for s, e in speech[piece]) >= least
 
         decoded = seek_decode(pieces,
-                              lambda windows, rows: self._decode(
-                                  windows, True, new_tokens, plan, [owners[i] for i in rows]),
+                              lambda windows, rows, afters: self._decode(
+                                  windows, True, new_tokens, plan, [owners[i] for i in rows],
+                                  afters),
                               self.mel.n_frames, self.decoding.timestamp_begin, size,
                               round(TIME_PRECISION * rate / hop),
                               speech_after if vad else None)
