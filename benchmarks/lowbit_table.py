@@ -90,7 +90,8 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # GPTQ's dampening (`--gptq-damp`; 0.01 is the default): a decoder weight's Gram
         # has about as many calibration rows (tokens) as it has columns.
         **{f"w4-b32-gptq-damp{d:g}": {**NONE, "weights": 4, "weight_method": "gptq",
-                                      "gptq": GptqConfig(damp=d)} for d in (0.1, 0.3)},
+                                      "gptq": GptqConfig(damp=d)}
+           for d in (0.001, 0.003, 0.1, 0.3)},
         "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
         "mixed-6": _mixed(6.0),
         "mixed-5": _mixed(5.0),

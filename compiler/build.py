@@ -55,6 +55,7 @@ from .precision.activations import (
 )
 from .precision.budget import WeightOption
 from .precision.plots import plot_one_stage, plot_search
+from .precision.probe import ProbeGraph
 from .precision.search import (
     RESULT_FILE,
     GraphWeights,
@@ -817,10 +818,10 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
 
     sessions = {g.name: _session_config(config, g.model) for g in pending}
 
-    def objective(built: dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]) -> Any:
-        setups = {name: GraphSetup(model, Recipe(model_sha256(model), config.seed, {}, ()),
-                                   (), gates, session_config=sessions[name])
-                  for name, (model, gates) in built.items()}
+    def objective(built: dict[str, ProbeGraph]) -> Any:
+        setups = {name: GraphSetup(p.model, Recipe(model_sha256(p.model), config.seed, {}, ()),
+                                   (), switches=p.switches, session_config=sessions[name])
+                  for name, p in built.items()}
         # KL to FP32 (>= 0, no transcript-likelihood noise) for Whisper; distortion else.
         kind = "kl" if card.family == "whisper" else "auto"
         assert config.search is not None

@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 from test_quant_graphs import feeds_for, run, session, speech_model
 
+from sfc.calib.objectives import switch_feed
 from sfc.precision.probe import gate_name, switchable
 from sfc.quant import (
     ORT_CPU_CAPS,
@@ -107,10 +108,12 @@ def test_probes_switch_the_gather_copy_with_the_same_gate() -> None:
     table = _table(model)
     block = np.full_like(table, 0.01)  # any delta for the MatMul's copy
     rows = _gather_int8(table) - table
-    probed, gates = switchable(model, {"E": [block]}, {"E": [rows]})
+    probe = switchable(model, {"E": [block]}, {"E": [rows]})
     feeds = feeds_for(model)
-    off = session(probed).run(None, {**feeds, gates[0]: np.array(0, np.float32)})
-    on = session(probed).run(None, {**feeds, gate_name("E", 0): np.array(1, np.float32)})
+    off = session(probe.model).run(None, {**feeds, **switch_feed(probe.switches,
+                                                                 {probe.gates[0]: 0.0})})
+    on = session(probe.model).run(None, {**feeds, **switch_feed(probe.switches,
+                                                                {gate_name("E", 0): 1.0})})
     float_out = run(model, feeds)
     np.testing.assert_allclose(off[1], float_out[1], atol=1e-6)
     np.testing.assert_allclose(on[1], _gather_int8(table)[feeds["ids"]], atol=1e-6)

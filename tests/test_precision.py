@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from test_quant_graphs import speech_model
 
 from sfc.build import BuildConfig
+from sfc.calib.objectives import switch_feed
 from sfc.errors import SfcError
 from sfc.pipeline import compile_model
 from sfc.precision.activations import (
@@ -232,23 +233,41 @@ def test_switchable_model_switches_exactly_one_weight(tmp_path: Path) -> None:
     spec = QuantSpec(2, "block", 0, 32)
     scales = weight_scales(w1, spec, "mse")
     deq = dequantize_weight(quantize_weight(w1, spec, scales), spec, scales)
-    probed, gates = switchable(model, {"w1": [deq - w1]})
-    assert gates == ("w1__probe0",)
+    probe = switchable(model, {"w1": [deq - w1]})
+    assert probe.gates == ("w1__probe0",)
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
-    run = ort.InferenceSession(probed.SerializeToString(), providers=["CPUExecutionProvider"])
+    run = ort.InferenceSession(probe.model.SerializeToString(),
+                               providers=["CPUExecutionProvider"])
     fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    off = run.run(None, {"x": x, "w1__probe0": np.array(0, np.float32)})[0]
-    np.testing.assert_allclose(off, fp32.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    off = run.run(None, {"x": x, **switch_feed(probe.switches, {"w1__probe0": 0.0})})[0]
+    np.testing.assert_array_equal(off, fp32.run(None, {"x": x})[0])
     swapped = onnx.ModelProto()
     swapped.CopyFrom(model)
     for t in swapped.graph.initializer:
         if t.name == "w1":
-            t.CopyFrom(numpy_helper.from_array(deq, "w1"))
+            t.CopyFrom(numpy_helper.from_array(w1 + (deq - w1), "w1"))
     want = ort.InferenceSession(swapped.SerializeToString(),
                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    on = run.run(None, {"x": x, "w1__probe0": np.array(1, np.float32)})[0]
-    np.testing.assert_allclose(on, want, rtol=1e-4, atol=1e-4)
+    on = run.run(None, {"x": x, **switch_feed(probe.switches, {"w1__probe0": 1.0})})[0]
+    np.testing.assert_array_equal(on, want)  # the probed weight to the bit
     assert np.abs(on - off).max() > 1e-2  # the switch changes something
+    # The session holds the FP32 weight once: no delta constant is in the graph.
+    assert [t.name for t in probe.model.graph.initializer] == \
+        [t.name for t in model.graph.initializer]
+    for bad in ({"w1__probe0": 0.5}, {"w1__probe0": 2.0}):
+        with pytest.raises(ValueError, match="0 or 1"):
+            switch_feed(probe.switches, bad)
+
+
+def test_two_formats_of_one_weight_are_never_fed_together(tmp_path: Path) -> None:
+    model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    probe = switchable(model, {"w1": [np.ones_like(w1), -np.ones_like(w1)]})
+    assert probe.gates == ("w1__probe0", "w1__probe1")
+    np.testing.assert_array_equal(switch_feed(probe.switches, {"w1__probe1": 1.0})["w1"],
+                                  w1 - 1)
+    with pytest.raises(ValueError, match="two formats of w1"):
+        switch_feed(probe.switches, {"w1__probe0": 1.0, "w1__probe1": 1.0})
 
 
 def test_probes_resume_from_their_checkpoint(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -52,12 +52,14 @@ __all__ = [
     "GraphSetup",
     "ObjectiveSpec",
     "ScaledSession",
+    "Switch",
     "WhisperObjective",
     "WhisperReference",
     "make_objective",
     "objective_spec",
     "resolve_objective",
     "score",
+    "switch_feed",
     "teacher_forcing",
     "whisper_reference",
 ]
@@ -70,12 +72,35 @@ _WHISPER_METRICS = ("teacher-forced", "kl", "distortion")
 Cross = tuple[np.ndarray, np.ndarray]  # an encoder batch's cross-attention K and V
 
 
+# What a gate feeds when it is on: (graph input, array) pairs.
+Switch = tuple[tuple[str, np.ndarray], ...]
+
+
+def switch_feed(switches: Mapping[str, Switch], values: Mapping[str, float]
+                ) -> dict[str, np.ndarray]:
+    """The weights to feed for gate `values` (gate -> 0 or 1; absent: 0): the FP32
+    weights stay where every gate of theirs is 0."""
+    out: dict[str, np.ndarray] = {}
+    for gate, value in values.items():
+        if value == 0:
+            continue
+        if value != 1:
+            raise ValueError(f"probe gate {gate} is 0 or 1, not {value}")
+        for name, array in switches[gate]:
+            if name in out:
+                raise ValueError(f"two formats of {name} switched on at once")
+            out[name] = array
+    return out
+
+
 @dataclass(frozen=True)
 class GraphSetup:
     """One graph as ESC sees it: FP32 model, start recipe, and the tensors it tunes.
 
     `gates`: other float32 scalar inputs of `model` fed from the same mapping as the
-    scales (the precision probes' weight switches, `precision.probe`). `rewrite`: applied
+    scales (the activation probes' switches). `switches`: the weight probes' gates, also
+    read from that mapping (0 or 1), each feeding probed weights in place of the model's
+    overridable ones when on (`precision.probe`). `rewrite`: applied
     to the written QDQ model before the session loads it; the graph inputs it adds must be
     among `gates` (the activation probes' switches). `session_config`: the target's ORT
     session config entries for this graph (`Target.session_config`).
@@ -88,6 +113,7 @@ class GraphSetup:
     stored: StoredWeights | None = None  # the recipe's stored weights (GPTQ)
     rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
     session_config: tuple[tuple[str, str], ...] = ()
+    switches: Mapping[str, Switch] = field(default_factory=dict)
 
 
 class ScaledSession:
@@ -105,6 +131,7 @@ class ScaledSession:
                                                    "cpu:0")
         self.inputs = {t: scale_input_name(t) for t in setup.tuned} | {
             g: g for g in setup.gates}
+        self.switches = setup.switches
         qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned,
                         stored=setup.stored)
         if setup.rewrite is not None:
@@ -114,6 +141,8 @@ class ScaledSession:
         # (BENCHMARKS.md, issue 13).
         options = session_options(threads=threads, optimization=optimization,
                                   config=setup.session_config)
+        if self.switches:  # ORT warns of every overridable initializer, as it should
+            options.log_severity_level = 3
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         source: str | bytes
         if qdq.ByteSize() > _MAX_INLINE_BYTES:
@@ -135,9 +164,14 @@ class ScaledSession:
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
 
     def scale_feed(self, scales: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """The scale inputs for `scales` (keyed by quantizer key)."""
-        return {name: np.asarray(scales[quantizer_key(self.graph, t)], dtype=np.float32)
+        """The scale inputs for `scales` (keyed by quantizer key), and the probed weights
+        its switch gates turn on."""
+        feed = {name: np.asarray(scales[quantizer_key(self.graph, t)], dtype=np.float32)
                 for t, name in self.inputs.items()}
+        if self.switches:
+            feed |= switch_feed(self.switches, {
+                g: scales[quantizer_key(self.graph, g)] for g in self.switches})
+        return feed
 
     def run(self, outputs: Sequence[str] | None, feed: Mapping[str, np.ndarray],
             scales: Mapping[str, float]) -> list[np.ndarray]:
@@ -441,7 +475,7 @@ class ObjectiveSpec:
             decoder = ScaledSession("decoder", self.graphs["decoder"], threads=threads,
                                     optimization=self.optimization, release_arena=True)
             # Gates mean probes, which switch one at a time: most repeat the encoder's inputs.
-            probes = any(setup.gates for setup in self.graphs.values())
+            probes = any(setup.gates or setup.switches for setup in self.graphs.values())
             return WhisperObjective(self.kind, encoder, decoder, self.whisper, self.decoding,
                                     keep_encoded=probes)
         assert self.feeds is not None and self.references is not None

@@ -1,11 +1,19 @@
 """Sensitivity probes: the task-loss increase when one weight alone takes one format.
 
-One prepared session per graph answers every probe. Each probed weight W is replaced in
-a copy of the FP32 graph by W + sum_k g_k * D_k, where D_k = dequantized(W in format k)
-- W is a constant and g_k a float32 scalar graph input (0 or 1). A probe feeds g = 1 for
-one (weight, format) and 0 elsewhere to the task objective ESC uses (Whisper:
-teacher-forced cross-entropy on the FP32 model's own transcripts), so no graph is
-rebuilt per probe, and probes of decoder weights reuse the encoder's outputs.
+One prepared session per graph answers every probe. Each probed weight W is an overridable
+initializer of a copy of the FP32 graph (a graph input whose default is W), and each of its
+formats k has a gate: a float32 scalar in the objective's mapping, 0 or 1. A probe feeds
+the dequantized weight W + D_k in W's place for the one (weight, format) whose gate is 1
+(`ProbeGraph.feed`) to the task objective ESC uses (Whisper: teacher-forced cross-entropy
+on the FP32 model's own transcripts), so no graph is rebuilt per probe, and probes of
+decoder weights reuse the encoder's outputs.
+
+The session holds the FP32 weights once and the probed arrays live beside it, once. The
+graph used to compute W + sum_k g_k * D_k itself from a constant D_k per format, so every
+copy of the graph (the objective's model, its QDQ form, the serialized bytes, ORT's
+initializers) held every format of every weight: a Ray probe worker held 3.5 GB for
+whisper-tiny.en and 5.8 GB for whisper-base (BENCHMARKS.md, issue 16). The values are
+the same to the bit: ORT's Sum gave W + 1 * D + 0 * D', numpy gives W + D.
 
 The proxy (`output_error`) needs no task: the layer-output error energy
 tr(D^T H D) with H = X^T X / n from the calibration pass (the quantity GPTQ minimises).
@@ -14,6 +22,7 @@ tr(D^T H D) with H = X^T X / n from the calibration pass (the quantity GPTQ mini
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,69 +30,70 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..calib.esc import quantizer_key
+from ..calib.objectives import Switch
 from ..executor import Executor, InProcess
 from ..progress import progress_bar
 from .memo import Memo
 
-__all__ = ["gate_name", "output_error", "run_probes", "switchable"]
+__all__ = ["ProbeGraph", "gate_name", "output_error", "run_probes", "switchable"]
 
 
 def gate_name(tensor: str, k: int) -> str:
-    """The graph input that switches `tensor` to its k-th format."""
+    """The gate that switches `tensor` to its k-th format."""
     return f"{tensor}__probe{k}"
 
 
+@dataclass(frozen=True)
+class ProbeGraph:
+    """A graph whose probed weights are overridable initializers, and per gate what to
+    feed in their place when it is on (`switchable`)."""
+
+    model: onnx.ModelProto
+    switches: Mapping[str, Switch]
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        return tuple(self.switches)
+
+
 def switchable(model: onnx.ModelProto, deltas: Mapping[str, Sequence[np.ndarray]],
-               gathered: Mapping[str, Sequence[np.ndarray]] | None = None,
-               ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
-    """A copy of `model` where each weight in `deltas` reads W + sum_k gate_k * delta_k;
-    returns it and the gate input names (all default to nothing: feed 0.0 for FP32).
+               gathered: Mapping[str, Sequence[np.ndarray]] | None = None) -> ProbeGraph:
+    """A copy of `model` where each weight in `deltas` is an overridable initializer, with
+    a gate per format k that feeds W + deltas[W][k] in its place.
 
     `gathered`: for weights whose Gather readers read another copy than the rest (the
-    INT8 copy of `TargetCaps.gather_copy_int8`), the Gathers' delta per format, switched by
-    the same gates (one constant per distinct array object)."""
+    INT8 copy of `TargetCaps.gather_copy_int8`), the Gathers' delta per format: the
+    Gathers then read their own overridable copy of W, switched by the same gates."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    nodes: list[onnx.NodeProto] = []
-    gates: list[str] = []
-    renamed: dict[str, str] = {}
-    renamed_gather: dict[str, str] = {}
+    inits = {t.name: t for t in graph.initializer}
+    switches: dict[str, list[tuple[str, np.ndarray]]] = {}
 
-    def switched(tensor: str, options: Sequence[np.ndarray], suffix: str) -> str:
-        terms, consts = [tensor], {}
-        for k, delta in enumerate(options):
-            gate = gate_name(tensor, k)
-            if id(delta) not in consts:
-                consts[id(delta)] = f"{tensor}__{suffix}delta{k}"
-                graph.initializer.append(numpy_helper.from_array(
-                    np.asarray(delta, dtype=np.float32), consts[id(delta)]))
-            term = f"{tensor}__{suffix}term{k}"
-            nodes.append(helper.make_node("Mul", [consts[id(delta)], gate], [term],
-                                          name=f"{term}_Mul"))
-            terms.append(term)
-        name = f"{tensor}__{suffix}probed"
-        nodes.append(helper.make_node("Sum", terms, [name], name=f"{name}_Sum"))
-        return name
+    def overridable(name: str, tensor: onnx.TensorProto) -> None:
+        graph.input.append(helper.make_tensor_value_info(name, tensor.data_type,
+                                                         list(tensor.dims)))
 
+    gather_copies: dict[str, str] = {}
     for tensor, options in deltas.items():
-        for k in range(len(options)):
-            gates.append(gate_name(tensor, k))
-            graph.input.append(helper.make_tensor_value_info(
-                gate_name(tensor, k), onnx.TensorProto.FLOAT, []))
-        renamed[tensor] = switched(tensor, options, "")
+        w = numpy_helper.to_array(inits[tensor]).astype(np.float32)
+        overridable(tensor, inits[tensor])
+        # One probed array per delta object: a format without a Gather copy shares it.
+        made = {id(d): w + np.asarray(d, np.float32)
+                for d in [*options, *(gathered or {}).get(tensor, ())]}
+        for k, delta in enumerate(options):
+            switches[gate_name(tensor, k)] = [(tensor, made[id(delta)])]
         if gathered and tensor in gathered:
-            renamed_gather[tensor] = switched(tensor, gathered[tensor], "gather_")
+            copy = f"{tensor}__gather"
+            graph.initializer.append(numpy_helper.from_array(w, copy))
+            overridable(copy, inits[tensor])
+            gather_copies[tensor] = copy
+            for k, delta in enumerate(gathered[tensor]):
+                switches[gate_name(tensor, k)].append((copy, made[id(delta)]))
     for node in graph.node:
-        for j, name in enumerate(node.input):
-            if j == 0 and node.op_type == "Gather" and name in renamed_gather:
-                node.input[j] = renamed_gather[name]
-            elif name in renamed:
-                node.input[j] = renamed[name]
-    existing = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + existing)
-    return out, tuple(gates)
+        if node.op_type == "Gather" and node.input[0] in gather_copies:
+            node.input[0] = gather_copies[node.input[0]]
+    return ProbeGraph(out, {g: tuple(pairs) for g, pairs in switches.items()})
 
 
 def output_error(delta: np.ndarray, gram: np.ndarray, count: int) -> float:

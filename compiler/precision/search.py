@@ -40,7 +40,7 @@ from ..quant.spec import QuantSpec, TargetCaps
 from ..quant.weights import dequantize_weight, round_to_nearest
 from .budget import Budget, WeightOption, parse_format, storage_bits
 from .onestage import OneStageConfig
-from .probe import output_error, run_probes, switchable
+from .probe import ProbeGraph, output_error, run_probes, switchable
 from .solve import solve_choice
 
 __all__ = ["DEFAULT_CANDIDATES", "RESULT_FILE", "SEARCH_METHODS", "SENSITIVITIES",
@@ -263,14 +263,13 @@ def _key(graphs: Sequence[GraphWeights], config: SearchConfig, extra: str) -> st
 
 
 def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
-           make_spec: Callable[[dict[str, tuple[onnx.ModelProto, tuple[str, ...]]]],
-                               ObjectiveFactory],
+           make_spec: Callable[[dict[str, ProbeGraph]], ObjectiveFactory],
            probes_dir: Path | None = None, method_key: str = "",
            open_executor: Callable[[ObjectiveFactory], Executor | None] = lambda spec: None,
            ) -> SearchResult:
     """Measure sensitivities and solve for one format per weight under the budget.
 
-    `make_spec(graph -> (switchable model, gate names))`: the spec of the task objective
+    `make_spec(graph -> its probe graph)`: the spec of the task objective
     over all graphs (the build's, as ESC uses). `probes_dir`: where probe results are kept,
     one file per model/options/method, so an interrupted search resumes and another
     budget costs no probes. `open_executor(spec)`: where the probes run (None: here); the
@@ -324,7 +323,7 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     if config.sensitivity == "task" and any(deltas.values()):
         built = {g.name: switchable(g.model, deltas[g.name], gathered[g.name])
                  for g in graphs}
-        gates = {g.name: {t: [n for n in built[g.name][1] if n.startswith(f"{t}__probe")]
+        gates = {g.name: {t: [n for n in built[g.name].gates if n.startswith(f"{t}__probe")]
                           for t in deltas[g.name]} for g in graphs}
         del deltas, gathered
         factory = make_spec(built)
