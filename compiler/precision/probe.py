@@ -110,7 +110,7 @@ def run_probes(objective: Callable[[Mapping[str, float]], float],
                ) -> tuple[float, dict[str, dict[str, list[float]]]]:
     """(FP32 objective, graph -> weight -> [loss increase per format]).
 
-    `gates`: graph -> weight -> its gate inputs, probed in that order (put the encoder
+    `gates`: graph -> weight -> its gates, probed in that order (put the encoder
     first, so decoder probes reuse its outputs). `checkpoint`: a JSON file updated after
     every probe and read back when its `key` matches, so an interrupted search resumes.
     `executor`: evaluates the probes not yet measured (`sfc.executor`: Ray workers, say;
