@@ -4,9 +4,9 @@ One prepared session per graph answers every probe. Each probed weight W is an o
 initializer of a copy of the FP32 graph (a graph input whose default is W), and each of its
 formats k has a gate: a float32 scalar in the objective's mapping, 0 or 1. A probe feeds
 the dequantized weight W + D_k in W's place for the one (weight, format) whose gate is 1
-(`ProbeGraph.feed`) to the task objective ESC uses (Whisper: teacher-forced cross-entropy
-on the FP32 model's own transcripts), so no graph is rebuilt per probe, and probes of
-decoder weights reuse the encoder's outputs.
+(`calib.objectives.switch_feed`) to the task objective ESC uses (Whisper: teacher-forced
+cross-entropy on the FP32 model's own transcripts), so no graph is rebuilt per probe, and
+probes of decoder weights reuse the encoder's outputs.
 
 The session holds the FP32 weights once and the probed arrays live beside it, once. The
 graph used to compute W + sum_k g_k * D_k itself from a constant D_k per format, so every

@@ -13,8 +13,8 @@ the segments. With voice activity detection (`vad`), the recording is first cut 
 stretches of at most 30 s holding its speech regions, cut at pauses, and each stretch is
 decoded the same way, stretches decoded together. A stretch's text may not end at a
 timestamp while speech the VAD found follows it (`decoding.TimestampRules`): left to
-itself, Whisper ended a third of the stretches one utterance early, and each such stretch
-took a second encoder window for what was left (BENCHMARKS.md, issue 14); where its
+itself, Whisper ended about half the stretches early (77 of 146 on BENCHMARKS.md's long
+set, issue 14), and each took a second encoder window for what was left; where its
 tokens still stop before that speech, it goes on from there (`seek.complete_segments`).
 `seek=False` gives the old consecutive 30 s windows (`features.whisper_windows`), decoded
 independently and joined with a space. Segments are placed in the recording's time
