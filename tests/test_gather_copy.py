@@ -25,7 +25,7 @@ from sfc.quant import (
     write_qdq,
 )
 from sfc.quant.spec import TargetCaps
-from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
+from sfc.quant.weights import Rounded, dequantize_weight, quantize_weight, weight_scales
 from sfc.targets.ort_rewrites import apply_rewrites
 
 # speech_model's Gather reads rows (axis 0) of 64: INT8 in blocks of 32 along each row
@@ -106,8 +106,11 @@ def test_gather_reads_int8_blocks_of_the_float_table_closer_than_the_4_bit_block
 def test_probes_switch_the_gather_copy_with_the_same_gate() -> None:
     model = speech_model()
     table = _table(model)
-    block = np.full_like(table, 0.01)  # any delta for the MatMul's copy
-    rows = _gather_int8(table) - table
+    spec = QuantSpec(4, "block", axis=1, block_size=16)  # the MatMul's copy
+    scales = weight_scales(table, spec, "mse")
+    block = Rounded(quantize_weight(table, spec, scales), spec, scales)
+    int8 = weight_scales(table, GATHER_INT8, "absmax")
+    rows = Rounded(quantize_weight(table, GATHER_INT8, int8), GATHER_INT8, int8)
     probe = switchable(model, {"E": [block]}, {"E": [rows]})
     feeds = feeds_for(model)
     off = session(probe.model).run(None, {**feeds, **switch_feed(probe.switches,
@@ -117,4 +120,4 @@ def test_probes_switch_the_gather_copy_with_the_same_gate() -> None:
     float_out = run(model, feeds)
     np.testing.assert_allclose(off[1], float_out[1], atol=1e-6)
     np.testing.assert_allclose(on[1], _gather_int8(table)[feeds["ids"]], atol=1e-6)
-    assert not np.allclose(on[0], float_out[0], atol=1e-4)  # lm_head reads E + block
+    assert not np.allclose(on[0], float_out[0], atol=1e-4)  # lm_head reads the 4-bit E

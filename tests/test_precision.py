@@ -47,7 +47,7 @@ from sfc.quant.qdq import write_qdq
 from sfc.quant.recipe import Recipe
 from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
 from sfc.quant.tied_table import MAX_HELDOUT_RATIO
-from sfc.quant.weights import dequantize_weight, quantize_weight, weight_scales
+from sfc.quant.weights import Rounded, dequantize_weight, quantize_weight, weight_scales
 from tests.test_build import _feeds, _mlp
 
 
@@ -232,9 +232,12 @@ def test_switchable_model_switches_exactly_one_weight(tmp_path: Path) -> None:
     w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
     spec = QuantSpec(2, "block", 0, 32)
     scales = weight_scales(w1, spec, "mse")
-    deq = dequantize_weight(quantize_weight(w1, spec, scales), spec, scales)
-    probe = switchable(model, {"w1": [deq - w1]})
+    rounded = Rounded(quantize_weight(w1, spec, scales), spec, scales)
+    deq = dequantize_weight(rounded.ints, spec, scales)
+    probe = switchable(model, {"w1": [rounded]})
     assert probe.gates == ("w1__probe0",)
+    # The probe holds the format's int8 integers, dequantized only when fed.
+    assert probe.switches["w1__probe0"][0][1].ints.dtype == np.int8
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     run = ort.InferenceSession(probe.model.SerializeToString(),
                                providers=["CPUExecutionProvider"])
@@ -245,7 +248,7 @@ def test_switchable_model_switches_exactly_one_weight(tmp_path: Path) -> None:
     swapped.CopyFrom(model)
     for t in swapped.graph.initializer:
         if t.name == "w1":
-            t.CopyFrom(numpy_helper.from_array(w1 + (deq - w1), "w1"))
+            t.CopyFrom(numpy_helper.from_array(deq, "w1"))
     want = ort.InferenceSession(swapped.SerializeToString(),
                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     on = run.run(None, {"x": x, **switch_feed(probe.switches, {"w1__probe0": 1.0})})[0]
@@ -262,10 +265,15 @@ def test_switchable_model_switches_exactly_one_weight(tmp_path: Path) -> None:
 def test_two_formats_of_one_weight_are_never_fed_together(tmp_path: Path) -> None:
     model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
     w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
-    probe = switchable(model, {"w1": [np.ones_like(w1), -np.ones_like(w1)]})
+    formats = []
+    for spec in (QuantSpec(8, "channel", 1), QuantSpec(2, "block", 0, 32)):
+        scales = weight_scales(w1, spec, "mse")
+        formats.append(Rounded(quantize_weight(w1, spec, scales), spec, scales))
+    probe = switchable(model, {"w1": formats})
     assert probe.gates == ("w1__probe0", "w1__probe1")
     np.testing.assert_array_equal(switch_feed(probe.switches, {"w1__probe1": 1.0})["w1"],
-                                  w1 - 1)
+                                  formats[1].array())
+    assert not np.array_equal(formats[0].array(), formats[1].array())
     with pytest.raises(ValueError, match="two formats of w1"):
         switch_feed(probe.switches, {"w1__probe0": 1.0, "w1__probe1": 1.0})
 

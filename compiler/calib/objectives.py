@@ -40,6 +40,7 @@ from ..errors import SfcError, first_line
 from ..quant.qdq import scale_input_name, write_qdq
 from ..quant.recipe import Recipe
 from ..quant.stored import StoredWeights
+from ..quant.weights import Rounded
 from ..runtime.cross import cross_feed
 from ..runtime.session import session_options
 from ..runtime.whisper import encode_in_chunks
@@ -72,8 +73,8 @@ _WHISPER_METRICS = ("teacher-forced", "kl", "distortion")
 Cross = tuple[np.ndarray, np.ndarray]  # an encoder batch's cross-attention K and V
 
 
-# What a gate feeds when it is on: (graph input, array) pairs.
-Switch = tuple[tuple[str, np.ndarray], ...]
+# What a gate feeds when it is on: (graph input, weight) pairs, dequantized when fed.
+Switch = tuple[tuple[str, Rounded], ...]
 
 
 def switch_feed(switches: Mapping[str, Switch], values: Mapping[str, float]
@@ -86,10 +87,10 @@ def switch_feed(switches: Mapping[str, Switch], values: Mapping[str, float]
             continue
         if value != 1:
             raise ValueError(f"probe gate {gate} is 0 or 1, not {value}")
-        for name, array in switches[gate]:
+        for name, weight in switches[gate]:
             if name in out:
                 raise ValueError(f"two formats of {name} switched on at once")
-            out[name] = array
+            out[name] = weight.array()
     return out
 
 
@@ -132,6 +133,7 @@ class ScaledSession:
         self.inputs = {t: scale_input_name(t) for t in setup.tuned} | {
             g: g for g in setup.gates}
         self.switches = setup.switches
+        self._switched: tuple[tuple[str, ...], dict[str, np.ndarray]] = ((), {})
         qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned,
                         stored=setup.stored)
         if setup.rewrite is not None:
@@ -169,8 +171,11 @@ class ScaledSession:
         feed = {name: np.asarray(scales[quantizer_key(self.graph, t)], dtype=np.float32)
                 for t, name in self.inputs.items()}
         if self.switches:
-            feed |= switch_feed(self.switches, {
-                g: scales[quantizer_key(self.graph, g)] for g in self.switches})
+            on = tuple(g for g in self.switches if scales[quantizer_key(self.graph, g)])
+            if self._switched[0] != on:  # a probe runs several batches on one weight
+                self._switched = (on, switch_feed(self.switches, {
+                    g: scales[quantizer_key(self.graph, g)] for g in self.switches}))
+            feed |= self._switched[1]
         return feed
 
     def run(self, outputs: Sequence[str] | None, feed: Mapping[str, np.ndarray],

@@ -3,17 +3,17 @@
 One prepared session per graph answers every probe. Each probed weight W is an overridable
 initializer of a copy of the FP32 graph (a graph input whose default is W), and each of its
 formats k has a gate: a float32 scalar in the objective's mapping, 0 or 1. A probe feeds
-the dequantized weight W + D_k in W's place for the one (weight, format) whose gate is 1
-(`calib.objectives.switch_feed`) to the task objective ESC uses (Whisper: teacher-forced
+the weight dequantized from format k in W's place for the one (weight, format) whose gate
+is 1 (`calib.objectives.switch_feed`) to the task objective ESC uses (Whisper: teacher-forced
 cross-entropy on the FP32 model's own transcripts), so no graph is rebuilt per probe, and
 probes of decoder weights reuse the encoder's outputs.
 
-The session holds the FP32 weights once and the probed arrays live beside it, once. The
-graph used to compute W + sum_k g_k * D_k itself from a constant D_k per format, so every
-copy of the graph (the objective's model, its QDQ form, the serialized bytes, ORT's
-initializers) held every format of every weight: a Ray probe worker held 3.5 GB for
-whisper-tiny.en and 5.8 GB for whisper-base (BENCHMARKS.md, issue 16). The values are
-the same to the bit: ORT's Sum gave W + 1 * D + 0 * D', numpy gives W + D.
+The session holds the FP32 weights once; each format lives beside it as its int8 integers
+and scales (`quant.weights.Rounded`, the build's own cached arrays), dequantized when a
+probe feeds it. The graph used to compute W + sum_k g_k * D_k itself from a constant D_k per
+format, so every copy of the graph held every format of every weight (a Ray probe worker:
+3.5 GB for whisper-tiny.en, 5.8 GB for whisper-base); then a float32 array per format beside
+the session (BENCHMARKS.md, issue 16).
 
 The proxy (`output_error`) needs no task: the layer-output error energy
 tr(D^T H D) with H = X^T X / n from the calibration pass (the quantity GPTQ minimises).
@@ -33,6 +33,7 @@ from ..calib.esc import quantizer_key
 from ..calib.objectives import Switch
 from ..executor import Executor, InProcess
 from ..progress import progress_bar
+from ..quant.weights import Rounded
 from .memo import Memo
 
 __all__ = ["ProbeGraph", "gate_name", "output_error", "run_probes", "switchable"]
@@ -56,40 +57,37 @@ class ProbeGraph:
         return tuple(self.switches)
 
 
-def switchable(model: onnx.ModelProto, deltas: Mapping[str, Sequence[np.ndarray]],
-               gathered: Mapping[str, Sequence[np.ndarray]] | None = None) -> ProbeGraph:
-    """A copy of `model` where each weight in `deltas` is an overridable initializer, with
-    a gate per format k that feeds W + deltas[W][k] in its place.
+def switchable(model: onnx.ModelProto, formats: Mapping[str, Sequence[Rounded]],
+               gathered: Mapping[str, Sequence[Rounded]] | None = None) -> ProbeGraph:
+    """A copy of `model` where each weight in `formats` is an overridable initializer, with
+    a gate per format k that feeds formats[W][k] dequantized in its place.
 
     `gathered`: for weights whose Gather readers read another copy than the rest (the
-    INT8 copy of `TargetCaps.gather_copy_int8`), the Gathers' delta per format: the
+    INT8 copy of `TargetCaps.gather_copy_int8`), the Gathers' format per format: the
     Gathers then read their own overridable copy of W, switched by the same gates."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
-    switches: dict[str, list[tuple[str, np.ndarray]]] = {}
+    switches: dict[str, list[tuple[str, Rounded]]] = {}
 
     def overridable(name: str, tensor: onnx.TensorProto) -> None:
         graph.input.append(helper.make_tensor_value_info(name, tensor.data_type,
                                                          list(tensor.dims)))
 
     gather_copies: dict[str, str] = {}
-    for tensor, options in deltas.items():
-        w = numpy_helper.to_array(inits[tensor]).astype(np.float32)
+    for tensor, options in formats.items():
         overridable(tensor, inits[tensor])
-        # One probed array per delta object: a format without a Gather copy shares it.
-        made = {id(d): w + np.asarray(d, np.float32)
-                for d in [*options, *(gathered or {}).get(tensor, ())]}
-        for k, delta in enumerate(options):
-            switches[gate_name(tensor, k)] = [(tensor, made[id(delta)])]
+        for k, rounded in enumerate(options):
+            switches[gate_name(tensor, k)] = [(tensor, rounded)]
         if gathered and tensor in gathered:
             copy = f"{tensor}__gather"
-            graph.initializer.append(numpy_helper.from_array(w, copy))
+            graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(inits[tensor]), copy))
             overridable(copy, inits[tensor])
             gather_copies[tensor] = copy
-            for k, delta in enumerate(gathered[tensor]):
-                switches[gate_name(tensor, k)].append((copy, made[id(delta)]))
+            for k, rounded in enumerate(gathered[tensor]):
+                switches[gate_name(tensor, k)].append((copy, rounded))
     for node in graph.node:
         if node.op_type == "Gather" and node.input[0] in gather_copies:
             node.input[0] = gather_copies[node.input[0]]

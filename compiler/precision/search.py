@@ -37,7 +37,7 @@ from ..quant.plan import (
     make_plan,
 )
 from ..quant.spec import QuantSpec, TargetCaps
-from ..quant.weights import dequantize_weight, round_to_nearest
+from ..quant.weights import Rounded, round_to_nearest
 from .budget import Budget, WeightOption, parse_format, storage_bits
 from .onestage import OneStageConfig
 from .probe import ProbeGraph, output_error, run_probes, switchable
@@ -279,8 +279,8 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
     options: dict[str, list[WeightOption]] = {}
     meta: dict[str, tuple[str, Any, int]] = {}
     proxies: dict[str, list[float | None]] = {}
-    deltas: dict[str, dict[str, list[np.ndarray]]] = {}
-    gathered: dict[str, dict[str, list[np.ndarray]]] = {}
+    formats: dict[str, dict[str, list[Rounded]]] = {}
+    gathered: dict[str, dict[str, list[Rounded]]] = {}
     params = other = kept_params = 0
     bar = progress_bar(transient=True)
     bar.start()
@@ -290,42 +290,42 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
         inits = {t.name: t for t in g.model.graph.initializer}
         kept, rest = float_params(g.model, g.plan)
         params, other, kept_params = params + kept, other + rest, kept_params + kept
-        deltas[g.name], gathered[g.name] = {}, {}
+        formats[g.name], gathered[g.name] = {}, {}
         for q in bar.track(g.plan.weights, task_id=task):
             w = numpy_helper.to_array(inits[q.tensor])
             key = f"{g.name}:{q.tensor}"
             meta[key] = (g.name, q, w.size)
             params += w.size
-            opts, prox, ds, gds = [], [], [], []
-            copies: dict[QuantSpec, np.ndarray] = {}  # one array per Gather copy spec
+            opts, prox, rs, grs = [], [], [], []
+            copies: dict[QuantSpec, Rounded] = {}  # one per Gather copy spec
             for spec, copy in zip(g.specs[q.tensor], g.gather_specs(q.tensor), strict=True):
                 ints, scales, _ = g.quantize(q.tensor, spec)
-                delta = dequantize_weight(ints, spec, scales) - w
+                rounded = Rounded(ints, spec, scales)
                 gram = g.grams.get(q.tensor)
-                prox.append(None if gram is None else output_error(delta, gram.gram, gram.count))
+                prox.append(None if gram is None else
+                            output_error(rounded.array() - w, gram.gram, gram.count))
                 opts.append(WeightOption(spec, storage_bits(w.shape, spec)))
-                ds.append(delta)
+                rs.append(rounded)
                 if copy is not None and copy not in copies:
                     g_ints, g_scales = round_to_nearest(w, copy, "absmax")
-                    copies[copy] = dequantize_weight(g_ints, copy, g_scales) - w
-                gds.append(delta if copy is None else copies[copy])
+                    copies[copy] = Rounded(g_ints, copy, g_scales)
+                grs.append(rounded if copy is None else copies[copy])
             options[key], proxies[key] = opts, prox
             if len(opts) > 1:
-                deltas[g.name][q.tensor] = ds
+                formats[g.name][q.tensor] = rs
                 if copies:
-                    gathered[g.name][q.tensor] = gds
+                    gathered[g.name][q.tensor] = grs
     # Weights a precision entry keeps float are fixed: in the average at 32 bits each.
     bar.stop()
     float_bits = kept_params * 32
     bits_allowed = config.budget.bits_allowed(params, other) - float_bits
     objective_name, fp32 = "proxy", 0.0
     rounds: list[dict[str, Any]] = []
-    if config.sensitivity == "task" and any(deltas.values()):
-        built = {g.name: switchable(g.model, deltas[g.name], gathered[g.name])
+    if config.sensitivity == "task" and any(formats.values()):
+        built = {g.name: switchable(g.model, formats[g.name], gathered[g.name])
                  for g in graphs}
         gates = {g.name: {t: [n for n in built[g.name].gates if n.startswith(f"{t}__probe")]
-                          for t in deltas[g.name]} for g in graphs}
-        del deltas, gathered
+                          for t in formats[g.name]} for g in graphs}
         factory = make_spec(built)
         objective = factory.make()
         executor = None

@@ -15,7 +15,7 @@ always holding 0 (`integer_bounds`), and the writer splits d into q and z
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -26,6 +26,7 @@ from .spec import QuantSpec
 __all__ = [
     "METHODS",
     "Method",
+    "Rounded",
     "broadcast_scales",
     "check_integers",
     "default_method",
@@ -361,3 +362,17 @@ def dequantize_weight(q: np.ndarray, spec: QuantSpec, scales: np.ndarray) -> np.
     """q * scale as float32 (what DequantizeLinear computes)."""
     q = np.asarray(q)
     return (q.astype(np.float32) * broadcast_scales(scales, spec, q.shape)).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Rounded:
+    """A weight in one format as it is stored (integers and scales), dequantized only when
+    asked: the sensitivity probes hold these, int8 and shared with the build's cache,
+    instead of a float32 array per format (BENCHMARKS.md, issue 16)."""
+
+    ints: np.ndarray
+    spec: QuantSpec
+    scales: np.ndarray
+
+    def array(self) -> np.ndarray:
+        return dequantize_weight(self.ints, self.spec, self.scales)
