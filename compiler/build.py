@@ -18,9 +18,10 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,13 @@ def _grams(model: onnx.ModelProto, plan: Plan, tied: str) -> dict[str, GramAccum
         out[q.tensor] = by_input.setdefault(
             data, SplitGramAccumulator(k) if split else GramAccumulator(k))
     return out
+
+
+def _spill(grams: dict[str, GramAccumulator], folder: Path) -> None:
+    """Every distinct accumulator's finished sum to a file in `folder` (read back at each
+    use): the sums would otherwise stay in memory through the search and the probes."""
+    for i, acc in enumerate({id(a): a for a in grams.values()}.values()):
+        acc.spill(folder / f"{i}.npy")
 
 
 def _choose_tied(model: onnx.ModelProto, plan: Plan, grams: dict[str, GramAccumulator],
@@ -907,7 +915,8 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
 
     caps = target_caps(config.target)
     out = Path(out)
-    with nullcontext(into) if into is not None else staging_dir(out) as stage:
+    with (nullcontext(into) if into is not None else staging_dir(out) as stage,
+          ExitStack() as scratch):
         if src.endswith(".onnx"):
             fp32_folder = stage / "_source"
             export_onnx_file(src, fp32_folder)
@@ -964,6 +973,9 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                 g.grams = _grams(g.model, g.plan, config.gptq.tied)
             g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
             g.tied_ratios = _choose_tied(g.model, g.plan, g.grams, config.gptq, g.specs)
+            if g.grams:
+                _spill(g.grams, Path(scratch.enter_context(
+                    tempfile.TemporaryDirectory(prefix="sfc-grams-"))))
             g.seconds += time.perf_counter() - started
             pending.append(g)
         if config.mixed and pending:

@@ -4,6 +4,7 @@ dead inputs, the Gram accumulator and input validation."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,23 @@ def test_gram_accumulator_matches_concatenation() -> None:
     assert acc.gram.dtype == np.float64
     np.testing.assert_allclose(acc.gram, rows.T @ rows, rtol=1e-12, atol=1e-12)
     assert not acc.gram.flags.writeable
+
+
+def test_a_spilled_accumulator_reads_back_the_same_sum(tmp_path: Path) -> None:
+    x, w = _layer(k=64, n=32, rows=256, seed=9)
+    acc = GramAccumulator(64)
+    acc.update(x)
+    before = acc.gram.copy()
+    spec = QuantSpec(4, "block", 0, 32)
+    want = gptq_quantize(w, acc.gram, acc.count, spec)
+    acc.spill(tmp_path / "g.npy")
+    assert (tmp_path / "g.npy").is_file()
+    np.testing.assert_array_equal(acc.gram, before)  # to the bit, from the file
+    assert not acc.gram.flags.writeable and acc.count == 256
+    got = gptq_quantize(w, acc.gram, acc.count, spec)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    _one_line_error(lambda: acc.update(x), "spilled")
 
 
 def _one_line_error(fn: Callable[[], object], match: str) -> None:

@@ -334,6 +334,9 @@ def choose(graphs: Sequence[GraphWeights], config: SearchConfig,
             key = _key(graphs, config, method_key)
             checkpoint = None if probes_dir is None else probes_dir / f"{key[:32]}.json"
             executor = open_executor(factory)
+            # The sessions (here, and on the workers) hold the probe graphs now; their
+            # protos would stay beside them, a copy of the model, through every probe.
+            del built, factory
             fp32, losses = run_probes(objective, gates, checkpoint, key, executor=executor)
             for gname, weights in losses.items():
                 for tensor, values in weights.items():

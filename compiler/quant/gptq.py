@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,11 +141,13 @@ class GramAccumulator:
         if not _is_int(k) or k < 1:
             raise SfcError(f"a Gram accumulator needs a positive feature count, not {k!r}")
         self._k = int(k)
-        self._gram = np.zeros((self._k, self._k), dtype=np.float64)
+        self._gram: np.ndarray | Path = np.zeros((self._k, self._k), dtype=np.float64)
         self._count = 0
 
     def update(self, x: np.ndarray) -> None:
         """Add the rows of `x` [..., K] (leading dims flattened); NaN/Inf raise SfcError."""
+        if isinstance(self._gram, Path):
+            raise SfcError("internal: a spilled Gram accumulator takes no more rows")
         x = np.asarray(x)
         if x.ndim < 1 or x.shape[-1] != self._k:
             raise SfcError(f"Gram accumulator expects inputs [..., {self._k}], got {x.shape}")
@@ -162,10 +165,20 @@ class GramAccumulator:
 
     @property
     def gram(self) -> np.ndarray:
-        """X^T X so far (a read-only view of the running sum)."""
-        view = self._gram.view()
+        """X^T X so far (a read-only view of the running sum, or read back once spilled)."""
+        view = np.load(self._gram) if isinstance(self._gram, Path) else self._gram.view()
         view.flags.writeable = False
         return view
+
+    def spill(self, path: Path) -> None:
+        """Keep the finished sum in the file `path` (.npy) instead of in memory: `gram`
+        reads it back at each use (one GPTQ or proxy at a time), and `update` refuses. A
+        mixed build otherwise holds every MatMul input's K x K float64 sum through its
+        sensitivity probes (BENCHMARKS.md, issue 16)."""
+        if isinstance(self._gram, Path):
+            return
+        np.save(path, self._gram)
+        self._gram = path
 
     @property
     def count(self) -> int:
