@@ -810,10 +810,11 @@ def _one_stage(weights: list[GraphWeights], pending: list[_Graph], card: ModelCa
 
 
 def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: TargetCaps,
-            runtime: Any, utterances: list[Any], stage: Path) -> None:
+            runtime: Any, utterances: list[Any], stage: Path, fp32_folder: Path) -> None:
     """Mixed precision over all graphs jointly (two-stage, or one-stage on a zoo Whisper
     checkpoint); each graph's plan becomes the plan with the chosen per-layer entries.
-    Saves precision.json in the stage."""
+    Saves precision.json in the stage. `runtime`: the FP32 Whisper runtime, or None where
+    the build released it (the probes' objective then opens it for its reference alone)."""
     from .calib.objectives import GraphSetup, objective_spec
 
     assert config.search is not None
@@ -833,8 +834,11 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         # KL to FP32 (>= 0, no transcript-likelihood noise) for Whisper; distortion else.
         kind = "kl" if card.family == "whisper" else "auto"
         assert config.search is not None
+        fp32 = runtime
+        if fp32 is None and card.family == "whisper":
+            fp32 = _fp32_runtime(fp32_folder)
         return objective_spec(kind, card, setups, samples=config.search.samples,
-                              runtime=runtime, utterances=utterances, feeds=_sources(pending))
+                              runtime=fp32, utterances=utterances, feeds=_sources(pending))
 
     if config.search.method == "one-stage":
         result = _one_stage(weights, pending, card, config, config.search, runtime,
@@ -880,6 +884,12 @@ def _whisper_source(runtime: Any, utterances: list[Any], graph: str,
     return FeedSource("the calibration audio through the FP32 model",
                       lambda: whisper_feeds(runtime, utterances, graph, transcripts),
                       len(utterances))
+
+
+def _drop_feeds(graphs: list[_Graph]) -> None:
+    """Drop the graphs' Whisper feeds, which hold the FP32 runtime."""
+    for g in graphs:
+        g.feeds = None
 
 
 def _sources(graphs: list[_Graph]) -> dict[str, FeedSource]:
@@ -978,17 +988,21 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                     tempfile.TemporaryDirectory(prefix="sfc-grams-"))))
             g.seconds += time.perf_counter() - started
             pending.append(g)
+        # Release point: the FP32 runtime (0.46 GB on whisper-base, 1.15 GB on the
+        # shape-true whisper-small) and the Whisper feeds that hold it go; the probes'
+        # objective, ESC and the guard reopen it for their references alone, not for their
+        # minutes of search and probes. Learning (one-stage, fine-tuning) and sequential
+        # GPTQ read them, so then they go once those are done.
+        if runtime is not None and not config.learns and config.gptq.stages == 1:
+            runtime = None
+            _drop_feeds(pending)
         if config.mixed and pending:
-            _search(pending, card, config, caps, runtime, utterances, stage)
+            _search(pending, card, config, caps, runtime, utterances, stage, fp32_folder)
         for g in pending:
             g.quantize_all(config)
         if runtime is not None:
-            # Release point: the FP32 runtime (0.46 GB on whisper-base) and the Whisper
-            # feeds that hold it go; ESC and the guard reopen it for their references
-            # alone, not for their minutes of search and probes.
             runtime = None
-            for g in pending:
-                g.feeds = None
+            _drop_feeds(pending)
         if config.uses_esc and config.activations is not None and pending:
             recipes, result = _esc(pending, card, config, fp32_folder, utterances)
             if result.interrupted:
