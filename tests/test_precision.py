@@ -594,3 +594,43 @@ def test_gptq_tied_config_reads_old_recipes() -> None:
     assert GptqConfig(tied="mse").to_dict() == base
     with pytest.raises(SfcError, match="tied must be one of"):
         GptqConfig(tied="yes")
+
+
+class _AtTheSearch(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stages, released", [(1, True), (2, False)])
+def test_a_whisper_search_without_learning_runs_without_the_fp32_runtime(
+        tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stages: int,
+        released: bool) -> None:
+    """The FP32 runtime (1.15 GB on whisper-small) is gone before the probes, unless
+    sequential GPTQ still reads its feeds."""
+    import gc
+    import weakref
+
+    from sfc import build as build_module
+
+    opened: list[weakref.ref[Any]] = []
+    open_runtime = build_module._fp32_runtime
+
+    def tracked(folder: Path) -> Any:
+        runtime = open_runtime(folder)
+        opened.append(weakref.ref(runtime))
+        return runtime
+
+    alive: list[bool] = []
+
+    def at_search(*args: Any, **kwargs: Any) -> None:
+        gc.collect()
+        alive.append(opened[0]() is not None)
+        raise _AtTheSearch
+
+    monkeypatch.setattr(build_module, "_fp32_runtime", tracked)
+    monkeypatch.setattr(build_module, "choose", at_search)
+    search = SearchConfig(Budget(avg_bits=6.0), candidates=("8", "4/32"), samples=1)
+    config = BuildConfig(activations=None, calibrator="mse", weights="mixed", search=search,
+                         weight_method="gptq", gptq=GptqConfig(stages=stages), calib_limit=1)
+    with pytest.raises(_AtTheSearch):
+        build_module.build(str(tiny_export), tmp_path / "out", config)
+    assert alive == [not released]
