@@ -173,6 +173,8 @@ class ScaledSession:
         if self.switches:
             on = tuple(g for g in self.switches if scales[quantizer_key(self.graph, g)])
             if self._switched[0] != on:  # a probe runs several batches on one weight
+                # The last mix goes first: a whole mix's weights are a model's worth.
+                self._switched = ((), {})
                 self._switched = (on, switch_feed(self.switches, {
                     g: scales[quantizer_key(self.graph, g)] for g in self.switches}))
             feed |= self._switched[1]
