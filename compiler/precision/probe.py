@@ -63,7 +63,7 @@ def switchable(model: onnx.ModelProto, formats: Mapping[str, Sequence[Rounded]],
     a gate per format k that feeds formats[W][k] dequantized in its place.
 
     `gathered`: for weights whose Gather readers read another copy than the rest (the
-    INT8 copy of `TargetCaps.gather_copy_int8`), the Gathers' format per format: the
+    INT8 copy of `TargetCaps.gather_copy_int8`), what the Gathers read at each format: the
     Gathers then read their own overridable copy of W, switched by the same gates."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
