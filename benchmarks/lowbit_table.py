@@ -91,7 +91,7 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         # has about as many calibration rows (tokens) as it has columns.
         **{f"w4-b32-gptq-damp{d:g}": {**NONE, "weights": 4, "weight_method": "gptq",
                                       "gptq": GptqConfig(damp=d)}
-           for d in (0.001, 0.003, 0.1, 0.3)},
+           for d in (0.001, 0.1, 0.3)},
         "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
         "mixed-6": _mixed(6.0),
         "mixed-5": _mixed(5.0),
