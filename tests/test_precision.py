@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from test_quant_graphs import speech_model
 
 from sfc.build import BuildConfig
-from sfc.calib.objectives import switch_feed
+from sfc.calib.objectives import GraphSetup, ScaledSession, switch_feed
 from sfc.errors import SfcError
 from sfc.pipeline import compile_model
 from sfc.precision.activations import (
@@ -44,7 +44,7 @@ from sfc.quant.plan import (
     make_plan,
 )
 from sfc.quant.qdq import write_qdq
-from sfc.quant.recipe import Recipe
+from sfc.quant.recipe import Recipe, model_sha256
 from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
 from sfc.quant.tied_table import MAX_HELDOUT_RATIO
 from sfc.quant.weights import Rounded, dequantize_weight, quantize_weight, weight_scales
@@ -276,6 +276,49 @@ def test_two_formats_of_one_weight_are_never_fed_together(tmp_path: Path) -> Non
     assert not np.array_equal(formats[0].array(), formats[1].array())
     with pytest.raises(ValueError, match="two formats of w1"):
         switch_feed(probe.switches, {"w1__probe0": 1.0, "w1__probe1": 1.0})
+
+
+def test_scaled_session_dequantizes_a_mix_once_and_holds_only_the_last(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe runs several batches on one mix: its weights are dequantized once, and a new
+    mix replaces the old one (a whole mix's weights are a model's worth)."""
+    model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    formats = []
+    for spec in (QuantSpec(8, "channel", 1), QuantSpec(2, "block", 0, 32)):
+        scales = weight_scales(w1, spec, "mse")
+        formats.append(Rounded(quantize_weight(w1, spec, scales), spec, scales))
+    probe = switchable(model, {"w1": formats})
+    setup = GraphSetup(probe.model, Recipe(model_sha256(probe.model), 0, {}, ()), (),
+                       switches=probe.switches)
+    session = ScaledSession("model", setup)
+    made: list[tuple[str, ...]] = []
+    real = switch_feed
+
+    def counting(switches: Any, values: Any) -> dict[str, np.ndarray]:
+        made.append(tuple(g for g, v in values.items() if v))
+        return real(switches, values)
+
+    monkeypatch.setattr("sfc.calib.objectives.switch_feed", counting)
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    mix0 = {"model:w1__probe0": 1.0, "model:w1__probe1": 0.0}
+    mix1 = {"model:w1__probe0": 0.0, "model:w1__probe1": 1.0}
+    first = session.scale_feed(mix0)
+    again = session.scale_feed(mix0)
+    assert made == [("w1__probe0",)] and again["w1"] is first["w1"]  # one dequantization
+    np.testing.assert_array_equal(first["w1"], formats[0].array())
+    out0 = session.run(None, {"x": x}, mix0)[0]
+    assert made == [("w1__probe0",)]  # running the same mix reuses it
+    out1 = session.run(None, {"x": x}, mix1)[0]
+    assert made == [("w1__probe0",), ("w1__probe1",)]
+    np.testing.assert_array_equal(session.scale_feed(mix1)["w1"], formats[1].array())
+    assert not np.array_equal(out0, out1)  # the session really took the new weights
+    # Only the current mix is held: the first mix's array is no longer referenced there.
+    held = list(session._switched[1].values())
+    assert all(a is not first["w1"] for a in held) and len(held) == 1
+    # All gates off: nothing fed, the FP32 weight of the graph runs.
+    off = {"model:w1__probe0": 0.0, "model:w1__probe1": 0.0}
+    assert "w1" not in session.scale_feed(off)
 
 
 def test_probes_resume_from_their_checkpoint(tmp_path: Path) -> None:
