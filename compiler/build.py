@@ -644,10 +644,12 @@ def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
-def _session_config(config: BuildConfig, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
-    """The target's ORT session config for `model`'s graph, for ESC's, the guard's and the
-    probes' sessions (`Target.session_config`)."""
-    return tuple(sorted(get_target(config.target).session_config(model).items()))
+def _session_config(config: BuildConfig, card: ModelCard, g: _Graph
+                    ) -> tuple[tuple[str, str], ...]:
+    """The target's ORT session config for graph `g`, for ESC's, the guard's and the
+    probes' sessions (`Target.session_config`): what its lowering uses."""
+    target = get_target(config.target).for_graph(card, g.name)
+    return tuple(sorted(target.session_config(g.model).items()))
 
 
 def _ray(spec: Any, config: BuildConfig) -> RayExecutor | None:
@@ -675,7 +677,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
         scales = {t: (r.scale, r.method, r.stats_summary) for t, (r, _) in starts[g.name].items()}
         tuned = tuple(t for t, (_, on) in starts[g.name].items() if on)
         setups[g.name] = GraphSetup(g.model, g.recipe(scales, config), tuned, stored=g.stored,
-                                    session_config=_session_config(config, g.model))
+                                    session_config=_session_config(config, card, g))
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     runtime = _fp32_runtime(fp32_folder) if card.family == "whisper" else None
     spec = objective_spec(method.objective, card, setups, samples=method.samples,
@@ -729,7 +731,7 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
 
         setups[g.name] = GraphSetup(g.model, recipes[g.name], (),
                                     tuple(gate_name(t) for t in acts), g.stored, rewrite,
-                                    _session_config(config, g.model))
+                                    _session_config(config, card, g))
     clips = guard_clips(len(utterances), config.esc_samples if config.uses_esc else 0,
                         config.act_guard.samples)
     # The FP32 runtime serves the reference alone: the probes run without it.
@@ -825,7 +827,7 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
 
         weights.append(GraphWeights(g.name, g.model, g.plan, g.specs, g.grams, quantize, caps))
 
-    sessions = {g.name: _session_config(config, g.model) for g in pending}
+    sessions = {g.name: _session_config(config, card, g) for g in pending}
 
     def objective(built: dict[str, ProbeGraph]) -> Any:
         setups = {name: GraphSetup(p.model, Recipe(model_sha256(p.model), config.seed, {}, ()),

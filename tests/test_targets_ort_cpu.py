@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_quant_graphs import absmax_scales, feeds_for, session, speech_model
 
 from sfc.build import target_caps
+from sfc.card import ModelCard
 from sfc.cpu import host_isa, isa_of
 from sfc.errors import SfcError
 from sfc.quant import (
@@ -233,6 +234,29 @@ def test_block_weights_run_float_on_avx2_when_calls_have_many_rows(
         want = ort.InferenceSession(str(src), unfused).run(None, x)[0]
         np.testing.assert_allclose(_run(tmp_path / "out" / "model.ort", x)[0], want,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_whisper_graphs_take_the_rows_rule_at_their_usual_shapes(tiny_export: Path) -> None:
+    """The export's encoder input has symbolic frames (`--encoder-window fit`): through the
+    card, the rule sees a 30 s window (1500 rows) and the decoder's one token a step."""
+    card = ModelCard.load(tiny_export)
+    encoder = onnx.load(str(tiny_export / card.graphs["encoder"].path))
+    decoder = onnx.load(str(tiny_export / card.graphs["decoder"].path))
+    assert weight_matmul_rows(encoder) == []  # the bare graph's rows are all symbolic
+    avx2 = OrtCpuTarget(isa="avx2")
+    assert avx2.session_config(encoder) == {}
+    enc = avx2.for_graph(card, "encoder")
+    assert dict(enc.dims) == {"batch": 1, "frames": 3000}
+    assert set(weight_matmul_rows(encoder, dict(enc.dims))) == {1500}
+    assert enc.session_config(encoder) == {NBITS_ACCURACY: "0"}
+    dec = avx2.for_graph(card, "decoder")
+    assert dict(dec.dims)["tokens"] == 1 and dec.session_config(decoder) == {}
+    vnni = OrtCpuTarget(isa="vnni").for_graph(card, "encoder")
+    assert vnni.session_config(encoder) == {}  # the rule is AVX2's alone
+    generic = ModelCard(name="m", family="generic", graphs=card.graphs, objective="distortion")
+    assert avx2.for_graph(generic, "encoder") == avx2  # other models' dims stay unknown
+    assert [i.dim_param for i in encoder.graph.input[0].type.tensor_type.shape.dim] == \
+        ["batch", "", "frames"]  # the caller's model is left as it was
 
 
 def test_external_data_model(models: dict[str, Path], tmp_path: Path) -> None:

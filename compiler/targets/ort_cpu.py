@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from ..onnx_utils import inferred_shapes
 from ..quant.spec import ORT_CPU_SATURATING_CAPS
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
 from .ort_rewrites import apply_rewrites
+from .tensorrt_plan import ProfileLimits, profiles_for
 
 __all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "compact_nbits_scales", "weight_matmul_rows"]
 
@@ -69,14 +71,16 @@ NBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
 _FLOAT_NBITS_MIN_ROWS = 256
 
 
-def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
+def weight_matmul_rows(model: onnx.ModelProto, dims: Mapping[str, int] | None = None
+                       ) -> list[int]:
     """Rows per call of each MatMul whose B is a weight (an initializer, or its
     DequantizeLinear) and whose A has a fixed dimension besides the last: the product of
-    A's fixed dimensions but the last, after ONNX shape inference (symbolic ones, e.g.
+    A's fixed dimensions but the last, after ONNX shape inference with the graph inputs'
+    symbolic dimensions named in `dims` fixed to those sizes (other symbolic ones, e.g.
     batch, count 1). MatMuls whose rows are all symbolic or unknown (a decoder step's
     tokens, a Reshape's output) are left out; all are when shapes cannot be inferred
     (e.g. a model of 2 GB or more)."""
-    shapes = inferred_shapes(model)
+    shapes = inferred_shapes(_sized(model, dims or {}))
     graph = model.graph
     constants = {t.name for t in graph.initializer}
     constants |= {n.output[0] for n in graph.node
@@ -91,6 +95,21 @@ def weight_matmul_rows(model: onnx.ModelProto) -> list[int]:
         if fixed:
             rows.append(math.prod(fixed))
     return rows
+
+
+def _sized(model: onnx.ModelProto, dims: Mapping[str, int]) -> onnx.ModelProto:
+    """`model` with its graph inputs' symbolic dimensions named in `dims` fixed (a copy;
+    `model` itself where none is named)."""
+    if not any(d.dim_param in dims for v in model.graph.input
+               for d in v.type.tensor_type.shape.dim):
+        return model
+    sized = onnx.ModelProto()
+    sized.CopyFrom(model)
+    for v in sized.graph.input:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in dims:
+                d.dim_value = dims[d.dim_param]
+    return sized
 
 
 def _coded(values: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -206,6 +225,10 @@ class OrtCpuTarget:
     ort_format: bool = True
     verify: bool = True
     fused_attention: bool = False
+    # Symbolic input dimensions at the sizes the graph usually runs at (`for_graph`), for
+    # the rows rule of `session_config`: Whisper's encoder input has symbolic frames, as
+    # `--encoder-window fit` feeds shorter windows.
+    dims: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.isa not in ISAS:
@@ -231,14 +254,23 @@ class OrtCpuTarget:
         """MatMulNBits at accuracy level 0 (float) on AVX2 when every weight MatMul of
         `model` whose rows are known takes at least 256 per call (see `NBITS_ACCURACY`);
         else ORT's default."""
-        rows = weight_matmul_rows(model) if self.isa == "avx2" else []
+        rows = weight_matmul_rows(model, dict(self.dims)) if self.isa == "avx2" else []
         if rows and min(rows) >= _FLOAT_NBITS_MIN_ROWS:
             return {NBITS_ACCURACY: "0"}
         return {}
 
     def for_graph(self, card: Any, graph: str) -> OrtCpuTarget:
-        """Nothing graph-specific: the same target."""
-        return self
+        """The target with `dims`: the symbolic input sizes `graph` of a Whisper `card`
+        usually runs at (its engine profile's opt shapes: a 30 s window, one decoder token
+        after a cache of 64). Other models' symbolic dimensions stay unknown."""
+        if card is None or card.family != "whisper" or graph not in card.graphs:
+            return self
+        sizes: dict[str, int] = {}
+        for spec, profile in zip(card.graphs[graph].inputs,
+                                 profiles_for(card, graph, ProfileLimits()), strict=True):
+            sizes |= {d: n for d, n in zip(spec.shape, profile.opt, strict=True)
+                      if isinstance(d, str)}
+        return replace(self, dims=tuple(sorted(sizes.items())))
 
     def lower(self, qdq_path: Path, out_dir: Path, *, stem: str = "model") -> LoweringResult:
         """Optimize `qdq_path` with ORT and write `<stem>.ort.onnx` (and `<stem>.ort`).
