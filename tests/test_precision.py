@@ -31,7 +31,7 @@ from sfc.precision.activations import (
 )
 from sfc.precision.budget import Budget, WeightOption, parse_format, storage_bits
 from sfc.precision.mapfile import load_precision
-from sfc.precision.probe import run_probes, switchable
+from sfc.precision.probe import ProbeGraph, run_probes, switchable
 from sfc.precision.search import SearchConfig, candidate_specs
 from sfc.precision.solve import fill_budget, solve_choice
 from sfc.quant.gptq import GptqConfig
@@ -262,14 +262,19 @@ def test_switchable_model_switches_exactly_one_weight(tmp_path: Path) -> None:
             switch_feed(probe.switches, bad)
 
 
-def test_two_formats_of_one_weight_are_never_fed_together(tmp_path: Path) -> None:
+def _two_format_probe(tmp_path: Path) -> tuple[ProbeGraph, list[Rounded]]:
+    """The MLP's w1 switchable between INT8 per-channel and INT2 block 32."""
     model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
     w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
     formats = []
     for spec in (QuantSpec(8, "channel", 1), QuantSpec(2, "block", 0, 32)):
         scales = weight_scales(w1, spec, "mse")
         formats.append(Rounded(quantize_weight(w1, spec, scales), spec, scales))
-    probe = switchable(model, {"w1": formats})
+    return switchable(model, {"w1": formats}), formats
+
+
+def test_two_formats_of_one_weight_are_never_fed_together(tmp_path: Path) -> None:
+    probe, formats = _two_format_probe(tmp_path)
     assert probe.gates == ("w1__probe0", "w1__probe1")
     np.testing.assert_array_equal(switch_feed(probe.switches, {"w1__probe1": 1.0})["w1"],
                                   formats[1].array())
@@ -282,13 +287,7 @@ def test_scaled_session_dequantizes_a_mix_once_and_holds_only_the_last(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A probe runs several batches on one mix: its weights are dequantized once, and a new
     mix replaces the old one (a whole mix's weights are a model's worth)."""
-    model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
-    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
-    formats = []
-    for spec in (QuantSpec(8, "channel", 1), QuantSpec(2, "block", 0, 32)):
-        scales = weight_scales(w1, spec, "mse")
-        formats.append(Rounded(quantize_weight(w1, spec, scales), spec, scales))
-    probe = switchable(model, {"w1": formats})
+    probe, formats = _two_format_probe(tmp_path)
     setup = GraphSetup(probe.model, Recipe(model_sha256(probe.model), 0, {}, ()), (),
                        switches=probe.switches)
     session = ScaledSession("model", setup)
