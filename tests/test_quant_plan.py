@@ -281,12 +281,13 @@ def test_symmetric_blocks_turn_zero_points_off_and_tensorrt_never_gets_them() ->
     assert PlanConfig.from_dict(config.to_dict()) == config
 
 
-def test_avx2_class_limits_int8_weight_pairs_and_refuses_attention() -> None:
+def test_avx2_class_limits_int8_weight_pairs_and_takes_attention() -> None:
     plan = _by_tensor(make_plan(mlp_model(), PlanConfig(), ORT_CPU_SATURATING_CAPS))
     assert plan["W1"].spec == QuantSpec(8, "channel", axis=1, pair_limit=128)
     assert plan["x"].spec == QuantSpec(8, "tensor")  # activations keep all 8 bits
-    with pytest.raises(SfcError, match="ort-cpu:avx2 cannot quantize attention"):
-        check_caps(PlanConfig(quantize_attention=True), ORT_CPU_SATURATING_CAPS)
+    # Attention's operands are both activations: ORT runs them u8 x u8, exact without VNNI
+    # (tests/test_targets_ort_cpu.py checks the lowered kernel).
+    check_caps(PlanConfig(quantize_attention=True), ORT_CPU_SATURATING_CAPS)
 
 
 def test_int2_needs_last_dim_multiple_of_4_on_ort_cpu() -> None:

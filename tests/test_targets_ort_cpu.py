@@ -236,6 +236,44 @@ def test_block_weights_run_float_on_avx2_when_calls_have_many_rows(
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_attention_matmuls_run_u8_by_u8_and_exact_on_avx2(tmp_path: Path) -> None:
+    """Both operands of an attention MatMul are activations: ORT rewrites their s8 Q/DQ to
+    u8 and fuses a u8 x u8 integer GEMM, whose kernel widens to int16 before multiplying,
+    so saturated codes (pairs far over the AVX2 limit) give the QDQ graph's values."""
+    heads, m, k, n = 2, 40, 64, 24
+    nodes, inits = [], []
+    for name in ("a", "b"):
+        inits += [numpy_helper.from_array(np.array(0.02, np.float32), f"{name}_s"),
+                  numpy_helper.from_array(np.array(0, np.int8), f"{name}_z")]
+        nodes += [helper.make_node("QuantizeLinear", [name, f"{name}_s", f"{name}_z"],
+                                   [f"{name}_q"]),
+                  helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"],
+                                   [f"{name}_d"])]
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("MatMul", ["a_d", "b_d"], ["y"], name="qk")], "attention",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [heads, m, k]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [heads, k, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [heads, m, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = tmp_path / "attention.onnx"
+    onnx.save(model, str(src))
+    OrtCpuTarget(isa="avx2").lower(src, tmp_path / "out")
+    lowered = onnx.load(str(tmp_path / "out" / "model.ort.onnx"))
+    fused = [n for n in lowered.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 1
+    zero_points = {t.name: t.data_type for t in lowered.graph.initializer}
+    assert [zero_points[z] for z in fused[0].input[4:6]] == [TensorProto.UINT8] * 2
+    rng = np.random.default_rng(4)
+    feed = {"a": (rng.standard_normal((heads, m, k)) * 3).astype(np.float32),  # codes +-127
+            "b": (rng.standard_normal((heads, k, n)) * 3).astype(np.float32)}
+    unfused = ort.SessionOptions()
+    unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(src), unfused).run(None, feed)[0]
+    got = _run(tmp_path / "out" / "model.ort", feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)  # |y| reaches ~100
+
+
 def test_whisper_graphs_take_the_rows_rule_at_their_usual_shapes(tiny_export: Path) -> None:
     """The export's encoder input has symbolic frames (`--encoder-window fit`): through the
     card, the rule sees a 30 s window (1500 rows) and the decoder's one token a step."""

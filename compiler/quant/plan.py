@@ -561,10 +561,6 @@ def check_caps(config: PlanConfig, caps: TargetCaps) -> None:
                 bits in SIM_CAPS.activation_bits) else ""
             raise SfcError(f"target {caps.name} does not run {bits}-bit "
                            f"activations (runs: {supported}){hint}")
-    if config.quantize_attention and caps.int8_weight_pair_limit:
-        # Both attention operands are activations, which use the full 8 bits.
-        raise SfcError(f"target {caps.name} cannot quantize attention MatMuls without int16 "
-                       "overflow; drop --quantize-attention or build for ort-cpu:vnni")
 
 
 def _plugin_only_readers(weight: str, facts: GraphFacts, graph: onnx.GraphProto) -> bool:
