@@ -8,6 +8,7 @@ file loads and computes exactly what the optimized ONNX file computes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,9 @@ def test_whisper_graphs_take_the_rows_rule_at_their_usual_shapes(tiny_export: Pa
     assert vnni.session_config(encoder) == {}  # the rule is AVX2's alone
     generic = ModelCard(name="m", family="generic", graphs=card.graphs, objective="distortion")
     assert avx2.for_graph(generic, "encoder") == avx2  # other models' dims stay unknown
+    odd = replace(card, graphs={"encoder": replace(card.graphs["encoder"], inputs=(
+        replace(card.graphs["encoder"].inputs[0], shape=("batch", 80, "samples")),))})
+    assert avx2.for_graph(odd, "encoder") == avx2  # a dimension no Whisper rule knows
     assert [i.dim_param for i in encoder.graph.input[0].type.tensor_type.shape.dim] == \
         ["batch", "", "frames"]  # the caller's model is left as it was
 

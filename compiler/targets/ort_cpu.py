@@ -265,9 +265,12 @@ class OrtCpuTarget:
         after a cache of 64). Other models' symbolic dimensions stay unknown."""
         if card is None or card.family != "whisper" or graph not in card.graphs:
             return self
+        try:
+            profiles = profiles_for(card, graph, ProfileLimits())
+        except SfcError:  # a dimension without a Whisper rule: the bare graph's rows
+            return self
         sizes: dict[str, int] = {}
-        for spec, profile in zip(card.graphs[graph].inputs,
-                                 profiles_for(card, graph, ProfileLimits()), strict=True):
+        for spec, profile in zip(card.graphs[graph].inputs, profiles, strict=True):
             sizes |= {d: n for d, n in zip(spec.shape, profile.opt, strict=True)
                       if isinstance(d, str)}
         return replace(self, dims=tuple(sorted(sizes.items())))
