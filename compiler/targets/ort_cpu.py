@@ -80,7 +80,16 @@ def weight_matmul_rows(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
     batch, count 1). MatMuls whose rows are all symbolic or unknown (a decoder step's
     tokens, a Reshape's output) are left out; all are when shapes cannot be inferred
     (e.g. a model of 2 GB or more)."""
-    shapes = inferred_shapes(_sized(model, dims or {}))
+    dims = dims or {}
+    named = [(d, d.dim_param) for v in model.graph.input
+             for d in v.type.tensor_type.shape.dim if d.dim_param in dims]
+    try:  # sized in place, no copy of the weights: shape inference copies them already
+        for d, name in named:
+            d.dim_value = dims[name]
+        shapes = inferred_shapes(model)
+    finally:
+        for d, name in named:
+            d.dim_param = name
     graph = model.graph
     constants = {t.name for t in graph.initializer}
     constants |= {n.output[0] for n in graph.node
@@ -95,21 +104,6 @@ def weight_matmul_rows(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
         if fixed:
             rows.append(math.prod(fixed))
     return rows
-
-
-def _sized(model: onnx.ModelProto, dims: Mapping[str, int]) -> onnx.ModelProto:
-    """`model` with its graph inputs' symbolic dimensions named in `dims` fixed (a copy;
-    `model` itself where none is named)."""
-    if not any(d.dim_param in dims for v in model.graph.input
-               for d in v.type.tensor_type.shape.dim):
-        return model
-    sized = onnx.ModelProto()
-    sized.CopyFrom(model)
-    for v in sized.graph.input:
-        for d in v.type.tensor_type.shape.dim:
-            if d.dim_param in dims:
-                d.dim_value = dims[d.dim_param]
-    return sized
 
 
 def _coded(values: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
