@@ -11,9 +11,10 @@ must keep |a| + |b| <= 128 to be exact, which a weight can be rounded to
 (`ort-cpu:avx2`) but a full-range activation cannot. For whisper-tiny.en's attention
 shapes (6 heads x 1500 x 64 x 1500, and 6 x 1500 x 1500 x 64), this times ORT's
 `MatMulInteger` with the second operand as s8 at full range, s8 limited to 7 bits
-(|b| <= 63: every pair fits), and u8 with zero point 128 (ORT's u8 x u8 kernel, which
-widens to int16 before multiplying), against the float32 `MatMul`, and checks each
-integer result against the exact int64 product. Median of repeated runs, one process.
+(|b| <= 63: every pair fits), and u8 with zero point 128 (ORT's u8 x u8 kernel, the
+layout ORT itself gives two quantized activations on x86), against the float32
+`MatMul`, and checks each integer result against the exact int64 product. Median of
+repeated runs, one process.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_stft_in_blocks_equals_the_whole_at_once(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(features, "STFT_BLOCK", 7)  # blocks that do not divide the frames
     blocked = features._log_power(wave, spec, n_frames)
     assert blocked.shape == (spec.n_mels, n_frames) and blocked.dtype == np.float32
-    # Equal to the last bit on AVX-512 machines; on an AVX2-only EPYC the BLAS kernel of a
-    # block's tail columns rounds differently (up to 1 ulp, 2.4e-7). A misplaced block
-    # would differ by whole units.
+    # It was equal to the last bit on the AVX-512 machines of earlier sessions; on an AVX2-only
+    # EPYC the BLAS kernel of a block's tail columns rounds differently (2.4e-7 at most seen,
+    # about 1 ulp). A misplaced block would differ far more.
     np.testing.assert_allclose(blocked, whole, rtol=5e-7, atol=0)
