@@ -20,12 +20,13 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .atomic import staging_dir, write_json_atomic
@@ -41,6 +42,7 @@ from .calib.esc import (
 from .calib.feeds import Feed, whisper_feeds
 from .calib.inferred_feeds import FeedSource, NoFeeds, feed_source
 from .calib.methods import compute_scale, method_from_name
+from .calib.packing import FILL_S, GAP_S, clips_digest, pack_clips, packed_audio
 from .calib.stats import StatsSnapshot, collect_stats
 from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
@@ -158,6 +160,11 @@ class BuildConfig:
     esc_popsize: int | None = None
     esc_samples: int = 16
     esc_objective: str = "auto"
+    # ESC's clips packed several to a Whisper window (`calib.packing`): the same speech in
+    # a fifth of the encoder passes. The guard keeps one clip per window: its allowance is
+    # nats per token on the short clips the build is checked on (packed, its KL rose by a
+    # third and it kept other activations; BENCHMARKS.md, issue 13).
+    pack_clips: bool = True
     # ESC's candidates and the two-stage task probes on Ray (sfc.executor): a local Ray
     # with this many workers, or the cluster at this address ("auto" or HOST:PORT).
     # Neither: in this process.
@@ -209,6 +216,8 @@ class BuildConfig:
                    if getattr(self, f) != self.__dataclass_fields__[f].default]
         if changed and not self.uses_esc:
             raise SfcError(f"--{changed[0].replace('_', '-')} applies to --calibrator esc only")
+        if not self.pack_clips and not self.packs_esc:
+            raise SfcError("--no-pack-clips applies to --calibrator esc only")
         if self.workers is not None or self.ray_address is not None:
             if not (self.uses_esc or self.probes):
                 raise SfcError("--workers and --ray-address apply to --calibrator esc and "
@@ -236,6 +245,16 @@ class BuildConfig:
                                     popsize=self.esc_popsize, samples=self.esc_samples,
                                     objective=self.esc_objective)
         return method_from_name(self.calibrator)
+
+    @property
+    def packs_esc(self) -> bool:
+        """Whether ESC calibrates this build's activations (its clips can be packed)."""
+        return self.activations is not None and self.uses_esc
+
+    @property
+    def packs(self) -> bool:
+        """Whether ESC's clips are packed into windows."""
+        return self.pack_clips and self.packs_esc
 
     @property
     def mixed(self) -> bool:
@@ -307,6 +326,8 @@ class BuildConfig:
         if self.activations is not None:
             calib.update(self.calibration_method().to_dict())
             calib["guard"] = None if self.act_guard is None else self.act_guard.to_dict()
+            if self.packs:
+                calib["packed_clips"] = {"fill_s": FILL_S, "gap_s": GAP_S}
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
                 "calibration": calib}
         if self.low_bit:
@@ -617,7 +638,8 @@ def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
                   utterances: list[Any], feeds: dict[str, FeedSource], samples: int) -> str:
     """What the ESC objective measures besides the scales, for the search's checkpoint key:
     the start recipes' numerics and tuned quantizers, the card (decoding), the target's ORT
-    level, and the calibration items the objective reads (audio, or feed arrays)."""
+    level, and the calibration items the objective reads (audio or packed clips, or feed
+    arrays)."""
     from itertools import islice
 
     from .precision.onestage_whisper import audio_digest
@@ -627,7 +649,8 @@ def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,
                 + ([list(s.session_config)] if s.session_config else [])
                 for name, s in sorted(setups.items())]
     if card.family == "whisper":
-        data = audio_digest(utterances[:samples])
+        data = (clips_digest(utterances[:samples]) if config.packs
+                else audio_digest(utterances[:samples]))
     else:
         h = hashlib.sha256()
         for name, source in sorted(feeds.items()):
@@ -650,6 +673,15 @@ def _session_config(config: BuildConfig, card: ModelCard, g: _Graph
     probes' sessions (`Target.session_config`): what its lowering uses."""
     target = get_target(config.target).for_graph(card, g.name)
     return tuple(sorted(target.session_config(g.model).items()))
+
+
+def _objective_clips(utterances: list[Any], config: BuildConfig
+                     ) -> tuple[list[Any], Callable[[int, Any], np.ndarray] | None]:
+    """The clips ESC's Whisper objective scores and the `audio` hook that reads them:
+    `utterances` packed into windows (`calib.packing`), or as they are."""
+    if not config.packs or not utterances:
+        return utterances, None
+    return list(pack_clips(utterances)), packed_audio
 
 
 def _ray(spec: Any, config: BuildConfig) -> RayExecutor | None:
@@ -680,12 +712,13 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
                                     session_config=_session_config(config, card, g))
         start.update({quantizer_key(g.name, t): starts[g.name][t][0].scale for t in tuned})
     runtime = _fp32_runtime(fp32_folder) if card.family == "whisper" else None
-    spec = objective_spec(method.objective, card, setups, samples=method.samples,
-                          runtime=runtime, utterances=utterances, feeds=_sources(graphs),
-                          optimization=get_target(config.target).optimization)
+    clips, audio = _objective_clips(utterances[:method.samples], config)
+    spec = objective_spec(method.objective, card, setups, samples=len(clips) or method.samples,
+                          runtime=runtime, utterances=clips, feeds=_sources(graphs),
+                          optimization=get_target(config.target).optimization, audio=audio)
     del runtime  # release point: the search runs without the FP32 runtime
-    identity = _esc_identity(setups, card, config, utterances, _sources(graphs),
-                             method.samples)
+    identity = _esc_identity(setups, card, config, clips, _sources(graphs),
+                             len(clips) or method.samples)
     objective = spec.make()
     executor = None
     try:

@@ -472,6 +472,10 @@ def build_cmd(
         help="ESC: calibration items the objective runs on")] = 16,
     esc_objective: Annotated[str, typer.Option(
         help="ESC: auto (the model card's), teacher-forced, kl or distortion")] = "auto",
+    pack_clips: Annotated[bool, typer.Option(
+        help="ESC scores its calibration clips joined several to a 30 s Whisper window "
+             "(the same speech in about a fifth of the encoder passes); --no-pack-clips: "
+             "one clip per window")] = True,
     workers: Annotated[int | None, typer.Option(
         help="ESC's candidates and mixed precision's sensitivity probes on N workers of a "
              "local Ray (needs the ray package); the same recipe as in this process")] = None,
@@ -597,7 +601,7 @@ def build_cmd(
                          block_scale_bits=_block_scale_bits(block_scales), seed=seed,
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
-                         workers=workers, ray_address=ray_address,
+                         pack_clips=pack_clips, workers=workers, ray_address=ray_address,
                          act_guard=guard, engine_limits=limits, trt_float=trt_float,
                          fused_attention=fused_attention, train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,

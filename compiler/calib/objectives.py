@@ -495,7 +495,8 @@ class ObjectiveSpec:
 def objective_spec(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
                    samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
                    feeds: Mapping[str, FeedSource] | None = None, progress: bool = True,
-                   optimization: str = "all") -> ObjectiveSpec:
+                   optimization: str = "all",
+                   audio: Callable[[int, Any], np.ndarray] | None = None) -> ObjectiveSpec:
     """The spec of the objective `kind` ("auto" reads the card) for ESC over `graphs`, with
     its FP32 reference computed (see `make_objective`)."""
     kind = resolve_objective(kind, card)
@@ -507,7 +508,7 @@ def objective_spec(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
         if missing:
             raise SfcError(f"ESC on Whisper needs both graphs; missing {sorted(missing)}")
         reference = whisper_reference(runtime, list(utterances)[:samples], kind,
-                                      progress=progress)
+                                      progress=progress, audio=audio)
         return ObjectiveSpec(kind, graphs, optimization, whisper=reference,
                              decoding=runtime.decoding)
     lacking = sorted(set(graphs) - set(feeds or {}))
@@ -528,13 +529,15 @@ def objective_spec(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
 def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
                    samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
                    feeds: Mapping[str, FeedSource] | None = None, progress: bool = True,
-                   optimization: str = "all") -> Any:
+                   optimization: str = "all",
+                   audio: Callable[[int, Any], np.ndarray] | None = None) -> Any:
     """The objective `kind` ("auto" reads the card) for ESC over `graphs`.
 
-    Whisper needs the FP32 `runtime` and calibration `utterances`; other models read the
-    first `samples` of each graph's `feeds`. `optimization`: the ORT level the quantized
+    Whisper needs the FP32 `runtime` and calibration `utterances` (`audio`: their samples,
+    as `whisper_reference` takes it, e.g. packed clips'); other models read the first
+    `samples` of each graph's `feeds`. `optimization`: the ORT level the quantized
     sessions run at (the target's). The result has `name`, `__call__(scales)` and `close()`.
     """
     return objective_spec(kind, card, graphs, samples=samples, runtime=runtime,
                           utterances=utterances, feeds=feeds, progress=progress,
-                          optimization=optimization).make()
+                          optimization=optimization, audio=audio).make()
