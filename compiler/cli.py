@@ -469,7 +469,8 @@ def build_cmd(
     esc_popsize: Annotated[int | None, typer.Option(
         help="ESC: CMA-ES population (default 4 + 3 ln n)")] = None,
     esc_samples: Annotated[int, typer.Option(
-        help="ESC: calibration items the objective runs on")] = 16,
+        help="ESC: calibration clips the objective runs on (Whisper: packed into windows, "
+             "see --pack-clips)")] = 16,
     esc_objective: Annotated[str, typer.Option(
         help="ESC: auto (the model card's), teacher-forced, kl or distortion")] = "auto",
     pack_clips: Annotated[bool, typer.Option(
