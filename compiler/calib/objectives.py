@@ -498,7 +498,8 @@ def objective_spec(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
                    optimization: str = "all",
                    audio: Callable[[int, Any], np.ndarray] | None = None) -> ObjectiveSpec:
     """The spec of the objective `kind` ("auto" reads the card) for ESC over `graphs`, with
-    its FP32 reference computed (see `make_objective`)."""
+    its FP32 reference computed (see `make_objective`; `audio`: the Whisper utterances'
+    samples, as `whisper_reference` takes it, e.g. packed clips')."""
     kind = resolve_objective(kind, card)
     graphs = dict(graphs)
     if card.family == "whisper":
@@ -529,15 +530,13 @@ def objective_spec(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup],
 def make_objective(kind: str, card: ModelCard, graphs: Mapping[str, GraphSetup], *,
                    samples: int, runtime: Any = None, utterances: Sequence[Any] = (),
                    feeds: Mapping[str, FeedSource] | None = None, progress: bool = True,
-                   optimization: str = "all",
-                   audio: Callable[[int, Any], np.ndarray] | None = None) -> Any:
+                   optimization: str = "all") -> Any:
     """The objective `kind` ("auto" reads the card) for ESC over `graphs`.
 
-    Whisper needs the FP32 `runtime` and calibration `utterances` (`audio`: their samples,
-    as `whisper_reference` takes it, e.g. packed clips'); other models read the first
-    `samples` of each graph's `feeds`. `optimization`: the ORT level the quantized
+    Whisper needs the FP32 `runtime` and calibration `utterances`; other models read the
+    first `samples` of each graph's `feeds`. `optimization`: the ORT level the quantized
     sessions run at (the target's). The result has `name`, `__call__(scales)` and `close()`.
     """
     return objective_spec(kind, card, graphs, samples=samples, runtime=runtime,
                           utterances=utterances, feeds=feeds, progress=progress,
-                          optimization=optimization, audio=audio).make()
+                          optimization=optimization).make()

@@ -1,12 +1,12 @@
-"""Calibration clips packed into Whisper windows, for the task objectives of a build.
+"""Calibration clips packed into Whisper windows, for ESC's task objective.
 
 Whisper's encoder always runs one 30 s window, and the bundled calibration clips last 3-6 s:
-scored one clip per window, ESC's and the activation guard's encoder passes spend most of
-their time on padding (tiny.en's 16 ESC clips: 69 s of speech in 480 s of windows; on an
-AVX2-only CPU those passes were 530 s of a 780 s build, BENCHMARKS.md issue 13). Packed,
-consecutive clips are joined with a fixed pause until a window is full: the same speech in
-about a fifth of the encoder passes, teacher-forced on the FP32 model's own transcript of
-each packed window. Nothing here is random: the same clips always pack the same way.
+scored one clip per window, ESC's encoder passes spend most of their time on padding
+(tiny.en's 16 ESC clips: 69 s of speech in 480 s of windows; on an AVX2-only CPU those
+passes took 381 s of a 929 s default build, BENCHMARKS.md issue 13). Packed, consecutive
+clips are joined with a fixed pause until a window is full: the same speech in about a fifth
+of the encoder passes, teacher-forced on the FP32 model's own transcript of each packed
+window. Nothing here is random: the same clips always pack the same way.
 """
 
 from __future__ import annotations
