@@ -306,10 +306,14 @@ def eval_cmd(
         help="Transcribe on the Ray cluster at auto or HOST:PORT (--workers: how many; "
              "default one per node); the model folder must be readable there")] = None,
     encoder_window: EncoderWindowOpt = "full",
+    batch: Annotated[int, typer.Option(
+        min=1, help="Throughput mode: transcribe N utterances together (their windows "
+        "decoded together, as `sfc transcribe --batch`); each utterance's compute seconds "
+        "are its batch's, split by audio length")] = 1,
 ) -> None:
     """WER (normalised, 95% bootstrap CI, per voice and condition) and real-time factor."""
     from .eval import evaluate, read_manifest, render
-    from .eval.shards import TranscriberSpec
+    from .eval.shards import Batched, TranscriberSpec
     from .executor import RayExecutor, check_ray_options
     from .models import model_folder
     from .runtime.decoding import LOOP_GUARD, check_options
@@ -318,6 +322,9 @@ def eval_cmd(
 
     window = EncoderWindow.parse(encoder_window)
     distributed = workers is not None or ray_address is not None
+    if distributed and batch > 1:
+        raise SfcError("--batch with --workers/--ray-address is not supported: choose "
+                       "throughput mode in one process or Ray workers")
     if distributed:
         check_ray_options(workers, ray_address)
     options = _decode_options(beam_size, temperature_fallback, seed)
@@ -329,23 +336,23 @@ def eval_cmd(
                                   guard=LOOP_GUARD if loop_guard else None, options=options,
                                   window=window)
     chosen = check_options(runtime.decoding, None if language == "auto" else language, task)
-    name, executor = runtime.card.name, None
+    name = runtime.card.name
     if window.fit:  # the result says how it was decoded
         name += f" (encoder window {window})"
+    executor: Batched | RayExecutor
     if distributed:
         spec = TranscriberSpec(folder.resolve(), loop_guard, options, chosen, task, window)
         del runtime  # the workers hold their own
         executor = RayExecutor(spec, address=ray_address, workers=workers)
-        transcribe = None
     else:
-        def transcribe(audio: Any) -> Any:
-            return runtime.transcribe(audio, language=chosen, task=task)
+        runtime.max_batch = max(runtime.max_batch, batch)  # as `sfc transcribe --batch`
+        executor = Batched(lambda audios: runtime.transcribe_many(audios, language=chosen,
+                                                                  task=task), batch)
     try:
-        result = evaluate(transcribe, utterances, model=name, data=str(data), seed=seed,
-                          executor=executor)
+        result = evaluate(None, utterances, model=name, data=str(data), seed=seed,
+                          executor=executor, batch=batch)
     finally:
-        if executor is not None:
-            executor.close()
+        executor.close()
     console.print(render(result))
     if json_out is not None:
         result.save(json_out)
@@ -497,6 +504,9 @@ def build_cmd(
     = BUNDLED_DATA / "eval",
     eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
     = None,
+    eval_batch: Annotated[int, typer.Option(
+        min=1, help="WER check in throughput mode: N utterances decoded together, FP32 and "
+        "build alike (as `sfc eval --batch`)")] = 1,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the WER check")] = False,
     from_qdq: Annotated[Path | None, typer.Option(
         "--from-qdq", help="Only lower this QDQ / TensorRT-ready ONNX into OUT (finishes a "
@@ -606,7 +616,7 @@ def build_cmd(
                          act_guard=guard, engine_limits=limits, trt_float=trt_float,
                          fused_attention=fused_attention, train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
-                           eval_limit=eval_limit, threads=threads)
+                           eval_limit=eval_limit, threads=threads, eval_batch=eval_batch)
     if env_world().rank > 0:
         return  # under torchrun rank 0 reports the build; this rank's copy is gone
     _say((out / "report.md").read_text().split("\n## Layers")[0])

@@ -15,6 +15,7 @@ from .card import ModelCard, TensorSpec
 from .errors import SfcError
 from .eval import evaluate, read_manifest
 from .eval.results import EvalResult
+from .eval.shards import Batched
 from .memory import peak_rss_kib, release_free_memory
 from .report import (
     BuildReport,
@@ -29,15 +30,18 @@ __all__ = ["compile_model"]
 
 
 def _evaluate_folder(folder: Path, data: Path, limit: int | None, threads: int | None,
-                     label: str) -> EvalResult:
+                     label: str, batch: int = 1) -> EvalResult:
+    """`folder`'s evaluation on `data`, `batch` utterances transcribed together."""
     from .runtime.whisper import WhisperRuntime
 
     runtime = WhisperRuntime.open(folder, threads=threads)
+    runtime.max_batch = max(runtime.max_batch, batch)
     utterances = read_manifest(data)[:limit]
     # The references are English (the bundled sets): no language detection, whose rare
     # misses (an accented English clip taken for Japanese) are not what a build changes.
-    return evaluate(lambda audio: runtime.transcribe(audio, language="en"), utterances,
-                    model=label, data=str(data))
+    executor = Batched(lambda audios: runtime.transcribe_many(audios, language="en"), batch)
+    return evaluate(None, utterances, model=label, data=str(data), executor=executor,
+                    batch=batch)
 
 
 def measure_distortion(fp32_model: Path, artifact: Path, feeds: Iterable[Feed],
@@ -76,8 +80,12 @@ def _distortion_feeds(fp32_model: Path, inputs: Sequence[TensorSpec],
 
 
 def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path | None,
-                  eval_limit: int | None = None, threads: int | None = None) -> BuildReport:
+                  eval_limit: int | None = None, threads: int | None = None,
+                  eval_batch: int = 1) -> BuildReport:
     """Build `src` into `out`, evaluate it against FP32 (Whisper), write report.json/.md.
+
+    `eval_batch`: the WER check's utterances transcribed together (throughput mode), FP32
+    and build alike.
 
     Under torchrun (WORLD_SIZE > 1; `precision.data_parallel`) only a one-stage search runs
     in parallel: rank 0 builds into `out`, the other ranks the same build into a temporary
@@ -89,13 +97,14 @@ def compile_model(src: str, out: Path, config: BuildConfig, *, eval_data: Path |
         raise SfcError("under torchrun (WORLD_SIZE > 1) sfc runs only --search one-stage in "
                        "parallel; run other builds as one process")
     if world.rank == 0:
-        return _compile_model(src, out, config, eval_data, eval_limit, threads)
+        return _compile_model(src, out, config, eval_data, eval_limit, threads, eval_batch)
     with tempfile.TemporaryDirectory(prefix=f"sfc-rank{world.rank}-") as scratch:
         return _compile_model(src, Path(scratch) / "build", config, None, None, threads)
 
 
 def _compile_model(src: str, out: Path, config: BuildConfig, eval_data: Path | None,
-                   eval_limit: int | None, threads: int | None) -> BuildReport:
+                   eval_limit: int | None, threads: int | None,
+                   eval_batch: int = 1) -> BuildReport:
     """`compile_model`'s build in this process."""
     from .models import export_peak_mib, model_folder, zoo_export_cached
 
@@ -117,8 +126,10 @@ def _compile_model(src: str, out: Path, config: BuildConfig, eval_data: Path | N
             fp32_folder = model_folder(src)
             fp32 = fp32_eval(fp32_folder, eval_data, eval_limit,
                              lambda: _evaluate_folder(fp32_folder, eval_data, eval_limit,
-                                                      threads, f"{card.name} fp32"))
-            built = _evaluate_folder(stage, eval_data, eval_limit, threads, f"{card.name} build")
+                                                      threads, f"{card.name} fp32",
+                                                      eval_batch), eval_batch)
+            built = _evaluate_folder(stage, eval_data, eval_limit, threads, f"{card.name} build",
+                                     eval_batch)
             built.save(stage / "eval.json")
             wer = compare_wer(fp32, built)
         distortion = None

@@ -74,6 +74,7 @@ class WerComparison:
     rtf: float
     loop_stops_fp32: int = 0  # windows whose decoding the repetition-loop guard ended
     loop_stops: int = 0
+    batch: int = 1  # the build's utterances decoded together (`sfc build --eval-batch`)
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,18 @@ def layer_rows(graph: str, recipe: Recipe, optimized: onnx.ModelProto) -> list[L
 
 
 def fp32_eval(folder: Path, data: Path, limit: int | None,
-              run: Any) -> EvalResult:
-    """The FP32 folder's evaluation on `data`, cached beside it.
+              run: Any, batch: int = 1) -> EvalResult:
+    """The FP32 folder's evaluation on `data` (`batch` utterances decoded together), cached
+    beside it.
 
-    The key covers the manifest, the limit, the result format and the decoding rule (the
-    loop guard), so a changed runtime never reuses a stale evaluation.
+    The key covers the manifest, the limit, the result format, the decoding rule (the
+    loop guard) and the batch, so a changed runtime never reuses a stale evaluation, nor
+    one batch size another's timings.
     """
     manifest = data / "manifest.jsonl" if data.is_dir() else data
-    salt = f"{limit}|{RESULT_VERSION}|{LOOP_GUARD!r}".encode()
+    # Batch 1 adds nothing: the caches written before batching keep their key.
+    batched = f"|batch={batch}" if batch != 1 else ""
+    salt = f"{limit}|{RESULT_VERSION}|{LOOP_GUARD!r}{batched}".encode()
     key = hashlib.sha256(manifest.read_bytes() + salt).hexdigest()[:16]
     cache = folder / f"eval-{key}.json"
     if cache.is_file():
@@ -213,7 +218,8 @@ def compare_wer(fp32: EvalResult, built: EvalResult, seed: int = 0) -> WerCompar
     return WerComparison(data=built.data, n=built.n, fp32_wer=fp32.wer, wer=built.wer,
                          delta=d.delta, delta_lo=d.lo, delta_hi=d.hi, p_value=d.p_value,
                          lossless=d.includes_zero, rtf_fp32=fp32.rtf, rtf=built.rtf,
-                         loop_stops_fp32=fp32.loop_stops, loop_stops=built.loop_stops)
+                         loop_stops_fp32=fp32.loop_stops, loop_stops=built.loop_stops,
+                         batch=built.batch)
 
 
 def make_report(src: str, config: BuildConfig, out: Path, graphs: Sequence[GraphBuild],
@@ -290,8 +296,9 @@ def render_markdown(report: BuildReport) -> str:
     w = report.wer
     if w is not None:
         verdict = "lossless (0 inside the paired 95% CI)" if w.lossless else "NOT lossless"
+        batched = f", decoded in batches of {w.batch}" if w.batch > 1 else ""
         lines += [
-            f"- WER on {w.data} ({w.n} utterances): FP32 {100 * w.fp32_wer:.2f}% -> "
+            f"- WER on {w.data} ({w.n} utterances{batched}): FP32 {100 * w.fp32_wer:.2f}% -> "
             f"{100 * w.wer:.2f}%, delta {100 * w.delta:+.2f} points, paired 95% CI "
             f"[{100 * w.delta_lo:+.2f}, {100 * w.delta_hi:+.2f}], p = {w.p_value:.3f}: {verdict}",
             f"- real-time factor: FP32 {w.rtf_fp32:.3f} -> {w.rtf:.3f}",

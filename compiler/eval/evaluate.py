@@ -33,14 +33,16 @@ def evaluate(
     n_resamples: int = 2000,
     progress: bool = True,
     executor: Executor | None = None,
+    batch: int = 1,
 ) -> EvalResult:
     """Transcribe every utterance, count word errors and summarise.
 
     `transcribe` receives float32 16 kHz mono samples and returns text, or sfc's
     `Transcript` (text and loop-guard stops). `executor`: transcribes the utterances
-    instead (`eval.shards.TranscriberSpec` on Ray workers; `transcribe` unused), results
-    in manifest order. Audio loading errors (SfcError) and transcriber exceptions
-    propagate.
+    instead (`eval.shards.TranscriberSpec` on Ray workers, `eval.shards.Batched` several at
+    a time here; `transcribe` unused), results in manifest order. `batch`: the utterances
+    per transcription call (`Batched`'s size), recorded in the result. Audio loading
+    errors (SfcError) and transcriber exceptions propagate.
     """
     if executor is None:
         if transcribe is None:
@@ -75,4 +77,4 @@ def evaluate(
             running = f"{100.0 * errors / ref_words:.2f}%" if ref_words else "-"
             bar.update(task, advance=1, wer=running)
 
-    return summarize(model, data, results, seed=seed, n_resamples=n_resamples)
+    return summarize(model, data, results, seed=seed, n_resamples=n_resamples, batch=batch)

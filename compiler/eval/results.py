@@ -79,6 +79,9 @@ class EvalResult:
     utterances: tuple[UtteranceResult, ...]
     seed: int
     n_resamples: int
+    # Utterances transcribed together (throughput mode): the compute seconds are their
+    # batch's, split by audio length. Absent from results saved before it: 1.
+    batch: int = 1
 
     @property
     def loop_stops(self) -> int:
@@ -113,6 +116,7 @@ class EvalResult:
                 utterances=tuple(UtteranceResult(**u) for u in data["utterances"]),
                 seed=int(data["seed"]),
                 n_resamples=int(data["n_resamples"]),
+                batch=int(data.get("batch", 1)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SfcError(f"malformed {RESULT_TYPE}: {exc!r}") from exc
@@ -183,11 +187,13 @@ def summarize(
     *,
     seed: int,
     n_resamples: int,
+    batch: int = 1,
 ) -> EvalResult:
     """Aggregate per-utterance results into corpus WER, CI, RTF and breakdowns.
 
     RTF is total transcription time over total audio time (below 1 is faster than
-    real time). Every voice and condition group gets its own bootstrap interval.
+    real time). Every voice and condition group gets its own bootstrap interval. `batch`:
+    the utterances transcribed together, recorded.
     """
     utts = tuple(utterances)
     if not utts:
@@ -210,6 +216,7 @@ def summarize(
         utterances=utts,
         seed=seed,
         n_resamples=n_resamples,
+        batch=batch,
     )
 
 
@@ -228,6 +235,7 @@ def render(result: EvalResult) -> Table:
             f"{result.n} utterances, {result.audio_s:.1f} s audio, "
             f"{result.compute_s:.1f} s compute; bootstrap {result.n_resamples} resamples, "
             f"seed {result.seed}; repetition loops stopped: {result.loop_stops}"
+            + (f"; decoded in batches of {result.batch}" if result.batch > 1 else "")
         ),
     )
     table.add_column("group")

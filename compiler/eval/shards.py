@@ -4,18 +4,27 @@ Each worker opens the runtime once from a picklable `TranscriberSpec` and transc
 utterances it is handed; the driver scores them in manifest order. The transcripts are the
 in-process ones (the same greedy or seeded decoding of the same graphs); the per-utterance
 compute seconds are each worker's, at its share of the threads.
+
+In one process, `Batched` transcribes them N at a time through the runtime's
+`transcribe_many` (`sfc eval --batch N`, throughput mode).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .manifest import Utterance
 
-__all__ = ["Transcribed", "TranscriberSpec", "transcribe_one"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..runtime.whisper import Transcript
+
+__all__ = ["Batched", "Transcribed", "TranscriberSpec", "transcribe_batch", "transcribe_one"]
 
 SAMPLE_RATE = 16_000
 
@@ -30,19 +39,54 @@ class Transcribed:
     loop_stops: int = 0
 
 
-def transcribe_one(transcribe: Any, utt: Utterance) -> Transcribed:
-    """Load `utt`'s audio and run `transcribe` on it; only the transcription is timed
-    (audio decoding is I/O that a deployed system does differently)."""
+ManyTranscriber = Callable[[list["np.ndarray"]], Sequence["Transcript | str"]]
+
+
+def transcribe_batch(transcribe_many: ManyTranscriber,
+                     utts: Sequence[Utterance]) -> list[Transcribed]:
+    """Load the audio of `utts` and run `transcribe_many` on it all at once; only the
+    transcription is timed (audio decoding is I/O that a deployed system does
+    differently). Each utterance is given the batch's seconds in proportion to its audio
+    seconds, so the total compute over the total audio stays the batch's RTF."""
     # Lazy: soundfile/scipy are not needed to read or render results.
     from ..runtime.audio import load_audio
 
-    audio = load_audio(utt.audio)
+    audios = [load_audio(u.audio) for u in utts]
     start = time.perf_counter()
-    out = transcribe(audio)
+    outs = transcribe_many(audios)
     compute_s = time.perf_counter() - start
-    if isinstance(out, str):
-        return Transcribed(out, len(audio) / SAMPLE_RATE, compute_s)
-    return Transcribed(out.text, len(audio) / SAMPLE_RATE, compute_s, out.loop_stops)
+    seconds = [len(a) / SAMPLE_RATE for a in audios]
+    total = sum(seconds)
+    # Silent (empty) audio everywhere: nothing to be proportional to, so an even split.
+    shares = [s / total if total else 1 / len(utts) for s in seconds]
+    return [Transcribed(out, s, compute_s * share) if isinstance(out, str)
+            else Transcribed(out.text, s, compute_s * share, out.loop_stops)
+            for out, s, share in zip(outs, seconds, shares, strict=True)]
+
+
+def transcribe_one(transcribe: Any, utt: Utterance) -> Transcribed:
+    """`transcribe_batch` of one utterance through a one-recording `transcribe`."""
+    return transcribe_batch(lambda audios: [transcribe(audios[0])], [utt])[0]
+
+
+class Batched:
+    """An executor (`executor.Executor`) that transcribes utterances `size` at a time
+    through `transcribe_many` in this process, yielding each batch's results as it
+    finishes, in input order: the progress bar advances per batch, and a Ctrl-C keeps the
+    batches done."""
+
+    def __init__(self, transcribe_many: ManyTranscriber, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"batch size must be at least 1, not {size}")
+        self.transcribe_many = transcribe_many
+        self.size = size
+
+    def evaluate(self, tasks: Sequence[Utterance]) -> Iterator[Transcribed]:
+        for first in range(0, len(tasks), self.size):
+            yield from transcribe_batch(self.transcribe_many, tasks[first:first + self.size])
+
+    def close(self) -> None:
+        """Nothing to release: the runtime belongs to the caller."""
 
 
 @dataclass(frozen=True)
