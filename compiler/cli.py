@@ -504,9 +504,9 @@ def build_cmd(
     = BUNDLED_DATA / "eval",
     eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
     = None,
-    eval_batch: Annotated[int, typer.Option(
+    eval_batch: Annotated[int | None, typer.Option(
         min=1, help="WER check in throughput mode: N utterances decoded together, FP32 and "
-        "build alike (as `sfc eval --batch`)")] = 1,
+        "build alike (as `sfc eval --batch`; default 8); 1: one at a time")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the WER check")] = False,
     from_qdq: Annotated[Path | None, typer.Option(
         "--from-qdq", help="Only lower this QDQ / TensorRT-ready ONNX into OUT (finishes a "
@@ -533,7 +533,7 @@ def build_cmd(
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
     from .build import BuildConfig, lower_qdq
-    from .pipeline import compile_model, pending_engines
+    from .pipeline import WER_CHECK_BATCH, compile_model, pending_engines
     from .precision.data_parallel import env_world
     from .targets.tensorrt_plan import ProfileLimits
 
@@ -616,7 +616,8 @@ def build_cmd(
                          act_guard=guard, engine_limits=limits, trt_float=trt_float,
                          fused_attention=fused_attention, train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
-                           eval_limit=eval_limit, threads=threads, eval_batch=eval_batch)
+                           eval_limit=eval_limit, threads=threads,
+                           eval_batch=eval_batch or WER_CHECK_BATCH)
     if env_world().rank > 0:
         return  # under torchrun rank 0 reports the build; this rank's copy is gone
     _say((out / "report.md").read_text().split("\n## Layers")[0])
