@@ -75,17 +75,33 @@ def _inputs(folder: Path, table: str, manifests: list[Path]) -> tuple[np.ndarray
     return np.asarray(w, np.float32), out
 
 
+def _low_rank(err: np.ndarray, gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [K, k] and B [k, V] minimising ||X (err - A B)||_F for rows X with Gram X^T X.
+
+    With H = X^T X = Q L Q^T, the error seen through X is H^(1/2) err; its top-k singular
+    directions are the best rank-k fit there (Eckart-Young), mapped back by H^(-1/2).
+    """
+    lam, vec = np.linalg.eigh(gram)
+    lam = np.maximum(lam, 1e-6 * lam.max())
+    root = (vec * np.sqrt(lam)) @ vec.T
+    inv_root = (vec / np.sqrt(lam)) @ vec.T
+    u, sv, vt = np.linalg.svd(root @ err.astype(np.float64), full_matrices=False)
+    return (inv_root @ (u[:, :k] * sv[:k])).astype(np.float32), vt[:k].astype(np.float32)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="whisper-tiny.en", choices=sorted(TABLE))
     ap.add_argument("--calib", type=Path, default=Path("calibration_data/calib"))
     ap.add_argument("--heldout", type=Path, default=None,
                     help="held-out manifest folder (default $SFC_CACHE/heldout)")
-    ap.add_argument("--damps", type=float, nargs="+", default=[0.01, 0.1, 0.3, 1.0])
+    ap.add_argument("--damps", type=float, nargs="*", default=[0.01, 0.1, 0.3, 1.0])
     ap.add_argument("--token-mass", type=float, default=0.05,
                     help="per-token GPTQ for tokens with at least this calibration mass")
-    ap.add_argument("--beta", type=float, nargs="+", default=[1.0])
-    ap.add_argument("--int8-tokens", type=int, nargs="+", default=[1000, 3000, 10000])
+    ap.add_argument("--beta", type=float, nargs="*", default=[1.0])
+    ap.add_argument("--int8-tokens", type=int, nargs="*", default=[1000, 3000, 10000])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[],
+                    help="a rank-k correction of MSE 4/32's error, fitted on the calibration Gram")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     heldout = args.heldout or cache_dir() / "heldout"
@@ -129,6 +145,13 @@ def main() -> int:
         wq = mse.copy()
         wq[:, order[:k]] = int8[:, order[:k]]
         score(wq, f"top {k} tokens by mass INT8, rest MSE 4/32", share=k / w.shape[1])
+    for k in args.ranks:
+        a, b = _low_rank(w - mse, gram, k)
+        score(mse + a @ b, f"MSE 4/32 + rank {k} (float)", rank=k)
+        qb, sb = round_to_nearest(b.T.astype(np.float32), W8)
+        b8 = dequantize_weight(qb, W8, sb).T
+        score(mse + a.astype(np.float16).astype(np.float32) @ b8,
+              f"MSE 4/32 + rank {k} (A fp16, B INT8 per row)", rank=k)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "machine": machine_info(0),
                                          "calib_rows": int(xc.shape[0]),
