@@ -98,7 +98,6 @@ from .quant.tied_table import MAX_HELDOUT_RATIO, SplitGramAccumulator, heldout_r
 from .quant.weights import dequantize_weight
 from .targets import OrtCpuTarget, TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
-from .targets.ort_cpu import NBITS_ACCURACY
 from .targets.tensorrt_plan import ProfileLimits
 
 __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "GUARD_RESULT", "BuildConfig", "GraphBuild",
@@ -676,21 +675,6 @@ def _session_config(config: BuildConfig, card: ModelCard, g: _Graph
     return tuple(sorted(target.session_config(g.model).items()))
 
 
-def _guard_session_config(target_config: tuple[tuple[str, str], ...]
-                          ) -> tuple[tuple[str, str], ...]:
-    """The guard's session config for a graph the target configures with `target_config`.
-
-    A gated graph feeds every MatMul a float activation, so ORT fuses DQ(weight) + MatMul
-    into MatMulNBits; where the target has MatMulNBits compute in float (accuracy level 0),
-    that is the float MatMul of the dequantized weight, which ORT runs in 30% less time
-    (base's encoder) with its QDQ handling off: the weights' DQ folded once, plain MatMul
-    (BENCHMARKS.md, issue 13). At other levels MatMulNBits quantizes its input as the
-    artifact's float-activation layers do, and the probes keep that."""
-    if dict(target_config).get(NBITS_ACCURACY) != "0":
-        return target_config
-    return tuple(sorted((*target_config, ("session.disable_quant_qdq", "1"))))
-
-
 def _objective_clips(utterances: list[Any], config: BuildConfig
                      ) -> tuple[list[Any], Callable[[int, Any], np.ndarray] | None]:
     """The clips ESC's Whisper objective scores and the `audio` hook that reads them:
@@ -780,7 +764,7 @@ def _guard(pending: list[_Graph], recipes: dict[str, Recipe], card: ModelCard,
 
         setups[g.name] = GraphSetup(g.model, recipes[g.name], (),
                                     tuple(gate_name(t) for t in acts), g.stored, rewrite,
-                                    _guard_session_config(_session_config(config, card, g)))
+                                    _session_config(config, card, g))
     clips = guard_clips(len(utterances), config.esc_samples if config.uses_esc else 0,
                         config.act_guard.samples)
     # The FP32 runtime serves the reference alone: the probes run without it.

@@ -17,7 +17,7 @@ import pytest
 from onnx import numpy_helper
 from test_quant_graphs import speech_model
 
-from sfc.build import BuildConfig, _guard_session_config
+from sfc.build import BuildConfig
 from sfc.calib.objectives import GraphSetup, ScaledSession, switch_feed
 from sfc.errors import SfcError
 from sfc.pipeline import compile_model
@@ -48,8 +48,6 @@ from sfc.quant.recipe import Recipe, model_sha256
 from sfc.quant.spec import ORT_CPU_CAPS, SIM_CAPS, QuantSpec
 from sfc.quant.tied_table import MAX_HELDOUT_RATIO
 from sfc.quant.weights import Rounded, dequantize_weight, quantize_weight, weight_scales
-from sfc.runtime.session import session_options
-from sfc.targets.ort_cpu import NBITS_ACCURACY
 from tests.test_build import _feeds, _mlp
 
 
@@ -527,39 +525,6 @@ def test_gated_activations_switch_between_qdq_and_float(tmp_path: Path) -> None:
     assert np.abs(one_off - qdq).max() > 1e-4 and np.abs(one_off - float_acts).max() > 1e-4
     with pytest.raises(ValueError, match="no Q/DQ pair"):
         gate_activations(model, acts)
-
-
-def test_guard_sessions_fold_weights_where_matmulnbits_computes_in_float(
-        tmp_path: Path) -> None:
-    src, feeds = _mlp(tmp_path / "mlp.onnx"), _feeds(tmp_path / "feeds")
-    compile_model(str(src), tmp_path / "q", BuildConfig(target="sim", calibrator="max",
-                                                        calib=feeds), eval_data=None)
-    model = onnx.load(str(tmp_path / "q" / "model" / "model.fp32.onnx"))
-    recipe = Recipe.load(tmp_path / "q" / "model" / "recipe.json")
-    acts = [t.tensor for t in recipe.tensors if t.kind == "activation"]
-    gated = gate_activations(write_qdq(model, recipe), acts).SerializeToString()
-    feed = {"x": np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)} | {
-        gate_name(t): np.array(1.0, np.float32) for t in acts}
-
-    def run(config: tuple[tuple[str, str], ...], optimization: str) -> tuple[np.ndarray, set[str]]:
-        options = session_options(optimization=optimization, config=config)
-        options.optimized_model_filepath = str(tmp_path / "opt.onnx")
-        session = ort.InferenceSession(gated, sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-        ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
-        return np.asarray(session.run(None, feed)[0]), ops
-
-    level0 = ((NBITS_ACCURACY, "0"),)
-    exact, _ = run((), "none")  # the QDQ arithmetic, node by node
-    fused, fused_ops = run(level0, "all")
-    folded, folded_ops = run(_guard_session_config(level0), "all")
-    assert "MatMulNBits" in fused_ops  # what the guard's sessions ran before
-    assert "MatMulNBits" not in folded_ops and "MatMul" in folded_ops
-    np.testing.assert_allclose(folded, exact, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(fused, exact, rtol=1e-4, atol=1e-4)
-    # Elsewhere MatMulNBits quantizes its input, as the artifact's float layers do: kept.
-    assert _guard_session_config(((NBITS_ACCURACY, "4"),)) == ((NBITS_ACCURACY, "4"),)
-    assert _guard_session_config(()) == ()
 
 
 def test_activation_probes_leave_one_out_and_resume(tmp_path: Path) -> None:
