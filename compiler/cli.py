@@ -499,6 +499,9 @@ def build_cmd(
         "activations may add to the quantized weights' own (default 0.005)")] = None,
     act_guard_max: Annotated[int | None, typer.Option(
         help="Activation guard: most activations kept in float (default 8)")] = None,
+    act_guard_samples: Annotated[int | None, typer.Option(
+        help="Activation guard: calibration clips its probes run on, after ESC's (default "
+        "16; fewer: a faster guard on a noisier measurement)")] = None,
     eval_data: Annotated[Path | None, typer.Option(
         "--eval-data", "--eval", help="WER check against FP32: manifest folder or .jsonl")]
     = BUNDLED_DATA / "eval",
@@ -597,11 +600,13 @@ def build_cmd(
     gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order, stages=gptq_stages,
                       tied=gptq_tied)
     guard = GuardConfig() if act_guard else None
-    if act_guard_kl is not None or act_guard_max is not None:
+    if act_guard_kl is not None or act_guard_max is not None or act_guard_samples is not None:
         if guard is None:
-            raise SfcError("--act-guard-kl and --act-guard-max apply with --act-guard only")
+            raise SfcError("--act-guard-kl, --act-guard-max and --act-guard-samples apply "
+                           "with --act-guard only")
         guard = GuardConfig(guard.allowance if act_guard_kl is None else act_guard_kl,
-                            guard.max_float if act_guard_max is None else act_guard_max)
+                            guard.max_float if act_guard_max is None else act_guard_max,
+                            guard.samples if act_guard_samples is None else act_guard_samples)
     config = BuildConfig(target=target, weights=bits, activations=act_bits,
                          weight_method=weight_method, gptq=gptq, search=mixed,
                          precision=load_precision(precision) if precision else (),

@@ -176,6 +176,8 @@ def test_build_rejects_bad_options_in_one_line(tmp_path: Path) -> None:
         (["--calibrator", "magic"], "magic"),
         (["--act-guard-kl", "-1"], "--act-guard-kl"),
         (["--no-act-guard", "--act-guard-max", "2"], "with --act-guard only"),
+        (["--no-act-guard", "--act-guard-samples", "4"], "with --act-guard only"),
+        (["--act-guard-samples", "0"], "--act-guard-samples must be >= 1"),
         (["--activations", "none", "--act-guard-kl", "0.1"], "quantized activations only"),
         ([str(tmp_path / "missing.onnx")], "not found"),
         (["--search", "one-stage"], "--weights mixed only"),

@@ -125,7 +125,7 @@ class GuardConfig:
         if not isinstance(self.max_float, int) or self.max_float < 0:
             raise SfcError(f"--act-guard-max must be >= 0, not {self.max_float!r}")
         if not isinstance(self.samples, int) or self.samples < 1:
-            raise SfcError(f"the activation guard needs >= 1 sample, not {self.samples!r}")
+            raise SfcError(f"--act-guard-samples must be >= 1, not {self.samples!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"allowance": self.allowance, "max_float": self.max_float,
