@@ -12,10 +12,13 @@ builds); GPTQ on the calibration Gram at several dampings; GPTQ per token with a
 weighted by the FP32 model's probability of that token at each calibration row (the
 second-order term of the KL, for the tokens that carry calibration mass, shrunk towards
 the shared Gram by `--beta`); and the tokens with the most calibration probability mass
-kept at INT8 per channel (the rest MSE 4/32).
+kept at INT8 per channel (the rest MSE 4/32); with `--ranks`, MSE 4/32 plus a rank-k
+correction A B fitted on the calibration Gram (float, and A float16 / B INT8 per row).
 
     SFC_CACHE=/tmp/sfccache python benchmarks/table_kl.py [--model whisper-tiny.en] \
         [--json benchmarks/results/table_kl_tiny.json]
+    SFC_CACHE=/tmp/sfccache python benchmarks/table_kl.py --damps --beta --int8-tokens 3000 \
+        --ranks 4 8 16 32
 """
 
 from __future__ import annotations
