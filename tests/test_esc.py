@@ -26,7 +26,7 @@ from sfc.calib.objectives import (
 )
 from sfc.errors import Interrupted, SfcError
 from sfc.pipeline import compile_model
-from sfc.precision.activations import GuardConfig
+from sfc.precision.activations import GuardConfig, gate_activations, gate_name
 from sfc.quant import (
     PlanConfig,
     make_plan,
@@ -35,6 +35,7 @@ from sfc.quant import (
     scale_input_name,
     write_qdq,
 )
+from sfc.quant.recipe import Recipe
 
 
 def _outlier_model(*, branch: bool = False) -> onnx.ModelProto:
@@ -388,3 +389,22 @@ def test_whisper_activation_guard_keeps_float_what_it_reports(tmp_path: Path) ->
     for graph in ("encoder", "decoder"):
         assert (tmp_path / "r" / graph / "model.qdq.onnx").read_bytes() == \
             (tmp_path / "g" / graph / "model.qdq.onnx").read_bytes()
+    # Its encoder probes ran segmented (`calib.segments`): bit for bit the whole graph's.
+    folder = tmp_path / "g" / "encoder"
+    recipe = Recipe.load(folder / "recipe.json")
+    quantized = {n.input[0] for n in onnx.load(str(folder / "model.qdq.onnx")).graph.node
+                 if n.op_type == "QuantizeLinear"}
+    acts = tuple(t.tensor for t in recipe.tensors
+                 if t.kind == "activation" and t.tensor in quantized)
+    setup = GraphSetup(onnx.load(str(folder / "model.fp32.onnx")), recipe, (),
+                       tuple(gate_name(t) for t in acts),
+                       rewrite=lambda m: gate_activations(m, acts))
+    whole, parts = ScaledSession("e", setup), ScaledSession("e", setup, segmented=True)
+    assert parts.segments is not None and len(parts.segments.segments) > 4
+    window = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+    late = gate_name(acts[-2])  # read after most cuts: its probe starts late
+    for off in (None, late, gate_name(acts[1]), None):
+        scales = {f"e:{gate_name(t)}": float(gate_name(t) != off) for t in acts}
+        for a, b in zip(whole.run(None, {"input_features": window}, scales),
+                        parts.run(None, {"input_features": window}, scales), strict=True):
+            np.testing.assert_array_equal(a, b)

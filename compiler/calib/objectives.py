@@ -46,6 +46,7 @@ from ..runtime.session import session_options
 from ..runtime.whisper import encode_in_chunks
 from .esc import quantizer_key
 from .inferred_feeds import FeedSource
+from .segments import SegmentedSession
 
 __all__ = [
     "BATCH",
@@ -118,10 +119,15 @@ class GraphSetup:
 
 
 class ScaledSession:
-    """One graph's QDQ model with its tuned activation scales as inputs, prepared once."""
+    """One graph's QDQ model with its tuned activation scales as inputs, prepared once.
+
+    `segmented`: for a setup with gates alone (no tuned scales, no weight switches), the
+    graph runs as a `SegmentedSession`: a probe that switches gates off starts at the last
+    cut before the first of them, from the value the all-on run left there."""
 
     def __init__(self, graph: str, setup: GraphSetup, *, threads: int | None = None,
-                 optimization: str = "all", release_arena: bool = False) -> None:
+                 optimization: str = "all", release_arena: bool = False,
+                 segmented: bool = False) -> None:
         self.graph = graph
         # `release_arena`: ORT's arena gives back its free regions after every run, so the
         # session holds no memory between runs (see `make_objective` for where it pays).
@@ -134,36 +140,65 @@ class ScaledSession:
             g: g for g in setup.gates}
         self.switches = setup.switches
         self._switched: tuple[tuple[str, ...], dict[str, np.ndarray]] = ((), {})
+        if segmented and (setup.tuned or setup.switches or not setup.gates):
+            raise ValueError("a segmented session takes gates alone")
         qdq = write_qdq(setup.model, setup.recipe, scales_as_inputs=setup.tuned,
                         stored=setup.stored)
         if setup.rewrite is not None:
             qdq = setup.rewrite(qdq)
         # The level the target's artifact runs at: the search sees the deployed numerics.
         # With ORT's arena: without it ESC ran 45% longer for 0.4 GB less peak
-        # (BENCHMARKS.md, issue 13).
-        options = session_options(threads=threads, optimization=optimization,
-                                  config=setup.session_config)
-        if self.switches:  # ORT warns of every overridable initializer, as it should
-            options.log_severity_level = 3
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        source: str | bytes
-        if qdq.ByteSize() > _MAX_INLINE_BYTES:
-            self._tmp = tempfile.TemporaryDirectory(prefix="sfc-esc-")
-            path = Path(self._tmp.name) / "model.onnx"
-            onnx.save_model(qdq, str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.onnx.data")
-            source = str(path)
+        # (BENCHMARKS.md, issue 13). Segments take turns, so their pools do not spin.
+        self._threads, self._optimization = threads, optimization
+        self._config = setup.session_config
+        self._tmps: list[tempfile.TemporaryDirectory[str]] = []
+        self.outputs = [o.name for o in qdq.graph.output]
+        initializers = {t.name for t in qdq.graph.initializer}
+        self.input_names = frozenset(i.name for i in qdq.graph.input
+                                     if i.name not in initializers)
+        self.segments = None
+        # Past 2 GB a model is not handed to ORT as bytes: such a graph runs whole.
+        self._segmented = segmented and qdq.ByteSize() <= _MAX_INLINE_BYTES
+        if self._segmented:
+            self.segments = SegmentedSession(qdq, setup.gates, self._open)
         else:
-            source = qdq.SerializeToString()
-        del qdq
+            source = self._source(qdq)
+            del qdq  # the serialized copy is enough: not both at once
+            self.session = self._open(source)
+
+    def _source(self, qdq: onnx.ModelProto) -> str | bytes:
+        """What ORT loads `qdq` from: its bytes, or a file with external data past 2 GB."""
+        if qdq.ByteSize() <= _MAX_INLINE_BYTES:
+            return qdq.SerializeToString()
+        tmp = tempfile.TemporaryDirectory(prefix="sfc-esc-")
+        self._tmps.append(tmp)
+        path = Path(tmp.name) / "model.onnx"
+        onnx.save_model(qdq, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data")
+        return str(path)
+
+    def _open(self, source: str | bytes, optimization: str | None = None,
+              save_to: str | None = None, config: Sequence[tuple[str, str]] = ()
+              ) -> ort.InferenceSession:
+        """A session on `source` with this session's options, at ORT level `optimization`
+        (None: the target's) and with `config` entries added, writing ORT's optimized
+        graph to `save_to` if given."""
+        options = session_options(threads=self._threads,
+                                  optimization=optimization or self._optimization,
+                                  config=(*self._config, *config),
+                                  spinning=not self._segmented)
+        # ORT warns of every overridable initializer (as it should), and that an optimized
+        # graph it writes is for this machine only (it is: it is read back at once).
+        if self.switches or save_to is not None:
+            options.log_severity_level = 3
+        if save_to is not None:
+            options.optimized_model_filepath = save_to
         try:
-            self.session = ort.InferenceSession(source, sess_options=options,
-                                                providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(source, sess_options=options,
+                                        providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT's opaque classes
-            raise SfcError(f"ONNX Runtime cannot load the ESC model of graph {graph!r}: "
-                           f"{first_line(exc)}") from None
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.input_names = frozenset(i.name for i in self.session.get_inputs())
+            raise SfcError(f"ONNX Runtime cannot load the ESC model of graph "
+                           f"{self.graph!r}: {first_line(exc)}") from None
 
     def scale_feed(self, scales: Mapping[str, float]) -> dict[str, np.ndarray]:
         """The scale inputs for `scales` (keyed by quantizer key), and the probed weights
@@ -184,6 +219,8 @@ class ScaledSession:
             scales: Mapping[str, float]) -> list[np.ndarray]:
         """Run with `feed` plus the scale inputs for `scales`."""
         try:
+            if self.segments is not None:
+                return self.segments.run(outputs, feed, self.scale_feed(scales))
             result: list[np.ndarray] = self.session.run(
                 None if outputs is None else list(outputs), {**feed, **self.scale_feed(scales)},
                 self._run_options)
@@ -195,9 +232,12 @@ class ScaledSession:
     def close(self) -> None:
         """Release the session (and its temporary files, for >2 GB models)."""
         self.__dict__.pop("session", None)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        if self.segments is not None:
+            self.segments.close()
+            self.segments = None
+        for tmp in self._tmps:
+            tmp.cleanup()
+        self._tmps = []
 
 
 def _rel_l2(ref: np.ndarray, out: np.ndarray) -> float:
@@ -477,8 +517,13 @@ class ObjectiveSpec:
             # between runs, and ESC's peak 0.35 GB higher; BENCHMARKS.md, issue 13). It runs
             # once per batch of utterances, so regrowing the arena costs little; the encoder
             # runs one window per call at one shape and keeps its arena.
-            encoder = ScaledSession("encoder", self.graphs["encoder"], threads=threads,
-                                    optimization=self.optimization)
+            # The guard's probes switch activation gates alone and repeat each window:
+            # an encoder probe starts at the last cut before its first switched-off gate.
+            setup = self.graphs["encoder"]
+            segmented = bool(setup.gates) and not setup.tuned and not setup.switches
+            encoder = ScaledSession("encoder", setup, threads=threads,
+                                    optimization=self.optimization,
+                                    segmented=segmented)
             decoder = ScaledSession("decoder", self.graphs["decoder"], threads=threads,
                                     optimization=self.optimization, release_arena=True)
             # Gates mean probes, which switch one at a time: most repeat the encoder's inputs.
