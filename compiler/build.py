@@ -628,10 +628,11 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
 
 def _fp32_runtime(folder: Path) -> Any:
     """The FP32 Whisper runtime the build decodes its calibration feeds and references with.
-    No arena: the build holds it while its other sessions run."""
+    On ORT's shared arena: the build holds it while its other sessions run, and without
+    an arena its encoder ran 1.4x slower on whisper-base (BENCHMARKS.md, issue 13)."""
     from .runtime.whisper import WhisperRuntime
 
-    return WhisperRuntime.open(folder, arena=False)
+    return WhisperRuntime.open(folder, arena="shared")
 
 
 def _esc_identity(setups: dict[str, Any], card: ModelCard, config: BuildConfig,

@@ -219,3 +219,23 @@ def test_runtime_sessions_do_not_spin_unless_asked(tiny_export: Path) -> None:
 
     assert spinning(WhisperRuntime.open(tiny_export, threads=2)) == {"0"}
     assert spinning(WhisperRuntime.open(tiny_export, threads=2, spinning=True)) == {None}
+
+
+def test_a_shared_arena_runtime_decodes_the_same(tiny_export: Path) -> None:
+    """The build's FP32 runtime allocates from ORT's shared arena: same outputs as with
+    its own arena, and the sessions say so."""
+    from sfc.runtime.session import session_options
+    from sfc.runtime.whisper import WhisperRuntime
+
+    shared = WhisperRuntime.open(tiny_export, threads=2, arena="shared")
+    own = WhisperRuntime.open(tiny_export, threads=2)
+    for session in (shared.encoder, shared.decoder):
+        assert session.get_session_options().get_session_config_entry(
+            "session.use_env_allocators") == "1"
+    audio = load_audio(read_manifest(EVAL_DATA)[0].audio)
+    assert shared.transcribe(audio) == own.transcribe(audio)
+    features = whisper_windows(audio, own.mel)[:1]
+    for a, b in zip(shared.encode(features), own.encode(features), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="arena is True, False or 'shared'"):
+        session_options(arena="mine")

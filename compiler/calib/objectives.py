@@ -178,15 +178,14 @@ class ScaledSession:
         return str(path)
 
     def _open(self, source: str | bytes, optimization: str | None = None,
-              save_to: str | None = None, config: Sequence[tuple[str, str]] = ()
+              save_to: str | None = None, shared_arena: bool = False
               ) -> ort.InferenceSession:
         """A session on `source` with this session's options, at ORT level `optimization`
-        (None: the target's) and with `config` entries added, writing ORT's optimized
-        graph to `save_to` if given."""
+        (None: the target's), writing ORT's optimized graph to `save_to` if given."""
         options = session_options(threads=self._threads,
                                   optimization=optimization or self._optimization,
-                                  config=(*self._config, *config),
-                                  spinning=not self._segmented)
+                                  config=self._config, spinning=not self._segmented,
+                                  arena="shared" if shared_arena else True)
         # ORT warns of every overridable initializer (as it should), and that an optimized
         # graph it writes is for this machine only (it is: it is read back at once).
         if self.switches or save_to is not None:

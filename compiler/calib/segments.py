@@ -163,23 +163,8 @@ def _digest(feed: Mapping[str, np.ndarray]) -> str:
 
 
 # open_session(serialized model, ORT level (None: the caller's), path to write ORT's
-# optimized graph to or None, extra session config entries)
-Opener = Callable[[bytes, str | None, str | None, Sequence[tuple[str, str]]],
-                  ort.InferenceSession]
-_shared_arena: list[bool] = []  # registered in this process
-
-
-def _share_arena() -> tuple[tuple[str, str], ...]:
-    """The config entry that makes a session allocate from ORT's process-wide CPU arena,
-    registered on first use. Segments run in turn, so they share one arena's worth instead
-    of holding one each (whisper-tiny.en's 12: 1.5 GB against 0.46 GB for the whole graph;
-    without an arena they ran 1.9x slower). The arena lives as long as the process."""
-    if not _shared_arena:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                 ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
-        _shared_arena.append(True)
-    return (("session.use_env_allocators", "1"),)
+# optimized graph to or None, whether the session allocates from ORT's shared arena)
+Opener = Callable[[bytes, str | None, str | None, bool], ort.InferenceSession]
 
 
 class SegmentedSession:
@@ -199,14 +184,15 @@ class SegmentedSession:
         self._tmp = tempfile.TemporaryDirectory(prefix="sfc-cuts-")
         types = _types(model)  # the original graph's: ORT's contrib ops have no inference
         optimized = Path(self._tmp.name) / "optimized.onnx"
-        open_session(model.SerializeToString(), None, str(optimized), ())
+        open_session(model.SerializeToString(), None, str(optimized), False)
         whole = onnx.load(str(optimized))
         optimized.unlink()
         self.segments = split_at(whole, gate_cuts(whole.graph, gates, types), types)
         del whole
         self.gates = [frozenset(g for g in gates if g in s.inputs) for s in self.segments]
-        shared = _share_arena()
-        self.sessions = [open_session(s.model.SerializeToString(), "none", None, shared)
+        # Segments run in turn: one shared arena's worth, not one each (tiny.en's 12 held
+        # 1.5 GB against 0.46 GB for the whole graph; without an arena: 1.9x slower).
+        self.sessions = [open_session(s.model.SerializeToString(), "none", None, True)
                          for s in self.segments]
 
     def _path(self, digest: str, index: int) -> Path:

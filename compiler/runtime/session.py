@@ -9,7 +9,12 @@ import onnxruntime as ort
 
 from ..errors import SfcError
 
-__all__ = ["OPTIMIZATION", "open_session", "session_options"]
+__all__ = ["OPTIMIZATION", "Arena", "open_session", "session_options"]
+
+# ORT's CPU arena for a session: its own (True), none (False), or "shared": ORT's one
+# process-wide CPU arena, registered on first use.
+Arena = bool | str
+_shared_arena: list[bool] = []  # registered in this process
 
 # Graph optimisation levels a model card may ask for. "basic" (constant folding, no QDQ
 # fusion) keeps fake-quant graphs exact: onnxruntime 1.31's extended rewrites drop a Relu in
@@ -23,7 +28,7 @@ OPTIMIZATION = {
 
 
 def session_options(*, threads: int | None = None, optimization: str = "all",
-                    arena: bool = True, spinning: bool = True,
+                    arena: Arena = True, spinning: bool = True,
                     config: Iterable[tuple[str, str]] = ()) -> ort.SessionOptions:
     """The options every sfc session starts from.
 
@@ -43,7 +48,16 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
                        f"(expected one of {', '.join(OPTIMIZATION)})")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[optimization]
-    options.enable_cpu_mem_arena = arena
+    if arena not in (True, False, "shared"):
+        raise ValueError(f"arena is True, False or 'shared', not {arena!r}")
+    options.enable_cpu_mem_arena = bool(arena)
+    if arena == "shared":
+        if not _shared_arena:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                     ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
+            _shared_arena.append(True)
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -57,7 +71,7 @@ def session_options(*, threads: int | None = None, optimization: str = "all",
 
 def open_session(path: Path | bytes, *, threads: int | None = None,
                  providers: list[str] | None = None,
-                 optimization: str = "all", arena: bool = True,
+                 optimization: str = "all", arena: Arena = True,
                  spinning: bool = True) -> ort.InferenceSession:
     """Open `path` (or a serialized graph) in ONNX Runtime; a file ORT cannot load is a
     one-line user error.

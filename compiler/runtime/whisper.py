@@ -50,7 +50,7 @@ from .language import Detected, LanguagePlan, detect_language, window_recordings
 from .search import Searched, SearchSetup, beam_search, sample
 from .seek import SeekWindow, recording_features, seek_decode
 from .segments import Segment, map_times, segments_from_tokens, window_clock
-from .session import open_session
+from .session import Arena, open_session
 from .trt_session import ResidentLoop, TrtSession, open_engine
 from .vad import Region, SileroVad, speech_in
 from .window import FULL, EncoderWindow
@@ -74,7 +74,7 @@ SPEECH_LEFT_S = 1.0
 
 
 def _open(folder: Path, graph: GraphSpec, threads: int | None,
-          providers: list[str] | None, arena: bool, spinning: bool) -> Any:
+          providers: list[str] | None, arena: Arena, spinning: bool) -> Any:
     """An ORT session, or a TensorRT engine runner for a `.plan` (same `run` interface)."""
     if graph.path.endswith(".plan"):
         return open_engine(folder / graph.path)
@@ -168,7 +168,7 @@ class WhisperRuntime:
     @classmethod
     def open(cls, folder: str | Path, *, threads: int | None = None,
              guard: LoopGuard | None = LOOP_GUARD,
-             providers: list[str] | None = None, arena: bool = True,
+             providers: list[str] | None = None, arena: Arena = True,
              options: DecodeOptions = GREEDY, spinning: bool = False,
              window: EncoderWindow = FULL) -> WhisperRuntime:
         """Open an export or build folder (its `card.json` says which file is which).
