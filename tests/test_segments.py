@@ -97,3 +97,12 @@ def test_a_segmented_session_takes_gates_alone(tmp_path: Path) -> None:
     setup, _ = _gated_mlp(tmp_path)
     with pytest.raises(ValueError, match="gates alone"):
         ScaledSession("g", GraphSetup(setup.model, setup.recipe, ()), segmented=True)
+
+
+def test_a_graph_out_of_topological_order_is_refused() -> None:
+    model = speech_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([nodes[1], nodes[0], *nodes[2:]])
+    with pytest.raises(ValueError, match="not in topological order"):
+        single_tensor_cuts(model.graph)
