@@ -84,6 +84,21 @@ def test_a_segmented_probe_equals_the_whole_graph_bit_for_bit(tmp_path: Path) ->
         for feed in windows:
             np.testing.assert_array_equal(parts.run(None, feed, scales)[0],
                                           whole.run(None, feed, scales)[0])
+    # A probe runs only the segments from the last cut before its gate on.
+    runs = [0] * len(parts.segments.sessions)
+
+    class Counted:
+        def __init__(self, j: int, session: object) -> None:
+            self.j, self.session = j, session
+
+        def run(self, *args: object) -> object:
+            runs[self.j] += 1
+            return self.session.run(*args)  # type: ignore[attr-defined]
+
+    parts.segments.sessions = [Counted(j, s) for j, s in enumerate(parts.segments.sessions)]
+    last_gate = next(g for g in reversed(gates) if g in parts.segments.gates[-1])
+    parts.run(None, windows[0], {f"g:{g}": float(g != last_gate) for g in gates})
+    assert runs[-1] == 1 and sum(runs) == 1
     # One file per window and cut, all from all-on runs.
     assert len(list(Path(parts.segments._tmp.name).iterdir())) == 2 * (
         len(parts.segments.segments) - 1)
