@@ -32,9 +32,8 @@ def _static(graph: onnx.GraphProto) -> set[str]:
     """Tensors that do not depend on any graph input: initializers, Constant outputs and
     what is computed from them alone (a segment recomputes the ones it reads)."""
     static = {t.name for t in graph.initializer}
-    inputs = {i.name for i in graph.input} - static
     for node in graph.node:
-        if all(not t or (t in static and t not in inputs) for t in node.input):
+        if all(not t or t in static for t in node.input):
             static.update(t for t in node.output if t)
     return static
 
@@ -174,10 +173,10 @@ class SegmentedSession:
     from its optimized graph, then opened with no further optimization: a fusion decided
     on a segment alone can differ from the whole graph's (the graph's last residual Add
     and LayerNormalization fuse on their own but not in whisper-tiny.en's encoder, and the
-    cross K/V moved by one INT8 step in places), so each segment runs the whole graph's
-    kernels. `run` takes the graph's data inputs and its gates (float32 scalars, 1: on);
-    the cut values of runs whose gates up to that cut were all on are kept in a temporary
-    folder, one file per data feed and cut, until `close`."""
+    cross K/V moved by up to 0.012 on a random window), so each segment runs the whole
+    graph's kernels. `run` takes the graph's data inputs and its gates (float32 scalars,
+    1: on); the cut values of runs whose gates up to that cut were all on are kept in a
+    temporary folder, one file per data feed and cut, until `close`."""
 
     def __init__(self, model: onnx.ModelProto, gates: Sequence[str],
                  open_session: Opener) -> None:
