@@ -43,7 +43,7 @@ from .calib.feeds import Feed, whisper_feeds
 from .calib.inferred_feeds import FeedSource, NoFeeds, feed_source
 from .calib.methods import compute_scale, method_from_name
 from .calib.packing import FILL_S, GAP_S, clips_digest, pack_clips, packed_audio
-from .calib.stats import StatsSnapshot, collect_stats
+from .calib.stats import StatsPass, StatsSnapshot, collect_stats
 from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
@@ -437,6 +437,17 @@ def _choose_tied(model: onnx.ModelProto, plan: Plan, grams: dict[str, GramAccumu
     return ratios
 
 
+def _gram_inputs(model: onnx.ModelProto, plan: Plan,
+                 grams: dict[str, GramAccumulator]) -> dict[str, GramAccumulator]:
+    """The Gram accumulators keyed by the data input they count, not by their weight."""
+    nodes = {n.name: n for n in model.graph.node}
+    by_input = {}
+    for tensor, acc in grams.items():
+        reader = next(q for q in plan.weights if q.tensor == tensor).consumers[0]
+        by_input[nodes[reader].input[0]] = acc
+    return by_input
+
+
 def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int | None,
            graph: str, grams: dict[str, GramAccumulator]) -> dict[str, StatsSnapshot]:
     tensors = [q.tensor for q in plan.activations]
@@ -446,13 +457,40 @@ def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, tot
         what = ("its activations (--calib) or --activations none" if tensors else
                 "GPTQ (--calib) or --weight-method mse")
         raise SfcError(f"graph {graph!r} needs calibration data for {what}")
-    nodes = {n.name: n for n in model.graph.node}
-    by_input = {}
-    for tensor, acc in grams.items():
-        reader = next(q for q in plan.weights if q.tensor == tensor).consumers[0]
-        by_input[nodes[reader].input[0]] = acc
     return collect_stats(model, tensors, feeds, total=total, progress=f"calibrating {graph}",
-                         grams=by_input)
+                         grams=_gram_inputs(model, plan, grams))
+
+
+def _whisper_stats(pending: list[_Graph], runtime: Any, utterances: list[Any],
+                   transcripts: dict[str, list[int]], config: BuildConfig) -> None:
+    """Both Whisper graphs' statistics in one pass over the calibration audio: the
+    decoder's feeds (and the transcripts it is teacher-forced on) come from the cross K/V
+    of the encoder's own statistics run, so the FP32 encoder runs once per utterance, not
+    twice (whisper-base's calibration 264 -> 139 s; BENCHMARKS.md, issue 13). Those K/V
+    come from ORT's basic level, not the runtime's: the decoder's statistics move in the
+    sixth digit and the build's search takes another path. Both graphs must have
+    activations to count."""
+    graphs = {g.name: g for g in pending}
+    enc, dec = graphs["encoder"], graphs["decoder"]
+    if config.needs_grams:
+        for g in (enc, dec):
+            g.grams = _grams(g.model, g.plan, config.gptq.tied)
+    started, in_encoder = time.perf_counter(), [0.0]
+    with StatsPass(enc.model, [q.tensor for q in enc.plan.activations],
+                   grams=_gram_inputs(enc.model, enc.plan, enc.grams),
+                   keep=("cross_key", "cross_value")) as encoder:
+        def encode(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            start = time.perf_counter()
+            cross_k, cross_v = encoder.add({"input_features": features})
+            in_encoder[0] += time.perf_counter() - start
+            return cross_k, cross_v
+
+        dec.stats = _stats(dec.model, dec.plan,
+                           whisper_feeds(runtime, utterances, "decoder", transcripts, encode),
+                           len(utterances), "encoder and decoder", dec.grams)
+        enc.stats = encoder.result()
+    enc.seconds += in_encoder[0]
+    dec.seconds += time.perf_counter() - started - in_encoder[0]
 
 
 def _calibrate(stats: dict[str, StatsSnapshot], plan: Plan,
@@ -1006,24 +1044,28 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             if g.replay is not None:
                 graphs.append(_emit(g, g.replay, config, stage, card))
                 continue
-            feeds: Iterator[Feed] | None = None
-            total: int | None = 0
             if runtime is not None:
                 g.feeds = _whisper_source(runtime, utterances, g.name, transcripts)
             elif g.name in sources:
                 g.feeds = sources[g.name]
-            if g.feeds is not None:
-                feeds, total = g.feeds.make(), g.feeds.count
+            pending.append(g)
+        if runtime is not None and {g.name for g in pending} == {"encoder", "decoder"} and all(
+                g.plan.activations for g in pending):
+            _whisper_stats(pending, runtime, utterances, transcripts, config)
+        for g in pending:
             started = time.perf_counter()
-            if config.needs_grams:
-                g.grams = _grams(g.model, g.plan, config.gptq.tied)
-            g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
+            if g.stats is None:
+                # One graph's Gram sums at a time (whisper-small's fc2 inputs alone hold
+                # 12 x 3072^2 float64, 0.9 GB).
+                if config.needs_grams:
+                    g.grams = _grams(g.model, g.plan, config.gptq.tied)
+                feeds, total = (g.feeds.make(), g.feeds.count) if g.feeds is not None else (None, 0)
+                g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
             g.tied_ratios = _choose_tied(g.model, g.plan, g.grams, config.gptq, g.specs)
             if g.grams:
                 _spill(g.grams, Path(scratch.enter_context(
                     tempfile.TemporaryDirectory(prefix="sfc-grams-"))))
             g.seconds += time.perf_counter() - started
-            pending.append(g)
         # Release point: the FP32 runtime (0.46 GB on whisper-base, 1.15 GB on the
         # shape-true whisper-small) and the Whisper feeds that hold it go; the probes'
         # objective, ESC and the guard reopen it for their references alone, not for their

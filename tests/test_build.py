@@ -151,3 +151,29 @@ def test_whisper_w4_build_folder_is_a_deployable(tmp_path: Path) -> None:
         counts = count_errors(utt.text, runtime.transcribe(load_audio(utt.audio)).text)
         errors, words = errors + counts.errors, words + counts.ref_words
     assert errors / words < 0.25
+
+
+def test_whisper_calibration_runs_the_fp32_encoder_once_per_utterance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder's calibration feeds come from the encoder's statistics run: the FP32
+    runtime's encoder serves no calibration utterance (a max build has no ESC or guard,
+    which run it for their references)."""
+    from sfc.calib import stats
+    from sfc.runtime.whisper import WhisperRuntime
+
+    encoded, counted = [], []
+    monkeypatch.setattr(WhisperRuntime, "encode", lambda self, *a, **k: encoded.append(1))
+    add = stats.StatsPass.add
+
+    def counting(self: stats.StatsPass, feed: dict) -> list:
+        counted.append(sorted(feed))
+        return add(self, feed)
+
+    monkeypatch.setattr(stats.StatsPass, "add", counting)
+    config = BuildConfig(calibrator="max", calib_limit=3, act_guard=None)
+    compile_model("whisper-tiny.en", tmp_path / "b", config, eval_data=None)
+    assert not encoded
+    assert counted.count(["input_features"]) == 3  # the encoder, once per utterance
+    assert sum("tokens" in f for f in counted) == 3  # the decoder, fed from those runs
+    recipe = json.loads((tmp_path / "b" / "decoder" / "recipe.json").read_text())["_data"]
+    assert all(t["scale"] > 0 for t in recipe["tensors"] if t["kind"] == "activation")

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sfc.calib import MaxCalib, collect_stats, compute_scale
 from sfc.calib import stats as stats_module
+from sfc.calib.stats import StatsPass
 from sfc.errors import SfcError
 
 
@@ -102,3 +103,24 @@ def test_unknown_and_bad_requests() -> None:
         collect_stats("/nonexistent/model.onnx", ["h"], _feeds(), progress=None)
     with pytest.raises(SfcError, match="ONNX Runtime failed"):
         collect_stats(_model(), ["h"], [{"x": np.zeros((2, 3), np.float32)}], progress=None)
+
+
+def test_a_pass_counts_as_collect_stats_and_hands_back_what_it_keeps() -> None:
+    model, feeds = _model(), _feeds()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with StatsPass(model, ["h", "r"], bins=64, keep=["y"]) as counting:
+        kept = [counting.add(f) for f in feeds]
+        stats = counting.result()
+    for feed, values in zip(feeds, kept, strict=True):
+        assert len(values) == 1
+        np.testing.assert_allclose(values[0], session.run(["y"], feed)[0], rtol=1e-6)
+    plain = collect_stats(model, ["h", "r"], feeds, bins=64, progress=None)
+    assert list(stats) == ["h", "r"]
+    for name in stats:
+        assert stats[name].absmax == plain[name].absmax
+        np.testing.assert_array_equal(stats[name].hist, plain[name].hist)
+
+
+def test_a_pass_keeps_only_graph_outputs() -> None:
+    with pytest.raises(SfcError, match="'r' is not an output"):
+        StatsPass(_model(), ["h"], keep=["r"])

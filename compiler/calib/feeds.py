@@ -9,7 +9,7 @@ one `.npz` file per feed, keyed by input name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +21,23 @@ from ..runtime.decoding import greedy_decode
 from ..runtime.features import whisper_windows
 from ..runtime.whisper import WhisperRuntime
 
-__all__ = ["Feed", "npz_feeds", "whisper_feeds"]
+__all__ = ["Encode", "Feed", "npz_feeds", "whisper_feeds"]
 
 Feed = dict[str, np.ndarray]
+# A window [1, n_mels, frames] -> the encoder's (cross_key, cross_value).
+Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance], graph: str,
-                  transcripts: dict[str, list[int]] | None = None) -> Iterator[Feed]:
+                  transcripts: dict[str, list[int]] | None = None,
+                  encode: Encode | None = None) -> Iterator[Feed]:
     """Yield one feed per utterance for the `encoder` or `decoder` graph of an FP32 runtime.
 
     Streams: only token ids are kept between utterances, so memory does not grow with the
     set. `transcripts` (audio path -> the runtime's greedy ids) is filled on a first pass and
     read on later ones, which then skip decoding (sequential GPTQ streams the set again).
+    `encode`: what makes the decoder's cross K/V from an utterance's window (default: the
+    runtime's encoder; the build's calibration passes the encoder's statistics pass).
     """
     if graph not in ("encoder", "decoder"):
         raise SfcError(f"Whisper has no graph {graph!r} (encoder, decoder)")
@@ -42,7 +47,7 @@ def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance], grap
         if graph == "encoder":
             yield {"input_features": features}
             continue
-        cross_k, cross_v = runtime.encode(features)
+        cross_k, cross_v = (encode or runtime.encode)(features)
         key = str(utt.audio)
         if transcripts is not None and key in transcripts:
             ids = transcripts[key]

@@ -29,7 +29,7 @@ from ..errors import SfcError, first_line
 from ..progress import progress_bar
 from ..runtime.session import session_options
 
-__all__ = ["DEFAULT_BINS", "StatsSnapshot", "TensorStats", "collect_stats"]
+__all__ = ["DEFAULT_BINS", "StatsPass", "StatsSnapshot", "TensorStats", "collect_stats"]
 
 DEFAULT_BINS = 2048
 # Protobuf cannot serialise a message of 2 GiB or more: such models go through a file.
@@ -263,6 +263,104 @@ def _progress(label: str | None) -> Any:
     return None if label is None else progress_bar()
 
 
+class StatsPass:
+    """One instrumented ONNX Runtime session that counts `tensors` (and feeds `grams`,
+    tensor -> accumulator with `update(x)`, GPTQ's `GramAccumulator`) for each feed `add`
+    is given, and hands back the graph outputs named in `keep`: Whisper's calibration
+    decodes with the cross K/V of the very encoder run it counts, so the FP32 encoder runs
+    once per utterance, not twice (BENCHMARKS.md, issue 13). A context manager: the
+    session goes on exit; `result()` gives the statistics. See `collect_stats`."""
+
+    def __init__(self, model: onnx.ModelProto | str | Path, tensors: Sequence[str], *,
+                 bins: int = DEFAULT_BINS, threads: int | None = None,
+                 grams: Mapping[str, Any] | None = None, keep: Sequence[str] = ()) -> None:
+        if isinstance(tensors, str):
+            raise SfcError("collect_stats: tensors must be a sequence of names, not one string")
+        self.grams = dict(grams or {})
+        self.tensors = list(tensors)
+        names = list(dict.fromkeys([*tensors, *self.grams]))
+        if not names:
+            raise SfcError("collect_stats: no tensors requested")
+        proto = _load(model)
+        graph = proto.graph
+        initializers = {t.name for t in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in initializers]
+        produced = {o for node in graph.node for o in node.output if o}
+        weights = [n for n in names if n in initializers and n not in produced]
+        if weights:
+            raise SfcError(f"collect_stats: {', '.join(map(repr, weights[:5]))} are "
+                           "initializers (weights), not activations")
+        unknown = [n for n in names if n not in produced and n not in inputs]
+        if unknown:
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise SfcError(f"collect_stats: unknown tensor(s) "
+                           f"{', '.join(map(repr, unknown[:5]))}{more}: not a graph input or "
+                           "node output of the model")
+        outputs = {o.name for o in graph.output}
+        missing = [n for n in keep if n not in outputs]
+        if missing:
+            raise SfcError(f"collect_stats: {missing[0]!r} is not an output of the model")
+        self.from_feed = [n for n in names if n in inputs]
+        self.from_run = [n for n in names if n not in inputs]
+        self.keep = list(keep)
+        self.acc = {n: TensorStats(n, bins) for n in names}
+        self.seen = 0
+        # ByteSize walks the whole message (~0.2 s for 40 MB): once. The margin covers the
+        # extra outputs added below.
+        large = proto.ByteSize() > _MAX_INLINE_BYTES - 2**20
+        self._tmp = tempfile.TemporaryDirectory(prefix="sfc-calib-")
+        fetched = [*self.from_run, *(n for n in self.keep if n not in self.from_run)]
+        self._fetch = fetched
+        try:
+            self.session: ort.InferenceSession | None = _session(
+                _with_outputs(proto, fetched, large) if fetched else proto,
+                threads, large, Path(self._tmp.name))
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def __enter__(self) -> StatsPass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session = None
+        self._tmp.cleanup()
+
+    def add(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Count one feed; the outputs named in `keep`, in that order."""
+        assert self.session is not None, "add after the pass was closed"
+        for n in self.from_feed:
+            if n not in feed:
+                raise SfcError(f"graph input '{n}' is missing from the feed")
+            self._count(n, np.asarray(feed[n]))
+        self.seen += 1
+        if not self._fetch:
+            return []
+        run_feed = {k: v for k, v in feed.items() if k in self._inputs}
+        try:
+            outs = self.session.run(self._fetch, run_feed)
+        except Exception as exc:  # ORT's opaque classes
+            raise SfcError(f"ONNX Runtime failed: {first_line(exc)}") from None
+        values = dict(zip(self._fetch, outs, strict=True))
+        del outs
+        for n in self.from_run:
+            self._count(n, values[n])
+        # Bounded memory: only the kept outputs outlive one feed.
+        return [values[n] for n in self.keep]
+
+    def _count(self, name: str, value: np.ndarray) -> None:
+        self.acc[name].update(value)
+        if name in self.grams:
+            self.grams[name].update(value)
+
+    def result(self) -> dict[str, StatsSnapshot]:
+        """{tensor: snapshot} in the order of `tensors`."""
+        if self.seen == 0:
+            raise SfcError("collect_stats: the calibration feeds are empty")
+        return {n: self.acc[n].snapshot() for n in dict.fromkeys(self.tensors)}
+
+
 def collect_stats(
     model: onnx.ModelProto | str | Path,
     tensors: Sequence[str],
@@ -285,40 +383,9 @@ def collect_stats(
     `total` sizes the progress bar (defaults to len(feeds) when feeds has a length).
     Returns {tensor name: snapshot} in the order of `tensors`.
     """
-    if isinstance(tensors, str):
-        raise SfcError("collect_stats: tensors must be a sequence of names, not one string")
-    grams = dict(grams or {})
-    names = list(dict.fromkeys([*tensors, *grams]))
-    if not names:
-        raise SfcError("collect_stats: no tensors requested")
-    proto = _load(model)
-    graph = proto.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in initializers]
-    produced = {o for node in graph.node for o in node.output if o}
-    weights = [n for n in names if n in initializers and n not in produced]
-    if weights:
-        raise SfcError(f"collect_stats: {', '.join(map(repr, weights[:5]))} are initializers "
-                       "(weights), not activations")
-    unknown = [n for n in names if n not in produced and n not in inputs]
-    if unknown:
-        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise SfcError(f"collect_stats: unknown tensor(s) {', '.join(map(repr, unknown[:5]))}"
-                       f"{more}: not a graph input or node output of the model")
-    from_feed = [n for n in names if n in inputs]
-    from_run = [n for n in names if n not in inputs]
     if total is None and isinstance(feeds, Sized):
         total = len(feeds)
-
-    acc = {n: TensorStats(n, bins) for n in names}
-    # ByteSize walks the whole message (~0.2 s for 40 MB): once. The margin covers the
-    # extra outputs added below.
-    large = proto.ByteSize() > _MAX_INLINE_BYTES - 2**20
-    seen = 0
-    with tempfile.TemporaryDirectory(prefix="sfc-calib-") as tmp:
-        session = _session(_with_outputs(proto, from_run, large) if from_run else proto,
-                           threads, large, Path(tmp))
-        session_inputs = {i.name for i in session.get_inputs()}
+    with StatsPass(model, tensors, bins=bins, threads=threads, grams=grams) as stats:
         bar = _progress(progress)
         task = bar.add_task(progress, total=total) if bar is not None else None
         if bar is not None:
@@ -326,31 +393,12 @@ def collect_stats(
         try:
             for i, feed in enumerate(feeds):
                 try:
-                    for n in from_feed:
-                        if n not in feed:
-                            raise SfcError(f"graph input '{n}' is missing from the feed")
-                        acc[n].update(np.asarray(feed[n]))
-                        if n in grams:
-                            grams[n].update(np.asarray(feed[n]))
-                    if from_run:
-                        run_feed = {k: v for k, v in feed.items() if k in session_inputs}
-                        try:
-                            outs = session.run(from_run, run_feed)
-                        except Exception as exc:  # ORT's opaque classes
-                            raise SfcError(f"ONNX Runtime failed: {first_line(exc)}") from None
-                        for n, value in zip(from_run, outs, strict=True):
-                            acc[n].update(value)
-                            if n in grams:
-                                grams[n].update(value)
-                        del outs  # bounded memory: activations never outlive one feed
+                    stats.add(feed)
                 except SfcError as exc:
                     raise SfcError(f"{exc} (calibration feed #{i})") from None
-                seen += 1
                 if bar is not None:
                     bar.advance(task)
         finally:
             if bar is not None:
                 bar.stop()
-    if seen == 0:
-        raise SfcError("collect_stats: the calibration feeds are empty")
-    return {n: acc[n].snapshot() for n in dict.fromkeys(tensors)}
+        return stats.result()
