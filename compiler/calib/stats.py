@@ -309,11 +309,10 @@ class StatsPass:
         # extra outputs added below.
         large = proto.ByteSize() > _MAX_INLINE_BYTES - 2**20
         self._tmp = tempfile.TemporaryDirectory(prefix="sfc-calib-")
-        fetched = [*self.from_run, *(n for n in self.keep if n not in self.from_run)]
-        self._fetch = fetched
+        self._fetch = [*self.from_run, *(n for n in self.keep if n not in self.from_run)]
         try:
             self.session: ort.InferenceSession | None = _session(
-                _with_outputs(proto, fetched, large) if fetched else proto,
+                _with_outputs(proto, self._fetch, large) if self._fetch else proto,
                 threads, large, Path(self._tmp.name))
         except BaseException:
             self._tmp.cleanup()
