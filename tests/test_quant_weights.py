@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -112,6 +114,42 @@ def test_zero_weights_get_positive_scales() -> None:
         assert (scales > 0).all()
         q = quantize_weight(w, spec, scales)
         assert np.array_equal(dequantize_weight(q, spec, scales), w)
+
+
+DEQUANTIZED = [(spec, shape) for shape in [(72, 40), (5, 40, 3)]
+               for spec in [*SPECS, QuantSpec(4, "block", axis=2, block_size=16),
+                            QuantSpec(4, "block", axis=1, block_size=32, zero_point=True)]
+               if spec.axis is None or spec.axis < len(shape)]
+
+
+@pytest.mark.parametrize(("spec", "shape"), DEQUANTIZED,
+                         ids=[f"{s.describe()}-{'x'.join(map(str, d))}" for s, d in DEQUANTIZED])
+def test_dequantize_is_the_product_with_expanded_scales_bit_for_bit(
+        spec: QuantSpec, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(3)
+    q = rng.integers(spec.qmin, spec.qmax + 1, size=shape, dtype=np.int8)
+    scales = (rng.random(scale_shape(shape, spec)) * 3).astype(np.float32)
+    expected = q.astype(np.float32) * broadcast_scales(scales, spec, shape)
+    got = dequantize_weight(q, spec, scales)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(SfcError, match="expected"):
+        dequantize_weight(q, spec, np.ones(7, np.float32))
+
+
+def test_dequantize_allocates_only_its_result() -> None:
+    # The probes dequantize a table per probe: expanded scales and a copied product made
+    # the peak 3x the result.
+    spec = QuantSpec(4, "block", axis=0, block_size=32)
+    q = np.ones((384, 2000), np.int8)
+    scales = np.ones(scale_shape(q.shape, spec), np.float32)
+    tracemalloc.start()
+    try:
+        out = dequantize_weight(q, spec, scales)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < out.nbytes * 1.05
 
 
 def test_bad_inputs_raise_user_errors() -> None:
