@@ -85,6 +85,14 @@ from .quant.plan import (
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
 from .quant.sequential import stage_groups, with_weights
+from .quant.smooth import (
+    SMOOTHING_FILE,
+    ChannelAbsMax,
+    SmoothConfig,
+    Smoothing,
+    smooth_sites,
+    smoothing_scales,
+)
 from .quant.spec import (
     ORT_CPU_CAPS,
     ORT_CPU_SATURATING_CAPS,
@@ -172,6 +180,8 @@ class BuildConfig:
     ray_address: str | None = None
     # Quantized activations of a Whisper model: which ones stay float (None: no guard).
     act_guard: GuardConfig | None = field(default_factory=GuardConfig)
+    # Quantized activations: their channel ranges moved into the weights first (None: not).
+    smooth: SmoothConfig | None = field(default_factory=SmoothConfig)
     # TensorRT only: the dynamic-shape ranges its engines serve.
     engine_limits: ProfileLimits = field(default_factory=ProfileLimits)
     # TensorRT only: the type of the TensorRT-ready graph's float layers (`trt_float`).
@@ -225,6 +235,9 @@ class BuildConfig:
             check_ray_options(self.workers, self.ray_address)
         if self.act_guard not in (None, GuardConfig()) and self.activations is None:
             raise SfcError("--act-guard-kl and --act-guard-max apply to quantized activations "
+                           "only (not --activations none)")
+        if self.smooth not in (None, SmoothConfig()) and self.activations is None:
+            raise SfcError("--smooth-alpha and --smooth-clips apply to quantized activations "
                            "only (not --activations none)")
         self.lowering_target()  # engine limits on a target without engines fail here
 
@@ -326,6 +339,7 @@ class BuildConfig:
         if self.activations is not None:
             calib.update(self.calibration_method().to_dict())
             calib["guard"] = None if self.act_guard is None else self.act_guard.to_dict()
+            calib["smoothing"] = None if self.smooth is None else self.smooth.to_dict()
             if self.packs:
                 calib["packed_clips"] = {"fill_s": FILL_S, "gap_s": GAP_S}
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
@@ -366,6 +380,7 @@ class GraphBuild:
     n_activation_quantizers: int
     skipped: tuple[dict[str, str], ...]
     seconds: float
+    n_smoothed: int = 0  # activations whose channel ranges moved into weights
 
 
 def _recipe_path(config: BuildConfig, graph: str, single: bool) -> Path | None:
@@ -527,6 +542,7 @@ class _Graph:
     feeds: FeedSource | None = None  # a generic graph's calibration feeds
     # tied table -> GPTQ's held-out output error over MSE rounding's (GptqConfig.tied auto)
     tied_ratios: dict[str, float] = field(default_factory=dict)
+    smoothing: Smoothing | None = None  # folded into `model` (`quant.smooth`)
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -602,6 +618,8 @@ class _Graph:
         if self.tied_ratios:
             data["weights"]["tied_heldout_ratio"] = {
                 t: round(r, 6) for t, r in sorted(self.tied_ratios.items())}
+        if self.smoothing is not None:
+            data["calibration"]["smoothing"]["data"] = self.smoothing.digest()
         return recipe_from_plan(self.plan, scales, self.sha, config.seed, data, methods,
                                 self.stored.digest() if self.stored else None)
 
@@ -614,10 +632,16 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
     plan = make_plan(model, config.plan_config(name), caps)
     recipe = None
     stored = None
+    smoothing = None
     if replay is not None:
         recipe = Recipe.load(replay)
         if recipe.weight_data is not None:
             stored = StoredWeights.load(replay.parent / STORED_FILE, recipe.weight_data)
+        digest = (recipe.config.get("calibration", {}).get("smoothing") or {}).get("data")
+        if digest is not None:
+            smoothing = Smoothing.load(replay.parent / SMOOTHING_FILE, digest)
+            model = smoothing.apply(model)
+            sha = model_sha256(model)
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "
                            f"{recipe.model_sha256[:12]}, this one {sha[:12]}; a zoo "
@@ -634,6 +658,7 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
     g = _Graph(name, model, sha, plan, recipe, config.plan_config(name),
                time.perf_counter() - start)
     g.stored = stored
+    g.smoothing = smoothing
     return g
 
 
@@ -647,6 +672,8 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
     recipe.save(folder / "recipe.json")
     if g.stored is not None:
         g.stored.save(folder / STORED_FILE)
+    if g.smoothing is not None:
+        g.smoothing.save(folder / SMOOTHING_FILE)
     onnx.save(qdq, str(folder / "model.qdq.onnx"))
     target = config.lowering_target().for_graph(card, g.name)
     lowering = target.lower(folder / "model.qdq.onnx", folder)
@@ -661,6 +688,7 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
         n_activation_quantizers=sum(t.kind == "activation" for t in recipe.tensors),
         skipped=tuple(s.to_dict() for s in recipe.skipped),
         seconds=g.seconds + time.perf_counter() - start,
+        n_smoothed=0 if g.smoothing is None else len(g.smoothing.scales),
     )
 
 
@@ -960,6 +988,50 @@ def _whisper_source(runtime: Any, utterances: list[Any], graph: str,
                       len(utterances))
 
 
+def _smooth(prepared: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder: Path,
+            runtime: Any, utterances: list[Any], sources: dict[str, FeedSource],
+            stage: Path) -> Path | None:
+    """Activation smoothing (`quant.smooth`): each graph's channel ranges on the first
+    calibration clips (its own FP32 pass), folded into its model; the smoothed model is
+    written to the stage's `_smoothed` folder, the FP32 model the rest of the build
+    calibrates and compares against (None: nothing to smooth)."""
+    import itertools
+
+    assert config.smooth is not None
+    clips = config.smooth.clips
+    for g in prepared:
+        sites = smooth_sites(g.model, [q.tensor for q in g.plan.activations])
+        if not sites:
+            continue
+        if runtime is not None:  # its own transcripts: the calibration decodes the smoothed
+            source = _whisper_source(runtime, utterances[:clips], g.name, {})
+        elif g.name in sources:
+            source = sources[g.name]
+        else:
+            continue
+        accs = {x: ChannelAbsMax() for x in sites}
+        collect_stats(g.model, [], itertools.islice(source.make(), clips),
+                      total=clips if source.count is None else min(clips, source.count),
+                      progress=f"smoothing {g.name}",
+                      grams=accs)
+        inits = {t.name: t for t in g.model.graph.initializer}
+        g.smoothing = Smoothing({x: smoothing_scales(
+            accs[x].result(), [onnx.numpy_helper.to_array(inits[w]) for w in site.weights],
+            config.smooth.alpha) for x, site in sites.items()})
+        g.model = g.smoothing.apply(g.model)
+        g.sha = model_sha256(g.model)
+    if all(g.smoothing is None for g in prepared):
+        return None
+    folder = stage / "_smoothed"
+    folder.mkdir()
+    card.save(folder)
+    if card.tokenizer:
+        shutil.copyfile(fp32_folder / card.tokenizer, folder / card.tokenizer)
+    for g in prepared:
+        onnx.save(g.model, str(folder / card.graphs[g.name].path))
+    return folder
+
+
 def _drop_feeds(graphs: list[_Graph]) -> None:
     """Drop the graphs' Whisper feeds, which hold the FP32 runtime."""
     for g in graphs:
@@ -1028,6 +1100,14 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             utterances = read_manifest(config.calib)[: config.calib_limit]
         prepared = [_prepare(name, onnx.load(str(fp32_folder / spec.path)), config, caps,
                              single) for name, spec in card.graphs.items()]
+        if (config.smooth is not None and config.activations is not None
+                and config.recipe is None):
+            smoothed = _smooth(prepared, card, config, fp32_folder, runtime, utterances,
+                               sources, stage)
+            if smoothed is not None:
+                fp32_folder = smoothed
+                if runtime is not None:
+                    runtime = _fp32_runtime(fp32_folder)
         if config.mixed and not any(g.plan.weights for g in prepared):
             raise SfcError("--weights mixed: the plan quantizes no weight of this model")
         if config.mixed and config.search is not None:
@@ -1106,6 +1186,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             shutil.copyfile(fp32_folder / card.tokenizer, stage / card.tokenizer)
         built.save(stage)
         shutil.rmtree(stage / "_source", ignore_errors=True)
+        shutil.rmtree(stage / "_smoothed", ignore_errors=True)
     return Built(built, graphs, config)
 
 

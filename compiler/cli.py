@@ -502,6 +502,16 @@ def build_cmd(
     act_guard_samples: Annotated[int | None, typer.Option(
         help="Activation guard: calibration clips its probes run on, after ESC's (default "
         "16; fewer: a faster guard on a noisier measurement)")] = None,
+    smooth: Annotated[bool, typer.Option(
+        help="Quantized activations: first move each MatMul input's channel ranges into "
+        "its weights (SmoothQuant; folded into the LayerNorm or constant Mul that makes the "
+        "input, exact in FP32)")] = True,
+    smooth_alpha: Annotated[float | None, typer.Option(
+        help="Smoothing: share of the range moved into the weights, 0-1 (default 0.5)")]
+    = None,
+    smooth_clips: Annotated[int | None, typer.Option(
+        help="Smoothing: first calibration clips the channel ranges are taken on (default "
+        "32)")] = None,
     eval_data: Annotated[Path | None, typer.Option(
         "--eval-data", "--eval", help="WER check against FP32: manifest folder or .jsonl")]
     = BUNDLED_DATA / "eval",
@@ -560,6 +570,7 @@ def build_cmd(
     from .precision.onestage import OneStageConfig, check_device
     from .precision.search import DEFAULT_CANDIDATES, SearchConfig
     from .quant.gptq import GptqConfig
+    from .quant.smooth import SmoothConfig
 
     act_bits = _activation_bits(activations)
     bits = _weight_bits(weights)
@@ -607,6 +618,12 @@ def build_cmd(
         guard = GuardConfig(guard.allowance if act_guard_kl is None else act_guard_kl,
                             guard.max_float if act_guard_max is None else act_guard_max,
                             guard.samples if act_guard_samples is None else act_guard_samples)
+    smoothing = SmoothConfig() if smooth else None
+    if smooth_alpha is not None or smooth_clips is not None:
+        if smoothing is None:
+            raise SfcError("--smooth-alpha and --smooth-clips apply with --smooth only")
+        smoothing = SmoothConfig(smoothing.alpha if smooth_alpha is None else smooth_alpha,
+                                 smoothing.clips if smooth_clips is None else smooth_clips)
     config = BuildConfig(target=target, weights=bits, activations=act_bits,
                          weight_method=weight_method, gptq=gptq, search=mixed,
                          precision=load_precision(precision) if precision else (),
@@ -618,7 +635,8 @@ def build_cmd(
                          esc_budget=esc_budget, esc_popsize=esc_popsize,
                          esc_samples=esc_samples, esc_objective=esc_objective,
                          pack_clips=pack_clips, workers=workers, ray_address=ray_address,
-                         act_guard=guard, engine_limits=limits, trt_float=trt_float,
+                         act_guard=guard, smooth=smoothing, engine_limits=limits,
+                         trt_float=trt_float,
                          fused_attention=fused_attention, train_data=tuple(train_data or ()))
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads,

@@ -318,7 +318,9 @@ def render_markdown(report: BuildReport) -> str:
         fused = ", ".join(f"{k} x{v}" for k, v in sorted(low["fused"].items())) or "none"
         lines += ["", f"## {g['name']}", "",
                   f"- quantizers: {g['n_weight_quantizers']} weights, "
-                  f"{g['n_activation_quantizers']} activations; {g['seconds']:.1f} s",
+                  f"{g['n_activation_quantizers']} activations"
+                  + (f" ({g['n_smoothed']} smoothed)" if g.get("n_smoothed") else "")
+                  + f"; {g['seconds']:.1f} s",
                   f"- fused integer kernels: {fused}",
                   f"- float weighted ops left: {len(low['float_weighted'])}"
                   + (f" ({', '.join(low['float_weighted'][:8])}"

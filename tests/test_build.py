@@ -157,7 +157,8 @@ def test_whisper_calibration_runs_the_fp32_encoder_once_per_utterance(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decoder's calibration feeds come from the encoder's statistics run: the FP32
     runtime's encoder serves no calibration utterance (a max build has no ESC or guard,
-    which run it for their references)."""
+    which run it for their references; smoothing, which runs its own FP32 pass over its
+    first clips before calibration, is off)."""
     from sfc.calib import stats
     from sfc.runtime.whisper import WhisperRuntime
 
@@ -170,7 +171,7 @@ def test_whisper_calibration_runs_the_fp32_encoder_once_per_utterance(
         return add(self, feed)
 
     monkeypatch.setattr(stats.StatsPass, "add", counting)
-    config = BuildConfig(calibrator="max", calib_limit=3, act_guard=None)
+    config = BuildConfig(calibrator="max", calib_limit=3, act_guard=None, smooth=None)
     compile_model("whisper-tiny.en", tmp_path / "b", config, eval_data=None)
     assert not encoded
     assert counted.count(["input_features"]) == 3  # the encoder, once per utterance

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,38 @@ from ..errors import SfcError
 from .spec import QuantSpec
 from .weights import check_integers, scale_shape, stored_scales
 
-__all__ = ["LEARNED", "STORED_FILE", "STORED_METHODS", "StoredWeights"]
+__all__ = ["LEARNED", "STORED_FILE", "STORED_METHODS", "StoredWeights", "load_named",
+           "save_named"]
 
 LEARNED = "learned"  # integers and scales trained by the one-stage search
 STORED_METHODS = frozenset({"gptq", LEARNED})
 STORED_FILE = "weights.npz"
+
+
+def save_named(path: Path, arrays: Mapping[str, Sequence[np.ndarray]], keys: str) -> None:
+    """Write name -> arrays atomically as one `.npz`: the names in `names`, the k-th array
+    of the i-th name (sorted) as `keys[k]` + i (tensor names may hold '/')."""
+    names = sorted(arrays)
+    data: dict[str, np.ndarray] = {"names": np.array(names, dtype=np.str_)}
+    for i, name in enumerate(names):
+        for key, a in zip(keys, arrays[name], strict=True):
+            data[f"{key}{i}"] = a
+    with atomic_path(Path(path)) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, **data)  # type: ignore[arg-type]
+
+
+def load_named(path: Path, keys: str, what: str, needs: str) -> dict[str, tuple[np.ndarray, ...]]:
+    """Read what `save_named` wrote; a missing or unreadable file is a one-line SfcError
+    naming `what` (`needs`: "it" or "them", what the recipe needs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SfcError(f"{what} not found: {path} (the recipe needs {needs})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = [str(n) for n in data["names"]]
+            return {n: tuple(data[f"{k}{i}"] for k in keys) for i, n in enumerate(names)}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise SfcError(f"cannot read {what} {path}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -67,28 +94,14 @@ class StoredWeights:
         return q, scales
 
     def save(self, path: Path) -> None:
-        """Write atomically (arrays keyed by index: tensor names may hold '/')."""
-        names = sorted(self.arrays)
-        data: dict[str, np.ndarray] = {"names": np.array(names, dtype=np.str_)}
-        for i, name in enumerate(names):
-            q, s = self.arrays[name]
-            data[f"q{i}"], data[f"s{i}"] = np.asarray(q, np.int8), np.asarray(s, np.float32)
-        with atomic_path(Path(path)) as tmp, tmp.open("wb") as fh:
-            np.savez(fh, **data)  # type: ignore[arg-type]
+        save_named(path, {n: (np.asarray(q, np.int8), np.asarray(s, np.float32))
+                          for n, (q, s) in self.arrays.items()}, "qs")
 
     @classmethod
     def load(cls, path: Path, digest: str) -> StoredWeights:
         """Read `path` and check it against the recipe's `digest`."""
-        path = Path(path)
-        if not path.is_file():
-            raise SfcError(f"stored weights not found: {path} (the recipe needs them)")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                names = [str(n) for n in data["names"]]
-                arrays = {n: (data[f"q{i}"], data[f"s{i}"]) for i, n in enumerate(names)}
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise SfcError(f"cannot read stored weights {path}: {exc}") from None
-        stored = cls(arrays)
+        arrays = load_named(path, "qs", "stored weights", "them")
+        stored = cls({n: (q, s) for n, (q, s) in arrays.items()})
         if stored.digest() != digest:
             raise SfcError(f"{path} does not match its recipe (digest {stored.digest()[:12]}, "
                            f"recipe {digest[:12]})")
