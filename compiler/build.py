@@ -1003,7 +1003,7 @@ def _smooth(prepared: list[_Graph], card: ModelCard, config: BuildConfig, fp32_f
         sites = smooth_sites(g.model, [q.tensor for q in g.plan.activations])
         if not sites:
             continue
-        if runtime is not None:  # its own transcripts: the calibration decodes the smoothed
+        if runtime is not None:  # own transcripts: calibration decodes with the smoothed model
             source = _whisper_source(runtime, utterances[:clips], g.name, {})
         elif g.name in sources:
             source = sources[g.name]
@@ -1012,8 +1012,7 @@ def _smooth(prepared: list[_Graph], card: ModelCard, config: BuildConfig, fp32_f
         accs = {x: ChannelAbsMax() for x in sites}
         collect_stats(g.model, [], itertools.islice(source.make(), clips),
                       total=clips if source.count is None else min(clips, source.count),
-                      progress=f"smoothing {g.name}",
-                      grams=accs)
+                      progress=f"smoothing {g.name}", grams=accs)
         inits = {t.name: t for t in g.model.graph.initializer}
         g.smoothing = Smoothing({x: smoothing_scales(
             accs[x].result(), [onnx.numpy_helper.to_array(inits[w]) for w in site.weights],
@@ -1106,7 +1105,8 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                                sources, stage)
             if smoothed is not None:
                 fp32_folder = smoothed
-                if runtime is not None:
+                if runtime is not None:  # one FP32 runtime at a time (0.46 GB on base)
+                    runtime = None
                     runtime = _fp32_runtime(fp32_folder)
         if config.mixed and not any(g.plan.weights for g in prepared):
             raise SfcError("--weights mixed: the plan quantizes no weight of this model")
