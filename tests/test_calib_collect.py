@@ -124,3 +124,31 @@ def test_a_pass_counts_as_collect_stats_and_hands_back_what_it_keeps() -> None:
 def test_a_pass_keeps_only_graph_outputs() -> None:
     with pytest.raises(SfcError, match="'r' is not an output"):
         StatsPass(_model(), ["h"], keep=["r"])
+
+
+def test_grams_alone_feed_their_accumulators_without_histograms(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor asked for by `grams` only (GPTQ's Gram sums, smoothing's channel maxima)
+    reaches its accumulator, and no histogram is kept for it."""
+    model, feeds = _model(), _feeds()
+    histogrammed: list[str] = []
+    update = stats_module.TensorStats.update
+
+    def counting(self: stats_module.TensorStats, values: np.ndarray) -> None:
+        histogrammed.append(self.name)
+        update(self, values)
+
+    monkeypatch.setattr(stats_module.TensorStats, "update", counting)
+
+    class Seen:
+        def __init__(self) -> None:
+            self.values: list[np.ndarray] = []
+
+        def update(self, x: np.ndarray) -> None:
+            self.values.append(x)
+
+    seen = Seen()
+    stats = collect_stats(model, ["r"], feeds, bins=64, progress=None, grams={"h": seen})
+    assert list(stats) == ["r"] and set(histogrammed) == {"r"}
+    ref = _reference(model, feeds)["h"]
+    assert np.array_equal(np.concatenate([v.ravel() for v in seen.values]), ref)

@@ -303,7 +303,8 @@ class StatsPass:
         self.from_feed = [n for n in names if n in inputs]
         self.from_run = [n for n in names if n not in inputs]
         self.keep = list(keep)
-        self.acc = {n: TensorStats(n, bins) for n in names}
+        # Histograms only where asked: a tensor fed to `grams` alone needs none.
+        self.acc = {n: TensorStats(n, bins) for n in dict.fromkeys(self.tensors)}
         self.seen = 0
         # ByteSize walks the whole message (~0.2 s for 40 MB): once. The margin covers the
         # extra outputs added below.
@@ -349,7 +350,8 @@ class StatsPass:
         return [values[n] for n in self.keep]
 
     def _count(self, name: str, value: np.ndarray) -> None:
-        self.acc[name].update(value)
+        if name in self.acc:
+            self.acc[name].update(value)
         if name in self.grams:
             self.grams[name].update(value)
 
