@@ -239,6 +239,10 @@ class BuildConfig:
         if self.smooth not in (None, SmoothConfig()) and self.activations is None:
             raise SfcError("--smooth-alpha and --smooth-clips apply to quantized activations "
                            "only (not --activations none)")
+        if self.smooth not in (None, SmoothConfig()) and self.learns:
+            raise SfcError("--smooth-alpha and --smooth-clips do not apply to learned weights "
+                           "(--search one-stage, --finetune-steps), which train on the "
+                           "unsmoothed checkpoint")
         self.lowering_target()  # engine limits on a target without engines fail here
 
     def lowering_target(self) -> Target:
@@ -272,6 +276,12 @@ class BuildConfig:
     @property
     def mixed(self) -> bool:
         return self.weights == "mixed"
+
+    @property
+    def smooths(self) -> bool:
+        """Whether activations are smoothed first: quantized activations, and weights not
+        learned (learning trains the PyTorch checkpoint, whose weights are not smoothed)."""
+        return self.smooth is not None and self.activations is not None and not self.learns
 
     @property
     def low_bit(self) -> bool:
@@ -339,7 +349,7 @@ class BuildConfig:
         if self.activations is not None:
             calib.update(self.calibration_method().to_dict())
             calib["guard"] = None if self.act_guard is None else self.act_guard.to_dict()
-            calib["smoothing"] = None if self.smooth is None else self.smooth.to_dict()
+            calib["smoothing"] = self.smooth.to_dict() if self.smooth and self.smooths else None
             if self.packs:
                 calib["packed_clips"] = {"fill_s": FILL_S, "gap_s": GAP_S}
         data = {"plan": (plan or self.plan_config()).to_dict(), "target": self.target,
@@ -1099,8 +1109,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             utterances = read_manifest(config.calib)[: config.calib_limit]
         prepared = [_prepare(name, onnx.load(str(fp32_folder / spec.path)), config, caps,
                              single) for name, spec in card.graphs.items()]
-        if (config.smooth is not None and config.activations is not None
-                and config.recipe is None):
+        if config.smooths and config.recipe is None:
             smoothed = _smooth(prepared, card, config, fp32_folder, runtime, utterances,
                                sources, stage)
             if smoothed is not None:

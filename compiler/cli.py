@@ -505,7 +505,7 @@ def build_cmd(
     smooth: Annotated[bool, typer.Option(
         help="Quantized activations: first move each MatMul input's channel ranges into "
         "its weights (SmoothQuant; folded into the LayerNorm or constant Mul that makes the "
-        "input, exact in FP32)")] = True,
+        "input, exact in FP32; not with learned weights)")] = True,
     smooth_alpha: Annotated[float | None, typer.Option(
         help="Smoothing: share of the range moved into the weights, 0-1 (default 0.5)")]
     = None,

@@ -190,3 +190,37 @@ def test_a_build_smooths_records_and_replays(tmp_path: Path) -> None:
     assert recipe["config"]["calibration"]["smoothing"] is None
     assert report.distortion is not None and plain.distortion is not None
     assert report.distortion.rel_l2["y"] < plain.distortion.rel_l2["y"]
+
+
+def test_learned_weights_are_not_smoothed() -> None:
+    """One-stage and fine-tuning train the PyTorch checkpoint, whose weights know nothing of
+    the fold: such builds do not smooth, and record none."""
+    from sfc.precision.budget import Budget
+    from sfc.precision.onestage import OneStageConfig
+    from sfc.precision.search import SearchConfig
+
+    search = SearchConfig(Budget(avg_bits=5.0), method="one-stage",
+                          one_stage=OneStageConfig(steps=2, finetune_steps=1))
+    learned = BuildConfig(weights="mixed", search=search)
+    assert learned.learns and not learned.smooths
+    assert learned.recipe_config()["calibration"]["smoothing"] is None
+    with pytest.raises(SfcError, match="do not apply to learned weights"):
+        BuildConfig(weights="mixed", search=search, smooth=SmoothConfig(alpha=0.8))
+    two_stage = BuildConfig(weights="mixed", search=SearchConfig(Budget(avg_bits=5.0)))
+    assert two_stage.smooths
+    assert two_stage.recipe_config()["calibration"]["smoothing"] == {"alpha": 0.5, "clips": 32}
+
+
+def test_unnamed_nodes_fold_and_float16_weights_are_left_alone() -> None:
+    model = _model()
+    for node in model.graph.node:
+        node.name = ""  # names are optional in ONNX: the fold finds producers by output
+    assert set(smooth_sites(model, ["ln", "g"])) == {"ln", "g"}
+    smoothed = Smoothing({"ln": np.linspace(0.5, 3.0, 64), "g": np.full(48, 4.0)}).apply(model)
+    x = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+    for a, b in zip(_run(model, x, ["y", "y2"]), _run(smoothed, x, ["y", "y2"]), strict=True):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    half = _model()
+    w3 = next(t for t in half.graph.initializer if t.name == "w3")
+    w3.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w3).astype(np.float16), "w3"))
+    assert set(smooth_sites(half, ["ln", "g"])) == {"ln"}

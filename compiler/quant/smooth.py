@@ -80,9 +80,9 @@ def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 def smooth_sites(model: onnx.ModelProto, tensors: Collection[str]) -> dict[str, Site]:
     """The inputs among `tensors` (the plan's quantized activations) that can be smoothed:
-    read only by MatMuls (as their first input, each with a 2-D initializer weight no other
-    node reads) and by Shape, made by a LayerNormalization whose gamma/beta nothing else
-    reads or by a Mul of a constant nothing else reads."""
+    read only by MatMuls (as their first input, each with a 2-D float32 initializer weight
+    no other node reads) and by Shape, made by a LayerNormalization whose float32 gamma/beta
+    nothing else reads or by a Mul of a float32 scalar constant nothing else reads."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consts = _constants(model)
@@ -99,14 +99,16 @@ def smooth_sites(model: onnx.ModelProto, tensors: Collection[str]) -> dict[str, 
             continue
         mms = [n for n in readers.get(x, []) if n.op_type != "Shape"]  # Shape sees no values
         if not mms or not all(n.op_type == "MatMul" and n.input[0] == x and n.input[1] in inits
-                              and len(inits[n.input[1]].dims) == 2 for n in mms):
+                              and len(inits[n.input[1]].dims) == 2
+                              and inits[n.input[1]].data_type == FLOAT for n in mms):
             continue
         weights = tuple(n.input[1] for n in mms)
         if any(len(readers[w]) > 1 for w in weights):
             continue
         if p.op_type == "LayerNormalization":
             params = [t for t in p.input[1:] if t]
-            if not all(t in inits and len(readers[t]) == 1 for t in params):
+            if not all(t in inits and len(readers[t]) == 1 and inits[t].data_type == FLOAT
+                       for t in params):
                 continue
         elif p.op_type == "Mul":
             c = p.input[1]
@@ -174,14 +176,15 @@ class Smoothing:
                            "(made for another model?)")
         inits = {t.name: t for t in out.graph.initializer}
         consts = _constants(out)
-        nodes = {n.name: n for n in out.graph.node}
+        # By the tensor it makes: node names may be empty or repeated.
+        producers = {o: n for n in out.graph.node for o in n.output}
         for x, site in sites.items():
             s = np.asarray(self.scales[x], np.float64)
             w = [numpy_helper.to_array(inits[k]).astype(np.float64) for k in site.weights]
             if any(v.shape[0] != s.shape[0] for v in w) or s.ndim != 1:
                 raise SfcError(f"smoothing of '{x}' has {s.shape} values for weights of "
                                f"{w[0].shape[0]} rows")
-            p = nodes[site.producer]
+            p = producers[x]
             folded = [t for t in p.input[1:] if t] if p.op_type == "LayerNormalization" \
                 else [p.input[1]]
             for t in folded:
