@@ -59,7 +59,7 @@ def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
 
 
 # (taps, stride, pads, length): Whisper's two convs, an asymmetric pad, and a stride whose
-# last window ends before the input does (the padded view is trimmed, not padded).
+# last window ends before the input does.
 CASES = [(3, 1, (1, 1), 30), (3, 2, (1, 1), 30), (4, 2, (1, 2), 17), (2, 4, (0, 0), 13),
          (1, 1, (0, 0), 8)]
 
@@ -112,9 +112,30 @@ def test_weights_quantized_for_avx2_keep_their_pair_limit_after_the_rewrite() ->
     assert ConvAsMatMul(pair_limit=128).apply(model) == 1
 
 
-def test_grouped_or_unknown_length_conv_is_left_alone() -> None:
+def test_grouped_conv_is_left_alone() -> None:
     w_q = np.ones((4, 2, 3), np.int8)
     assert ConvAsMatMul().apply(_conv_model(w_q, 1, (1, 1), 10, group=2)) == 0
-    model = _conv_model(np.ones((4, 3, 3), np.int8), 1, (1, 1), 10)
+
+
+@pytest.mark.parametrize(("taps", "stride", "pads"), [(3, 1, (1, 1)), (3, 2, (1, 1)),
+                                                      (4, 2, (1, 2)), (2, 4, (0, 0))])
+def test_a_symbolic_frame_count_is_rewritten_for_every_length(
+        taps: int, stride: int, pads: tuple[int, int]) -> None:
+    """An encoder exported for `--encoder-window fit` has symbolic frames: one rewritten
+    graph must compute the Conv's values at every input length (odd and even ones, which
+    change how the strided windows end)."""
+    rng = np.random.default_rng(2)
+    w_q = rng.integers(-64, 65, size=(6, 5, taps)).astype(np.int8)
+    model = _conv_model(w_q, stride, pads, 30)
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "frames"
-    assert ConvAsMatMul().apply(model) == 0
+    exact = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    assert ConvAsMatMul().apply(model) == 1
+    assert "Conv" not in {n.op_type for n in model.graph.node}
+    for length in (30, 29, 17, 8, taps):
+        x = rng.standard_normal((2, 5, length)).astype(np.float32) * 3
+        expected = _run(original, x, exact)
+        got = _run(model, x, exact)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -172,16 +172,17 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.n
 class ConvAsMatMul:
     """DQ(x) -> Conv1d(DQ(W))  ==>  im2col(DQ(x)) -> Q -> DQ -> MatMul(DQ(W as [C*k, M])).
 
-    Fires on 1-D Convs (input [N, C, T] with C and T known after shape inference; group 1,
-    dilation 1, constant pads) whose input is a per-tensor DequantizeLinear and whose
-    weight is a per-output-channel INT8 DequantizeLinear of a constant. The window of
-    output t is x[s*t + j - pad] for j < k: the padded input [N, s*M, C] is viewed as
-    [N, M, s*C], so tap j is the column block j % s of row t + j // s and every tap is a
-    plain slice, strided convs included. The taps are interleaved so that the GEMM's K
-    index is c*k + j, the order in which the weight quantizer flattens [M, C, k] and limits
-    K-adjacent pairs for ort-cpu:avx2 (that CPU's INT8 GEMM adds them in int16); a Conv
-    whose weight still has a pair over `pair_limit` (a QDQ file from elsewhere) is left as
-    it is.
+    Fires on 1-D Convs (input [N, C, T] of rank 3 after shape inference; T may be symbolic,
+    as in an encoder exported for `--encoder-window fit`; group 1, dilation 1, constant
+    pads) whose input is a per-tensor DequantizeLinear and whose weight is a
+    per-output-channel INT8 DequantizeLinear of a constant. The window of output t is
+    x[s*t + j - pad] for j < k: tap j is the slice of the padded input [N, P, C] from j to
+    P - (k - 1 - j) in steps of s, which holds floor((P - k) / s) + 1 rows, the Conv's
+    output length, for any P; so the graph needs no frame count. The taps are interleaved
+    so that the GEMM's K index is c*k + j, the order in which the weight quantizer flattens
+    [M, C, k] and limits K-adjacent pairs for ort-cpu:avx2 (that CPU's INT8 GEMM adds them
+    in int16); a Conv whose weight still has a pair over `pair_limit` (a QDQ file from
+    elsewhere) is left as it is.
     """
 
     name: str = "conv-as-matmul"
@@ -213,26 +214,22 @@ class ConvAsMatMul:
             if shapes is None:
                 shapes = inferred_shapes(model)
             dims = _fixed_dims(shapes.get(x_dq.input[0]))
-            if (dims is None or len(dims) != 3 or dims[1] != w_q.shape[1]
-                    or dims[2] is None):
+            if dims is None or len(dims) != 3 or dims[1] not in (None, w_q.shape[1]):
                 continue
             columns = _im2col_weight(w_q)
             if self.pair_limit is not None and _pairs_exceed(columns, self.pair_limit):
                 continue
-            self._rewrite(graph, conv, x_dq, w_dq, columns, w_q.shape[1], dims[2])
+            self._rewrite(graph, conv, x_dq, w_dq, columns, w_q.shape[1])
             fired += 1
         if fired:
             _drop_unread(graph, (n for n in list(graph.node) if _is_dq(n)))
         return fired
 
     def _rewrite(self, graph: onnx.GraphProto, conv: onnx.NodeProto, x_dq: onnx.NodeProto,
-                 w_dq: onnx.NodeProto, columns: np.ndarray, channels: int, length: int) -> None:
+                 w_dq: onnx.NodeProto, columns: np.ndarray, channels: int) -> None:
         taps = columns.shape[0] // channels
         stride = ints_attr(conv, "strides", [1])[0]
         left, right = ints_attr(conv, "pads", [0, 0])
-        out_len = (length + left + right - taps) // stride + 1
-        rows = out_len + (taps - 1) // stride
-        pad_right = stride * rows - length - left  # the view needs s * rows padded frames
         base = conv.name or conv.output[0]
         node = helper.make_node
 
@@ -244,32 +241,24 @@ class ConvAsMatMul:
         new = [node("Transpose", [x_dq.output[0]], [f"{base}_xt"], perm=[0, 2, 1],
                     name=f"{base}_xt")]
         padded = f"{base}_xt"
-        if left or pad_right > 0:
-            pads = const("pads", [0, left, 0, 0, max(pad_right, 0), 0])
+        if left or right:
+            pads = const("pads", [0, left, 0, 0, right, 0])
             new.append(node("Pad", [padded, pads], [f"{base}_padded"], name=f"{base}_pad"))
             padded = f"{base}_padded"
-        if pad_right < 0:  # frames past the last window are never read
-            ends = const("trim_end", [stride * rows])
-            new.append(node("Slice", [padded, const("trim_start", [0]), ends, const("axis1", [1])],
-                            [f"{base}_trimmed"], name=f"{base}_trim"))
-            padded = f"{base}_trimmed"
-        new.append(node("Reshape", [padded, const("view", [-1, rows, stride * channels])],
-                        [f"{base}_view"], name=f"{base}_view"))
-        axes = const("axes", [1, 2])
-        last = const("last_axis", [3])
+        axis, step, last = const("time_axis", [1]), const("step", [stride]), const("last_axis", [3])
         parts = []
         for j in range(taps):
-            first, col = j // stride, (j % stride) * channels
-            starts = const(f"tap{j}_starts", [first, col])
-            ends = const(f"tap{j}_ends", [first + out_len, col + channels])
-            new.append(node("Slice", [f"{base}_view", starts, ends, axes], [f"{base}_tap{j}"],
-                            name=f"{base}_tap{j}"))
+            # Counted from the end, so that the slice fits any frame count.
+            end = -(taps - 1 - j) if j < taps - 1 else np.iinfo(np.int64).max
+            new.append(node("Slice", [padded, const(f"tap{j}_start", [j]),
+                                      const(f"tap{j}_end", [end]), axis, step],
+                            [f"{base}_tap{j}"], name=f"{base}_tap{j}"))
             parts.append(f"{base}_tap{j}_last")
             new.append(node("Unsqueeze", [f"{base}_tap{j}", last], [parts[-1]],
                             name=f"{base}_tap{j}_last"))
         new.append(node("Concat", parts, [f"{base}_windows"], axis=3, name=f"{base}_windows"))
         new.append(node("Reshape", [f"{base}_windows",
-                                    const("cols_shape", [-1, out_len, channels * taps])],
+                                    const("cols_shape", [0, 0, channels * taps])],
                         [f"{base}_cols_float"], name=f"{base}_im2col"))
         new.append(node("QuantizeLinear", [f"{base}_cols_float", *x_dq.input[1:]],
                         [f"{base}_cols_quantized"], name=f"{base}_cols_quantize"))
