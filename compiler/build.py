@@ -186,9 +186,8 @@ class BuildConfig:
     engine_limits: ProfileLimits = field(default_factory=ProfileLimits)
     # TensorRT only: the type of the TensorRT-ready graph's float layers (`trt_float`).
     trt_float: str = "fp16"
-    # ort-cpu only: float attention cores as ORT's fused MultiHeadAttention (None: the
-    # CPU class's default, `OrtCpuTarget.fuses_attention`).
-    fused_attention: bool | None = None
+    # ort-cpu only: float attention cores as ORT's fused MultiHeadAttention.
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
@@ -1201,15 +1200,13 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
 
 
 def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16",
-                fused_attention: bool | None = None) -> Target:
+                fused_attention: bool = False) -> Target:
     """`target` with TensorRT profile `limits` and float-layer type (other targets have no
-    dynamic-shape limits and keep the graph's float type), or ort-cpu's fused attention
-    (None: its CPU class's default)."""
-    if fused_attention is not None:
+    dynamic-shape limits and keep the graph's float type), or ort-cpu's fused attention."""
+    if fused_attention:
         if not isinstance(target, OrtCpuTarget):
-            flag = "--fused-attention" if fused_attention else "--no-fused-attention"
-            raise SfcError(f"{flag} applies to --target ort-cpu only")
-        target = replace(target, fused_attention=fused_attention)
+            raise SfcError("--fused-attention applies to --target ort-cpu only")
+        target = replace(target, fused_attention=True)
     if isinstance(target, TensorRTTarget):
         return replace(target, limits=limits, float_type=float_type)
     if limits != ProfileLimits():
@@ -1220,8 +1217,7 @@ def with_limits(target: Target, limits: ProfileLimits, float_type: str = "fp16",
 
 
 def lower_qdq(qdq: Path, out: Path, target: str, limits: ProfileLimits | None = None,
-              float_type: str = "fp16", fused_attention: bool | None = None
-              ) -> LoweringResult:
+              float_type: str = "fp16", fused_attention: bool = False) -> LoweringResult:
     """`sfc build --from-qdq`: lower an existing QDQ (or TensorRT-ready) ONNX file into `out`.
 
     Inside a build folder (`out` is `<build>/<graph>`), the build's model card gives the

@@ -539,11 +539,9 @@ def build_cmd(
     trt_float: Annotated[str, typer.Option(
         help="TensorRT: type of the float layers, fp16, bf16 (sm_80 on, e.g. Orin) or fp32; "
         "LayerNorm, softmax, reductions and logits stay fp32 by rule")] = "fp16",
-    fused_attention: Annotated[bool | None, typer.Option(
-        "--fused-attention/--no-fused-attention",
+    fused_attention: Annotated[bool, typer.Option(
         help="ort-cpu: float attention cores as ORT's fused MultiHeadAttention (faster "
-        "encoder, less memory; not bit-exact). Default: on for ort-cpu:vnni, where measured "
-        "lossless; off for the other classes", show_default=False)] = None,
+        "encoder, less memory; not bit-exact)")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""

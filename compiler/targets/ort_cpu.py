@@ -7,7 +7,7 @@ MatMulIntegerToFloat returns the float product; DQ(block weights) -> MatMul beco
 MatMulNBits). Everything ORT cannot fuse stays as it was, and the census reports it. sfc's
 own rewrites before it (`ort_rewrites`) keep the integers and scales; with
 `fused_attention` the float attention core becomes ORT's `MultiHeadAttention`, equal up to
-the order of float sums: by default on the CPU classes in `FUSED_ATTENTION_CLASSES`.
+the order of float sums.
 
 Artifacts (in `out_dir`, named after `stem`):
 - `<stem>.ort.onnx`: the optimized graph as ONNX (opens in any ORT build; inspectable).
@@ -40,8 +40,7 @@ from .base import LoweringResult, artifact_bytes, external_data_files, fusion_ce
 from .ort_rewrites import apply_rewrites
 from .tensorrt_plan import ProfileLimits, profiles_for
 
-__all__ = ["FUSED_ATTENTION_CLASSES", "ISAS", "NBITS_ACCURACY", "OrtCpuTarget",
-           "compact_nbits_scales", "weight_matmul_rows"]
+__all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "compact_nbits_scales", "weight_matmul_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +59,6 @@ ISAS: dict[str, str] = {
     "arm64": "ARM64 (NEON / dot-product): exact INT8 dot products, 8-bit weights",
 }
 
-# The classes whose default build was measured lossless with fused attention cores on 3
-# build seeds x 2 evaluation sets (vnni: an AVX-512 VNNI EPYC, 2026-12-07, BENCHMARKS.md),
-# where it is therefore the default; elsewhere it is opt-in until measured there.
-FUSED_ATTENTION_CLASSES = frozenset({"vnni"})
 
 # ORT fuses DQ(weight) -> MatMul with a float activation into MatMulNBits at this session
 # config's accuracy level; its default, 4, quantizes the activation to int8 per block
@@ -214,8 +209,7 @@ class OrtCpuTarget:
 
     `isa`: the CPU class the build is for (a key of `ISAS`; default: this machine's).
     `fused_attention`: float attention cores become ORT's `MultiHeadAttention`
-    (`sfc build --fused-attention/--no-fused-attention`); None: on for the classes in
-    `FUSED_ATTENTION_CLASSES`, off elsewhere (`fuses_attention`).
+    (`sfc build --fused-attention`).
 
     Note: on x86-64 ORT rewrites s8 activations to u8 (its faster u8s8 kernels), so the saved
     graph carries u8 activations; it still runs on ARM, where ORT handles both.
@@ -224,7 +218,7 @@ class OrtCpuTarget:
     isa: str = field(default_factory=host_isa)
     ort_format: bool = True
     verify: bool = True
-    fused_attention: bool | None = None
+    fused_attention: bool = False
     # Symbolic input dimensions at the sizes the graph usually runs at (`for_graph`), for
     # the rows rule of `session_config`: Whisper's encoder input has symbolic frames, as
     # `--encoder-window fit` feeds shorter windows.
@@ -239,13 +233,6 @@ class OrtCpuTarget:
     def name(self) -> str:
         """Registry name with the CPU class, e.g. "ort-cpu:avx2"."""
         return f"ort-cpu:{self.isa}"
-
-    @property
-    def fuses_attention(self) -> bool:
-        """Whether the lowering fuses float attention cores (`fused_attention` resolved)."""
-        if self.fused_attention is None:
-            return self.isa in FUSED_ATTENTION_CLASSES
-        return self.fused_attention
 
     @property
     def caps_name(self) -> str:
@@ -320,7 +307,7 @@ class OrtCpuTarget:
             pair_limit = (ORT_CPU_SATURATING_CAPS.int8_weight_pair_limit
                           if self.isa == "avx2" else None)
             fired = {k: v for k, v in apply_rewrites(model, pair_limit,
-                                                          self.fuses_attention).items() if v}
+                                                          self.fused_attention).items() if v}
             if fired:
                 notes.append("rewrites: " + ", ".join(f"{k} x{v}" for k, v in fired.items()))
                 source = stage / f"{stem}.rewritten.onnx"
