@@ -104,12 +104,13 @@ from .quant.spec import (
 from .quant.stored import LEARNED, STORED_FILE, StoredWeights
 from .quant.tied_table import MAX_HELDOUT_RATIO, SplitGramAccumulator, heldout_ratio
 from .quant.weights import dequantize_weight
+from .serial import read_json
 from .targets import OrtCpuTarget, TensorRTTarget, canonical_target, get_target
 from .targets.base import LoweringResult, Target
 from .targets.tensorrt_plan import ProfileLimits
 
 __all__ = ["ESC_INTERRUPTED", "ESC_PLOT", "ESC_RESULT", "GUARD_RESULT", "BuildConfig", "GraphBuild",
-           "build"]
+           "build", "replay_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +394,22 @@ class GraphBuild:
     n_smoothed: int = 0  # activations whose channel ranges moved into weights
 
 
+def replay_source(recipe: Path) -> str | None:
+    """The SRC a build folder was built from (its report's `src`): what `sfc build --recipe
+    FOLDER` replays when no SRC is given. None for a lone recipe.json or a folder without a
+    readable report."""
+    report = Path(recipe) / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        data = read_json(report, "build report")
+    except SfcError:
+        return None
+    # Any report version: only `src`, unchanged since the first, is read.
+    src = data.get("_data", {}).get("src") if isinstance(data, dict) else None
+    return src if isinstance(src, str) and src else None
+
+
 def _recipe_path(config: BuildConfig, graph: str, single: bool) -> Path | None:
     if config.recipe is None:
         return None
@@ -650,7 +667,10 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
         digest = (recipe.config.get("calibration", {}).get("smoothing") or {}).get("data")
         if digest is not None:
             smoothing = Smoothing.load(replay.parent / SMOOTHING_FILE, digest)
-            model = smoothing.apply(model)
+            try:
+                model = smoothing.apply(model)
+            except SfcError as e:  # its smoothing, checked first, tells another model apart
+                raise SfcError(f"{replay} was made for another model: {e}") from None
             sha = model_sha256(model)
         if recipe.model_sha256 != sha:
             raise SfcError(f"{replay} was made for another model (sha256 "

@@ -390,7 +390,9 @@ def _block_scale_bits(block_scales: str) -> int | None:
 
 @command("build")
 def build_cmd(
-    src: Annotated[str, typer.Argument(help="Zoo name, export folder or .onnx")] = DEFAULT_MODEL,
+    src: Annotated[str | None, typer.Argument(
+        help="Zoo name, export folder or .onnx (default: the --recipe folder's model, else "
+        f"{DEFAULT_MODEL})", show_default=False)] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Build folder")] = Path("build"),
     target: Annotated[str, typer.Option(
         help="ort-cpu[:vnni|avx2|arm64] (integer kernels; default class: this CPU's), sim "
@@ -545,7 +547,7 @@ def build_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Quantize SRC to QDQ ONNX, lower it for TARGET, and report size, WER and kernels."""
-    from .build import BuildConfig, lower_qdq
+    from .build import BuildConfig, lower_qdq, replay_source
     from .pipeline import WER_CHECK_BATCH, compile_model, pending_engines
     from .precision.data_parallel import env_world
     from .targets.tensorrt_plan import ProfileLimits
@@ -638,6 +640,7 @@ def build_cmd(
                          act_guard=guard, smooth=smoothing, engine_limits=limits,
                          trt_float=trt_float,
                          fused_attention=fused_attention, train_data=tuple(train_data or ()))
+    src = src or (replay_source(recipe) if recipe else None) or DEFAULT_MODEL
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads,
                            eval_batch=eval_batch or WER_CHECK_BATCH)

@@ -4,6 +4,8 @@ in FP32, that it narrows the channel ranges, and how a build records and replays
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sfc.build import BuildConfig
+from sfc.build import BuildConfig, replay_source
 from sfc.errors import SfcError
 from sfc.pipeline import compile_model
 from sfc.quant.smooth import (
@@ -190,6 +192,34 @@ def test_a_build_smooths_records_and_replays(tmp_path: Path) -> None:
     assert recipe["config"]["calibration"]["smoothing"] is None
     assert report.distortion is not None and plain.distortion is not None
     assert report.distortion.rel_l2["y"] < plain.distortion.rel_l2["y"]
+
+
+def test_a_replay_defaults_to_its_own_source_and_names_another_model(tmp_path: Path) -> None:
+    """`sfc build --recipe FOLDER` without SRC replays the folder's own model (not the zoo
+    default); a smoothed recipe given another model says so in one line, before its
+    smoothing is read as this model's."""
+    src, feeds = _source(tmp_path)
+    compile_model(str(src), tmp_path / "a", BuildConfig(calib=feeds, calibrator="max",
+                                                        act_guard=None), eval_data=None)
+    assert replay_source(tmp_path / "a") == str(src)
+    assert replay_source(tmp_path / "a/model/recipe.json") is None
+    common = ["--calibrator", "max", "--no-act-guard", "--calib", str(tmp_path / "nowhere"),
+              "--no-eval"]
+    done = subprocess.run([sys.executable, "-m", "sfc.cli", "build", "--recipe",
+                           str(tmp_path / "a"), "-o", str(tmp_path / "b"), *common],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert ((tmp_path / "a/model/model.qdq.onnx").read_bytes()
+            == (tmp_path / "b/model/model.qdq.onnx").read_bytes())
+    other = tmp_path / "other.onnx"
+    onnx.save(_model(extra_reader=True), str(other))  # its LayerNorm output is no site
+    done = subprocess.run([sys.executable, "-m", "sfc.cli", "build", str(other), "--recipe",
+                           str(tmp_path / "a"), "-o", str(tmp_path / "c"), *common],
+                          capture_output=True, text=True, check=False)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "was made for another model" in lines[0] and "cannot smooth" in lines[0]
+    assert not (tmp_path / "c").exists()
 
 
 def test_learned_weights_are_not_smoothed() -> None:
