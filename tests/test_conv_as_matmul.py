@@ -140,33 +140,3 @@ def test_a_symbolic_frame_count_is_rewritten_for_every_length(
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-
-@pytest.mark.parametrize("isa", ["vnni", "avx2"])
-def test_the_exported_whisper_encoder_lowers_with_no_float_weighted_op(
-        tiny_export: Path, tmp_path: Path, isa: str) -> None:
-    """sfc's own export (symbolic frames since format 3) quantized W8A8: every weighted op,
-    the two convs included, must lower to an integer kernel (from export format 3, whose
-    frame count is symbolic, until 2d6b16f the convs silently stayed float Convs)."""
-    from sfc.quant import (
-        ORT_CPU_CAPS,
-        ORT_CPU_SATURATING_CAPS,
-        PlanConfig,
-        make_plan,
-        model_sha256,
-        recipe_from_plan,
-    )
-    from sfc.quant.qdq import write_qdq
-    from sfc.targets import OrtCpuTarget
-
-    target = OrtCpuTarget(isa=isa, ort_format=False, verify=False)
-    model = onnx.load(str(tiny_export / "encoder.onnx"))
-    assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_param  # symbolic frames
-    config = PlanConfig(weight_bits=8, activation_bits=8)
-    plan = make_plan(model, config, ORT_CPU_SATURATING_CAPS if isa == "avx2" else ORT_CPU_CAPS)
-    scales = {q.tensor: (0.05, "max", {}) for q in plan.activations}
-    recipe = recipe_from_plan(plan, scales, model_sha256(model), 0, config.to_dict())
-    qdq = tmp_path / "encoder.qdq.onnx"
-    onnx.save(write_qdq(model, recipe), str(qdq))
-    result = target.lower(qdq, tmp_path / "out", stem="encoder")
-    assert result.float_weighted == ()
-    assert result.fused.get("MatMulIntegerToFloat", 0) >= 2 + 4 * 6
