@@ -30,7 +30,8 @@ def _lower_w8a8(export: Path, graph: str, isa: str, tmp: Path) -> LoweringResult
     model = onnx.load(str(export / f"{graph}.onnx"))
     config = PlanConfig(weight_bits=8, activation_bits=8)
     plan = make_plan(model, config, ORT_CPU_SATURATING_CAPS if isa == "avx2" else ORT_CPU_CAPS)
-    scales = {q.tensor: (0.05, "max", {}) for q in plan.activations}
+    none: dict[str, float] = {}
+    scales = {q.tensor: (0.05, "max", none) for q in plan.activations}
     recipe = recipe_from_plan(plan, scales, model_sha256(model), 0, config.to_dict())
     qdq = tmp / f"{graph}.qdq.onnx"
     onnx.save(write_qdq(model, recipe), str(qdq))
