@@ -488,8 +488,9 @@ def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None,
                    fused_attention: bool = False) -> dict[str, int]:
     """Apply the ort-cpu rewrites in place; return rule name -> times fired.
     `pair_limit`: the target's INT8 weight pair limit (`TargetCaps.int8_weight_pair_limit`);
-    `fused_attention`: also `AttentionAsMultiHead` (opt-in: not bit-exact, and the default
-    build's seeds x sets table has not been measured with it; BENCHMARKS.md, issue 13)."""
+    `fused_attention`: also `AttentionAsMultiHead` (opt-in: not bit-exact, and on
+    whisper-base one seed's default build measured not lossless with it where the unfused
+    lowering was; BENCHMARKS.md, issue 13)."""
     rules: tuple[GatherOfDequantized | ConvAsMatMul | AttentionAsMultiHead, ...] = (
         GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit))
     if fused_attention:
