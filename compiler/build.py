@@ -49,6 +49,7 @@ from .card import GraphSpec, ModelCard
 from .errors import Interrupted, SfcError
 from .eval.manifest import read_manifest
 from .executor import RayExecutor
+from .onnx_utils import with_weights
 from .paths import cache_dir
 from .precision.activations import (
     gate_activations,
@@ -82,7 +83,7 @@ from .quant.plan import (
 )
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
-from .quant.sequential import stage_groups, with_weights
+from .quant.sequential import stage_groups
 from .quant.smooth import (
     SMOOTHING_FILE,
     ChannelAbsMax,

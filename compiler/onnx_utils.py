@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import onnx
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["inferred_shapes", "int_attr", "ints_attr"]
+import numpy as np
+import onnx
+from google.protobuf.message import Message
+from onnx import numpy_helper
+
+from .errors import SfcError
+
+__all__ = ["inferred_shapes", "int_attr", "ints_attr", "with_weights"]
 
 
 def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -32,3 +40,44 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.TensorShapeProto]:
         return {}
     return {v.name: v.type.tensor_type.shape
             for v in (*graph.input, *graph.value_info, *graph.output)}
+
+
+def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `arrays` hold those values (cast to
+    the initializer's own type); every name must be an initializer.
+
+    The copy is assembled field by field, never copied whole and then overwritten: a
+    protobuf message keeps every byte once copied into it until the whole message is
+    freed, so overwriting would keep the old weights' bytes alive as long as the copy
+    (whisper-tiny.en's smoothed graphs: 52 MB; BENCHMARKS.md, issue 13). Serialized, the
+    result is the same bytes as a whole copy with those initializers replaced."""
+    inits = {t.name: t for t in model.graph.initializer}
+    missing = sorted(set(arrays) - set(inits))
+    if missing:
+        raise SfcError(f"not initializers of the graph: {', '.join(missing[:5])}")
+    new = {}
+    for name, array in arrays.items():
+        init = inits[name]
+        value = np.asarray(array).astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+        if tuple(value.shape) != tuple(init.dims):
+            raise SfcError(f"weight '{name}': replacement shape {value.shape} is not "
+                           f"{tuple(init.dims)}")
+        new[name] = numpy_helper.from_array(value, name)
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
+    copy.graph.initializer.extend(new.get(t.name, t) for t in model.graph.initializer)
+    return copy
+
+
+def _copy_fields(source: Any, target: Any, skip: str) -> None:
+    """Every set field of protobuf message `source` but `skip` into `target`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, (bool, int, float, str, bytes)):
+            setattr(target, field.name, value)
+        else:  # a repeated field
+            getattr(target, field.name).extend(value)

@@ -12,10 +12,11 @@ from onnx import numpy_helper
 from test_precision import _config
 
 from sfc.errors import SfcError
+from sfc.onnx_utils import with_weights
 from sfc.pipeline import compile_model
 from sfc.quant.gptq import GptqConfig, GramAccumulator, gptq_quantize
 from sfc.quant.recipe import Recipe
-from sfc.quant.sequential import stage_groups, with_weights
+from sfc.quant.sequential import stage_groups
 from sfc.quant.stored import STORED_FILE, StoredWeights
 from sfc.quant.weights import dequantize_weight
 from tests.test_build import _feeds, _mlp
@@ -52,6 +53,16 @@ def test_with_weights_replaces_only_the_named_initializers(tmp_path: Path) -> No
         with_weights(model, {"x": w1})
     with pytest.raises(SfcError, match="replacement shape"):
         with_weights(model, {"w1": w1.T})
+    # Assembled field by field (so the old bytes are never held), it serializes as a whole
+    # copy with the initializer overwritten would; metadata, opsets and docs included.
+    model.doc_string = "doc"
+    onnx.helper.set_model_props(model, {"k": "v"})
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    next(t for t in whole.graph.initializer if t.name == "w1").CopyFrom(
+        numpy_helper.from_array(np.zeros_like(w1), "w1"))
+    assert (with_weights(model, {"w1": np.zeros_like(w1)}).SerializeToString()
+            == whole.SerializeToString())
 
 
 def test_config_stages_keep_old_recipes_readable() -> None:

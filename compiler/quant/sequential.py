@@ -16,15 +16,11 @@ calibration pass over the graph (activations stay float in these passes).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
-
-import numpy as np
-import onnx
-from onnx import numpy_helper
+from collections.abc import Callable, Iterable
 
 from ..errors import SfcError
 
-__all__ = ["stage_groups", "with_weights"]
+__all__ = ["stage_groups"]
 
 
 def stage_groups(inputs: Iterable[str], position: Callable[[str], int],
@@ -38,24 +34,3 @@ def stage_groups(inputs: Iterable[str], position: Callable[[str], int],
     n = min(stages, len(ordered))
     bounds = [round(i * len(ordered) / n) for i in range(n + 1)] if n else [0]
     return [ordered[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers named in `arrays` hold those values (cast to
-    the initializer's own type); every name must be an initializer."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    seen: set[str] = set()
-    for init in copy.graph.initializer:
-        if init.name in arrays:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            value = np.asarray(arrays[init.name]).astype(dtype)
-            if tuple(value.shape) != tuple(init.dims):
-                raise SfcError(f"weight '{init.name}': replacement shape {value.shape} is not "
-                               f"{tuple(init.dims)}")
-            init.CopyFrom(numpy_helper.from_array(value, init.name))
-            seen.add(init.name)
-    missing: Sequence[str] = sorted(set(arrays) - seen)
-    if missing:
-        raise SfcError(f"not initializers of the graph: {', '.join(missing[:5])}")
-    return copy

@@ -31,6 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import SfcError
+from ..onnx_utils import with_weights
 from .stored import load_named, save_named
 
 __all__ = ["SMOOTHING_FILE", "ChannelAbsMax", "Site", "SmoothConfig", "Smoothing",
@@ -167,20 +168,20 @@ class Smoothing:
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of `model` with every site's 1/s folded into its producer and s into the
         rows of the weights reading it (the caller's model is untouched)."""
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        sites = smooth_sites(out, self.scales)
+        sites = smooth_sites(model, self.scales)
         missing = sorted(set(self.scales) - set(sites))
         if missing:
             raise SfcError(f"smoothing names '{missing[0]}', which this model cannot smooth "
                            "(made for another model?)")
-        inits = {t.name: t for t in out.graph.initializer}
-        consts = _constants(out)
+        inits = {t.name for t in model.graph.initializer}
+        consts = _constants(model)
         # By the tensor it makes: node names may be empty or repeated.
-        producers = {o: n for n in out.graph.node for o in n.output}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        arrays: dict[str, np.ndarray] = {}  # new initializer values
+        nodes: dict[str, np.ndarray] = {}  # new `Constant` node values
         for x, site in sites.items():
             s = np.asarray(self.scales[x], np.float64)
-            w = [numpy_helper.to_array(inits[k]).astype(np.float64) for k in site.weights]
+            w = [numpy_helper.to_array(consts[k]).astype(np.float64) for k in site.weights]
             if any(v.shape[0] != s.shape[0] for v in w) or s.ndim != 1:
                 raise SfcError(f"smoothing of '{x}' has {s.shape} values for weights of "
                                f"{w[0].shape[0]} rows")
@@ -188,10 +189,14 @@ class Smoothing:
             folded = [t for t in p.input[1:] if t] if p.op_type == "LayerNormalization" \
                 else [p.input[1]]
             for t in folded:
-                v = numpy_helper.to_array(consts[t])
-                consts[t].CopyFrom(numpy_helper.from_array((v / s).astype(np.float32), t))
+                value = (numpy_helper.to_array(consts[t]) / s).astype(np.float32)
+                (arrays if t in inits else nodes)[t] = value
             for k, v in zip(site.weights, w, strict=True):
-                inits[k].CopyFrom(numpy_helper.from_array((v * s[:, None]).astype(np.float32), k))
+                arrays[k] = (v * s[:, None]).astype(np.float32)
+        out = with_weights(model, arrays)
+        for t, tensor in _constants(out).items():
+            if t in nodes and t not in inits:
+                tensor.CopyFrom(numpy_helper.from_array(nodes[t], t))
         return out
 
     def save(self, path: Path) -> None:
