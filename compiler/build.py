@@ -155,7 +155,8 @@ def replay_source(recipe: Path) -> str | None:
     except SfcError:
         return None
     # Any report version: only `src`, unchanged since the first, is read.
-    src = data.get("_data", {}).get("src") if isinstance(data, dict) else None
+    payload = data.get("_data") if isinstance(data, dict) else None
+    src = payload.get("src") if isinstance(payload, dict) else None
     return src if isinstance(src, str) and src else None
 
 

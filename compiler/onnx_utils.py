@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 from onnx import numpy_helper
 
@@ -64,6 +65,14 @@ def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> on
                            f"{tuple(init.dims)}")
         new[name] = numpy_helper.from_array(value, name)
     copy = onnx.ModelProto()
+    if unknown_fields.UnknownFieldSet(model) or unknown_fields.UnknownFieldSet(model.graph):
+        # Fields this onnx does not know (a newer writer's) survive only a whole copy,
+        # which then keeps the replaced weights' old bytes too.
+        copy.CopyFrom(model)
+        for init in copy.graph.initializer:
+            if init.name in new:
+                init.CopyFrom(new[init.name])
+        return copy
     _copy_fields(model, copy, skip="graph")
     _copy_fields(model.graph, copy.graph, skip="initializer")
     copy.graph.initializer.extend(new.get(t.name, t) for t in model.graph.initializer)

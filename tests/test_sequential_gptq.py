@@ -1,4 +1,4 @@
-"""Sequential GPTQ (`--gptq-stages`): stage grouping, weight substitution, and a build whose
+"""Sequential GPTQ (`--gptq-stages`): stage grouping and a build whose
 second stage is calibrated on the first stage's quantized outputs."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from onnx import numpy_helper
 from test_precision import _config
 
 from sfc.errors import SfcError
-from sfc.onnx_utils import with_weights
 from sfc.pipeline import compile_model
 from sfc.quant.gptq import GptqConfig, GramAccumulator, gptq_quantize
 from sfc.quant.recipe import Recipe
@@ -38,31 +37,6 @@ def test_stage_groups_are_contiguous_in_graph_order() -> None:
     for bad in (0, -1, 2.0, True):
         with pytest.raises(SfcError, match="stages must be a positive int"):
             stage_groups("ab", position, bad)
-
-
-def test_with_weights_replaces_only_the_named_initializers(tmp_path: Path) -> None:
-    model = onnx.load(str(_mlp(tmp_path / "mlp.onnx")))
-    w1 = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["w1"]
-    copy = with_weights(model, {"w1": np.zeros_like(w1, dtype=np.float64)})
-    got = {t.name: numpy_helper.to_array(t) for t in copy.graph.initializer}
-    assert got["w1"].dtype == np.float32 and not got["w1"].any()
-    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    np.testing.assert_array_equal(got["w2"], original["w2"])
-    np.testing.assert_array_equal(original["w1"], w1)  # the source model is untouched
-    with pytest.raises(SfcError, match="not initializers of the graph: x"):
-        with_weights(model, {"x": w1})
-    with pytest.raises(SfcError, match="replacement shape"):
-        with_weights(model, {"w1": w1.T})
-    # Assembled field by field (so the old bytes are never held), it serializes as a whole
-    # copy with the initializer overwritten would; metadata, opsets and docs included.
-    model.doc_string = "doc"
-    onnx.helper.set_model_props(model, {"k": "v"})
-    whole = onnx.ModelProto()
-    whole.CopyFrom(model)
-    next(t for t in whole.graph.initializer if t.name == "w1").CopyFrom(
-        numpy_helper.from_array(np.zeros_like(w1), "w1"))
-    assert (with_weights(model, {"w1": np.zeros_like(w1)}).SerializeToString()
-            == whole.SerializeToString())
 
 
 def test_config_stages_keep_old_recipes_readable() -> None:

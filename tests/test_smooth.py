@@ -254,3 +254,28 @@ def test_unnamed_nodes_fold_and_float16_weights_are_left_alone() -> None:
     w3 = next(t for t in half.graph.initializer if t.name == "w3")
     w3.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w3).astype(np.float16), "w3"))
     assert set(smooth_sites(half, ["ln", "g"])) == {"ln"}
+
+
+def test_a_scalar_initializer_becomes_one_value_per_channel() -> None:
+    """The Mul's scalar as an initializer instead of a `Constant` node: the fold turns it
+    into 48 values (1/s), which the copy takes in place of the scalar."""
+    model = _model()
+    const = next(n for n in model.graph.node if n.op_type == "Constant")
+    model.graph.initializer.append(numpy_helper.from_array(
+        numpy_helper.to_array(const.attribute[0].t), "half"))
+    model.graph.node.remove(const)
+    assert set(smooth_sites(model, ["ln", "g"])) == {"ln", "g"}
+    smoothing = Smoothing({"ln": np.linspace(0.5, 3.0, 64), "g": np.linspace(1.0, 4.0, 48)})
+    smoothed = smoothing.apply(model)
+    half = {t.name: numpy_helper.to_array(t) for t in smoothed.graph.initializer}["half"]
+    assert half.shape == (48,) and np.allclose(half, 0.5 / smoothing.scales["g"])
+    x = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+    for a, b in zip(_run(model, x, ["y", "y2"]), _run(smoothed, x, ["y", "y2"]), strict=True):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("report", ['{"_data": null}', '{"_data": []}', '{"_data": "x"}',
+                                    '[1]', '{"_data": {"src": 3}}', "not json"])
+def test_replay_source_of_a_malformed_report_is_none(tmp_path: Path, report: str) -> None:
+    (tmp_path / "report.json").write_text(report)
+    assert replay_source(tmp_path) is None

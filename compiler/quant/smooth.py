@@ -171,14 +171,15 @@ class Smoothing:
         sites = smooth_sites(model, self.scales)
         missing = sorted(set(self.scales) - set(sites))
         if missing:
-            raise SfcError(f"smoothing names '{missing[0]}', which this model cannot smooth "
-                           "(made for another model?)")
+            raise SfcError(f"smoothing names '{missing[0]}', which this model cannot smooth")
         inits = {t.name for t in model.graph.initializer}
         consts = _constants(model)
         # By the tensor it makes: node names may be empty or repeated.
         producers = {o: n for n in model.graph.node for o in n.output}
-        arrays: dict[str, np.ndarray] = {}  # new initializer values
-        nodes: dict[str, np.ndarray] = {}  # new `Constant` node values
+        arrays: dict[str, np.ndarray] = {}  # new weight values
+        # New values written in place afterwards: `Constant` nodes, and scalars that become
+        # one value per channel (a few bytes each).
+        small: dict[str, np.ndarray] = {}
         for x, site in sites.items():
             s = np.asarray(self.scales[x], np.float64)
             w = [numpy_helper.to_array(consts[k]).astype(np.float64) for k in site.weights]
@@ -189,14 +190,15 @@ class Smoothing:
             folded = [t for t in p.input[1:] if t] if p.op_type == "LayerNormalization" \
                 else [p.input[1]]
             for t in folded:
-                value = (numpy_helper.to_array(consts[t]) / s).astype(np.float32)
-                (arrays if t in inits else nodes)[t] = value
+                old = numpy_helper.to_array(consts[t])
+                value = (old / s).astype(np.float32)
+                (arrays if t in inits and value.shape == old.shape else small)[t] = value
             for k, v in zip(site.weights, w, strict=True):
                 arrays[k] = (v * s[:, None]).astype(np.float32)
         out = with_weights(model, arrays)
         for t, tensor in _constants(out).items():
-            if t in nodes and t not in inits:
-                tensor.CopyFrom(numpy_helper.from_array(nodes[t], t))
+            if t in small:
+                tensor.CopyFrom(numpy_helper.from_array(small[t], t))
         return out
 
     def save(self, path: Path) -> None:
