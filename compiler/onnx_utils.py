@@ -50,7 +50,7 @@ def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> on
     The copy is assembled field by field, never copied whole and then overwritten: a
     protobuf message keeps every byte once copied into it until the whole message is
     freed, so overwriting would keep the old weights' bytes alive as long as the copy
-    (whisper-tiny.en's smoothed graphs: 52 MB; BENCHMARKS.md, issue 13). Serialized, the
+    (whisper-tiny.en's smoothed weights: 52 MiB; BENCHMARKS.md, issue 13). Serialized, the
     result is the same bytes as a whole copy with those initializers replaced."""
     inits = {t.name: t for t in model.graph.initializer}
     missing = sorted(set(arrays) - set(inits))

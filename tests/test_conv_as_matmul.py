@@ -139,4 +139,3 @@ def test_a_symbolic_frame_count_is_rewritten_for_every_length(
         got = _run(model, x, exact)
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-

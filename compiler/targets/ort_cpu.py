@@ -59,7 +59,6 @@ ISAS: dict[str, str] = {
     "arm64": "ARM64 (NEON / dot-product): exact INT8 dot products, 8-bit weights",
 }
 
-
 # ORT fuses DQ(weight) -> MatMul with a float activation into MatMulNBits at this session
 # config's accuracy level; its default, 4, quantizes the activation to int8 per block
 # itself. Without VNNI that int8 path loses to float when a call has many rows: on an AVX2
