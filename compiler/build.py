@@ -98,6 +98,7 @@ from .quant.spec import (
 from .quant.stored import LEARNED, STORED_FILE, StoredWeights
 from .quant.tied_table import MAX_HELDOUT_RATIO, SplitGramAccumulator, heldout_ratio
 from .quant.weights import dequantize_weight
+from .runtime.session import shrink_shared_arena
 from .serial import read_json
 from .targets import get_target
 from .targets.base import LoweringResult
@@ -475,7 +476,10 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
 def _fp32_runtime(folder: Path) -> Any:
     """The FP32 Whisper runtime the build decodes its calibration feeds and references with.
     On ORT's shared arena: the build holds it while its other sessions run, and without
-    an arena its encoder ran 1.4x slower on whisper-base (BENCHMARKS.md, issue 13)."""
+    an arena its encoder ran 1.4x slower on whisper-base (BENCHMARKS.md, issue 13). What
+    its runs leave in the arena stays there until `shrink_shared_arena`, called where the
+    build goes on without its encoder's runs (calibration after smoothing's transcripts,
+    ESC, the probes, one-stage training)."""
     from .runtime.whisper import WhisperRuntime
 
     return WhisperRuntime.open(folder, arena="shared")
@@ -564,6 +568,7 @@ def _esc(graphs: list[_Graph], card: ModelCard, config: BuildConfig, fp32_folder
                           runtime=runtime, utterances=clips, feeds=_sources(graphs),
                           optimization=get_target(config.target).optimization, audio=audio)
     del runtime  # release point: the search runs without the FP32 runtime
+    shrink_shared_arena()  # nor with what its runs left in the shared arena
     identity = _esc_identity(setups, card, config, clips, _sources(graphs),
                              len(clips) or method.samples)
     objective = spec.make()
@@ -719,8 +724,10 @@ def _search(pending: list[_Graph], card: ModelCard, config: BuildConfig, caps: T
         fp32 = runtime
         if fp32 is None and card.family == "whisper":
             fp32 = _fp32_runtime(fp32_folder)
-        return objective_spec(kind, card, setups, samples=config.search.samples,
+        spec = objective_spec(kind, card, setups, samples=config.search.samples,
                               runtime=fp32, utterances=utterances, feeds=_sources(pending))
+        shrink_shared_arena()  # the references are made: the probes run without the FP32 runs
+        return spec
 
     if config.search.method == "one-stage":
         result = _one_stage(weights, pending, card, config, config.search, runtime,
@@ -886,6 +893,9 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                 fp32_folder = smoothed
                 if runtime is not None:  # one FP32 runtime at a time (0.46 GB on base)
                     runtime = None
+                    # Calibration's encoder runs in its own pass, not on the arena where
+                    # smoothing's transcripts left the FP32 encoder's footprint.
+                    shrink_shared_arena()
                     runtime = _fp32_runtime(fp32_folder)
         if config.mixed and not any(g.plan.weights for g in prepared):
             raise SfcError("--weights mixed: the plan quantizes no weight of this model")

@@ -39,6 +39,7 @@ from onnx import numpy_helper
 from ..errors import SfcError
 from ..quant.spec import QuantSpec
 from ..quant.weights import dequantize_weight, round_to_nearest
+from ..runtime.session import shrink_shared_arena
 from .budget import WeightOption, storage_bits
 from .data_parallel import ALONE, World, join, shard
 from .onestage import OneStageResult, SearchedWeight, TaskLoss, one_stage_search
@@ -309,6 +310,7 @@ def choose_one_stage(graphs: Sequence[GraphWeights], config: SearchConfig, zoo: 
         batches += whisper_reference(runtime, clips, "teacher-forced", batch=BATCH,
                                      audio=perturbed).batches
     labelled = time.perf_counter() - labelled
+    shrink_shared_arena()  # training runs without what the teacher's runs left there
     copies = _gather_copies(graphs, searched)
     # The student differs with the Gathers' copies, so which tables read one is in the key
     # (a copy itself follows from the checkpoint's weights, already pinned).

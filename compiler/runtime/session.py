@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from ..errors import SfcError
 
-__all__ = ["OPTIMIZATION", "Arena", "open_session", "session_options"]
+__all__ = ["OPTIMIZATION", "Arena", "open_session", "session_options", "shrink_shared_arena"]
 
 # ORT's CPU arena for a session: its own (True), none (False), or "shared": ORT's one
 # process-wide CPU arena, registered on first use.
 Arena = bool | str
 _shared_arena: list[bool] = []  # registered in this process
+_shrinker: list[ort.InferenceSession] = []  # a one-node session on the shared arena
 
 # Graph optimisation levels a model card may ask for. "basic" (constant folding, no QDQ
 # fusion) keeps fake-quant graphs exact: onnxruntime 1.31's extended rewrites drop a Relu in
@@ -93,3 +95,28 @@ def open_session(path: Path | bytes, *, threads: int | None = None,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "a graph sfc made" if isinstance(path, bytes) else str(path)
         raise SfcError(f"ONNX Runtime cannot load {where}: {first}") from None
+
+
+def shrink_shared_arena() -> None:
+    """Give the free regions of ORT's shared arena back to the system.
+
+    The arena keeps the largest footprint any run on it needed, after its sessions go idle
+    or away: the build's FP32 runtime left 0.3 GB there through whisper-base's sensitivity
+    probes (BENCHMARKS.md, issue 16). ORT shrinks an arena only at the end of a run that
+    asks for it, so a one-node graph on the shared arena runs once with that request.
+    Nothing to do before the shared arena exists."""
+    if not _shared_arena:
+        return
+    if not _shrinker:
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "shrink", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                  ir_version=9)
+        _shrinker.append(ort.InferenceSession(model.SerializeToString(),
+                                              session_options(threads=1, arena="shared")))
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    _shrinker[0].run(None, {"x": np.zeros(1, np.float32)}, options)
