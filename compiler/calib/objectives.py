@@ -42,7 +42,7 @@ from ..quant.recipe import Recipe
 from ..quant.stored import StoredWeights
 from ..quant.weights import Rounded
 from ..runtime.cross import cross_feed
-from ..runtime.session import session_options
+from ..runtime.session import session_options, shrinking_run
 from ..runtime.whisper import encode_in_chunks
 from .esc import quantizer_key
 from .inferred_feeds import FeedSource
@@ -133,9 +133,7 @@ class ScaledSession:
         # session holds no memory between runs (see `make_objective` for where it pays).
         self._run_options = None
         if release_arena:
-            self._run_options = ort.RunOptions()
-            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                                   "cpu:0")
+            self._run_options = shrinking_run()
         self.inputs = {t: scale_input_name(t) for t in setup.tuned} | {
             g: g for g in setup.gates}
         self.switches = setup.switches

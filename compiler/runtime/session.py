@@ -10,7 +10,8 @@ import onnxruntime as ort
 
 from ..errors import SfcError
 
-__all__ = ["OPTIMIZATION", "Arena", "open_session", "session_options", "shrink_shared_arena"]
+__all__ = ["OPTIMIZATION", "Arena", "open_session", "session_options", "shrink_shared_arena",
+           "shrinking_run"]
 
 # ORT's CPU arena for a session: its own (True), none (False), or "shared": ORT's one
 # process-wide CPU arena, registered on first use.
@@ -117,6 +118,11 @@ def shrink_shared_arena() -> None:
                                   ir_version=9)
         _shrinker.append(ort.InferenceSession(model.SerializeToString(),
                                               session_options(threads=1, arena="shared")))
+    _shrinker[0].run(None, {"x": np.zeros(1, np.float32)}, shrinking_run())
+
+
+def shrinking_run() -> ort.RunOptions:
+    """Run options under which ORT gives the CPU arena's free regions back after the run."""
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    _shrinker[0].run(None, {"x": np.zeros(1, np.float32)}, options)
+    return options
