@@ -11,6 +11,9 @@ when every cell is.
 
 `--compare OTHER` adds the paired interval of WER(this) - WER(OTHER) per seed and set from
 OTHER's evaluations in the same `--work` folder (e.g. ESC against MSE on the same clips).
+`--builds-of OTHER --eval-arg=...` evaluates OTHER's builds again with other `sfc eval`
+options (a runtime option such as `--encoder-window fit`), still against FP32 as exported
+with the default options: the question is then whether the option keeps the builds lossless.
 
 Runs are long, so every step is resumable: a build folder holding `report.json` and an
 evaluation JSON that exists (filed under its set's digest, so a re-rendered set is
@@ -22,6 +25,8 @@ seeds are recorded as `same_recipe_as` the first seed and share its evaluations.
     python benchmarks/lossless_table.py default
     python benchmarks/lossless_table.py mse --compare default -- --calibrator mse
     python benchmarks/lossless_table.py esc100 --compare default -- --esc-samples 100
+    python benchmarks/lossless_table.py default-fit --builds-of default \
+        --eval-arg=--encoder-window --eval-arg=fit --compare default
     python benchmarks/lossless_table.py default --show
 
 Writes `benchmarks/results/lossless_NAME.json`; builds and evaluations go under `--work`
@@ -138,12 +143,12 @@ def build(model: str, folder: Path, seed: int, extra: Sequence[str],
 
 
 def evaluate(model: str, data: Path, out: Path, limit: int | None,
-             threads: int | None) -> EvalResult:
+             threads: int | None, extra: Sequence[str] = ()) -> EvalResult:
     """`sfc eval` of `model` on `data` into `out`, unless `out` exists."""
     if not out.is_file():
         cmd = ["sfc", "eval", model, "--data", str(data), "--json", str(out),
                *(["--limit", str(limit)] if limit else []),
-               *(["--threads", str(threads)] if threads else [])]
+               *(["--threads", str(threads)] if threads else []), *extra]
         _run(cmd, out.with_suffix(".log"))
     return EvalResult.load(out)
 
@@ -169,11 +174,12 @@ def run(args: argparse.Namespace) -> int:
     suffix = f"-n{args.limit}" if args.limit else ""
     digests = {name: set_digest(path) for name, path in sets.items()}
 
-    def eval_of(label: str, model: str, name: str) -> EvalResult:
+    def eval_of(label: str, model: str, name: str, extra: Sequence[str] = ()) -> EvalResult:
         return evaluate(model, sets[name], evals / f"{label}-{name}-{digests[name]}{suffix}.json",
-                        args.limit, args.threads)
+                        args.limit, args.threads, extra)
 
     fp32 = {name: eval_of("fp32", args.model, name) for name in sets}
+    builds_of = args.builds_of or args.name
     built: dict[tuple[int, str], EvalResult] = {}
     same_as: dict[int, int] = {}
     build_s: dict[int, float] = {}
@@ -182,14 +188,16 @@ def run(args: argparse.Namespace) -> int:
         if i >= 2 and same_as.get(args.seeds[1]) == first:
             same_as[seed] = first  # seed 1 matched seed 0: the seed changes nothing
         else:
-            folder = work / "builds" / args.name / f"seed{seed}"
+            folder = work / "builds" / builds_of / f"seed{seed}"
+            if args.builds_of and not (folder / "report.json").is_file():
+                sys.exit(f"no finished build of {args.builds_of} at {folder}")
             build_s[seed] = build(args.model, folder, seed, args.build_args, args.threads)
             if i == 1 and recipe_key(folder) == recipe_key(folder.with_name(f"seed{first}")):
                 same_as[seed] = first
         label = f"{args.name}-seed{same_as.get(seed, seed)}"
-        folder = work / "builds" / args.name / f"seed{same_as.get(seed, seed)}"
+        folder = work / "builds" / builds_of / f"seed{same_as.get(seed, seed)}"
         for name in sets:
-            built[(seed, name)] = eval_of(label, str(folder), name)
+            built[(seed, name)] = eval_of(label, str(folder), name, args.eval_args)
     reference = {(seed, name): fp32[name] for seed in args.seeds for name in sets}
     table = cells(reference, built)
     comparisons = {}
@@ -204,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         comparisons[other] = [asdict(c) for c in cells(theirs, built)]
     report = {
         "name": args.name, "model": args.model, "build_args": list(args.build_args),
+        "builds_of": builds_of, "eval_args": list(args.eval_args),
         "command": shlex.join(sys.argv), "machine": machine_info(args.threads or 0),
         "sets": {name: {"data": str(path), "digest": digests[name], "n": fp32[name].n,
                         "ref_words": sum(u.ref_words for u in fp32[name].utterances)}
@@ -230,8 +239,10 @@ def show(report: dict[str, Any]) -> None:
                      for n in sets)
     headers = ["seed"] + [f"{n}: ΔWER pts [95% CI] lossless" for n in sets]
     table = [Cell(**c) for c in report["cells"]]
-    print_table(f"{report['name']}: {report['model']} {shlex.join(report['build_args'])} "
-                "vs FP32", headers, table_rows(table, sets, same_as),
+    evaluated = (f", builds of {report['builds_of']} evaluated with "
+                 f"{shlex.join(report['eval_args'])}" if report.get("eval_args") else "")
+    print_table(f"{report['name']}: {report['model']} {shlex.join(report['build_args'])}"
+                f"{evaluated} vs FP32", headers, table_rows(table, sets, same_as),
                 f"FP32 WER: {fp32}. Lossless everywhere: {report['lossless']}.")
     for other, raw in report["comparisons"].items():
         cmp = [Cell(**c) for c in raw]
@@ -253,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lossless"))
     parser.add_argument("--compare", action="append", default=[],
                         help="another configuration run in the same --work (repeatable)")
+    parser.add_argument("--builds-of", default=None,
+                        help="evaluate these builds (same --work) instead of building")
+    parser.add_argument("--eval-arg", dest="eval_args", action="append", default=[],
+                        help="an option for `sfc eval` of the builds, not of FP32 (repeatable)")
     parser.add_argument("--limit", type=int, default=None, help="first N clips of each set")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="default results/lossless_NAME.json")

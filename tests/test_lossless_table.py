@@ -86,3 +86,39 @@ def test_a_set_with_other_audio_has_another_digest(lt: Any, tmp_path: Path) -> N
     assert lt.set_digest(a) == lt.set_digest(b)
     (b / "audio" / "u0.flac").write_bytes(b"\x00\x01\x03")
     assert lt.set_digest(a) != lt.set_digest(b)
+
+
+def test_builds_of_evaluates_another_configurations_builds_with_eval_args(
+        lt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--builds-of OTHER --eval-arg=...`: OTHER's builds are evaluated again with the extra
+    `sfc eval` options, FP32 without them, and nothing is built."""
+    heldout, work = tmp_path / "heldout", tmp_path / "work"
+    (heldout / "audio").mkdir(parents=True)
+    (heldout / "manifest.jsonl").write_text('{"id": "u0"}\n')
+    seed0 = work / "builds" / "default" / "seed0"
+    seed0.mkdir(parents=True)
+    (seed0 / "report.json").write_text(json.dumps({"_data": {"build_s": 12.5}}))
+    calls: list[tuple[str, str, list[str]]] = []
+
+    def fake_evaluate(model: str, data: Path, out: Path, limit: int | None,
+                      threads: int | None, extra: Sequence[str] = ()) -> EvalResult:
+        calls.append((model, out.name, list(extra)))
+        return _result(FP32 if model == "whisper-tiny.en" else [e + 2 for e in FP32])
+
+    monkeypatch.setattr(lt, "evaluate", fake_evaluate)
+    monkeypatch.setattr(lt, "_run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
+    common = ["--seeds", "0", "--heldout", str(heldout), "--work", str(work)]
+    out = tmp_path / "fit.json"
+    assert lt.main(["fit", "--builds-of", "default", "--eval-arg=--encoder-window",
+                    "--eval-arg=fit", *common, "--json", str(out)]) == 0
+    fp32 = [c for c in calls if c[0] == "whisper-tiny.en"]
+    built = [c for c in calls if c[0] != "whisper-tiny.en"]
+    assert len(fp32) == 2 and all(c[2] == [] for c in fp32)
+    assert [c[0] for c in built] == [str(seed0.resolve())] * 2
+    assert all(c[2] == ["--encoder-window", "fit"] and c[1].startswith("fit-seed0-")
+               for c in built)
+    report = json.loads(out.read_text())
+    assert (report["builds_of"], report["eval_args"]) == ("default", ["--encoder-window", "fit"])
+    assert report["lossless"] is False and report["seeds"][0]["build_s"] == 12.5
+    with pytest.raises(SystemExit, match="no finished build of missing"):
+        lt.main(["fit2", "--builds-of", "missing", *common, "--json", str(tmp_path / "x.json")])

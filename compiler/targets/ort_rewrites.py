@@ -18,6 +18,14 @@ MatMul -> Softmax -> MatMul over a materialised [H, T, T] score tensor (Whisper'
 encoder: a third of the W8A8 encoder's kernel time in MatMul, a fifth in Softmax); its
 contrib `MultiHeadAttention` computes the same core tiled.
 
+`GeluChannelScale`: activation smoothing (`quant.smooth`) folds fc2's per-channel input
+scale into the Mul by 0.5 that ends the exported GELU, making it a vector; ORT's GELU
+fusion wants the scalar 0.5, so every fc1 GELU ran as five element-wise ops (Div, Erf, Add,
+Mul, Mul) after the bias Add, instead of one `BiasGelu`. Rewritten as the GELU with its 0.5
+and then a Mul by the vector times 2: the same products scaled by powers of two, so the
+graph computes what it did up to the rounding of ORT's fused kernel (its erf argument is
+x * (1/sqrt 2) where the graph divides by sqrt 2).
+
 `GatherOfDequantized`: a DequantizeLinear of a whole constant table read by a Gather (a
 quantized token-embedding table tied to the output projection) is not constant-folded by
 ORT, so every decoder step dequantizes all of it (~30 ms per step for Whisper's
@@ -42,7 +50,8 @@ from onnx import helper, numpy_helper
 
 from ..onnx_utils import inferred_shapes, int_attr, ints_attr
 
-__all__ = ["AttentionAsMultiHead", "ConvAsMatMul", "GatherOfDequantized", "apply_rewrites"]
+__all__ = ["AttentionAsMultiHead", "ConvAsMatMul", "GatherOfDequantized", "GeluChannelScale",
+           "apply_rewrites"]
 
 
 @dataclass(frozen=True)
@@ -389,6 +398,81 @@ class AttentionAsMultiHead:
         return len(replaced)
 
 
+@dataclass(frozen=True)
+class GeluChannelScale:
+    """x * (Erf(x / sqrt 2) + 1) * v, v a constant vector  ==>  (GELU with 0.5) * (2 v).
+
+    Matches the exported GELU `Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(x, .) -> Mul(., v)`
+    (either operand order of the Adds and Muls) whose last constant has more than one
+    element; the last Mul takes the scalar 0.5 and a new Mul by 2 v writes the old output,
+    so everything reading it (fc2's QuantizeLinear) is unchanged."""
+
+    name: str = "gelu-channel-scale"
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        """Rewrite every match in the main graph in place; return how many fired."""
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        producer = {o: n for n in graph.node for o in n.output}
+        readers: dict[str, int] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+
+        def split(node: onnx.NodeProto | None, op: str) -> tuple[str, np.ndarray] | None:
+            """(the other input, the constant) of a two-input `op` with one constant input."""
+            if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
+                return None
+            for i in (1, 0):
+                value = _constant(node.input[i], inits, producer)
+                if value is not None:
+                    return node.input[1 - i], value
+            return None
+
+        def scalar(value: np.ndarray, expected: float) -> bool:
+            return value.size == 1 and bool(np.isclose(float(value.reshape(-1)[0]), expected,
+                                                       rtol=1e-4))
+
+        added: dict[str, list[onnx.NodeProto]] = {}  # a matched last Mul's output -> new
+        for last in [n for n in graph.node if n.op_type == "Mul"]:
+            tail = split(last, "Mul")
+            if tail is None or tail[1].size < 2 or tail[1].dtype != np.float32:
+                continue
+            product = producer.get(tail[0])
+            if product is None or product.op_type != "Mul" or readers.get(tail[0]) != 1:
+                continue
+            for x, one_plus in ((product.input[0], product.input[1]),
+                                (product.input[1], product.input[0])):
+                plus = split(producer.get(one_plus), "Add")
+                erf = producer.get(plus[0]) if plus and scalar(plus[1], 1.0) else None
+                if erf is None or erf.op_type != "Erf" or readers.get(one_plus) != 1:
+                    continue
+                div = producer.get(erf.input[0])
+                root2 = None if div is None else _constant(div.input[1], inits, producer)
+                if (div is None or div.op_type != "Div" or div.input[0] != x or root2 is None
+                        or not scalar(root2, float(np.sqrt(2.0)))):
+                    continue
+                base = last.name or last.output[0]
+                half, doubled = f"{base}_half", f"{base}_channel_scale"
+                graph.initializer.extend([
+                    numpy_helper.from_array(np.array(0.5, np.float32), half),
+                    numpy_helper.from_array((tail[1] * np.float32(2)).astype(np.float32),
+                                            doubled)])
+                gelu = f"{base}_gelu"
+                scaled = helper.make_node("Mul", [gelu, doubled], [last.output[0]],
+                                          name=f"{base}_channels")
+                last.input[1 if last.input[0] == tail[0] else 0] = half
+                last.output[0] = gelu
+                added[gelu] = [scaled]
+                break
+        if added:
+            nodes = [m for n in graph.node for m in (n, *added.get(n.output[0], []))]
+            del graph.node[:]
+            graph.node.extend(nodes)
+            _drop_unread(graph, [n for n in list(graph.node) if n.op_type == "Constant"])
+        return len(added)
+
+
 # The ops that compute a Reshape's target shape or a constant (dropped once unread).
 _SHAPE_OPS = frozenset({"Shape", "Gather", "Unsqueeze", "Concat", "Slice", "Squeeze", "Cast",
                         "Constant"})
@@ -491,8 +575,9 @@ def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None,
     `fused_attention`: also `AttentionAsMultiHead` (opt-in: not bit-exact, and on
     whisper-base one seed's default build measured not lossless with it where the unfused
     lowering was; BENCHMARKS.md, issue 13)."""
-    rules: tuple[GatherOfDequantized | ConvAsMatMul | AttentionAsMultiHead, ...] = (
-        GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit))
+    rules: tuple[GatherOfDequantized | ConvAsMatMul | GeluChannelScale
+                 | AttentionAsMultiHead, ...] = (
+        GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit), GeluChannelScale())
     if fused_attention:
         rules += (AttentionAsMultiHead(),)
     return {r.name: r.apply(model) for r in rules}
