@@ -37,7 +37,7 @@ from ..errors import SfcError, first_line
 from ..onnx_utils import inferred_shapes
 from ..quant.spec import ORT_CPU_SATURATING_CAPS
 from .base import LoweringResult, artifact_bytes, external_data_files, fusion_census
-from .ort_rewrites import apply_rewrites
+from .ort_rewrites import apply_rewrites, fuse_integer_matmul_bias
 from .tensorrt_plan import ProfileLimits, profiles_for
 
 __all__ = ["ISAS", "NBITS_ACCURACY", "OrtCpuTarget", "compact_nbits_scales", "weight_matmul_rows"]
@@ -317,12 +317,19 @@ class OrtCpuTarget:
                 leftover.unlink()
             if not (external or large):
                 optimized = onnx.load(str(stage / artifact))
+                biased = fuse_integer_matmul_bias(optimized)
                 compacted = {k: v for k, v in compact_nbits_scales(optimized).items() if v}
-                if compacted:
+                if biased or compacted:
                     onnx.save(optimized, str(stage / artifact))
+                if biased:
+                    notes.append(f"bias Adds fused into MatMulIntegerToFloat x{biased}")
+                if compacted:
                     notes.append("MatMulNBits scales stored as " + ", ".join(
                         f"{k} x{v}" for k, v in compacted.items()))
             census = fusion_census(onnx.load(str(stage / artifact), load_external_data=False))
+            if (external or large) and "MatMulIntegerToFloat" in census.fused:
+                notes.append("bias Adds left after MatMulIntegerToFloat (a model with external "
+                             "data)")
             if (external or large) and "MatMulNBits" in census.fused:
                 # Not built for external data: its file would have to be rewritten whole.
                 notes.append("MatMulNBits scales stored float32 (a model with external data)")
