@@ -10,7 +10,8 @@ read only by MatMuls with constant weights W, each channel j is divided by
 (max|x_j| over calibration clips, max|W_j,:| over every MatMul reading x) and W's row j is
 multiplied by it. The division is folded into the op that makes x, which must be linear
 per channel: a LayerNormalization (gamma / s, beta / s) or a Mul by a constant (Whisper's
-GELU ends in a Mul by 0.5, which becomes the vector 0.5 / s). Nothing is added to the graph.
+GELU ends in a Mul by 0.5, which becomes the vector 0.5 / s). Nothing is added to the graph
+(the ort-cpu lowering splits that Mul again, so that ORT fuses the GELU: `GeluChannelScale`).
 
 The smoothed FP32 model computes what the original does (up to float rounding) and is the
 model the build quantizes and calibrates against; `Smoothing` holds the vectors, saved as
