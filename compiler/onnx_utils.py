@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from .errors import SfcError
 
-__all__ = ["inferred_shapes", "int_attr", "ints_attr", "with_weights"]
+__all__ = ["inferred_shapes", "int_attr", "ints_attr", "node_readers", "with_weights"]
 
 
 def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -30,6 +30,16 @@ def ints_attr(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
         if attr.name == name:
             return [int(v) for v in attr.ints]
     return default
+
+
+def node_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each value name -> the nodes of `graph` that read it, in graph order (a node reading
+    a value twice is listed twice)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.TensorShapeProto]:

@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import SfcError
-from ..onnx_utils import with_weights
+from ..onnx_utils import node_readers, with_weights
 from .stored import load_named, save_named
 
 __all__ = ["SMOOTHING_FILE", "ChannelAbsMax", "Site", "SmoothConfig", "Smoothing",
@@ -88,10 +88,7 @@ def smooth_sites(model: onnx.ModelProto, tensors: Collection[str]) -> dict[str, 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consts = _constants(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for i in node.input:
-            readers.setdefault(i, []).append(node)
+    readers = node_readers(graph)
     producers = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     found = {}

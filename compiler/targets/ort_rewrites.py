@@ -56,7 +56,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_utils import inferred_shapes, int_attr, ints_attr
+from ..onnx_utils import inferred_shapes, int_attr, ints_attr, node_readers
 
 __all__ = ["AttentionAsMultiHead", "ConvAsMatMul", "GatherOfDequantized", "GeluChannelScale",
            "apply_rewrites", "fuse_integer_matmul_bias"]
@@ -72,10 +72,7 @@ class GatherOfDequantized:
         """Rewrite every match in the main graph in place; return how many fired."""
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
+        readers = node_readers(graph)
         fired = 0
         for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
             users = readers.get(dq.output[0], [])
@@ -323,10 +320,7 @@ class AttentionAsMultiHead:
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
         producer = {o: n for n in graph.node for o in n.output}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
+        readers = node_readers(graph)
         outputs = {o.name for o in graph.output}
 
         def only(name: str, op: str) -> onnx.NodeProto | None:
@@ -422,10 +416,7 @@ class GeluChannelScale:
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
         producer = {o: n for n in graph.node for o in n.output}
-        readers: dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                readers[name] = readers.get(name, 0) + 1
+        readers = node_readers(graph)
 
         def split(node: onnx.NodeProto | None, op: str) -> tuple[str, np.ndarray] | None:
             """(the other input, the constant) of a two-input `op` with one constant input."""
@@ -447,13 +438,13 @@ class GeluChannelScale:
             if tail is None or tail[1].size < 2 or tail[1].dtype != np.float32:
                 continue
             product = producer.get(tail[0])
-            if product is None or product.op_type != "Mul" or readers.get(tail[0]) != 1:
+            if product is None or product.op_type != "Mul" or len(readers[tail[0]]) != 1:
                 continue
             for x, one_plus in ((product.input[0], product.input[1]),
                                 (product.input[1], product.input[0])):
                 plus = split(producer.get(one_plus), "Add")
                 erf = producer.get(plus[0]) if plus and scalar(plus[1], 1.0) else None
-                if erf is None or erf.op_type != "Erf" or readers.get(one_plus) != 1:
+                if erf is None or erf.op_type != "Erf" or len(readers[one_plus]) != 1:
                     continue
                 div = producer.get(erf.input[0])
                 root2 = None if div is None else _constant(div.input[1], inits, producer)
@@ -493,10 +484,7 @@ def fuse_integer_matmul_bias(model: onnx.ModelProto) -> int:
     what the op adds to each output row."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = node_readers(graph)
     outputs = {o.name for o in graph.output}
     fused: set[str] = set()  # the removed Adds' outputs
     for node in graph.node:

@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import SfcError
+from ..onnx_utils import node_readers
 
 __all__ = [
     "FLOAT_TYPES",
@@ -119,14 +120,6 @@ class FloatPrecision:
                 f"({self.casts} casts)")
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
 def _scale_fits(scale: np.ndarray, float_type: str) -> bool:
     """True when every scale survives `float_type` within FP16's unit roundoff."""
     values = scale.astype(np.float64).ravel()
@@ -154,7 +147,7 @@ def fp32_nodes(model: onnx.ModelProto, float_type: str = "fp16",
             else None
         if scale is not None and not _scale_fits(numpy_helper.to_array(scale), float_type):
             kept.setdefault(node.name, "qdq")
-    readers = _consumers(graph)
+    readers = node_readers(graph)
     changed = True
     while changed:  # a DQ follows its readers, a Q its DQs (Q -> DQ chains: a fixpoint)
         changed = False

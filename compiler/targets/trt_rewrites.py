@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..onnx_utils import node_readers
+
 __all__ = [
     "PLUGIN_DOMAIN",
     "PLUGIN_NAMESPACE",
@@ -54,10 +56,7 @@ def substitute_plugins(model: onnx.ModelProto) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = node_readers(graph)
     replaced: dict[int, list[onnx.NodeProto]] = {}  # index of the MatMul -> its replacement
     dropped: set[int] = set()
     index = {id(n): k for k, n in enumerate(graph.node)}
@@ -66,7 +65,8 @@ def substitute_plugins(model: onnx.ModelProto) -> int:
         if node.op_type != "MatMul" or len(node.input) != 2:
             continue
         dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or readers.get(dq.output[0]) != 1:
+        if (dq is None or dq.op_type != "DequantizeLinear"
+                or len(readers.get(dq.output[0], [])) != 1):
             continue
         weight = inits.get(dq.input[0])
         if weight is None or weight.data_type != TensorProto.INT2 or len(weight.dims) != 2:
