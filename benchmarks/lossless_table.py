@@ -274,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="print the saved JSON only")
     args = parser.parse_args(own)
     args.build_args, args.parser = build_args, parser
+    if args.builds_of and build_args:
+        parser.error("--builds-of evaluates finished builds: no build options after --")
     args.json = args.json or str(RESULTS / f"lossless_{args.name}.json")
     return run_or_show(args, run, show)
 

@@ -120,5 +120,8 @@ def test_builds_of_evaluates_another_configurations_builds_with_eval_args(
     report = json.loads(out.read_text())
     assert (report["builds_of"], report["eval_args"]) == ("default", ["--encoder-window", "fit"])
     assert report["lossless"] is False and report["seeds"][0]["build_s"] == 12.5
+    with pytest.raises(SystemExit) as usage:  # build options cannot apply to finished builds
+        lt.main(["fit3", "--builds-of", "default", *common, "--", "--calibrator", "mse"])
+    assert usage.value.code == 2
     with pytest.raises(SystemExit, match="no finished build of missing"):
         lt.main(["fit2", "--builds-of", "missing", *common, "--json", str(tmp_path / "x.json")])
