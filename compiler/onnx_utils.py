@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -13,8 +13,7 @@ from onnx import numpy_helper
 
 from .errors import SfcError
 
-__all__ = ["constant_value", "drop_unread", "inferred_shapes", "int_attr", "ints_attr",
-           "node_readers", "with_weights"]
+__all__ = ["inferred_shapes", "int_attr", "ints_attr", "node_readers", "with_weights"]
 
 
 def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -41,37 +40,6 @@ def node_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     return readers
-
-
-def constant_value(name: str, inits: dict[str, onnx.TensorProto],
-                   producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
-    """The value of an initializer or of a `Constant` node's tensor; None otherwise."""
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    node = producer.get(name)
-    if node is not None and node.op_type == "Constant" and node.attribute and (
-            node.attribute[0].name == "value"):
-        return numpy_helper.to_array(node.attribute[0].t)
-    return None
-
-
-def drop_unread(graph: onnx.GraphProto, candidates: Iterable[onnx.NodeProto]) -> None:
-    """Remove the `candidates` whose outputs nothing reads any more (a rewritten Conv's
-    DequantizeLinears, a chain of shape ops), and initializers left unread by them."""
-    left = list(candidates)
-    dead: list[onnx.NodeProto] = []
-    while True:  # a chain dies from its end: repeat until nothing more is unread
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        now = [n for n in left if not any(o in read for o in n.output)]
-        if not now:
-            break
-        for n in now:
-            graph.node.remove(n)
-            left.remove(n)
-        dead.extend(now)
-    freed = {i for n in dead for i in n.input} - read
-    for t in [t for t in graph.initializer if t.name in freed]:
-        graph.initializer.remove(t)
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.TensorShapeProto]:

@@ -49,21 +49,14 @@ blocks, per-tensor) are first re-expressed as INT8 per-channel along the gather 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_utils import (
-    constant_value,
-    drop_unread,
-    inferred_shapes,
-    int_attr,
-    ints_attr,
-    node_readers,
-)
-from .static_shapes import StaticShapes
+from ..onnx_utils import inferred_shapes, int_attr, ints_attr, node_readers
 
 __all__ = ["AttentionAsMultiHead", "ConvAsMatMul", "GatherOfDequantized", "GeluChannelScale",
            "apply_rewrites", "fuse_integer_matmul_bias"]
@@ -243,7 +236,7 @@ class ConvAsMatMul:
             self._rewrite(graph, conv, x_dq, w_dq, columns, w_q.shape[1])
             fired += 1
         if fired:
-            drop_unread(graph, (n for n in list(graph.node) if _is_dq(n)))
+            _drop_unread(graph, (n for n in list(graph.node) if _is_dq(n)))
         return fired
 
     def _rewrite(self, graph: onnx.GraphProto, conv: onnx.NodeProto, x_dq: onnx.NodeProto,
@@ -358,7 +351,7 @@ class AttentionAsMultiHead:
             scaled: list[onnx.NodeProto] = []
             scale = 1.0
             if scores is not None and scores.op_type == "Mul":  # scores * a scalar constant
-                factor = constant_value(scores.input[1], inits, producer)
+                factor = _constant(scores.input[1], inits, producer)
                 if factor is None or factor.size != 1 or only(scores.output[0], "Softmax") is None:
                     continue
                 scaled, scale = [scores], float(factor.reshape(-1)[0])
@@ -401,7 +394,7 @@ class AttentionAsMultiHead:
                      if n.output[0] not in removed]
             del graph.node[:]
             graph.node.extend(nodes)
-            drop_unread(graph, [n for n in list(graph.node) if n.op_type in _SHAPE_OPS])
+            _drop_unread(graph, [n for n in list(graph.node) if n.op_type in _SHAPE_OPS])
             if not any(o.domain == "com.microsoft" for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return len(replaced)
@@ -430,7 +423,7 @@ class GeluChannelScale:
             if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
                 return None
             for i in (1, 0):
-                value = constant_value(node.input[i], inits, producer)
+                value = _constant(node.input[i], inits, producer)
                 if value is not None:
                     return node.input[1 - i], value
             return None
@@ -454,7 +447,7 @@ class GeluChannelScale:
                 if erf is None or erf.op_type != "Erf" or len(readers[one_plus]) != 1:
                     continue
                 div = producer.get(erf.input[0])
-                root2 = None if div is None else constant_value(div.input[1], inits, producer)
+                root2 = None if div is None else _constant(div.input[1], inits, producer)
                 if (div is None or div.op_type != "Div" or div.input[0] != x or root2 is None
                         or not scalar(root2, float(np.sqrt(2.0)))):
                     continue
@@ -475,7 +468,7 @@ class GeluChannelScale:
             nodes = [m for n in graph.node for m in (n, *added.get(n.output[0], []))]
             del graph.node[:]
             graph.node.extend(nodes)
-            drop_unread(graph, [n for n in list(graph.node) if n.op_type == "Constant"])
+            _drop_unread(graph, [n for n in list(graph.node) if n.op_type == "Constant"])
         return len(added)
 
 
@@ -524,11 +517,23 @@ _SHAPE_OPS = frozenset({"Shape", "Gather", "Unsqueeze", "Concat", "Slice", "Sque
                         "Constant"})
 
 
+def _constant(name: str, inits: dict[str, onnx.TensorProto],
+              producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of an initializer or of a `Constant` node's tensor; None otherwise."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and (
+            node.attribute[0].name == "value"):
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
 def _shape_values(name: str, inits: dict[str, onnx.TensorProto],
                   producer: dict[str, onnx.NodeProto]) -> list[int | None] | None:
     """The elements of a 1-D shape tensor: a constant, or a Concat of one-element parts (a
     constant's value, or None for a computed one); None if unknown."""
-    whole = constant_value(name, inits, producer)
+    whole = _constant(name, inits, producer)
     if whole is not None:
         return [int(v) for v in whole.reshape(-1)]
     node = producer.get(name)
@@ -536,7 +541,7 @@ def _shape_values(name: str, inits: dict[str, onnx.TensorProto],
         return None
     values: list[int | None] = []
     for part in node.input:
-        array = constant_value(part, inits, producer)
+        array = _constant(part, inits, producer)
         if array is not None:
             values.extend(int(v) for v in array.reshape(-1))
         elif producer.get(part) is not None and producer[part].op_type == "Unsqueeze":
@@ -544,6 +549,25 @@ def _shape_values(name: str, inits: dict[str, onnx.TensorProto],
         else:
             return None
     return values
+
+
+def _drop_unread(graph: onnx.GraphProto, candidates: Iterable[onnx.NodeProto]) -> None:
+    """Remove the `candidates` whose outputs nothing reads any more (a rewritten Conv's
+    DequantizeLinears, a chain of shape ops), and initializers left unread by them."""
+    left = list(candidates)
+    dead: list[onnx.NodeProto] = []
+    while True:  # a chain dies from its end: repeat until nothing more is unread
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        now = [n for n in left if not any(o in read for o in n.output)]
+        if not now:
+            break
+        for n in now:
+            graph.node.remove(n)
+            left.remove(n)
+        dead.extend(now)
+    freed = {i for n in dead for i in n.input} - read
+    for t in [t for t in graph.initializer if t.name in freed]:
+        graph.initializer.remove(t)
 
 
 def _is_dq(node: onnx.NodeProto | None) -> bool:
@@ -590,10 +614,9 @@ def apply_rewrites(model: onnx.ModelProto, pair_limit: int | None = None,
     `fused_attention`: also `AttentionAsMultiHead` (opt-in: not bit-exact, and on
     whisper-base one seed's default build measured not lossless with it where the unfused
     lowering was; BENCHMARKS.md, issue 13)."""
-    rules: tuple[GatherOfDequantized | ConvAsMatMul | GeluChannelScale | StaticShapes
+    rules: tuple[GatherOfDequantized | ConvAsMatMul | GeluChannelScale
                  | AttentionAsMultiHead, ...] = (
         GatherOfDequantized(), ConvAsMatMul(pair_limit=pair_limit), GeluChannelScale())
     if fused_attention:
         rules += (AttentionAsMultiHead(),)
-    rules += (StaticShapes(),)  # last: the rules above match computed Reshape targets too
     return {r.name: r.apply(model) for r in rules}
