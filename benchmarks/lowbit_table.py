@@ -147,6 +147,9 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         "onestage-4-gptq": _one_stage(4.0, 100, 100, augment=1),
         # Four times the steps on two augmented copies of each clip (a GPU's run).
         "onestage-4.5-long": _one_stage(4.5, 400, 400, augment=2),
+        # Sized for one 600 s call on an H100 (about 545 s by onestage-4.5-long's phase
+        # times: 300 + 300 steps on one augmented copy of each clip).
+        "onestage-4.5-300": _one_stage(4.5, 300, 300, augment=1),
         # One candidate: no search, GPTQ 4/32 everywhere fine-tuned by distillation (QAT).
         "qat-4-32": _one_stage(5.1, 1, 150, augment=1, candidates=("4/32",),
                                finetune_schedule="constant"),

@@ -19,7 +19,8 @@
 # Sizing (H100, 2026-12-05): export and GPTQ's Gram pass ~95 s, teacher transcripts ~0.47 s
 # a clip (ONNX Runtime, 16 cores), a search step 0.52 s, a fine-tuning step 0.10 s, then
 # the QDQ export and the WER check of 350 clips: keep the whole call under 600 s
-# (onestage-4.5-long's 400 + 400 steps on 300 clips ran out at 560 s, before its WER).
+# (onestage-4.5-long's 400 + 400 steps on 300 clips ran out at 560 s, before its WER;
+# onestage-4.5-300 is sized to fit: `run --variants onestage-4.5-300`, timeout_s 600).
 set -euo pipefail
 stage=/tmp/sfc-stage
 site=$stage/site
