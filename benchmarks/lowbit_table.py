@@ -92,10 +92,6 @@ def variants(model: str) -> dict[str, dict[str, Any]]:
         **{f"w4-b32-gptq-damp{d:g}": {**NONE, "weights": 4, "weight_method": "gptq",
                                       "gptq": GptqConfig(damp=d)}
            for d in (0.001, 0.1, 0.3)},
-        # The encoder's padded frames weighed down in GPTQ's Gram matrices (`--gptq-padding`).
-        **{f"w4-b32-gptq-pad{p:g}": {**NONE, "weights": 4, "weight_method": "gptq",
-                                     "gptq": GptqConfig(padding=p)}
-           for p in (0.0, 0.1, 0.25)},
         "w2-b32-gptq": {**NONE, "weights": 2, "weight_method": "gptq"},
         "mixed-6": _mixed(6.0),
         "mixed-5": _mixed(5.0),

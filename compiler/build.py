@@ -40,7 +40,7 @@ from .calib.esc import (
     split_key,
     start_scales,
 )
-from .calib.feeds import Feed, RowWeights, encoder_frame_weights, whisper_feeds
+from .calib.feeds import Feed, whisper_feeds
 from .calib.inferred_feeds import FeedSource, NoFeeds, feed_source
 from .calib.methods import compute_scale
 from .calib.packing import clips_digest, pack_clips, packed_audio
@@ -242,8 +242,7 @@ def _gram_inputs(model: onnx.ModelProto, plan: Plan,
 
 
 def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, total: int | None,
-           graph: str, grams: dict[str, GramAccumulator],
-           row_weights: RowWeights | None = None) -> dict[str, StatsSnapshot]:
+           graph: str, grams: dict[str, GramAccumulator]) -> dict[str, StatsSnapshot]:
     tensors = [q.tensor for q in plan.activations]
     if not tensors and not grams:
         return {}
@@ -252,7 +251,7 @@ def _stats(model: onnx.ModelProto, plan: Plan, feeds: Iterator[Feed] | None, tot
                 "GPTQ (--calib) or --weight-method mse")
         raise SfcError(f"graph {graph!r} needs calibration data for {what}")
     return collect_stats(model, tensors, feeds, total=total, progress=f"calibrating {graph}",
-                         grams=_gram_inputs(model, plan, grams), row_weights=row_weights)
+                         grams=_gram_inputs(model, plan, grams))
 
 
 def _whisper_stats(pending: list[_Graph], runtime: Any, utterances: list[Any],
@@ -272,7 +271,7 @@ def _whisper_stats(pending: list[_Graph], runtime: Any, utterances: list[Any],
     started, in_encoder = time.perf_counter(), [0.0]
     with StatsPass(enc.model, [q.tensor for q in enc.plan.activations],
                    grams=_gram_inputs(enc.model, enc.plan, enc.grams),
-                   keep=("cross_key", "cross_value"), row_weights=enc.row_weights) as encoder:
+                   keep=("cross_key", "cross_value")) as encoder:
         def encode(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             start = time.perf_counter()
             cross_k, cross_v = encoder.add({"input_features": features})
@@ -322,7 +321,6 @@ class _Graph:
     # tied table -> GPTQ's held-out output error over MSE rounding's (GptqConfig.tied auto)
     tied_ratios: dict[str, float] = field(default_factory=dict)
     smoothing: Smoothing | None = None  # folded into `model` (`quant.smooth`)
-    row_weights: RowWeights | None = None  # of its Gram rows (GPTQ's `padding`)
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -365,7 +363,7 @@ class _Graph:
                 fresh = {x: GramAccumulator(self.grams[q.tensor].gram.shape[0])
                          for q in members for x in [data[q.tensor]]}
                 collect_stats(with_weights(self.model, done), [], feeds.make(),
-                              total=feeds.count, grams=fresh, row_weights=self.row_weights,
+                              total=feeds.count, grams=fresh,
                               progress=f"GPTQ {self.name}, stage {i + 1}/{len(groups)}")
                 stale = {q.tensor for q in members}
                 self.quantized = {k: v for k, v in self.quantized.items()
@@ -868,9 +866,6 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             fp32_folder = model_folder(src)
         card = ModelCard.load(fp32_folder)
         _check_one_stage(card, config)
-        if config.gptq.padding != 1 and card.family != "whisper":
-            raise SfcError("--gptq-padding weighs a Whisper encoder's padded frames: this "
-                           f"model is not Whisper ({card.family})")
         for entry in config.precision:
             graph = entry_graph(entry)
             if graph is not None and graph not in card.graphs:
@@ -920,8 +915,6 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                 continue
             if runtime is not None:
                 g.feeds = _whisper_source(runtime, utterances, g.name, transcripts)
-                if g.name == "encoder" and config.gptq.padding != 1:
-                    g.row_weights = encoder_frame_weights(config.gptq.padding)
             elif g.name in sources:
                 g.feeds = sources[g.name]
             pending.append(g)
@@ -936,7 +929,7 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
                 if config.needs_grams:
                     g.grams = _grams(g.model, g.plan, config.gptq.tied)
                 feeds, total = (g.feeds.make(), g.feeds.count) if g.feeds is not None else (None, 0)
-                g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams, g.row_weights)
+                g.stats = _stats(g.model, g.plan, feeds, total, g.name, g.grams)
             g.tied_ratios = _choose_tied(g.model, g.plan, g.grams, config.gptq, g.specs)
             if g.grams:
                 _spill(g.grams, Path(scratch.enter_context(

@@ -122,8 +122,8 @@ class BuildConfig:
         if self.gptq_start and self.weight_method != "gptq":
             raise SfcError("fine-tuning starts from GPTQ: it needs --weight-method gptq")
         if self.gptq != GptqConfig() and self.weight_method != "gptq":
-            raise SfcError("--gptq-damp, --gptq-act-order, --gptq-stages and --gptq-padding "
-                           "apply to --weight-method gptq only")
+            raise SfcError("--gptq-damp, --gptq-act-order and --gptq-stages apply to "
+                           "--weight-method gptq only")
         if self.block_scale_bits in (16, 8):
             if not self.target.startswith("ort-cpu"):
                 raise SfcError("--block-scales float16 and coded8 are for --target ort-cpu (its "

@@ -449,9 +449,6 @@ def build_cmd(
     gptq_tied: Annotated[str, typer.Option(
         help="A tied embedding/logits table: gptq, mse (MSE-clipped round-to-nearest), or "
         "auto (GPTQ only if it beats MSE on held-out calibration clips)")] = "auto",
-    gptq_padding: Annotated[float, typer.Option(
-        help="GPTQ on Whisper: the weight, in the encoder's Gram matrices, of a window's "
-        "frames after the audio ends (1: each counts as much as a frame of speech)")] = 1.0,
     activations: Annotated[str, typer.Option(
         help="Activations: int8, int4 (fake-quant --target sim only) or none; 8 and 4 "
         "alike")] = "int8",
@@ -614,7 +611,7 @@ def build_cmd(
         raise SfcError("--candidates, --search and --finetune-steps apply to --weights mixed "
                        "only")
     gptq = GptqConfig(damp=gptq_damp, act_order=gptq_act_order, stages=gptq_stages,
-                      tied=gptq_tied, padding=gptq_padding)
+                      tied=gptq_tied)
     guard = GuardConfig() if act_guard else None
     if act_guard_kl is not None or act_guard_max is not None or act_guard_samples is not None:
         if guard is None:

@@ -9,7 +9,7 @@ one `.npz` file per feed, keyed by input name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +18,14 @@ from ..errors import SfcError
 from ..eval.manifest import Utterance
 from ..runtime.audio import load_audio
 from ..runtime.decoding import greedy_decode
-from ..runtime.features import content_frames, whisper_windows
+from ..runtime.features import whisper_windows
 from ..runtime.whisper import WhisperRuntime
 
-__all__ = ["Encode", "Feed", "RowWeights", "encoder_frame_weights", "npz_feeds",
-           "whisper_feeds"]
+__all__ = ["Encode", "Feed", "npz_feeds", "whisper_feeds"]
 
 Feed = dict[str, np.ndarray]
 # A window [1, n_mels, frames] -> the encoder's (cross_key, cross_value).
 Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-# A feed -> one weight per row (frame) of the Gram inputs it gives (`GramAccumulator`).
-RowWeights = Callable[[Mapping[str, np.ndarray]], np.ndarray]
-
-
-def encoder_frame_weights(padding: float) -> RowWeights:
-    """Per encoder frame of a Whisper window feed: 1 where the frame sees audio, `padding`
-    after it (GPTQ's `padding`). The encoder's two convolutions (kernel 3, the second of
-    stride 2) give frame j the log-mel frames 2j - 1 .. 2j + 1."""
-    def weights(feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        window = np.asarray(feed["input_features"])
-        if window.ndim != 3 or window.shape[0] != 1:
-            raise SfcError(f"encoder frame weights need one window [1, n_mels, frames], got "
-                           f"{window.shape}")
-        out = np.full(window.shape[2] // 2, padding, dtype=np.float64)
-        out[:(content_frames(window[0]) + 2) // 2] = 1.0
-        return out
-    return weights
 
 
 def whisper_feeds(runtime: WhisperRuntime, utterances: Sequence[Utterance], graph: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,13 +273,10 @@ class StatsPass:
 
     def __init__(self, model: onnx.ModelProto | str | Path, tensors: Sequence[str], *,
                  bins: int = DEFAULT_BINS, threads: int | None = None,
-                 grams: Mapping[str, Any] | None = None, keep: Sequence[str] = (),
-                 row_weights: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = None,
-                 ) -> None:
+                 grams: Mapping[str, Any] | None = None, keep: Sequence[str] = ()) -> None:
         if isinstance(tensors, str):
             raise SfcError("collect_stats: tensors must be a sequence of names, not one string")
         self.grams = dict(grams or {})
-        self.row_weights = row_weights
         self.tensors = list(tensors)
         names = list(dict.fromkeys([*tensors, *self.grams]))
         if not names:
@@ -333,11 +330,10 @@ class StatsPass:
     def add(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Count one feed; the outputs named in `keep`, in that order."""
         assert self.session is not None, "add after the pass was closed"
-        weights = None if self.row_weights is None else self.row_weights(feed)
         for n in self.from_feed:
             if n not in feed:
                 raise SfcError(f"graph input '{n}' is missing from the feed")
-            self._count(n, np.asarray(feed[n]), weights)
+            self._count(n, np.asarray(feed[n]))
         self.seen += 1
         if not self._fetch:
             return []
@@ -349,18 +345,15 @@ class StatsPass:
         values = dict(zip(self._fetch, outs, strict=True))
         del outs
         for n in self.from_run:
-            self._count(n, values[n], weights)
+            self._count(n, values[n])
         # Bounded memory: only the kept outputs outlive one feed.
         return [values[n] for n in self.keep]
 
-    def _count(self, name: str, value: np.ndarray, weights: np.ndarray | None) -> None:
+    def _count(self, name: str, value: np.ndarray) -> None:
         if name in self.acc:
             self.acc[name].update(value)
         if name in self.grams:
-            if weights is None:
-                self.grams[name].update(value)
-            else:
-                self.grams[name].update(value, weights)
+            self.grams[name].update(value)
 
     def result(self) -> dict[str, StatsSnapshot]:
         """{tensor: snapshot} in the order of `tensors`."""
@@ -379,14 +372,11 @@ def collect_stats(
     total: int | None = None,
     threads: int | None = None,
     grams: Mapping[str, Any] | None = None,
-    row_weights: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = None,
 ) -> dict[str, StatsSnapshot]:
     """Run `model` over `feeds` on ONNX Runtime's CPU provider and return statistics.
 
     `grams`: tensor -> accumulator with `update(x)` (GPTQ's `GramAccumulator`), fed every
     value of that tensor in the same pass; the tensor need not be in `tensors`.
-    `row_weights(feed)`: one weight per row of the feed's values along their second-to-last
-    axis, given to every accumulator as `update(x, weights)`.
 
     `tensors` names node outputs or graph inputs of the main graph (graph inputs are taken
     from the feed). A copy of the model exposes them as extra outputs; ONE session runs every
@@ -396,8 +386,7 @@ def collect_stats(
     """
     if total is None and isinstance(feeds, Sized):
         total = len(feeds)
-    with StatsPass(model, tensors, bins=bins, threads=threads, grams=grams,
-                   row_weights=row_weights) as stats:
+    with StatsPass(model, tensors, bins=bins, threads=threads, grams=grams) as stats:
         bar = _progress(progress)
         task = bar.add_task(progress, total=total) if bar is not None else None
         if bar is not None:

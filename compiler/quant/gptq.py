@@ -79,9 +79,6 @@ class GptqConfig:
     "gptq", "mse" (MSE-clipped scales), or "auto": GPTQ only where it beats MSE rounding on
     held-out calibration inputs (`quant.tied_table`). GPTQ cost whisper-tiny.en 1.2 WER
     points on its table and looked better on whisper-base (BENCHMARKS.md).
-    `padding`: the weight, in the Gram matrices of Whisper's encoder, of a window's frames
-    after the audio ends. A 3-6 s clip leaves about 85% of the 1500 frames padding, which
-    then outweighs the speech in X^T X (BENCHMARKS.md, issue 10).
     """
 
     damp: float = 0.01
@@ -90,7 +87,6 @@ class GptqConfig:
     scale_method: str = "mse"
     stages: int = 1
     tied: str = "auto"
-    padding: float = 1.0
 
     def __post_init__(self) -> None:
         damp = self.damp
@@ -108,10 +104,6 @@ class GptqConfig:
             raise SfcError(f"GPTQ stages must be a positive int, not {self.stages!r}")
         if self.tied not in TIED:
             raise SfcError(f"GPTQ tied must be one of {', '.join(TIED)}, not {self.tied!r}")
-        pad = self.padding
-        if (isinstance(pad, bool) or not isinstance(pad, int | float | np.floating)
-                or not math.isfinite(pad) or not 0 <= pad <= 1):
-            raise SfcError(f"GPTQ padding weight must be a number in [0, 1], not {pad!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as recipe.json stores it (`stages` only when not 1, `tied` only when
@@ -126,22 +118,19 @@ class GptqConfig:
             out["stages"] = int(self.stages)
         if self.tied != "mse":
             out["tied"] = self.tied
-        if self.padding != 1:
-            out["padding"] = float(self.padding)
         return out
 
     @classmethod
     def from_dict(cls, data: Any) -> GptqConfig:
         """Inverse of `to_dict`; malformed input raises SfcError."""
         keys = {"damp", "act_order", "lazy_block", "scale_method"}
-        optional = {"stages", "tied", "padding"}
-        if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"stages", "tied"}:
             raise SfcError(f"malformed GPTQ config: {data!r}")
         tied = data.get("tied", "mse")
         if isinstance(tied, bool):  # recipes of 2026-12-04 stored true (GPTQ) only
             tied = "gptq" if tied else "mse"
         return cls(data["damp"], data["act_order"], data["lazy_block"], data["scale_method"],
-                   data.get("stages", 1), tied, data.get("padding", 1.0))
+                   data.get("stages", 1), tied)
 
 
 class GramAccumulator:
@@ -155,11 +144,8 @@ class GramAccumulator:
         self._gram: np.ndarray | Path = np.zeros((self._k, self._k), dtype=np.float64)
         self._count = 0
 
-    def update(self, x: np.ndarray, weights: np.ndarray | None = None) -> None:
-        """Add the rows of `x` [..., K] (leading dims flattened); NaN/Inf raise SfcError.
-        `weights`: one non-negative weight per row of x's second-to-last axis (a frame's
-        weight, the same in every leading index), scaling its term of X^T X; the row
-        count stays the number of rows (GPTQ's result does not depend on H's scale)."""
+    def update(self, x: np.ndarray) -> None:
+        """Add the rows of `x` [..., K] (leading dims flattened); NaN/Inf raise SfcError."""
         if isinstance(self._gram, Path):
             raise SfcError("internal: a spilled Gram accumulator takes no more rows")
         x = np.asarray(x)
@@ -170,19 +156,10 @@ class GramAccumulator:
         rows = x.reshape(-1, self._k)
         if not np.isfinite(rows).all():
             raise SfcError("calibration activations have NaN or Inf values")
-        scale = None
-        if weights is not None:
-            weights = np.asarray(weights, dtype=np.float64)
-            if x.ndim < 2 or weights.shape != x.shape[-2:-1] or (weights < 0).any():
-                raise SfcError(f"Gram row weights must be {x.shape[-2:-1]} non-negative "
-                               f"numbers for inputs {x.shape}, got {weights.shape}")
-            scale = np.sqrt(np.broadcast_to(weights, x.shape[:-1]).reshape(-1, 1))
         # Chunks bound the float64 copy; the sum is the same up to float rounding.
         step = max(1, _GRAM_CHUNK_ELEMENTS // self._k)
         for start in range(0, rows.shape[0], step):
             part = rows[start:start + step].astype(np.float64)
-            if scale is not None:
-                part *= scale[start:start + step]
             self._gram += part.T @ part
         self._count += rows.shape[0]
 

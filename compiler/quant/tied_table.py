@@ -39,9 +39,9 @@ class SplitGramAccumulator(GramAccumulator):
         self.halves = (GramAccumulator(k), GramAccumulator(k))
         self._updates = 0
 
-    def update(self, x: np.ndarray, weights: np.ndarray | None = None) -> None:
-        super().update(x, weights)
-        self.halves[self._updates % 2].update(x, weights)
+    def update(self, x: np.ndarray) -> None:
+        super().update(x)
+        self.halves[self._updates % 2].update(x)
         self._updates += 1
 
 

@@ -204,14 +204,3 @@ def whisper_windows(audio: np.ndarray, spec: LogMelSpec = LogMelSpec()) -> np.nd
         seg = feats[:, i * spec.n_frames : (i + 1) * spec.n_frames]
         out[i, :, : seg.shape[1]] = seg
     return out
-
-
-def content_frames(window: np.ndarray) -> int:
-    """Frames of a `whisper_windows` window [n_mels, n_frames] that hold audio: those
-    before the trailing frames that are zero in every bin (the padding after the audio
-    ends; a frame of audio is never exactly zero in all bins after `_normalise`)."""
-    arr = np.asarray(window)
-    if arr.ndim != 2:
-        raise ValueError(f"content_frames expects one window [n_mels, n_frames], got {arr.shape}")
-    filled = np.flatnonzero(np.any(arr != 0, axis=0))
-    return int(filled[-1]) + 1 if filled.size else 0
