@@ -106,6 +106,12 @@ class BuildConfig:
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
         object.__setattr__(self, "target", canonical_target(self.target))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SfcError(f"--seed must be an integer >= 0, not {self.seed!r}")
+        if self.calib_limit is not None and (isinstance(self.calib_limit, bool) or not
+                                             isinstance(self.calib_limit, int)
+                                             or self.calib_limit < 1):
+            raise SfcError(f"--calib-limit must be an integer >= 1, not {self.calib_limit!r}")
         if self.weights == "mixed":
             if self.search is None:
                 raise SfcError("--weights mixed needs a budget: --avg-bits B or --size-mb S")

@@ -94,7 +94,7 @@ DEFAULT_MODEL = "whisper-tiny.en"
 ModelArg = Annotated[str, typer.Argument(
     help="An sfc export/build folder, or a zoo name (exported to the cache on first use).")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", help="ONNX Runtime intra-op threads (default: ORT's choice).")]
+    "--threads", min=1, help="ONNX Runtime intra-op threads (default: ORT's choice).")]
 LanguageOpt = Annotated[str | None, typer.Option(
     "--language", help="Language spoken (a code: de, fr, ...; multilingual models); default: "
     "detected on each file's first 30 s (English-only models: en)")]
@@ -154,7 +154,8 @@ def synth(
     held_out: Annotated[list[Path] | None, typer.Option(
         "--held-out", help="Evaluation manifests no sentence may come from (repeatable; "
         "default: the bundled eval set)")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the per-sentence speaking rates")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the per-sentence speaking rates")]
+    = 0,
 ) -> None:
     """Render sentences to speech (piper-tts) as training audio for --train-data."""
     from .calib.synth import read_texts, synthesize
@@ -227,7 +228,8 @@ def transcribe(
     beam_size: BeamSizeOpt = 1,
     temperature_fallback: FallbackOpt = False,
     seed: Annotated[int, typer.Option(
-        help="Seed of the temperature fallback's sampling (recorded in json output)")] = 0,
+        min=0, help="Seed of the temperature fallback's sampling (recorded in json output)")]
+    = 0,
     encoder_window: EncoderWindowOpt = "full",
 ) -> None:
     """Print or write the transcript of each audio file."""
@@ -288,9 +290,9 @@ def eval_cmd(
         "--json", help="Write the full result (per utterance) here (default: not written)")]
     = None,
     limit: Annotated[int | None, typer.Option(
-        "--limit", "--eval-limit", help="Only the first N utterances")] = None,
+        "--limit", "--eval-limit", min=1, help="Only the first N utterances")] = None,
     seed: Annotated[int, typer.Option(
-        help="Seed of the bootstrap and of the temperature fallback's sampling")] = 0,
+        min=0, help="Seed of the bootstrap and of the temperature fallback's sampling")] = 0,
     threads: ThreadsOpt = None,
     loop_guard: LoopGuardOpt = True,
     language: Annotated[str, typer.Option(
@@ -457,7 +459,8 @@ def build_cmd(
         "task objective; the default: lossless W8A8 on whisper-tiny.en)")] = "esc",
     calib: Annotated[Path, typer.Option(help="Calibration manifest folder (or .npz folder)")]
     = BUNDLED_DATA / "calib",
-    calib_limit: Annotated[int | None, typer.Option(help="Only the first N calibration items")]
+    calib_limit: Annotated[int | None, typer.Option(
+        min=1, help="Only the first N calibration items")]
     = None,
     recipe: Annotated[Path | None, typer.Option(help="Replay a build folder's recipes")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Keep matching nodes float (glob)")]
@@ -473,7 +476,7 @@ def build_cmd(
              "float16 step per column: 4.375 + 16/K), or auto: float16 on ort-cpu, float32 "
              "on sim and TensorRT")]
     = "auto",
-    seed: Annotated[int, typer.Option(help="Seed, recorded in the recipe")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed, recorded in the recipe")] = 0,
     esc_budget: Annotated[int, typer.Option(help="ESC: candidate evaluations")] = 100,
     esc_popsize: Annotated[int | None, typer.Option(
         help="ESC: CMA-ES population (default 4 + 3 ln n)")] = None,
@@ -517,7 +520,8 @@ def build_cmd(
     eval_data: Annotated[Path | None, typer.Option(
         "--eval-data", "--eval", help="WER check against FP32: manifest folder or .jsonl")]
     = BUNDLED_DATA / "eval",
-    eval_limit: Annotated[int | None, typer.Option(help="Only the first N eval utterances")]
+    eval_limit: Annotated[int | None, typer.Option(
+        min=1, help="Only the first N eval utterances")]
     = None,
     eval_batch: Annotated[int | None, typer.Option(
         min=1, help="WER check in throughput mode: N utterances decoded together, FP32 and "

@@ -178,3 +178,15 @@ def test_whisper_calibration_runs_the_fp32_encoder_once_per_utterance(
     assert sum("tokens" in f for f in counted) == 3  # the decoder, fed from those runs
     recipe = json.loads((tmp_path / "b" / "decoder" / "recipe.json").read_text())["_data"]
     assert all(t["scale"] > 0 for t in recipe["tensors"] if t["kind"] == "activation")
+
+
+@pytest.mark.parametrize(("fields", "fragment"), [
+    ({"seed": -1}, "--seed"), ({"seed": 1.5}, "--seed"), ({"seed": True}, "--seed"),
+    ({"calib_limit": 0}, "--calib-limit"), ({"calib_limit": -2}, "--calib-limit"),
+])
+def test_build_config_refuses_negative_seeds_and_empty_limits(fields: dict[str, object],
+                                                              fragment: str) -> None:
+    """The Python API checks what the command line's ranges check: a negative calibration
+    limit would slice the set from its end, a negative seed fail deep in the build."""
+    with pytest.raises(SfcError, match=fragment):
+        BuildConfig(**fields)  # type: ignore[arg-type]

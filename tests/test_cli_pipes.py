@@ -191,3 +191,21 @@ def test_build_accepts_the_shared_spellings(tmp_path: Path) -> None:
                             "--avg-bits", "4"), "--weights mixed only")
     _assert_user_error(_sfc("build", "-o", out, "--activations", "8bit"), "--activations")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ("build", "--calib-limit", "0"), ("build", "--eval-limit", "-1"), ("build", "--seed", "-1"),
+    ("build", "--threads", "0"), ("eval", "x", "--limit", "0"), ("eval", "x", "--limit", "-3"),
+    ("eval", "x", "--seed", "-2"), ("transcribe", "x", "y", "--seed", "-1"),
+    ("transcribe", "x", "y", "--threads", "-1"),
+])
+def test_out_of_range_counts_are_refused_before_any_work(args: tuple[str, ...],
+                                                         tmp_path: Path) -> None:
+    """A negative limit once sliced the set from its end (`--limit -3`: 347 of 350 clips);
+    0 failed only after calibration had started. Now each is a usage error naming the
+    option, with no output folder made."""
+    done = _sfc(*args, "-o", str(tmp_path / "b")) if args[0] == "build" else _sfc(*args)
+    stderr = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in stderr, stderr
+    assert f"'{args[-2]}'" in stderr.strip().splitlines()[-1], stderr
+    assert not (tmp_path / "b").exists()
