@@ -47,6 +47,11 @@ def target_caps(target: str) -> TargetCaps:
     return _CAPS[name]
 
 
+
+def _at_least(value: object, minimum: int, option: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SfcError(f"{option} must be an integer >= {minimum}, not {value!r}")
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything `sfc build` was asked to do (recorded in each recipe and the report)."""
@@ -106,12 +111,9 @@ class BuildConfig:
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
         object.__setattr__(self, "target", canonical_target(self.target))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise SfcError(f"--seed must be an integer >= 0, not {self.seed!r}")
-        if self.calib_limit is not None and (isinstance(self.calib_limit, bool) or not
-                                             isinstance(self.calib_limit, int)
-                                             or self.calib_limit < 1):
-            raise SfcError(f"--calib-limit must be an integer >= 1, not {self.calib_limit!r}")
+        _at_least(self.seed, 0, "--seed")
+        if self.calib_limit is not None:
+            _at_least(self.calib_limit, 1, "--calib-limit")
         if self.weights == "mixed":
             if self.search is None:
                 raise SfcError("--weights mixed needs a budget: --avg-bits B or --size-mb S")
