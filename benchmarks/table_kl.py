@@ -13,12 +13,15 @@ weighted by the FP32 model's probability of that token at each calibration row (
 second-order term of the KL, for the tokens that carry calibration mass, shrunk towards
 the shared Gram by `--beta`); and the tokens with the most calibration probability mass
 kept at INT8 per channel (the rest MSE 4/32); with `--ranks`, MSE 4/32 plus a rank-k
-correction A B fitted on the calibration Gram (float, and A float16 / B INT8 per row).
+correction A B fitted on the calibration Gram (float, and A float16 / B INT8 per row); with
+`--rotate`, MSE and GPTQ at 4/32 and 4/128 on the table rotated along K by signs times a
+block Hadamard (`hadamard_rotation.py`), against the same without the rotation.
 
     SFC_CACHE=/tmp/sfccache python benchmarks/table_kl.py [--model whisper-tiny.en] \
         [--json benchmarks/results/table_kl_tiny.json]
     SFC_CACHE=/tmp/sfccache python benchmarks/table_kl.py --damps --beta --int8-tokens 3000 \
         --ranks 4 8 16 32
+    SFC_CACHE=/tmp/sfccache python benchmarks/table_kl.py --damps --int8-tokens --rotate
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 from common import machine_info
+from hadamard_rotation import rotation
 from onnx import numpy_helper
 
 from sfc.calib.feeds import whisper_feeds
@@ -105,6 +109,8 @@ def main() -> int:
     ap.add_argument("--int8-tokens", type=int, nargs="*", default=[1000, 3000, 10000])
     ap.add_argument("--ranks", type=int, nargs="*", default=[],
                     help="a rank-k correction of MSE 4/32's error, fitted on the calibration Gram")
+    ap.add_argument("--rotate", action="store_true",
+                    help="4/32 and 4/128, with and without a Hadamard rotation along K")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     heldout = args.heldout or cache_dir() / "heldout"
@@ -155,6 +161,16 @@ def main() -> int:
         b8 = dequantize_weight(qb, W8, sb).T
         score(mse + a.astype(np.float16).astype(np.float32) @ b8,
               f"MSE 4/32 + rank {k} (A fp16, B INT8 per row)", rank=k)
+    if args.rotate:
+        rot = rotation(w.shape[0], np.random.default_rng(0))
+        for block in (32, 128):
+            spec = QuantSpec(4, "block", 0, block, zero_point=True, scale_bits=32)
+            for label, r in (("", np.eye(w.shape[0])), (", rotated", rot)):
+                wr = (r.T @ w).astype(np.float32)
+                q, s = round_to_nearest(wr, spec, "mse")
+                score(r @ dequantize_weight(q, spec, s), f"MSE 4/{block}{label}")
+                q, s = gptq_quantize(wr, r.T @ gram @ r, xc.shape[0], spec, GptqConfig())
+                score(r @ dequantize_weight(q, spec, s), f"GPTQ 4/{block}{label}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "machine": machine_info(0),
                                          "calib_rows": int(xc.shape[0]),
