@@ -209,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
             config["search"] = replace(search, one_stage=replace(search.one_stage,
                                                                  device=args.train_device))
             name = f"{name}@{args.train_device}"
+        if args.train_data:  # more training audio for learned variants: a row of its own
+            config["train_data"] = tuple(Path(d).resolve() for d in args.train_data)
+            name = f"{name}+" + "+".join(d.name for d in config["train_data"])
         if name in results.get("variants", {}):
             continue
         out = work / args.model / name
@@ -357,6 +360,9 @@ def main() -> int:
                         "resolve_mix.py writes one from a search)")
     parser.add_argument("--train-device", default=None, choices=("cpu", "cuda"),
                         help="where one-stage variants train (a row of its own: NAME@DEVICE)")
+    parser.add_argument("--train-data", nargs="+", default=None, metavar="MANIFEST_DIR",
+                        help="more training audio for one-stage / fine-tuning variants "
+                        "(`sfc synth` writes some)")
     parser.add_argument("--sensitivity-samples", type=int, default=None,
                         help="calibration items for the mixed variants' probes (default 16)")
     parser.add_argument("--show", action="store_true")
