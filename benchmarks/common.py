@@ -140,7 +140,7 @@ def build_variant(model: str, out: Path, config_kwargs: Mapping[str, Any], data:
     if report.wer is None:
         raise RuntimeError("compile_model returned no WER comparison")
     built = EvalResult.load(out / "eval.json")
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    cfg = json.loads(json.dumps(asdict(config), default=str))  # paths (nested too) as text
     return {
         "kind": "sfc", "folder": str(out), "config": cfg,
         "size_bytes": report.artifact_bytes, "fp32_bytes": report.fp32_bytes,
