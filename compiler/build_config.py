@@ -47,10 +47,10 @@ def target_caps(target: str) -> TargetCaps:
     return _CAPS[name]
 
 
-
 def _at_least(value: object, minimum: int, option: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SfcError(f"{option} must be an integer >= {minimum}, not {value!r}")
+
 
 @dataclass(frozen=True)
 class BuildConfig:
