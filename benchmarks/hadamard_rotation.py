@@ -1,5 +1,6 @@
 """Hadamard rotations before 4-bit weights (QuaRot / QuIP-style incoherence), screened
-offline and written into export copies for WER builds (BENCHMARKS.md, issue 10).
+offline, and the tied table's written into an export copy for WER builds (BENCHMARKS.md,
+issue 10).
 
 A MatMul x W computes the same as (x R)(R^T W) for an orthogonal R; rounding R^T W
 instead of W spreads a few large input channels over whole blocks, so block scales fit
@@ -11,17 +12,21 @@ Hadamard blocks).
         each encoder MatMul's 4/32 and 4/128 output error on held-out clips (Grams on
         calibration clips 1-48, error on clips 49-72), round to nearest and GPTQ, with and
         without rotating its input
-    SFC_CACHE=... python benchmarks/hadamard_rotation.py export {table,encoder,decoder} OUT \
+    SFC_CACHE=... python benchmarks/hadamard_rotation.py export table OUT \
         --map MAP_IN --map-out MAP_OUT [--model whisper-tiny.en]
         a copy of the model's export folder with the tied table rotated (its MatMul reads
-        x R, its Gather's rows are turned back by R^T) or with every constant-weight
-        MatMul input of the encoder (or of the decoder but the table's) rotated, the
-        rotations as float MatMuls; MAP_OUT is
-        MAP_IN with those MatMuls kept float, for `lowbit_table.py --model OUT
+        x R, its Gather's rows are turned back by R^T), the rotations as float MatMuls;
+        MAP_OUT is MAP_IN with those MatMuls kept float, for `lowbit_table.py --model OUT
         --precision MAP_OUT`
 
-The table's logits KL is `table_kl.py`'s screen on the rotated table. The rotations are
-written as full K x K float MatMuls: an accuracy screen, not a deployable layout (their
+The encoder and decoder MatMul inputs are rotated by `sfc build --rotate GRAPH`
+(`sfc.quant.rotate`, `lowbit_table.py --rotate GRAPH`). The twenty-sixth session's copies
+were made by this script's earlier `export encoder|decoder` (commit 3d33946: the same
+signs, drawn in the same order from the same seed, written as K x K MatMuls); the built-in
+rotation gives the same signs and weights (within 7e-18).
+
+The table's logits KL is `table_kl.py`'s screen on the rotated table. The table copy's
+rotations are full K x K float MatMuls: an accuracy screen, not a deployable layout (their
 bytes are left out of the bits BENCHMARKS.md quotes).
 """
 
@@ -135,33 +140,6 @@ def _rotate_table(model: onnx.ModelProto, rng: np.random.Generator) -> list[str]
     return ["/rot_logits", "/rot_embed"]
 
 
-def _rotate_matmuls(model: onnx.ModelProto, rng: np.random.Generator) -> list[str]:
-    """Every constant-weight MatMul's input x read as x R, its weight stored as R^T W (a
-    weight other ops read too, the tied table, is left alone)."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    readers = [i for n in g.node for i in n.input]
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        if (n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-                and readers.count(n.input[1]) == 1):
-            groups.setdefault(n.input[0], []).append(n)
-    before, names = {}, []
-    for i, (x, readers) in enumerate(sorted(groups.items())):
-        r = rotation(inits[readers[0].input[1]].dims[0], rng)
-        g.initializer.append(numpy_helper.from_array(r.astype(np.float32), f"rot_{i}"))
-        names.append(f"/rot_{i}")
-        before[readers[0].name] = helper.make_node("MatMul", [x, f"rot_{i}"], [f"rot_{i}_x"],
-                                                   name=names[-1])
-        for n in readers:
-            w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-            inits[n.input[1]].CopyFrom(numpy_helper.from_array((r.T @ w).astype(np.float32),
-                                                               n.input[1]))
-            n.input[0] = f"rot_{i}_x"
-    _insert(g, before, {})
-    return names
-
-
 def _insert(g: onnx.GraphProto, before: dict[str, onnx.NodeProto],
             after: dict[str, onnx.NodeProto]) -> None:
     nodes = []
@@ -173,12 +151,11 @@ def _insert(g: onnx.GraphProto, before: dict[str, onnx.NodeProto],
     g.node.extend(nodes)
 
 
-def export(model_name: str, what: str, out: Path, map_in: Path, map_out: Path) -> None:
-    graph = "encoder" if what == "encoder" else "decoder"
+def export(model_name: str, out: Path, map_in: Path, map_out: Path) -> None:
+    graph = "decoder"  # the tied table's
     shutil.copytree(model_folder(model_name), out, dirs_exist_ok=True)
     model = onnx.load(str(out / f"{graph}.onnx"))
-    names = (_rotate_table if what == "table" else _rotate_matmuls)(model,
-                                                                   np.random.default_rng(0))
+    names = _rotate_table(model, np.random.default_rng(0))
     onnx.checker.check_model(model)
     onnx.save(model, str(out / f"{graph}.onnx"))
     entries = json.loads(map_in.read_text())
@@ -190,7 +167,7 @@ def export(model_name: str, what: str, out: Path, map_in: Path, map_out: Path) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("layers", "export"))
-    parser.add_argument("where", nargs="?", choices=("table", "encoder", "decoder"))
+    parser.add_argument("where", nargs="?", choices=("table",))
     parser.add_argument("out", nargs="?", type=Path)
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--map", type=Path)
@@ -199,9 +176,9 @@ def main() -> int:
     if args.what == "layers":
         layers(args.model)
     elif args.where is None or args.out is None or args.map is None or args.map_out is None:
-        parser.error("export needs table|encoder, OUT, --map and --map-out")
+        parser.error("export needs table, OUT, --map and --map-out")
     else:
-        export(args.model, args.where, args.out, args.map, args.map_out)
+        export(args.model, args.out, args.map, args.map_out)
     return 0
 
 

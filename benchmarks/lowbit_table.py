@@ -204,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
         if args.precision:  # a hand-written or re-solved map on top: its own key too
             config["precision"] = load_precision(Path(args.precision))
             name = f"{name}+{Path(args.precision).stem}"
+        if args.rotate:  # built-in Hadamard rotations (sfc build --rotate): a row of its own
+            config["rotate"] = tuple(args.rotate)
+            name = f"{name}+rot-" + "-".join(args.rotate)
         search = config.get("search")
         if args.train_device and search is not None and search.method == "one-stage":
             config["search"] = replace(search, one_stage=replace(search.one_stage,
@@ -358,6 +361,8 @@ def main() -> int:
     parser.add_argument("--precision", default=None, metavar="MAP_JSON",
                         help="a --precision map applied to the variants (benchmarks/"
                         "resolve_mix.py writes one from a search)")
+    parser.add_argument("--rotate", nargs="+", default=None, metavar="GRAPH",
+                        help="Hadamard-rotate these graphs' MatMul inputs (sfc build --rotate)")
     parser.add_argument("--train-device", default=None, choices=("cpu", "cuda"),
                         help="where one-stage variants train (a row of its own: NAME@DEVICE)")
     parser.add_argument("--train-data", nargs="+", default=None, metavar="MANIFEST_DIR",

@@ -83,6 +83,7 @@ from .quant.plan import (
 )
 from .quant.qdq import write_qdq
 from .quant.recipe import Recipe, model_sha256, recipe_from_plan
+from .quant.rotate import Rotation, make_rotation
 from .quant.sequential import stage_groups
 from .quant.smooth import (
     SMOOTHING_FILE,
@@ -142,6 +143,7 @@ class GraphBuild:
     skipped: tuple[dict[str, str], ...]
     seconds: float
     n_smoothed: int = 0  # activations whose channel ranges moved into weights
+    n_rotated: int = 0  # MatMul inputs Hadamard-rotated before their weights
 
 
 def replay_source(recipe: Path) -> str | None:
@@ -321,6 +323,7 @@ class _Graph:
     # tied table -> GPTQ's held-out output error over MSE rounding's (GptqConfig.tied auto)
     tied_ratios: dict[str, float] = field(default_factory=dict)
     smoothing: Smoothing | None = None  # folded into `model` (`quant.smooth`)
+    rotation: Rotation | None = None  # applied to `model` before its plan (`quant.rotate`)
 
     def quantize(self, tensor: str, spec: Any, method: str, gptq: GptqConfig
                  ) -> tuple[Any, Any, str]:
@@ -398,6 +401,8 @@ class _Graph:
                 t: round(r, 6) for t, r in sorted(self.tied_ratios.items())}
         if self.smoothing is not None:
             data["calibration"]["smoothing"]["data"] = self.smoothing.digest()
+        if self.rotation is not None:
+            data["weights"]["rotation"] = self.rotation.to_dict()
         return recipe_from_plan(self.plan, scales, self.sha, config.seed, data, methods,
                                 self.stored.digest() if self.stored else None)
 
@@ -405,14 +410,25 @@ class _Graph:
 def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: TargetCaps,
              single: bool) -> _Graph:
     start = time.perf_counter()
-    sha = model_sha256(model)
     replay = _recipe_path(config, name, single)
+    recipe = Recipe.load(replay) if replay is not None else None
+    rotation = None
+    if recipe is not None:
+        entry = (recipe.config.get("weights") or {}).get("rotation")
+        if entry is not None:
+            try:
+                rotation = Rotation.from_dict(entry, model)
+            except SfcError as e:  # like smoothing, it tells another model apart
+                raise SfcError(f"{replay} was made for another model: {e}") from None
+    elif config.rotates(name):
+        rotation = make_rotation(model, config.seed)
+    if rotation is not None:  # before the plan: its Hadamard MatMuls must stay float
+        model = rotation.apply(model)
+    sha = model_sha256(model)
     plan = make_plan(model, config.plan_config(name), caps)
-    recipe = None
     stored = None
     smoothing = None
-    if replay is not None:
-        recipe = Recipe.load(replay)
+    if replay is not None and recipe is not None:
         if recipe.weight_data is not None:
             stored = StoredWeights.load(replay.parent / STORED_FILE, recipe.weight_data)
         digest = (recipe.config.get("calibration", {}).get("smoothing") or {}).get("data")
@@ -440,6 +456,7 @@ def _prepare(name: str, model: onnx.ModelProto, config: BuildConfig, caps: Targe
                time.perf_counter() - start)
     g.stored = stored
     g.smoothing = smoothing
+    g.rotation = rotation
     return g
 
 
@@ -470,6 +487,7 @@ def _emit(g: _Graph, recipe: Recipe, config: BuildConfig, stage: Path,
         skipped=tuple(s.to_dict() for s in recipe.skipped),
         seconds=g.seconds + time.perf_counter() - start,
         n_smoothed=0 if g.smoothing is None else len(g.smoothing.scales),
+        n_rotated=0 if g.rotation is None else len(g.rotation.signs),
     )
 
 
@@ -866,6 +884,9 @@ def build(src: str, out: Path, config: BuildConfig, *, into: Path | None = None)
             fp32_folder = model_folder(src)
         card = ModelCard.load(fp32_folder)
         _check_one_stage(card, config)
+        for unknown in sorted(set(config.rotate) - {"all"} - set(card.graphs)):
+            raise SfcError(f"--rotate {unknown}: this model has no graph '{unknown}' (its "
+                           f"graphs: {', '.join(card.graphs)})")
         for entry in config.precision:
             graph = entry_graph(entry)
             if graph is not None and graph not in card.graphs:

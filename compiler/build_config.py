@@ -107,6 +107,9 @@ class BuildConfig:
     trt_float: str = "fp16"
     # ort-cpu only: float attention cores as ORT's fused MultiHeadAttention.
     fused_attention: bool = False
+    # Graphs whose MatMul inputs are Hadamard-rotated before low-bit weights (quant.rotate;
+    # signs from `seed`); "all": every graph.
+    rotate: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The recipe records the CPU class a plain "ort-cpu" resolved to on this machine.
@@ -165,6 +168,12 @@ class BuildConfig:
             raise SfcError("--smooth-alpha and --smooth-clips do not apply to learned weights "
                            "(--search one-stage, --finetune-steps), which train on the "
                            "unsmoothed checkpoint")
+        if self.rotate and not self.low_bit:
+            raise SfcError("--rotate applies to 4/2-bit weights (--weights 4, 2, mixed, or a "
+                           "--precision map with 4/2-bit layers)")
+        if self.rotate and self.learns:
+            raise SfcError("--rotate does not apply to learned weights (--search one-stage, "
+                           "--finetune-steps), which train on the unrotated checkpoint")
         self.lowering_target()  # engine limits on a target without engines fail here
 
     def lowering_target(self) -> Target:
@@ -194,6 +203,10 @@ class BuildConfig:
     def packs(self) -> bool:
         """Whether ESC's clips are packed into windows."""
         return self.pack_clips and self.packs_esc
+
+    def rotates(self, graph: str) -> bool:
+        """Whether `graph`'s MatMul inputs are rotated (`--rotate`)."""
+        return graph in self.rotate or "all" in self.rotate
 
     @property
     def mixed(self) -> bool:

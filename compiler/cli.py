@@ -441,6 +441,10 @@ def build_cmd(
         help="Per-layer precision map (JSON: node-name glob -> 8|4|2|float or "
         "{weights, block_size, activations}; a key GRAPH:glob applies to that graph "
         "only)")] = None,
+    rotate: Annotated[list[str] | None, typer.Option(
+        help="4/2-bit weights: read this graph's MatMul inputs through a seeded Hadamard "
+        "rotation (signs and 32 x 32 blocks, kept float) and quantize the rotated weights; "
+        "a graph name (e.g. decoder) or all, repeatable")] = None,
     gptq_damp: Annotated[float, typer.Option(help="GPTQ: dampening (fraction of mean "
                                              "diag H)")] = 0.01,
     gptq_act_order: Annotated[bool, typer.Option(help="GPTQ: walk inputs by decreasing "
@@ -643,7 +647,8 @@ def build_cmd(
                          pack_clips=pack_clips, workers=workers, ray_address=ray_address,
                          act_guard=guard, smooth=smoothing, engine_limits=limits,
                          trt_float=trt_float,
-                         fused_attention=fused_attention, train_data=tuple(train_data or ()))
+                         fused_attention=fused_attention, train_data=tuple(train_data or ()),
+                         rotate=tuple(rotate or ()))
     src = src or (replay_source(recipe) if recipe else None) or DEFAULT_MODEL
     report = compile_model(src, out, config, eval_data=None if no_eval else eval_data,
                            eval_limit=eval_limit, threads=threads,

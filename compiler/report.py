@@ -320,6 +320,8 @@ def render_markdown(report: BuildReport) -> str:
                   f"- quantizers: {g['n_weight_quantizers']} weights, "
                   f"{g['n_activation_quantizers']} activations"
                   + (f" ({g['n_smoothed']} smoothed)" if g.get("n_smoothed") else "")
+                  + (f", {g['n_rotated']} MatMul inputs Hadamard-rotated"
+                     if g.get("n_rotated") else "")
                   + f"; {g['seconds']:.1f} s",
                   f"- fused integer kernels: {fused}",
                   f"- float weighted ops left: {len(low['float_weighted'])}"

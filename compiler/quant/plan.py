@@ -4,13 +4,14 @@
 node (the first rule with an opinion wins, as in onnxscript's rewriter):
 
 1. `ExcludeRule`: node names matching a user pattern stay float.
-2. `WeightedOpRule`: MatMul with a constant 2-D B, Gemm with a constant B, Conv with a
+2. `RotationRule`: the Hadamard MatMuls of a rotation (`quant.rotate`) stay float.
+3. `WeightedOpRule`: MatMul with a constant 2-D B, Gemm with a constant B, Conv with a
    constant weight -> a weight quantizer (INT8 per-channel on the output-channel axis,
    or sub-8-bit blocks along K where the target's caps allow) and a per-tensor INT8
    quantizer on the data input.
-3. `AttentionRule`: activation x activation MatMuls (QK^T, AV) -> both inputs
+4. `AttentionRule`: activation x activation MatMuls (QK^T, AV) -> both inputs
    quantized only when `PlanConfig.quantize_attention`.
-4. `FloatRule`: everything else stays float, with a reason.
+5. `FloatRule`: everything else stays float, with a reason.
 
 Rules read `TargetCaps`, never a target's name. Quantizers are then merged per tensor:
 one quantizer per weight (shared by every weighted op reading it; consumers that would
@@ -30,6 +31,7 @@ import onnx
 
 from ..errors import SfcError
 from ..onnx_utils import int_attr
+from .rotate import PREFIX as ROTATION_PREFIX
 from .spec import SCALE_BITS, SIM_CAPS, QuantSpec, TargetCaps, min_opset
 
 __all__ = [
@@ -419,6 +421,20 @@ class ExcludeRule:
 
 
 @dataclass(frozen=True)
+class RotationRule:
+    """The 32 x 32 Hadamard MatMuls a rotation adds (`quant.rotate`) stay float: they mix
+    an activation's channels before a low-bit weight reads them."""
+
+    name: str = "rotation"
+
+    def apply(self, node: onnx.NodeProto, ctx: _Context) -> _Match | Skipped | None:
+        if node.op_type == "MatMul" and node.name.startswith(ROTATION_PREFIX):
+            return Skipped(node.name, node.op_type, "Hadamard rotation of a weight's input: "
+                           "stays float")
+        return None
+
+
+@dataclass(frozen=True)
 class WeightedOpRule:
     """MatMul / Gemm / Conv with a constant float weight."""
 
@@ -623,6 +639,7 @@ def make_plan(model: onnx.ModelProto, config: PlanConfig, caps: TargetCaps) -> P
     ctx = _Context(GraphFacts.of(graph), config, caps)
     rules: tuple[PlacementRule, ...] = (
         ExcludeRule(config.exclude),
+        RotationRule(),
         WeightedOpRule(),
         AttentionRule(),
         FloatRule(),
