@@ -337,10 +337,21 @@ def _per_utterance(ref: str) -> tuple[list[int], list[int]]:
                              for u in read_manifest(BUNDLED_DATA / "eval")]
 
 
+def _mean_errors(refs: str) -> tuple[list[float], list[int]]:
+    """Per-utterance errors averaged over the comma-separated builds of `refs` (builds of
+    one method on several calibration sets or seeds), with the set's reference words."""
+    rows = [_per_utterance(r) for r in refs.split(",")]
+    if any(words != rows[0][1] for _, words in rows):
+        raise SystemExit(f"{refs}: not results on the same utterances")
+    return [sum(e) / len(e) for e in zip(*(e for e, _ in rows), strict=True)], rows[0][1]
+
+
 def paired(a: str, b: str) -> None:
     """WER(b) - WER(a) with its paired 95% CI over the utterances; each of `a`, `b` is
-    RESULTS_JSON:VARIANT or an `sfc eval --json` file, both of the same set."""
-    (errors_a, words), (errors_b, words_b) = _per_utterance(a), _per_utterance(b)
+    RESULTS_JSON:VARIANT or an `sfc eval --json` file, both of the same set, or several
+    of them joined by commas (their per-utterance errors averaged: a method's effect over
+    calibration sets, the utterances still the unit resampled)."""
+    (errors_a, words), (errors_b, words_b) = _mean_errors(a), _mean_errors(b)
     if words != words_b:
         raise SystemExit(f"{a} and {b} are not results on the same utterances")
     d = paired_bootstrap_delta(errors_a, errors_b, words)
@@ -377,7 +388,8 @@ def main() -> int:
     parser.add_argument("--compare", nargs="+", metavar="PRECISION_JSON",
                         help="per-layer formats of mixed builds side by side")
     parser.add_argument("--paired", nargs=2, metavar="JSON:VARIANT|EVAL_JSON",
-                        help="the paired WER difference of two variants' rows (B - A)")
+                        help="the paired WER difference of two variants' rows (B - A); "
+                        "A,A2 averages builds per utterance")
     args = parser.parse_args()
     if args.paired:
         paired(*args.paired)

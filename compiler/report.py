@@ -27,6 +27,7 @@ from .eval.wer import paired_bootstrap_delta
 from .precision.plots import BITS_PLOT, FRONTIER_PLOT, ONE_STAGE_PLOT, histogram
 from .precision.search import RESULT_FILE
 from .quant.recipe import Recipe
+from .quant.rotate import PREFIX as ROTATION_PREFIX
 from .runtime.decoding import LOOP_GUARD
 from .targets.base import is_fused_op
 
@@ -316,6 +317,8 @@ def render_markdown(report: BuildReport) -> str:
     for g in report.graphs:
         low = g["lowering"]
         fused = ", ".join(f"{k} x{v}" for k, v in sorted(low["fused"].items())) or "none"
+        weighted = [n for n in low["float_weighted"] if not n.startswith(ROTATION_PREFIX)]
+        rotations = len(low["float_weighted"]) - len(weighted)
         lines += ["", f"## {g['name']}", "",
                   f"- quantizers: {g['n_weight_quantizers']} weights, "
                   f"{g['n_activation_quantizers']} activations"
@@ -324,10 +327,11 @@ def render_markdown(report: BuildReport) -> str:
                      if g.get("n_rotated") else "")
                   + f"; {g['seconds']:.1f} s",
                   f"- fused integer kernels: {fused}",
-                  f"- float weighted ops left: {len(low['float_weighted'])}"
-                  + (f" ({', '.join(low['float_weighted'][:8])}"
-                     f"{', ...' if len(low['float_weighted']) > 8 else ''})"
-                     if low["float_weighted"] else ""),
+                  f"- float weighted ops left: {len(weighted)}"
+                  + (f" ({', '.join(weighted[:8])}{', ...' if len(weighted) > 8 else ''})"
+                     if weighted else "")
+                  + (f", and {rotations} Hadamard rotation MatMuls (32 x 32)"
+                     if rotations else ""),
                   f"- artifact: {g['name']}/{low['artifact']} ({low['bytes'] / 1e6:.1f} MB)"]
         lines += [f"- lowering: {note}" for note in low.get("notes", ())]
         if g.get("engine_layers"):
