@@ -139,7 +139,7 @@ def test_a_build_rotates_records_and_replays(tmp_path: Path) -> None:
     assert entry == make_rotation(_model(), 0).to_dict()
     text = (tmp_path / "a/report.md").read_text()
     assert "1 MatMul inputs Hadamard-rotated" in text
-    assert "float weighted ops left: 0, and 1 Hadamard rotation MatMuls" in text
+    assert ", and 1 Hadamard rotation MatMuls (32 x 32)" in text
     # Replay re-creates the rotation from the recipe: the same QDQ bytes, no data read.
     replay = replace(config, calib=tmp_path / "nowhere", recipe=tmp_path / "a", rotate=())
     compile_model(str(src), tmp_path / "b", replay, eval_data=None)
