@@ -23,6 +23,22 @@ def stacked_decoder_graph() -> Any:
     return GraphSpec("decoder.onnx", tuple(TensorSpec(n, "float32", ()) for n in STACKED), ())
 
 
+def model_with_feeds(folder: Path, model: Any, shape: tuple[int, ...]) -> tuple[Path, Path]:
+    """`model` saved as folder/model.onnx and six seeded `.npz` calibration feeds of its
+    input `x` (float32 of `shape`) in folder/feeds: a generic model to build."""
+    import numpy as np
+    import onnx
+
+    src = folder / "model.onnx"
+    onnx.save(model, str(src))
+    feeds = folder / "feeds"
+    feeds.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        np.savez(feeds / f"{i:02d}.npz", x=rng.standard_normal(shape).astype(np.float32))
+    return src, feeds
+
+
 def bench_module(name: str) -> Any:
     """benchmarks/<name>.py as a module (the scripts import their sibling `common` by name,
     so their folder is on sys.path while it loads)."""

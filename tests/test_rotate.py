@@ -21,6 +21,7 @@ from sfc.pipeline import compile_model
 from sfc.quant.plan import PlanConfig, make_plan
 from sfc.quant.rotate import PREFIX, Rotation, make_rotation, rotation_sites
 from sfc.quant.spec import SIM_CAPS
+from tests.conftest import model_with_feeds
 
 
 def _model() -> onnx.ModelProto:
@@ -118,14 +119,7 @@ def test_a_recipes_rotation_is_re_created_and_checked() -> None:
 
 
 def _source(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "model.onnx"
-    onnx.save(_model(), str(src))
-    feeds = tmp_path / "feeds"
-    feeds.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(6):
-        np.savez(feeds / f"{i:02d}.npz", x=rng.standard_normal((1, 16, 64)).astype(np.float32))
-    return src, feeds
+    return model_with_feeds(tmp_path, _model(), (1, 16, 64))
 
 
 def test_a_build_rotates_records_and_replays(tmp_path: Path) -> None:

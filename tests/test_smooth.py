@@ -25,6 +25,7 @@ from sfc.quant.smooth import (
     smooth_sites,
     smoothing_scales,
 )
+from tests.conftest import model_with_feeds
 
 
 def _model(*, tied: bool = False, extra_reader: bool = False,
@@ -148,14 +149,7 @@ def test_config_checks_its_values() -> None:
 
 
 def _source(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "model.onnx"
-    onnx.save(_model(), str(src))
-    feeds = tmp_path / "feeds"
-    feeds.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(6):
-        np.savez(feeds / f"{i:02d}.npz", x=rng.standard_normal((16, 64)).astype(np.float32))
-    return src, feeds
+    return model_with_feeds(tmp_path, _model(), (16, 64))
 
 
 def test_a_build_smooths_records_and_replays(tmp_path: Path) -> None:
