@@ -207,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
         if args.rotate:  # built-in Hadamard rotations (sfc build --rotate): a row of its own
             config["rotate"] = tuple(args.rotate)
             name = f"{name}+rot-" + "-".join(args.rotate)
+        if args.seed:  # the build seed (the rotation's signs, the one-stage draws)
+            config["seed"] = args.seed
+            name = f"{name}@seed{args.seed}"
         search = config.get("search")
         if args.train_device and search is not None and search.method == "one-stage":
             config["search"] = replace(search, one_stage=replace(search.one_stage,
@@ -374,6 +377,8 @@ def main() -> int:
                         "resolve_mix.py writes one from a search)")
     parser.add_argument("--rotate", nargs="+", default=None, metavar="GRAPH",
                         help="Hadamard-rotate these graphs' MatMul inputs (sfc build --rotate)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="build seed (a row of its own when not 0)")
     parser.add_argument("--train-device", default=None, choices=("cpu", "cuda"),
                         help="where one-stage variants train (a row of its own: NAME@DEVICE)")
     parser.add_argument("--train-data", nargs="+", default=None, metavar="MANIFEST_DIR",
