@@ -112,7 +112,8 @@ class Rotation:
         graph.initializer.extend([
             numpy_helper.from_array(_hadamard().astype(np.float32), _H),
             numpy_helper.from_array(np.array([-1, HADAMARD], np.int64), _ROWS)])
-        before: dict[str, list[onnx.NodeProto]] = {}
+        # By position: node names may be empty or repeated in a model not yet planned.
+        before: dict[int, list[onnx.NodeProto]] = {}
         for i, x in enumerate(sorted(self.signs)):
             p = f"{PREFIX}{i}/"
             graph.initializer.append(numpy_helper.from_array(
@@ -126,14 +127,14 @@ class Rotation:
                 helper.make_node("Reshape", [p + "mixed", p + "shape"], [p + "x"],
                                  name=p + "Reshape_back"),
             ]
-            readers = [n for n in graph.node if n.op_type == "MatMul" and n.input[0] == x
-                       and n.input[1] in sites[x]]
-            before[readers[0].name] = nodes
-            for n in readers:
-                n.input[0] = p + "x"
+            readers = [i for i, n in enumerate(graph.node) if n.op_type == "MatMul"
+                       and n.input[0] == x and n.input[1] in sites[x]]
+            before[readers[0]] = nodes
+            for i in readers:
+                graph.node[i].input[0] = p + "x"
         ordered: list[onnx.NodeProto] = []
-        for n in graph.node:
-            ordered += before.get(n.name, [])
+        for i, n in enumerate(graph.node):
+            ordered += before.get(i, [])
             ordered.append(n)
         del graph.node[:]
         graph.node.extend(ordered)
